@@ -1,0 +1,22 @@
+"""rnip_ext: Receding Neuron Importances structured pruning (Suteu & Guo, arXiv 2204.06404).
+
+Train a CNN with :class:`BoundedBatchNorm2d` (scale ``sigmoid(weight)``) and the
+:class:`RecedingRegularizer`; channels whose importance recedes to ~0 can then be removed.
+Importing this package never requires Triton or the compiled extension.
+"""
+
+from . import functional
+from ._version import __version__
+from .nn import BoundedBatchNorm2d, convert_batchnorm
+from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, param_groups
+
+__all__ = [
+    "__version__",
+    "functional",
+    "BoundedBatchNorm2d",
+    "convert_batchnorm",
+    "RecedingRegularizer",
+    "L1Regularizer",
+    "PolarizationRegularizer",
+    "param_groups",
+]

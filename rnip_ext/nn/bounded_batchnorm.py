@@ -1,0 +1,171 @@
+"""``BoundedBatchNorm2d``: a drop-in ``nn.BatchNorm2d`` whose scale is ``sigmoid(weight)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.modules.batchnorm import _NormBase
+
+from .. import functional as RF
+
+__all__ = ["BoundedBatchNorm2d"]
+
+
+class BoundedBatchNorm2d(_NormBase):
+    r"""Batch normalisation over a 4-D input with a scale bounded in (0, 1).
+
+    .. math::
+
+        y = \sigma(w) \, \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
+
+    per channel, where ``w`` (:attr:`weight`) is an unbounded logit initialised ``N(0, 1)`` and the
+    shift ``beta`` (:attr:`bias`) exists only with ``bias=True``. Without a shift (the default, as
+    in Suteu & Guo, arXiv 2204.06404) a channel whose importance ``sigmoid(w)`` has receded to ~0
+    outputs ~0, so removing it changes nothing downstream.
+
+    Everything else is ``torch.nn.BatchNorm2d``: the same arguments, state_dict keys
+    (``weight``, [``bias``], ``running_mean``, ``running_var``, ``num_batches_tracked``), unbiased
+    running variance, ``momentum=None`` for a cumulative average, eval mode on running statistics,
+    ``track_running_stats=False`` for batch statistics in both modes, ``affine=False`` for scale 1
+    and no shift, mixed precision (fp16/bf16 input, fp32 parameters and statistics) and the input's
+    memory format kept in the output.
+
+    The class deliberately does not derive from ``torch.nn.modules.batchnorm._BatchNorm``: tools
+    that test for that class (``nn.SyncBatchNorm.convert_sync_batchnorm``, Torch-Pruning's BN
+    pruner) would otherwise treat the logit as a plain BatchNorm scale and silently change the
+    network. ``convert_sync_batchnorm`` therefore leaves these layers untouched.
+
+    Args:
+        num_features: number of channels ``C`` of an ``(N, C, H, W)`` input.
+        eps: added to the variance for stability; must be > 0.
+        momentum: running-statistics factor; ``None`` for a cumulative moving average.
+        affine: learn the scale logit (and, with ``bias=True``, a shift).
+        track_running_stats: keep running statistics for eval mode.
+        device, dtype: factory arguments for parameters and buffers.
+        bias: keyword-only; add a learnable shift (default ``False``). Requires ``affine=True``.
+    """
+
+    _version = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = False,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if not isinstance(eps, (int, float)) or not eps > 0 or math.isinf(eps):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        if bias and not affine:
+            raise ValueError("bias=True needs affine=True (affine=False means scale 1 and no shift)")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics, draw ``weight ~ N(0, 1)`` (the paper's init), zero ``bias``."""
+        self.reset_running_stats()
+        if self.affine:
+            init.normal_(self.weight, 0.0, 1.0)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    @property
+    def importance(self) -> Tensor:
+        """Per-channel importance ``sigmoid(weight)``, detached (all ones when ``affine=False``)."""
+        if self.weight is None:
+            device = self.running_mean.device if self.running_mean is not None else None
+            return torch.ones(self.num_features, device=device)
+        return torch.sigmoid(self.weight.detach())
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"expected a Tensor input, got {type(input).__name__}")
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels (dim 1), got "
+                f"{input.shape[1]} channels in input of shape {tuple(input.shape)}"
+            )
+        if not input.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {input.dtype}")
+
+    def _running_stats_factor(self) -> float:
+        """Count this batch and return the running-statistics factor (``1/n`` when momentum is None)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = self._running_stats_factor()
+        # Batch statistics in training, and in eval when there are no running buffers.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Pass the buffers only where they are read (eval) or updated (training with tracking).
+        pass_buffers = not self.training or self.track_running_stats
+        return RF.bounded_batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNorm2d":
+        """A ``BoundedBatchNorm2d`` replacing the plain ``bn``, on the same device and dtype.
+
+        Carries over ``num_features``, ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+        the running statistics and ``num_batches_tracked``, the training mode and the parameters'
+        ``requires_grad``; with ``bias=True`` (and ``bn`` having a shift) also the shift. The scale
+        logit ``weight`` is drawn afresh from ``N(0, 1)``, the paper's initialisation: a plain
+        BatchNorm's ``gamma`` is unbounded and its sign carries meaning, so there is no faithful
+        logit for it.
+        """
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, nn.SyncBatchNorm):
+            raise TypeError(f"from_batchnorm expects an nn.BatchNorm2d, got {type(bn).__name__}")
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            **factory,
+            bias=bias and bn.affine,
+        )
+        with torch.no_grad():
+            if bn.track_running_stats and bn.running_mean is not None:
+                new.running_mean.copy_(bn.running_mean)
+                new.running_var.copy_(bn.running_var)
+                new.num_batches_tracked.copy_(bn.num_batches_tracked)
+            if new.bias is not None and bn.bias is not None:
+                new.bias.copy_(bn.bias)
+        if bn.affine:
+            new.weight.requires_grad_(bn.weight.requires_grad)
+            if new.bias is not None and bn.bias is not None:
+                new.bias.requires_grad_(bn.bias.requires_grad)
+        new.train(bn.training)
+        return new
