@@ -104,6 +104,15 @@ class BoundedBatchNorm2d(_NormBase):
             )
         if not input.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {input.dtype}")
+        ref = self.weight if self.weight is not None else self.running_mean
+        if ref is not None and ref.dtype != input.dtype and not (
+            ref.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+        ):
+            raise TypeError(
+                f"input dtype {input.dtype} does not match the layer's parameters/buffers "
+                f"({ref.dtype}); mixed precision supports only float16/bfloat16 input with float32 "
+                "parameters: convert the layer with .to(dtype) or the input"
+            )
 
     def _running_stats_factor(self) -> float:
         """Count this batch and return the running-statistics factor (``1/n`` when momentum is None)."""

@@ -1,0 +1,112 @@
+"""The eager reference functions: bounded batch norm and the receding penalty."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rnip_ext import functional as RF
+
+
+def penalty_float64_by_definition(w: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s * (1 - log s)`` straight from the definition, in float64 (valid for moderate |w|)."""
+    s = 1.0 / (1.0 + torch.exp(-(w.double() + shift)))
+    return s * (1.0 - torch.log(s))
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -2.5])
+def test_penalty_matches_definition_and_gradient_formula(shift):
+    w = torch.randn(50, dtype=torch.float64) * 4
+    w.requires_grad_()
+    per_channel = RF.receding_penalty_per_channel(w, shift)
+    torch.testing.assert_close(per_channel, penalty_float64_by_definition(w.detach(), shift))
+    total = RF.receding_penalty(w, shift)
+    torch.testing.assert_close(total, per_channel.sum())
+    total.backward()
+    s = torch.sigmoid(w.detach() + shift)
+    torch.testing.assert_close(w.grad, -torch.log(s) * s * (1 - s))
+    torch.testing.assert_close(RF.receding_penalty_grad(w.detach(), shift), w.grad)
+    assert (w.grad >= 0).all()
+
+
+def test_gradcheck_float64():
+    w = (torch.randn(7, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: RF.receding_penalty(w, 1.5), (w,))
+    assert torch.autograd.gradcheck(lambda w: RF.receding_penalty_per_channel(w, -0.5), (w,))
+
+
+def test_known_values_from_the_paper():
+    # Per channel R runs from 0 to 1; dR/dw peaks near w + b = -1.18 at about 0.26,
+    # is 0.173 at 0 and 0.0022 at +3 (PAPER.md).
+    z = torch.tensor([0.0, 3.0, -1.18], dtype=torch.float64)
+    g = RF.receding_penalty_grad(z)
+    assert g[0].item() == pytest.approx(math.log(2) / 4, rel=1e-12)
+    assert g[0].item() == pytest.approx(0.173, abs=1e-3)
+    assert g[1].item() == pytest.approx(0.0022, abs=1e-4)
+    assert g[2].item() == pytest.approx(0.26, abs=5e-3)
+    grid = torch.linspace(-6, 6, 12001, dtype=torch.float64)
+    assert grid[RF.receding_penalty_grad(grid).argmax()].item() == pytest.approx(-1.18, abs=0.02)
+    assert RF.receding_penalty(torch.tensor([40.0])).item() == pytest.approx(1.0)
+    assert RF.receding_penalty(torch.tensor([-40.0])).item() == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_stable_for_extreme_weights(dtype):
+    w = torch.tensor([-1e4, -1e3, -90.0, -30.0, 0.0, 30.0, 90.0, 1e3, 1e4], dtype=dtype)
+    w.requires_grad_()
+    p = RF.receding_penalty_per_channel(w, shift=3.0)
+    p.sum().backward()
+    assert torch.isfinite(p).all() and torch.isfinite(w.grad).all()
+    assert (p >= 0).all() and (p <= 1 + 1e-3).all()
+    assert (w.grad >= 0).all()
+    assert p[0].item() == 0.0 and w.grad[0].item() == 0.0
+    assert p[-1].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gradient_keeps_relative_precision_for_large_weights():
+    # Where s rounds to 1, the gradient ~ exp(-2z) must not collapse to 0 through cancellation.
+    w = torch.tensor([10.0, 15.0], requires_grad=True)
+    RF.receding_penalty(w).backward()
+    expected = torch.exp(-2 * w.detach().double())  # -log s * (1-s) * s ~ e^-z * e^-z
+    torch.testing.assert_close(w.grad.double(), expected, rtol=1e-3, atol=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(st.floats(-60, 60, allow_nan=False), min_size=1, max_size=20),
+    shift=st.floats(-5, 5, allow_nan=False),
+)
+def test_property_penalty_between_zero_and_count(values, shift):
+    w = torch.tensor(values, dtype=torch.float64)
+    p = RF.receding_penalty_per_channel(w, shift)
+    assert ((p >= 0) & (p <= 1)).all()
+    torch.testing.assert_close(p, penalty_float64_by_definition(w, shift), rtol=1e-9, atol=1e-12)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(TypeError, match="weight must be a Tensor"):
+        RF.receding_penalty([1.0, 2.0])
+    with pytest.raises(TypeError, match="floating-point"):
+        RF.receding_penalty(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="shift must be finite"):
+        RF.receding_penalty(torch.zeros(3), float("nan"))
+    with pytest.raises(TypeError, match="shift must be a Python number"):
+        RF.receding_penalty(torch.zeros(3), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bounded_batch_norm_is_batch_norm_with_sigmoid_scale(training):
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    w = torch.randn(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    ours = RF.bounded_batch_norm(x, rm, rv, w, b, training, 0.3, 1e-4)
+    ref = F.batch_norm(x, rm2, rv2, torch.sigmoid(w), b, training, 0.3, 1e-4)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(rm, rm2, rtol=0, atol=0)
+    torch.testing.assert_close(rv, rv2, rtol=0, atol=0)
+    assert RF.bounded_scale(None) is None

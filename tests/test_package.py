@@ -1,0 +1,74 @@
+"""Packaging: one version source, imports without optional parts, the build knobs."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import rnip_ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_single_version_source():
+    assert importlib.metadata.version("rnip_ext") == rnip_ext.__version__
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"]["attr"] == "rnip_ext._version.__version__"
+
+
+def test_build_requirements_never_pull_torch():
+    # A torch in build-system.requires would make pip fetch a fresh CUDA torch into build isolation.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert not any(r.lower().startswith("torch") for r in pyproject["build-system"]["requires"])
+    assert "torch>=2.6" in pyproject["project"]["dependencies"]
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import rnip_ext, torch\n"
+        "m = rnip_ext.BoundedBatchNorm2d(3)\n"
+        "print(tuple(m(torch.randn(2, 3, 4, 4)).shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(2, 3, 4, 4)"
+
+
+def test_kernels_install_inside_the_package_namespace():
+    import rnip_ext.kernels
+
+    assert rnip_ext.kernels.__name__ == "rnip_ext.kernels"
+    assert Path(rnip_ext.kernels.__file__).parent.name == "kernels"
+
+
+def run_setup(mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RNIP_EXT_BUILD=mode)
+    return subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_setup_rejects_an_unknown_build_mode():
+    out = run_setup("bogus")
+    assert out.returncode != 0
+    assert "RNIP_EXT_BUILD must be one of auto|cpu|cuda|none" in out.stdout + out.stderr
+
+
+def test_setup_build_none_compiles_nothing():
+    out = run_setup("none")
+    assert out.returncode == 0, out.stderr
+    assert "building no compiled extension" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == rnip_ext.__version__
+
+
+def test_tiny_train_example_runs_and_reports_importances():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "tiny_train.py"), "--steps", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "importance sigmoid(weight) after training:" in out.stdout
+    assert "test accuracy" in out.stdout
