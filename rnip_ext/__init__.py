@@ -8,6 +8,8 @@ Importing this package never requires Triton or the compiled extension.
 from . import functional
 from ._version import __version__
 from .nn import BoundedBatchNorm2d, convert_batchnorm
+from . import models, pruning
+from .pruning import prune
 from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, param_groups
 
 __all__ = [
@@ -19,4 +21,7 @@ __all__ = [
     "L1Regularizer",
     "PolarizationRegularizer",
     "param_groups",
+    "models",
+    "pruning",
+    "prune",
 ]

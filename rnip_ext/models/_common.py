@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 from torch import nn
@@ -52,3 +54,22 @@ def paper_init_(model: nn.Module) -> nn.Module:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+def builder(fn):
+    """Mark a model builder: the model it returns remembers ``rnip_builder = {"name", "kwargs"}``,
+    so :func:`rnip_ext.pruning.load` can rebuild the architecture from a checkpoint alone."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def build(*args, **kwargs):
+        model = fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        model.rnip_builder = {
+            "name": fn.__name__,
+            "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items()},
+        }
+        return model
+
+    return build

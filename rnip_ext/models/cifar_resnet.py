@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_bn, check_classes, make_bn, paper_init_
+from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "PadShortcut", "resnet56_cifar", "resnet_cifar"]
 
@@ -76,6 +76,7 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+@builder
 def resnet_cifar(depth: int, num_classes: int = 10, bn: str = "bounded") -> CifarResNet:
     """A CIFAR ResNet of ``depth = 6n + 2`` layers (20, 32, 44, 56, 110, ...), paper initialisation."""
     check_classes(num_classes)
@@ -84,6 +85,7 @@ def resnet_cifar(depth: int, num_classes: int = 10, bn: str = "bounded") -> Cifa
     return paper_init_(CifarResNet((depth - 2) // 6, num_classes, bn))
 
 
+@builder
 def resnet56_cifar(num_classes: int = 10, bn: str = "bounded") -> CifarResNet:
     """The paper's CIFAR ResNet-56: 3 x 9 basic blocks, widths 16/32/64, option-A shortcuts.
 

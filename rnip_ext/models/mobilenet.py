@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_bn, check_classes, make_bn, paper_init_
+from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2"]
 
@@ -67,6 +67,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+@builder
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, bn: str = "bounded") -> MobileNetV2:
     """MobileNetV2 (3.5M parameters at ``width_mult=1``), paper initialisation."""
     check_classes(num_classes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_bn, check_classes, make_bn, paper_init_
+from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
 
@@ -88,11 +88,13 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+@builder
 def resnet18(num_classes: int = 1000, bn: str = "bounded") -> ResNet:
     """ResNet-18 (BasicBlock x [2, 2, 2, 2]), paper initialisation."""
     return paper_init_(ResNet(BasicBlock, (2, 2, 2, 2), check_classes(num_classes), bn))
 
 
+@builder
 def resnet50(num_classes: int = 1000, bn: str = "bounded") -> ResNet:
     """ResNet-50 (Bottleneck x [3, 4, 6, 3], 25.6M parameters), paper initialisation."""
     return paper_init_(ResNet(Bottleneck, (3, 4, 6, 3), check_classes(num_classes), bn))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ._common import check_bn, check_classes, make_bn, paper_init_
+from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["VGG", "vgg16_cifar", "vgg16", "vgg_small", "VGG16_CONFIG"]
 
@@ -40,6 +40,7 @@ class VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+@builder
 def vgg16_cifar(num_classes: int = 10, bn: str = "bounded") -> VGG:
     """The paper's CIFAR VGG-16: the ``vgg16_bn`` feature stack without its last max-pool,
     ``AvgPool2d(2)`` and ``Linear(512, num_classes)``; 32x32 inputs; paper initialisation.
@@ -52,6 +53,7 @@ def vgg16_cifar(num_classes: int = 10, bn: str = "bounded") -> VGG:
     return paper_init_(VGG(features, nn.AvgPool2d(2), nn.Linear(512, num_classes)))
 
 
+@builder
 def vgg16(num_classes: int = 1000, bn: str = "bounded") -> VGG:
     """ImageNet VGG-16 with BatchNorm (torchvision's ``vgg16_bn`` layout, 138M parameters):
     features, ``AdaptiveAvgPool2d(7)``, then 25088-4096-4096-``num_classes`` with ReLU and dropout."""
@@ -64,6 +66,7 @@ def vgg16(num_classes: int = 1000, bn: str = "bounded") -> VGG:
     return paper_init_(VGG(make_features(VGG16_CONFIG, check_bn(bn)), nn.AdaptiveAvgPool2d(7), classifier))
 
 
+@builder
 def vgg_small(
     num_classes: int = 10, bn: str = "bounded", widths: Sequence[int] = (32, 32, 64, 64, 128), in_channels: int = 3
 ) -> VGG:

@@ -1,0 +1,28 @@
+"""Physical channel pruning: importance, a pruning plan, a smaller network, saving and loading.
+
+    plan = rnip_ext.pruning.plan(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32))
+    print(plan)
+    small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
+"""
+
+from .apply import apply, prune
+from .flops import count_flops, count_params
+from .graph import ChannelGroup, PruningTraceError, find_channel_groups
+from .importance import channel_importance
+from .io import load, save
+from .plan import PruningPlan, plan
+
+__all__ = [
+    "ChannelGroup",
+    "PruningPlan",
+    "PruningTraceError",
+    "apply",
+    "channel_importance",
+    "count_flops",
+    "count_params",
+    "find_channel_groups",
+    "load",
+    "plan",
+    "prune",
+    "save",
+]

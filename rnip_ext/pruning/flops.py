@@ -1,0 +1,80 @@
+"""Parameter and FLOP counts.
+
+FLOPs follow the convention of the pruning literature: multiply-accumulate operations of the
+convolutions and linear layers for one forward pass of the given input (BatchNorm, activations
+and pooling are not counted: they are linear in the channel count and negligible).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LayerCost", "count_flops", "count_params", "layer_costs"]
+
+
+@dataclass
+class LayerCost:
+    """What one conv/linear layer costs: ``positions * out * (in / groups) * kernel`` MACs."""
+
+    positions: int
+    out_features: int
+    in_per_group: int
+    kernel: int
+
+    @property
+    def macs(self) -> int:
+        return self.positions * self.out_features * self.in_per_group * self.kernel
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise ValueError("example_inputs is required to count FLOPs: pass e.g. torch.randn(1, 3, 32, 32)")
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+@torch.no_grad()
+def layer_costs(model: nn.Module, example_inputs) -> dict[str, LayerCost]:
+    """Run ``model`` once in eval mode on ``example_inputs`` and record each conv/linear layer's cost."""
+    costs: dict[str, LayerCost] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            if isinstance(module, nn.Conv2d):
+                positions = output.shape[0] * output.shape[2] * output.shape[3]
+                cost = LayerCost(positions, module.out_channels, module.in_channels // module.groups,
+                                 math.prod(module.kernel_size))
+            else:
+                cost = LayerCost(output.numel() // output.shape[-1], module.out_features, module.in_features, 1)
+            if name in costs:  # a layer called twice costs twice
+                costs[name].positions += cost.positions
+            else:
+                costs[name] = cost
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            hooks.append(module.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        model(*_as_tuple(example_inputs))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return costs
+
+
+def count_flops(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of all conv and linear layers for one forward pass of ``example_inputs``."""
+    return sum(c.macs for c in layer_costs(model, example_inputs).values())

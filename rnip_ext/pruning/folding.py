@@ -1,0 +1,101 @@
+"""Folding the constant output of removed channels into the next layer's bias.
+
+A removed channel whose scale is ~0 outputs its shift ``beta`` (0 for a bounded BatchNorm
+without bias); after the pointwise ops on the way it is a constant ``v = f(beta)``. A consumer
+computing ``W x + b`` then sees ``W[:, c] * v`` from that channel, which is moved into ``b``:
+
+    conv:   b_o += v_c * sum_{kh,kw} W[o, c, kh, kw]       (exact unless zero padding)
+    linear: b_o += v_c * sum_{j in block(c)} W[o, j]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .graph import POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer
+
+__all__ = ["fold_report", "fold_delta", "constant_outputs"]
+
+_DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
+def _apply_node(node: fx.Node, value: Tensor, modules: dict) -> Tensor:
+    """Run one pointwise node of the path on a ``(1, R, 1, 1)`` tensor of constants."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, _DROPOUTS + POOL_MODULES + (nn.Flatten, nn.Identity)):
+            return value  # identity on a constant (dropout as in eval mode)
+        return m(value.clone())
+    if node.op == "call_function":
+        if node.target in POOL_FUNCTIONS or node.target is torch.flatten:
+            return value
+        if node.target in (nn.functional.dropout, nn.functional.dropout2d):
+            return value
+        args = (value.clone(), *node.args[1:])
+        return node.target(*args, **node.kwargs)
+    if node.target in ("flatten", "view", "reshape", "contiguous"):
+        return value
+    return getattr(value.clone(), node.target)(*node.args[1:], **node.kwargs)
+
+
+def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], modules: dict) -> Tensor:
+    """``f(beta)`` for the removed channels of ``bn`` after the ``path`` of pointwise ops."""
+    bias = getattr(bn, "bias", None)
+    beta = bias.detach()[removed] if bias is not None else torch.zeros(len(removed), device=removed.device)
+    value = beta.reshape(1, -1, 1, 1)
+    for node in path:
+        value = _apply_node(node, value, modules)
+    return value.reshape(-1)
+
+
+def _exact(consumer: Consumer, path: list[fx.Node], modules: dict) -> bool:
+    for node in path:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, nn.AvgPool2d) and m.count_include_pad and m.padding not in (0, (0, 0)):
+            return False
+    if consumer.kind == "conv":
+        conv = modules[consumer.name]
+        return conv.padding_mode != "zeros" or all(p == 0 for p in conv._reversed_padding_repeated_twice)
+    return True
+
+
+def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: dict | None = None) -> Tensor | None:
+    """The bias change of ``consumer`` for the ``removed`` channels (``None`` when all constants are 0)."""
+    modules = modules or dict(model.named_modules())
+    v = constant_outputs(modules[consumer.source], removed, consumer.path, modules)
+    if not torch.any(v != 0):
+        return None
+    layer = modules[consumer.name]
+    weight = layer.weight.detach()
+    if consumer.kind == "conv":
+        per_channel = weight[:, removed].sum(dim=(2, 3))  # (out, R)
+    else:
+        cols = (removed[:, None] * consumer.block + torch.arange(consumer.block, device=removed.device)).flatten()
+        per_channel = weight[:, cols].reshape(weight.shape[0], len(removed), consumer.block).sum(2)
+    return per_channel.to(v.dtype) @ v
+
+
+def fold_report(model: nn.Module, groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Consumers folded only approximately, and the bias-less consumers folding gives a bias."""
+    modules = dict(model.named_modules())
+    inexact: list[str] = []
+    needs_bias: list[str] = []
+    for g in groups:
+        keep = group_keep[g.name]
+        mask = torch.ones(g.channels, dtype=torch.bool)
+        mask[keep] = False
+        removed = mask.nonzero().flatten()
+        if len(removed) == 0:
+            continue
+        for c in g.consumers:
+            v = constant_outputs(modules[c.source], removed, c.path, modules)
+            if not torch.any(v != 0):
+                continue
+            if not _exact(c, c.path, modules) and c.name not in inexact:
+                inexact.append(c.name)
+            layer = modules[c.name]
+            if layer.bias is None and c.name not in needs_bias:
+                needs_bias.append(c.name)
+    return inexact, needs_bias

@@ -1,0 +1,313 @@
+"""Which channels can go: channel groups derived from a ``torch.fx`` trace of the model.
+
+A *channel group* is a set of BatchNorm layers whose channels must be removed together, with
+every weight those channels touch:
+
+    producer conv (groups=1) -> BN -> [pointwise / pooling / flatten ...] -> consumers
+
+Consumers are convolutions with ``groups=1`` (their input channels are sliced) and linear layers
+after a flatten (blocks of ``H*W`` input features per channel are sliced). A depthwise
+convolution (``groups == in_channels == out_channels``) passes the removal through itself: it
+is sliced too and the BatchNorm right after it joins the group with identical indices. Anything
+else on the way (a residual addition, a concatenation, a reshape that mixes channels, the
+graph's output, a module used twice) leaves the group alone: that is how residual streams stay
+untouched while the inner channels of each block are pruned, as in the paper.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import BoundedBatchNorm2d
+
+__all__ = ["ChannelGroup", "Consumer", "PruningTraceError", "find_channel_groups", "is_prunable_bn"]
+
+
+class PruningTraceError(RuntimeError):
+    """The model could not be traced with ``torch.fx``, so its channel dependencies are unknown."""
+
+
+def is_prunable_bn(module: nn.Module) -> bool:
+    """Bounded BatchNorms and plain ``nn.BatchNorm2d`` (not ``SyncBatchNorm``) can be pruned."""
+    return isinstance(module, (BoundedBatchNorm2d, nn.BatchNorm2d))
+
+
+# Modules and functions that act on each element independently: channel-preserving, and a
+# constant channel stays a constant channel (its value is what the op computes on it).
+POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+)
+POINTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.dropout, F.dropout2d, torch.relu, torch.sigmoid,
+    torch.tanh, F.sigmoid, F.tanh, torch.nn.functional.relu_,
+}
+POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "contiguous"}
+# Spatial ops that keep channels apart; a constant channel stays constant through them (with
+# the exception recorded by ``_pool_keeps_constants``).
+POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+
+@dataclass
+class Consumer:
+    """A layer reading the group's channels: ``kind`` is ``"conv"`` or ``"linear"``.
+
+    ``block`` is the number of consecutive input features per channel of a linear layer after a
+    flatten (``H*W``; 1 for a conv). ``source`` is the BatchNorm whose output it reads and
+    ``path`` the nodes in between (used to fold the constant output of removed channels).
+    """
+
+    name: str
+    kind: str
+    block: int
+    source: str
+    path: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class ChannelGroup:
+    """BatchNorms whose channels go together, and every layer sliced with them."""
+
+    bns: list[str]
+    producer: str
+    channels: int
+    depthwise: list[str] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The group's name: its first BatchNorm."""
+        return self.bns[0]
+
+
+class _Tracer(fx.Tracer):
+    """Keeps BatchNorms (ours included) as leaves and remembers where tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BoundedBatchNorm2d) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.stack[-1]  # the innermost module
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with BatchNorms as leaves; clear error when impossible."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean the same to the user
+        where = tracer.failed_in or type(model).__name__
+        raise PruningTraceError(
+            f"torch.fx could not trace module '{where}' of {type(model).__name__} "
+            f"({type(exc).__name__}: {exc}). rnip_ext.pruning needs a traceable model (no "
+            "data-dependent control flow); for other architectures use the Torch-Pruning "
+            "integration: rnip_ext.integrations.torch_pruning"
+        ) from exc
+    return fx.GraphModule(model, graph)
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.dim()``, ``x.shape[0]``: reads metadata, never channel values."""
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return _is_shape_query(node.args[0])
+    return False
+
+
+def _other_node_args(node: fx.Node, source: fx.Node) -> bool:
+    """Does ``node`` read any graph value besides ``source`` (shape queries aside)?"""
+    found = []
+    fx.node.map_arg(
+        (node.args, node.kwargs),
+        lambda n: found.append(n) if n is not source and not _is_shape_query(n) else None,
+    )
+    return bool(found)
+
+
+class _Analysis:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        self.gm = gm
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        if node.op == "call_module" and self.calls.get(node.target) == 1:
+            return self.modules[node.target]
+        return None
+
+    def kind(self, node: fx.Node) -> str:
+        """Classify a node by what it does to channels."""
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            # Stateless modules may be reused (one ReLU called twice in a block) ...
+            if isinstance(m, POINTWISE_MODULES) and not any(True for _ in m.parameters()):
+                return "pointwise"
+            if isinstance(m, POOL_MODULES):
+                return "pool"
+            if isinstance(m, nn.Flatten):
+                return "flatten" if m.start_dim == 1 and m.end_dim == -1 else "other"
+            if self.module(node) is None:
+                return "other"  # ... but slicing a layer called twice would break its other call
+            if isinstance(m, nn.Conv2d):
+                if m.groups == 1:
+                    return "conv"
+                if m.groups == m.in_channels == m.out_channels:
+                    return "depthwise"
+                return "other"
+            if isinstance(m, nn.Linear):
+                return "linear"
+            if is_prunable_bn(m):
+                return "bn"
+            return "other"
+        if node.op == "call_function":
+            if node.target in POINTWISE_FUNCTIONS:
+                return "pointwise"
+            if node.target in POOL_FUNCTIONS:
+                return "pool"
+            if node.target is torch.flatten:
+                return "flatten" if self._flattens_from_channels(node) else "other"
+            if node.target is operator.getitem:
+                return "other"
+        if node.op == "call_method":
+            if node.target in POINTWISE_METHODS:
+                return "pointwise"
+            if node.target in FLATTEN_METHODS:
+                return "flatten" if self._flattens_from_channels(node) else "other"
+        return "other"
+
+    def _flattens_from_channels(self, node: fx.Node) -> bool:
+        """``(N, C, H, W) -> (N, C*H*W)``: the only reshape that keeps channel blocks intact."""
+        if node.op in ("call_method", "call_function") and node.target in ("flatten", torch.flatten):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if start == 1 and end == -1:
+                return True
+        before, after = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None, _shape(node)
+        return (
+            before is not None and after is not None and len(before) == 4 and len(after) == 2
+            and after[0] == before[0] and after[1] == before[1] * before[2] * before[3]
+        )
+
+    def producer(self, bn_node: fx.Node) -> tuple[str, fx.Node] | None:
+        """The conv feeding ``bn_node`` alone: ``("conv" | "depthwise", node)``, or None."""
+        src = bn_node.args[0] if bn_node.args else None
+        if not isinstance(src, fx.Node) or len(src.users) != 1 or len(bn_node.args) != 1:
+            return None
+        kind = self.kind(src)
+        return (kind, src) if kind in ("conv", "depthwise") else None
+
+    def follow(self, start: fx.Node, source: str, group: ChannelGroup, channels: int,
+               path: list[fx.Node], flattened: bool, seen: set) -> bool:
+        """Walk forward from ``start``; fill ``group``; False when something blocks the group."""
+        if not start.users:
+            return False
+        for user in start.users:
+            if user in seen or _is_shape_query(user):
+                continue
+            kind = self.kind(user)
+            if kind in ("pointwise", "pool", "flatten"):
+                if _other_node_args(user, start) or (kind != "pointwise" and flattened):
+                    return False
+                seen.add(user)
+                if not self.follow(user, source, group, channels, path + [user],
+                                   flattened or kind == "flatten", seen):
+                    return False
+            elif kind == "conv" and not flattened and not _other_node_args(user, start):
+                group.consumers.append(Consumer(user.target, "conv", 1, source, path))
+            elif kind == "linear" and not _other_node_args(user, start):
+                lin = self.modules[user.target]
+                if flattened and lin.in_features % channels == 0:
+                    block = lin.in_features // channels
+                elif not flattened and _shape(start) is not None and len(_shape(start)) == 2:
+                    block = 1  # (N, C) straight into the linear layer
+                else:
+                    return False
+                group.consumers.append(Consumer(user.target, "linear", block, source, path))
+            elif kind == "depthwise" and not flattened and not _other_node_args(user, start):
+                dw = self.modules[user.target]
+                (bn_user,) = user.users if len(user.users) == 1 else (None,)
+                if dw.in_channels != channels or bn_user is None or self.kind(bn_user) != "bn":
+                    return False
+                if self.modules[bn_user.target].num_features != channels or len(bn_user.args) != 1:
+                    return False
+                group.depthwise.append(user.target)
+                group.bns.append(bn_user.target)
+                seen.update((user, bn_user))
+                if not self.follow(bn_user, bn_user.target, group, channels, [], False, seen):
+                    return False
+            else:
+                return False
+        return True
+
+
+def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
+    """Every prunable channel group of ``model``, in graph order.
+
+    ``example_inputs`` (a tensor or a tuple of tensors), when given, runs a shape propagation so
+    that ``view``/``reshape`` calls that flatten ``(N, C, H, W)`` into ``(N, C*H*W)`` are
+    recognised too; ``flatten(1)`` and ``nn.Flatten`` are recognised without it.
+    """
+    gm = trace(model)
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        was_training = model.training
+        try:
+            gm.eval()
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+        finally:
+            gm.train(was_training)
+    analysis = _Analysis(model, gm)
+    groups: list[ChannelGroup] = []
+    claimed: set[str] = set()
+    for node in gm.graph.nodes:
+        if analysis.kind(node) != "bn" or node.target in claimed:
+            continue
+        produced = analysis.producer(node)
+        if produced is None or produced[0] != "conv":
+            continue  # a BN after a depthwise conv belongs to the group of the BN before it
+        bn = analysis.modules[node.target]
+        conv = analysis.modules[produced[1].target]
+        if conv.out_channels != bn.num_features:
+            continue
+        group = ChannelGroup([node.target], produced[1].target, bn.num_features)
+        if analysis.follow(node, node.target, group, bn.num_features, [], False, {node}):
+            groups.append(group)
+            claimed.update(group.bns)
+    return groups

@@ -1,0 +1,119 @@
+"""Saving and loading pruned models without pickle.
+
+A pruned model differs from its architecture only in layer widths, so a checkpoint is one
+``torch.save`` file holding two plain objects, both readable with ``torch.load(weights_only=True)``:
+
+* ``"architecture"``: a JSON string with the width of every conv, linear and BatchNorm layer
+  (``{"modules": {name: {"type": ..., "in": ..., "out": ..., "groups": ..., "bias": ...}}}``) and,
+  for models built by :mod:`rnip_ext.models`, the builder and its arguments;
+* ``"state_dict"``: the model's tensors.
+
+:func:`load` rebuilds the architecture (from the builder, or from a ``model`` you pass), narrows
+each layer to the stored width and loads the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..nn import BoundedBatchNorm2d
+
+__all__ = ["save", "load", "architecture"]
+
+FORMAT = "rnip_ext.pruned/1"
+
+
+def architecture(model: nn.Module) -> dict:
+    """The JSON-able description :func:`save` stores: every layer's widths, plus the builder."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            layers[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels,
+                            "groups": m.groups, "bias": m.bias is not None}
+        elif isinstance(m, nn.Linear):
+            layers[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+        elif isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
+            layers[name] = {"type": type(m).__name__, "features": m.num_features}
+    return {"format": FORMAT, "builder": getattr(model, "rnip_builder", None), "modules": layers}
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model`` (pruned or not) to ``path``: its architecture as JSON and its state_dict.
+
+    Written to a temporary file first and renamed, so an interrupted save never leaves a
+    truncated checkpoint where a good one was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    payload = {"architecture": json.dumps(architecture(model), sort_keys=True), "state_dict": model.state_dict()}
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _narrow(model: nn.Module, layers: dict) -> None:
+    """Resize every described layer of ``model`` in place to the stored widths (values follow from load)."""
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        if name not in modules:
+            raise ValueError(f"checkpoint describes a layer '{name}' that the model does not have")
+        m = modules[name]
+        if type(m).__name__ != spec["type"] and not (spec["type"] == "Conv2d" and isinstance(m, nn.Conv2d)):
+            raise ValueError(f"checkpoint layer '{name}' is a {spec['type']}, the model's is {type(m).__name__}")
+        factory = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = spec["in"], spec["out"], spec["groups"]
+            shape = (spec["out"], spec["in"] // spec["groups"], *m.kernel_size)
+            m.weight = nn.Parameter(torch.empty(shape, dtype=m.weight.dtype, **factory))
+            m.bias = nn.Parameter(torch.empty(spec["out"], dtype=m.weight.dtype, **factory)) if spec["bias"] else None
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = spec["in"], spec["out"]
+            m.weight = nn.Parameter(torch.empty(spec["out"], spec["in"], dtype=m.weight.dtype, **factory))
+            m.bias = nn.Parameter(torch.empty(spec["out"], dtype=m.weight.dtype, **factory)) if spec["bias"] else None
+        else:
+            m.num_features = spec["features"]
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(m, attr, None)
+                if t is None:
+                    continue
+                new = torch.empty(spec["features"], dtype=t.dtype, device=t.device)
+                if isinstance(t, nn.Parameter):
+                    setattr(m, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+                else:
+                    setattr(m, attr, new)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
+    """Read a checkpoint written by :func:`save` (with ``weights_only=True``; no pickle).
+
+    Without ``model`` the architecture is rebuilt from the stored builder (models from
+    :mod:`rnip_ext.models`); otherwise pass a fresh instance of the unpruned architecture, which
+    is narrowed in place to the stored widths, filled and returned.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        arch = json.loads(payload["architecture"])
+        state = payload["state_dict"]
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{os.fspath(path)} is not a checkpoint written by rnip_ext.pruning.save ({exc})") from exc
+    if arch.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)} has format {arch.get('format')!r}, expected {FORMAT!r}")
+    if model is None:
+        builder = arch.get("builder")
+        if not builder:
+            raise ValueError(
+                "this checkpoint's model was not built by rnip_ext.models: pass model=<a fresh instance of "
+                "the unpruned architecture> to load it"
+            )
+        from .. import models
+
+        model = getattr(models, builder["name"])(**builder["kwargs"])
+    _narrow(model, arch["modules"])
+    model.load_state_dict(state)
+    return model

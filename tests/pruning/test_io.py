@@ -1,0 +1,50 @@
+"""save/load of pruned models: JSON architecture plus a weights_only state_dict."""
+
+import json
+
+import pytest
+import torch
+
+from pruning_helpers import warmed_up
+from rnip_ext import models as M
+from rnip_ext import prune
+from rnip_ext.pruning import load, save
+
+
+def pruned_model():
+    model = warmed_up(M.resnet56_cifar(), (2, 3, 32, 32))
+    return prune(model, 0.6, example_inputs=torch.randn(1, 3, 32, 32)).eval()
+
+
+def test_round_trip_from_the_builder(tmp_path):
+    small = pruned_model()
+    path = tmp_path / "small.pt"
+    save(small, path)
+    payload = torch.load(path, weights_only=True)
+    arch = json.loads(payload["architecture"])
+    assert arch["builder"]["name"] == "resnet56_cifar"
+    assert arch["modules"]["layer1.0.bn1"]["features"] == small.layer1[0].bn1.num_features
+    loaded = load(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    for key, value in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_round_trip_into_a_given_model_and_errors(tmp_path):
+    small = pruned_model()
+    del small.rnip_builder  # a user's own model: no builder recorded
+    path = tmp_path / "small.pt"
+    save(small, path)
+    with pytest.raises(ValueError, match="pass model="):
+        load(path)
+    loaded = load(path, model=M.resnet56_cifar()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not have"):
+        load(path, model=M.vgg16_cifar())
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a checkpoint written by rnip_ext.pruning.save"):
+        load(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.pt")

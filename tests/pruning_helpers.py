@@ -1,0 +1,55 @@
+"""Shared helpers for the pruning tests: warmed-up models and the masked-original reference."""
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from rnip_ext import BoundedBatchNorm2d
+from rnip_ext import models as M
+
+# (name, builder, input shape): every architecture the pruner must handle.
+ARCHITECTURES = [
+    ("vgg16_cifar", lambda bn: M.vgg16_cifar(bn=bn), (2, 3, 32, 32)),
+    ("resnet56_cifar", lambda bn: M.resnet56_cifar(bn=bn), (2, 3, 32, 32)),
+    ("resnet18", lambda bn: M.resnet18(num_classes=10, bn=bn), (2, 3, 64, 64)),
+    ("resnet50", lambda bn: M.resnet50(num_classes=10, bn=bn), (2, 3, 64, 64)),
+    ("mobilenet_v2", lambda bn: M.mobilenet_v2(num_classes=10, width_mult=0.5, bn=bn), (2, 3, 32, 32)),
+]
+
+
+def warmed_up(model: nn.Module, shape, spread_scales: bool = True) -> nn.Module:
+    """Random running statistics and scales (plain BN gamma is 0.5 everywhere after init), eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and spread_scales:
+                m.weight.uniform_(0.0, 1.0)
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.5)  # the paper's 0.01 makes outputs tiny
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, *shape[1:]))
+    return model.eval()
+
+
+def masked_copy(model: nn.Module, keep: dict) -> nn.Module:
+    """The original with every removed channel's scale set to exactly zero."""
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    with torch.no_grad():
+        for name, kept in keep.items():
+            bn = modules[name]
+            mask = torch.ones(bn.num_features, dtype=torch.bool)
+            mask[kept] = False
+            bn.weight[mask] = -math.inf if isinstance(bn, BoundedBatchNorm2d) else 0.0
+    return masked
+
+
+def assert_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    """Outputs equal to fp32 rounding, relative to the output's magnitude."""
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    scale = yb.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5 * scale)
