@@ -52,10 +52,10 @@ class CifarBasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """Stem conv3x3(16) - 3 stages of ``blocks_per_stage`` basic blocks (16/32/64 wide) - pool - linear."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int, bn: str) -> None:
+    def __init__(self, blocks_per_stage: int, num_classes: int, bn: str, in_channels: int = 3) -> None:
         super().__init__()
         check_bn(bn)
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = make_bn(bn, 16)
         self.relu = nn.ReLU(inplace=True)
         in_planes = 16
@@ -77,19 +77,19 @@ class CifarResNet(nn.Module):
 
 
 @builder
-def resnet_cifar(depth: int, num_classes: int = 10, bn: str = "bounded") -> CifarResNet:
+def resnet_cifar(depth: int, num_classes: int = 10, bn: str = "bounded", in_channels: int = 3) -> CifarResNet:
     """A CIFAR ResNet of ``depth = 6n + 2`` layers (20, 32, 44, 56, 110, ...), paper initialisation."""
     check_classes(num_classes)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n + 2 with n >= 1 (e.g. 20, 56), got {depth!r}")
-    return paper_init_(CifarResNet((depth - 2) // 6, num_classes, bn))
+    return paper_init_(CifarResNet((depth - 2) // 6, num_classes, bn, in_channels))
 
 
 @builder
-def resnet56_cifar(num_classes: int = 10, bn: str = "bounded") -> CifarResNet:
+def resnet56_cifar(num_classes: int = 10, bn: str = "bounded", in_channels: int = 3) -> CifarResNet:
     """The paper's CIFAR ResNet-56: 3 x 9 basic blocks, widths 16/32/64, option-A shortcuts.
 
     With ``bn="bounded"`` every BatchNorm is a :class:`~rnip_ext.BoundedBatchNorm2d`; the 27
     inner ones (``layerK.i.bn1``, 1008 channels) are those the paper prunes.
     """
-    return resnet_cifar(56, num_classes, bn)
+    return resnet_cifar(56, num_classes, bn, in_channels)

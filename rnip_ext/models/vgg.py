@@ -41,15 +41,15 @@ class VGG(nn.Module):
 
 
 @builder
-def vgg16_cifar(num_classes: int = 10, bn: str = "bounded") -> VGG:
+def vgg16_cifar(num_classes: int = 10, bn: str = "bounded", in_channels: int = 3) -> VGG:
     """The paper's CIFAR VGG-16: the ``vgg16_bn`` feature stack without its last max-pool,
     ``AvgPool2d(2)`` and ``Linear(512, num_classes)``; 32x32 inputs; paper initialisation.
 
     ``bn="bounded"`` uses :class:`~rnip_ext.BoundedBatchNorm2d` (13 layers, 4224 channels),
-    ``bn="plain"`` ``nn.BatchNorm2d``.
+    ``bn="plain"`` ``nn.BatchNorm2d``; ``in_channels=1`` for greyscale data.
     """
     check_classes(num_classes)
-    features = make_features(VGG16_CONFIG[:-1], check_bn(bn))
+    features = make_features(VGG16_CONFIG[:-1], check_bn(bn), in_channels)
     return paper_init_(VGG(features, nn.AvgPool2d(2), nn.Linear(512, num_classes)))
 
 

@@ -1,0 +1,108 @@
+"""The `rnip` command end to end on tiny generated CIFAR-format data and on the digits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_helpers import write_cifar
+from rnip_ext.cli import main
+from rnip_ext.cli.runs import load_checkpoint
+
+
+
+def write_tiny_cifar(root):
+    write_cifar(root, "cifar10", n_per_file=24)
+
+
+def train_args(data_dir, out, *extra):
+    return ["train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "1",
+            "--batch-size", "16", "--val-fraction", "0.2", "--out", str(out), "--no-progress", *extra]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_train_resume_prune_report(tmp_path):
+    write_tiny_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(train_args(tmp_path / "data", run)) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "rni" and config["bn"] == "bounded"
+    assert config["strength"] == 1e-3 and config["shift"] == 3.0  # the paper's VGG settings
+    assert config["versions"]["torch"] == torch.__version__
+    assert config["train_size"] == 96 and config["val_size"] == 24 and config["test_size"] == 24
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1] and 0 <= rows[0]["val_accuracy"] <= 1 and rows[0]["penalty"] > 0
+    last = load_checkpoint(str(run / "last.pt"))
+    assert int(last["epoch"]) == 0
+
+    # A second invocation without --resume must not clobber the run.
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(train_args(tmp_path / "data", run))
+    # Resuming with different settings is refused; with the same ones it continues.
+    with pytest.raises(SystemExit, match="settings differ.*method"):
+        main(train_args(tmp_path / "data", run, "--method", "l1", "--resume"))
+    two_epochs = train_args(tmp_path / "data", run, "--resume")
+    two_epochs[two_epochs.index("--epochs") + 1] = "2"
+    assert main(two_epochs) == 0
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "train" and 1 <= summary["best_epoch"] <= 2
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(run), "--ratio", "0.5", "--finetune-epochs", "1", "--out", str(pruned),
+                 "--no-progress"]) == 0
+    ps = json.loads((pruned / "summary.json").read_text())
+    assert ps["params"] < ps["params_before"] and ps["flops"] < ps["flops_before"]
+    assert ps["achieved_ratio"] == pytest.approx(0.5)
+    from rnip_ext.pruning import load
+
+    small = load(str(pruned / "pruned.pt"))
+    assert sum(p.numel() for p in small.parameters()) == ps["params"]
+
+    report = tmp_path / "report"
+    assert main(["report", str(run), str(pruned), "--out", str(report)]) == 0
+    text = (report / "report.md").read_text()
+    assert "| rni | 0% |" in text and "| rni | 50% |" in text
+    for name in ("importance_histogram", "accuracy_vs_ratio", "kept_channels"):
+        assert (report / f"{name}.png").stat().st_size > 1000
+
+
+def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path):
+    write_tiny_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    main(train_args(tmp_path / "data", run))
+    metrics_before = (run / "metrics.jsonl").read_text()
+    (run / "last.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(SystemExit, match="cannot resume.*corrupt"):
+        main(train_args(tmp_path / "data", run, "--resume"))
+    assert (run / "metrics.jsonl").read_text() == metrics_before
+    assert (run / "best.pt").exists() and (run / "config.json").exists()
+
+
+def test_missing_data_dir_and_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        main(train_args(tmp_path / "nowhere", tmp_path / "run"))
+    with pytest.raises(SystemExit):
+        main(["train", "--arch", "alexnet", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a finished"):
+        main(["prune", str(tmp_path / "nothing"), "--out", str(tmp_path / "p")])
+    with pytest.raises(SystemExit, match="--ratio must be in"):
+        main(["prune", str(tmp_path), "--ratio", "1.0", "--out", str(tmp_path / "p")])
+
+
+def test_demo_small_and_module_entry_point(tmp_path):
+    pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--finetune-epochs", "0", "--ratios", "0.5",
+                 "--no-progress", "--no-plots"]) == 0
+    text = (out / "report.md").read_text()
+    for method in ("rni", "l1", "none"):
+        assert f"| {method} | 50% |" in text
+    help_text = subprocess.run([sys.executable, "-m", "rnip_ext", "--help"], capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "demo" in help_text.stdout
