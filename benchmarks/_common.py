@@ -1,0 +1,96 @@
+"""Helpers shared by the benchmark scripts: timing, environment record, JSON output, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on: device name, library versions, git commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "git_commit": commit,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _quantiles(samples: list[float]) -> dict:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else [samples[0]] * 9
+    return {"median_ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7], "repeats": len(samples)}
+
+
+def bench(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3,
+          grad_to_none: list | None = None) -> dict:
+    """Median, p20 and p80 milliseconds of ``fn()`` after ``warmup`` calls.
+
+    On CUDA ``triton.testing.do_bench`` (CUDA events, cache flush between runs, gradients reset
+    to None outside the timed region); on CPU wall-clock with ``time.perf_counter``.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=25, rep=max(100, repeats * 5), grad_to_none=grad_to_none,
+                     quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "repeats": None}
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return _quantiles(samples)
+
+
+def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
+    """Measured device-to-device (or RAM-to-RAM) copy bandwidth in GB/s: read + write bytes per second."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    stats = bench(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * src.numel() * src.element_size() / (stats["median_ms"] * 1e-3) / 1e9
+
+
+def write_json(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table: ``columns`` are (header, key, format spec)."""
+    head = [h for h, _, _ in columns]
+    body = [[("" if r.get(k) is None else format(r[k], f)) for _, k, f in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)

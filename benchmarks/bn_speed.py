@@ -1,0 +1,185 @@
+"""How fast is the bounded BatchNorm? Four variants side by side, in one run.
+
+1. ``plain``:    ``torch.nn.BatchNorm2d`` (what users know; no bounded scale, no penalty)
+2. ``paper``:    the paper's eager formulation, ``F.batch_norm(x, ..., weight.sigmoid())`` plus
+                 ``strength * receding_penalty(weight, shift)`` through autograd
+3. ``compiled``: ``torch.compile`` of (2)
+4. ``ours``:     ``rnip_ext.BoundedBatchNorm2d`` with an attached ``RecedingRegularizer`` (the fused
+                 Triton kernels on CUDA; on CPU the eager path, so there it measures our overhead)
+
+Modes: ``fwd`` (training forward), ``fwdbwd`` (a layer's training step: forward, penalty, backward)
+and ``eval``. Reported: median ms with p20/p80, effective GB/s at the minimal traffic (forward:
+read x, write y; backward: read x and dy, write dx; so fwdbwd moves 5 tensors' bytes, fwd and eval
+2), the fraction of the measured copy bandwidth, and ratios of ours against each baseline.
+
+    python benchmarks/bn_speed.py                   # CPU: a small set, under a minute
+    python benchmarks/bn_speed.py --device cuda     # GPU: CIFAR VGG-16, ResNet-50, small-C layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bench, copy_bandwidth, environment, format_table, write_json  # noqa: E402
+
+import rnip_ext  # noqa: E402
+from rnip_ext import functional as RF  # noqa: E402
+
+STRENGTH, SHIFT = 1e-3, 3.0
+SHAPES = {
+    "vgg16_cifar": [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (64, 512, 4, 4), (64, 512, 2, 2)],
+    "resnet50_imagenet": [(256, 64, 56, 56), (256, 256, 56, 56), (256, 128, 28, 28), (256, 512, 28, 28),
+                          (256, 256, 14, 14), (256, 1024, 14, 14), (256, 512, 7, 7), (256, 2048, 7, 7)],
+    "small_c_high_res": [(8, 16, 256, 256), (16, 8, 512, 512)],
+}
+CPU_SHAPES = {"cpu_small": [(32, 64, 16, 16), (32, 256, 8, 8), (8, 16, 64, 64)]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "fwdbwd", "eval")
+VARIANTS = ("plain", "paper", "compiled", "ours")
+# Tensors of x's size moved at the minimum per mode.
+TRAFFIC = {"fwd": 2, "fwdbwd": 5, "eval": 2}
+
+
+class PaperBN(nn.Module):
+    """The paper's formulation: plain functional BN with the sigmoid scale, penalty via autograd."""
+
+    def __init__(self, c: int, device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, device=device))
+        self.register_buffer("running_mean", torch.zeros(c, device=device))
+        self.register_buffer("running_var", torch.ones(c, device=device))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.sigmoid(), None, self.training, 0.1, 1e-5)
+
+    def penalty(self):
+        return STRENGTH * RF.receding_penalty(self.weight, SHIFT)
+
+
+def make_step(variant: str, shape, dtype, memory_format, mode: str, device):
+    """A closure running one measured call, plus the tensors whose grads reset between calls."""
+    n, c, h, w = shape
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn_like(x)
+    if variant == "plain":
+        layer = nn.BatchNorm2d(c, device=device)
+        penalty = None
+    elif variant in ("paper", "compiled"):
+        layer = PaperBN(c, device)
+        penalty = layer.penalty
+    else:
+        layer = rnip_ext.BoundedBatchNorm2d(c, device=device)
+        penalty = rnip_ext.RecedingRegularizer(nn.Sequential(layer), STRENGTH, SHIFT)
+    layer.train(mode != "eval")
+    params = list(layer.parameters())
+
+    def fwd():
+        return layer(x)
+
+    def fwdbwd():
+        x.grad = None
+        y = layer(x)
+        if penalty is not None:
+            torch.autograd.backward([y, penalty()], [dy, torch.ones((), device=device)])
+        else:
+            y.backward(dy)
+
+    if mode == "fwdbwd":
+        x.requires_grad_(True)
+    fn = fwdbwd if mode == "fwdbwd" else fwd
+    if variant == "compiled":
+        fn = torch.compile(fn)
+    if mode == "eval":
+        inner = fn
+
+        def fn():
+            with torch.no_grad():
+                return inner()
+
+    return fn, params + ([x] if mode == "fwdbwd" else [])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", nargs="+", default=None, help=f"shape sets: {', '.join(SHAPES)} (GPU)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sets = {k: SHAPES[k] for k in (args.sets or SHAPES)} if cuda else CPU_SHAPES
+    dtypes = args.dtypes or (list(DTYPES) if cuda else ["fp32"])
+    repeats = args.repeats or (50 if cuda else 15)
+    torch._dynamo.config.cache_size_limit = 256
+    env = environment(device)
+    bandwidth = copy_bandwidth(device, 1 << 26 if cuda else 1 << 23)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | copy bandwidth {bandwidth:.0f} GB/s")
+
+    rows = []
+    combos = [(s, shape, d, lay, mode) for s, shapes in sets.items() for shape in shapes for d in dtypes
+              for lay in args.layouts for mode in args.modes]
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def tqdm(it, **_):
+            return it
+    for set_name, shape, dname, layout, mode in tqdm(combos, desc="bn_speed"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        row = {"set": set_name, "shape": list(shape), "dtype": dname, "layout": layout, "mode": mode}
+        nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dname]).element_size()
+        for variant in args.variants:
+            try:
+                fn, grads = make_step(variant, shape, DTYPES[dname], fmt, mode, device)
+                stats = bench(fn, device, repeats=repeats, grad_to_none=grads if mode == "fwdbwd" else None)
+            except Exception as exc:  # record, never hide: e.g. a dtype a baseline does not support
+                row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            row[f"{variant}_ms"] = stats["median_ms"]
+            row[f"{variant}_p20_ms"] = stats["p20_ms"]
+            row[f"{variant}_p80_ms"] = stats["p80_ms"]
+            row[f"{variant}_gbps"] = TRAFFIC[mode] * nbytes / (stats["median_ms"] * 1e-3) / 1e9
+        for base in ("plain", "paper", "compiled"):
+            if "ours_ms" in row and f"{base}_ms" in row:
+                row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["ours_ms"]
+        if "ours_gbps" in row:
+            row["ours_fraction_of_copy_bw"] = row["ours_gbps"] / bandwidth
+        rows.append(row)
+        torch._dynamo.reset()
+
+    columns = [("set", "set", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
+               ("mode", "mode", "")]
+    columns += [(f"{v} ms", f"{v}_ms", ".3f") for v in args.variants]
+    columns += [("ours GB/s", "ours_gbps", ".0f"), ("x plain", "speedup_vs_plain", ".2f"),
+                ("x paper", "speedup_vs_paper", ".2f"), ("x compiled", "speedup_vs_compiled", ".2f")]
+    printable = [dict(r, shape="x".join(map(str, r["shape"]))) for r in rows]
+    print(format_table(printable, columns))
+    summary = {}
+    for mode in args.modes:
+        for base in ("plain", "paper", "compiled"):
+            ratios = [r[f"speedup_vs_{base}"] for r in rows if r["mode"] == mode and f"speedup_vs_{base}" in r]
+            if ratios:
+                summary[f"{mode}_median_speedup_vs_{base}"] = statistics.median(ratios)
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}x")
+    path = write_json(args.out or f"bn_speed_{device.type}.json",
+                      {"environment": env, "copy_bandwidth_gbps": bandwidth, "summary": summary, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
