@@ -56,9 +56,18 @@ class RecedingRegularizer:
     ``3`` for VGG-16 (the defaults), ``1e-4`` and ``0`` for ResNet-56. Its gradient
     :math:`-\lambda \ln(s) s (1 - s) \ge 0` pushes only low-importance channels down, which makes
     the importances bimodal.
+
+    Fusion: the regulariser attaches itself to its layers. On the Triton path each layer's
+    forward then also returns its per-channel penalty (cheap) as an output of the fused op, and
+    :meth:`penalty` sums those recorded values; their gradient, scaled by whatever the loss
+    applies (loss weights, accumulation, ``GradScaler``), enters the same backward kernel that
+    computes ``d(weight)``. Layers that did not record a value since the last call (eager path,
+    eval mode, no forward yet) contribute ``receding_penalty(weight, shift)`` through autograd.
+    Both give the same value and gradient. A recorded value is used once: call the regulariser
+    once per forward pass, after it.
     """
 
-    def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0) -> None:
+    def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True) -> None:
         _check_model(model)
         self.strength = _check_strength(strength)
         self.shift = RF._check_shift(shift)
@@ -68,10 +77,18 @@ class RecedingRegularizer:
                 "RecedingRegularizer found no BoundedBatchNorm2d with affine=True in the model; "
                 "convert it first with rnip_ext.convert_batchnorm(model)"
             )
+        self.fused = bool(fused)
+        for m in self.layers:
+            m._receding_shift = self.shift if self.fused else None
+            m._recorded_penalty = None
 
     def penalty(self) -> Tensor:
-        """The unscaled sum ``sum over layers of receding_penalty(layer.weight, shift)``."""
-        return torch.stack([RF.receding_penalty(m.weight, self.shift) for m in self.layers]).sum()
+        """The unscaled sum over layers of ``receding_penalty(layer.weight, shift)``."""
+        terms = []
+        for m in self.layers:
+            recorded = m.take_recorded_penalty(self.shift) if self.fused else None
+            terms.append(recorded.sum() if recorded is not None else RF.receding_penalty(m.weight, self.shift))
+        return torch.stack(terms).sum()
 
     def __call__(self) -> Tensor:
         """``strength * penalty()``: the term to add to the loss."""

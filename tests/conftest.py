@@ -8,9 +8,15 @@ import os
 import random
 import zlib
 
-import numpy as np
-import pytest
-import torch
+# The Triton kernels run on CPU tensors under the interpreter. Triton reads the variable when a
+# kernel is defined, so it is set here, before any test module imports rnip_ext.kernels; on a
+# GPU machine (RNIP_TEST_DEVICE=cuda) the kernels compile for real instead.
+if os.environ.get("RNIP_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 BASE_SEED = int(os.environ.get("RNIP_TEST_SEED", "0"))
 

@@ -10,6 +10,7 @@ from torch.nn import init
 from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as RF
+from .._backend import BACKENDS, resolve_backend
 
 __all__ = ["BoundedBatchNorm2d"]
 
@@ -46,6 +47,13 @@ class BoundedBatchNorm2d(_NormBase):
         track_running_stats: keep running statistics for eval mode.
         device, dtype: factory arguments for parameters and buffers.
         bias: keyword-only; add a learnable shift (default ``False``). Requires ``affine=True``.
+        backend: keyword-only; ``"auto"`` (Triton kernels on CUDA tensors when Triton imports,
+            eager PyTorch otherwise), ``"triton"`` or ``"eager"``; ``None`` (default) defers to
+            the ``RNIP_BACKEND`` environment variable, itself ``auto`` by default.
+
+    On the Triton path, when a :class:`~rnip_ext.RecedingRegularizer` is attached, the forward
+    pass also yields this layer's per-channel penalty and the backward pass adds its gradient
+    into ``d(weight)`` inside the same kernel (see the regulariser).
     """
 
     _version = 2
@@ -61,7 +69,10 @@ class BoundedBatchNorm2d(_NormBase):
         dtype=None,
         *,
         bias: bool = False,
+        backend: str | None = None,
     ) -> None:
+        if backend is not None and (not isinstance(backend, str) or backend.lower() not in BACKENDS):
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         if isinstance(num_features, bool) or not isinstance(num_features, int):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -75,6 +86,32 @@ class BoundedBatchNorm2d(_NormBase):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
+        self.backend = backend
+        # Set by RecedingRegularizer: the shift of the penalty the fused path computes, and the
+        # latest per-channel penalty it recorded, (shift, tensor), consumed by the regulariser.
+        self._receding_shift: float | None = None
+        self._recorded_penalty: tuple[float, Tensor] | None = None
+
+    def __getstate__(self):
+        # Copies (deepcopy, pickle, pruning) are not bound to the original's regulariser, and a
+        # recorded penalty holds an autograd graph that cannot be copied.
+        state = super().__getstate__()
+        state["_receding_shift"] = None
+        state["_recorded_penalty"] = None
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("backend", None)
+        state.setdefault("_receding_shift", None)
+        state.setdefault("_recorded_penalty", None)
+        super().__setstate__(state)
+
+    def take_recorded_penalty(self, shift: float) -> Tensor | None:
+        """The per-channel penalty the last fused forward computed for ``shift``, once (else None)."""
+        record, self._recorded_penalty = self._recorded_penalty, None
+        if record is None or record[0] != shift:
+            return None
+        return record[1]
 
     def reset_parameters(self) -> None:
         """Reset running statistics, draw ``weight ~ N(0, 1)`` (the paper's init), zero ``bias``."""
@@ -125,6 +162,8 @@ class BoundedBatchNorm2d(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if resolve_backend(input, self.backend) == "triton":
+            return self._forward_triton(input)
         factor = self._running_stats_factor()
         # Batch statistics in training, and in eval when there are no running buffers.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -140,6 +179,49 @@ class BoundedBatchNorm2d(_NormBase):
             factor,
             self.eps,
         )
+
+    def _forward_triton(self, input: Tensor) -> Tensor:
+        """The fused kernels; running statistics are updated here, outside the autograd op."""
+        from ..ops import bounded_bn
+
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch_stats:
+            return bounded_bn.bounded_batch_norm_eval(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        with_penalty = (
+            self._receding_shift is not None
+            and self.weight is not None
+            and self.weight.requires_grad
+            and torch.is_grad_enabled()
+        )
+        shift = self._receding_shift if with_penalty else 0.0
+        y, mean, var, penalty = bounded_bn.bounded_batch_norm_train(
+            input, self.weight, self.bias, self.eps, shift, with_penalty
+        )
+        if self.training and self.track_running_stats:
+            self._update_running_stats(input, mean, var)
+        if with_penalty:
+            self._recorded_penalty = (shift, penalty)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, input: Tensor, mean: Tensor, var: Tensor) -> None:
+        """``running = (1 - f) running + f batch``; unbiased variance; ``f = 1/n`` when momentum is None.
+
+        The factor stays a tensor when momentum is None, so no host synchronisation happens.
+        """
+        self.num_batches_tracked.add_(1)
+        n = input.numel() // input.shape[1]
+        if n == 0:  # as nn.BatchNorm2d: an empty batch is counted but moves no statistics
+            return
+        if self.momentum is None:
+            factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+        else:
+            factor = self.momentum
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNorm2d":

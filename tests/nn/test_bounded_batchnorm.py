@@ -62,7 +62,10 @@ def assert_same_buffers(layer, ref):
 def test_signature_matches_batchnorm2d_except_bias_default():
     ours = inspect.signature(BoundedBatchNorm2d.__init__).parameters
     theirs = inspect.signature(nn.BatchNorm2d.__init__).parameters
-    assert list(ours) == list(theirs)
+    # torch's arguments in torch's order, then only keyword-only extras.
+    assert list(ours)[: len(theirs)] == list(theirs)
+    assert list(ours)[len(theirs):] == ["backend"]
+    assert ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY and ours["backend"].default is None
     for name in theirs:
         assert ours[name].kind == theirs[name].kind, name
         if name != "bias":
@@ -433,6 +436,8 @@ def test_bad_constructor_arguments_raise():
         BoundedBatchNorm2d(3.0)
     with pytest.raises(ValueError, match="momentum"):
         BoundedBatchNorm2d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BoundedBatchNorm2d(3, backend="cuda")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,317 @@
+"""Backward of bounded BN (training and eval), with the receding-penalty gradient fused in.
+
+Per channel ``c`` over the ``n = N*H*W`` positions, ``a = sigmoid(w_c)``,
+``invstd = rsqrt(var_c + eps)``, ``xhat = (x - mean_c) * invstd`` and ``g_c`` the upstream gradient
+of the penalty output ``p_c = s * (1 - log s)``, ``s = sigmoid(w_c + shift)``::
+
+    sum_dy     = sum(dy)                     sum_dyxhat = invstd * sum(dy * (x - mean))
+    db         = sum_dy
+    dw         = a * (1 - a) * sum_dyxhat + g * (-log s) * s * (1 - s)
+    dx (train) = a * invstd * (dy - sum_dy / n - xhat * sum_dyxhat / n)
+    dx (eval)  = a * invstd * dy             (mean, var: running statistics, constants)
+
+Three kernels:
+
+1. ``_bn_bwd_partial_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: per chunk of positions,
+   fp32 (fp64) partials ``sum(dy)`` and ``sum(dy * (x - mean))`` into ``[K, C]`` buffers, summed
+   lane-wise over the chunk's tiles and reduced once at the end. No atomics.
+2. ``_bn_bwd_combine_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: sums the partials in chunk order
+   (deterministic), writes ``sum_dy``/``sum_dyxhat`` for the dx kernel and ``dw`` (including the
+   penalty term, fused here rather than through a second autograd graph) and ``db``.
+3. ``_bn_bwd_dx_kernel``, grid ``(cdiv(n, BLOCK_M), cdiv(C, BLOCK_C))``: the elementwise ``dx``.
+
+In eval mode without ``dw``/``db`` only the dx kernel runs; with no positions (``n == 0``) only
+the combine runs (``db = 0``, ``dw = g * dR/dw``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import BNConfig, plan_chunks
+from ._launch import (
+    check_positions,
+    device_guard,
+    ensure_launchable,
+    kernel_ready,
+    layout_config,
+    tl_dtype,
+    vector,
+    view3,
+)
+from ._layout import acc_dtype, alloc_like
+from ._math import position_offsets, sigmoid_parts
+
+__all__ = ["bn_backward"]
+
+
+@triton.jit
+def _bn_bwd_partial_kernel(
+    dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
+    x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
+    mean_ptr,  # [C] mean the forward used (batch or running)
+    sum_dy_part_ptr,  # [K, C] out: chunk sums of dy (ACC)
+    sum_dyxmu_part_ptr,  # [K, C] out: chunk sums of dy * (x - mean) (ACC)
+    C,
+    HW,
+    n_pos,  # N * HW
+    s_dn,
+    s_dc,
+    s_dhw,
+    s_xn,
+    s_xc,
+    s_xhw,
+    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
+    ACC: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dc_off = offs_c.to(tl.int64) * s_dc
+    xc_off = offs_c.to(tl.int64) * s_xc
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    start = pid_k * CHUNK
+    end = tl.minimum(start + CHUNK, n_pos)
+
+    acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = mask_c[:, None] & (offs_m < end)[None, :]
+        d_off = dc_off[:, None] + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+        x_off = xc_off[:, None] + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        acc_dy += dy  # masked lanes load dy = 0 and add nothing
+        acc_dyxmu += dy * (x - mean[:, None])
+
+    out = pid_k.to(tl.int64) * C + offs_c
+    tl.store(sum_dy_part_ptr + out, tl.sum(acc_dy, axis=1), mask=mask_c)
+    tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
+
+
+@triton.jit
+def _bn_bwd_combine_kernel(
+    sum_dy_part_ptr,  # [K, C] chunk sums of dy (ACC)
+    sum_dyxmu_part_ptr,  # [K, C] chunk sums of dy * (x - mean) (ACC)
+    var_ptr,  # [C] variance the forward used
+    w_ptr,  # [C] scale logits (read with WRITE_DW)
+    g_ptr,  # [C] upstream gradient of the penalty (read with HAS_G)
+    sum_dy_ptr,  # [C] out: sum(dy) (ACC), for the dx kernel
+    sum_dyxhat_ptr,  # [C] out: sum(dy * xhat) (ACC), for the dx kernel
+    dw_ptr,  # [C] out: weight gradient (written with WRITE_DW)
+    db_ptr,  # [C] out: bias gradient (written with WRITE_DB)
+    C,
+    K,  # number of chunks
+    eps,
+    shift,  # penalty shift: s = sigmoid(w + shift)
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_G: tl.constexpr,  # add the penalty term (needs WRITE_DW)
+    WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+
+    acc_dy = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC)
+    acc_dyxmu = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_k < K)[:, None] & mask_c[None, :]
+        ptr_off = offs_k.to(tl.int64)[:, None] * C + offs_c[None, :]
+        acc_dy += tl.load(sum_dy_part_ptr + ptr_off, mask=mask, other=0.0)
+        acc_dyxmu += tl.load(sum_dyxmu_part_ptr + ptr_off, mask=mask, other=0.0)
+    sum_dy = tl.sum(acc_dy, axis=0)
+    var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
+    sum_dyxhat = tl.sum(acc_dyxmu, axis=0) * tl.rsqrt(var + eps)
+    tl.store(sum_dy_ptr + offs_c, sum_dy, mask=mask_c)
+    tl.store(sum_dyxhat_ptr + offs_c, sum_dyxhat, mask=mask_c)
+
+    if WRITE_DW:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        a, one_minus_a, _ = sigmoid_parts(w)
+        dw = a * one_minus_a * sum_dyxhat
+        if HAS_G:
+            g = tl.load(g_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            s, one_minus_s, log_s = sigmoid_parts(w + shift)
+            dw += g * (-log_s * s * one_minus_s)
+        tl.store(dw_ptr + offs_c, dw.to(dw_ptr.dtype.element_ty), mask=mask_c)
+    if WRITE_DB:
+        tl.store(db_ptr + offs_c, sum_dy.to(db_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
+    x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw) (read with TRAINING)
+    dx_ptr,  # [N, C, HW] out: input gradient, strides (s_gn, s_gc, s_ghw)
+    mean_ptr,  # [C] mean the forward used (read with TRAINING)
+    var_ptr,  # [C] variance the forward used
+    w_ptr,  # [C] scale logits (read with HAS_W)
+    sum_dy_ptr,  # [C] sum(dy) (read with TRAINING)
+    sum_dyxhat_ptr,  # [C] sum(dy * xhat) (read with TRAINING)
+    C,
+    HW,
+    n_pos,  # N * HW
+    eps,
+    s_dn,
+    s_dc,
+    s_dhw,
+    s_xn,
+    s_xc,
+    s_xhw,
+    s_gn,
+    s_gc,
+    s_ghw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FLAT: tl.constexpr,  # 1: positions evenly spaced by the *_hw strides
+    HAS_W: tl.constexpr,
+    TRAINING: tl.constexpr,  # 1: batch statistics (full formula), 0: running (dx = A * dy)
+    ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = mask_c[:, None] & (offs_m < n_pos)[None, :]
+    c_off = offs_c.to(tl.int64)
+
+    var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
+    invstd = tl.rsqrt(var + eps)
+    scale = invstd
+    if HAS_W:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        a, _, _ = sigmoid_parts(w)
+        scale = scale * a
+
+    d_off = c_off[:, None] * s_dc + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+    if TRAINING:
+        # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        mean_dy = tl.load(sum_dy_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
+        mean_dyxhat = tl.load(sum_dyxhat_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
+        x_off = c_off[:, None] * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        xhat = (x - mean[:, None]) * invstd[:, None]
+        dx = scale[:, None] * (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None])
+    else:
+        dx = scale[:, None] * dy
+    g_off = c_off[:, None] * s_gc + position_offsets(offs_m, HW, s_gn, s_ghw, FLAT)[None, :]
+    tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _param_grad(num_channels: int, needed: bool, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised ``[C]`` gradient, or an empty ``[0]`` one when not ``needed``."""
+    return torch.empty(num_channels if needed else 0, dtype=dtype, device=device)
+
+
+def bn_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    penalty_grad: Tensor | None,
+    eps: float,
+    shift: float,
+    training: bool,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+    *,
+    out: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+    config: BNConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)`` of bounded BN given the output gradient ``dy``.
+
+    ``mean``/``var`` are what the forward normalised with: batch mean and biased variance
+    (``training``) or the running statistics (eval, treated as constants). ``penalty_grad`` is the
+    upstream gradient ``g`` of the per-channel penalty (``None``: the penalty is not in the loss).
+    ``output_mask`` says which of ``dx, dw, db`` to compute; the others come back as empty ``[0]``
+    tensors. ``dx`` has ``x``'s dtype and memory format; ``dw``/``db`` are float32 (float64 for a
+    float64 ``x``) ``[C]``. ``dy`` may have any layout whose spatial dims collapse (NCHW or
+    channels_last), independently of ``x``. ``out`` (tests) supplies pre-allocated outputs.
+    """
+    need_dx, need_dw, need_db = (bool(v) for v in output_mask)
+    if need_dw and weight is None:
+        raise ValueError("bn_backward: output_mask asks for dw but weight is None")
+    x = kernel_ready(x)
+    dy = kernel_ready(dy)
+    mean, var = vector(mean), vector(var)
+    weight, penalty_grad = vector(weight), vector(penalty_grad)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels if num_channels else 0
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    given = out if out is not None else (None, None, None)
+    dx = (given[0] if given[0] is not None else alloc_like(x)) if need_dx else x.new_empty(0)
+    dw = given[1] if given[1] is not None else _param_grad(num_channels, need_dw, acc, dev)
+    db = given[2] if given[2] is not None else _param_grad(num_channels, need_db, acc, dev)
+    has_g = need_dw and penalty_grad is not None
+    need_sums = need_dw or need_db or (need_dx and training)
+    if num_channels == 0 or not (need_sums or (need_dx and n_pos)):
+        return dx, dw, db
+    ensure_launchable(_bn_bwd_dx_kernel, x)
+
+    dv, xv = view3(dy), view3(x)
+    gv = view3(dx) if need_dx else xv
+    # The tile shape follows the layout of x (dx is allocated like it); dy may differ.
+    flat, cfg = layout_config([xv, dv, gv], num_channels, config)
+    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
+    hw = n_pos // x.shape[0] if x.shape[0] else 0
+    acc_tl = tl_dtype(x.dtype)
+    with device_guard(x):
+        if need_sums:
+            chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+            check_positions(n_pos, chunk)
+            rows = max(num_chunks, 1)  # never a zero-size buffer
+            sum_dy_part = torch.empty((rows, num_channels), dtype=acc, device=dev)
+            sum_dyxmu_part = torch.empty((rows, num_channels), dtype=acc, device=dev)
+            sum_dy = torch.empty(num_channels, dtype=acc, device=dev)
+            sum_dyxhat = torch.empty(num_channels, dtype=acc, device=dev)
+            if num_chunks:
+                _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
+                    dy, x, mean, sum_dy_part, sum_dyxmu_part,
+                    num_channels, hw, n_pos,
+                    *dv.strides(flat), *xv.strides(flat),
+                    CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                    ACC=acc_tl, num_warps=cfg.num_warps,
+                )  # fmt: skip
+            _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
+                sum_dy_part, sum_dyxmu_part, var,
+                weight if weight is not None else var,  # any valid pointer when unused
+                penalty_grad if has_g else var,
+                sum_dy, sum_dyxhat,
+                dw if need_dw else sum_dy, db if need_db else sum_dy,
+                num_channels, num_chunks, float(eps), float(shift),
+                BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+                HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
+                ACC=acc_tl, num_warps=4,
+            )  # fmt: skip
+        else:
+            sum_dy = sum_dyxhat = var  # unread in eval mode
+        if need_dx and n_pos:
+            check_positions(n_pos, cfg.block_m)
+            grid = (triton.cdiv(n_pos, cfg.block_m), num_cblocks)
+            _bn_bwd_dx_kernel[grid](
+                dy, x, dx, mean, var,
+                weight if weight is not None else var,
+                sum_dy, sum_dyxhat,
+                num_channels, hw, n_pos, float(eps),
+                *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
+                BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
+                HAS_W=int(weight is not None), TRAINING=int(bool(training)),
+                ACC=acc_tl, num_warps=cfg.num_warps,
+            )  # fmt: skip
+    return dx, dw, db

@@ -1,0 +1,131 @@
+"""Elementwise bounded-BN normalisation, shared by training (batch stats) and eval (running stats).
+
+Per channel ``c``, with ``a_c = sigmoid(w_c)`` (1 without weight) and ``b_c`` (0 without bias)::
+
+    A_c = a_c * rsqrt(var_c + eps)            y = (x - mean_c) * A_c + b_c
+
+which is ``y = x * A + B`` with ``B = b - mean * A``, written so that a large ``|mean|`` does not
+cancel in low precision. Backward (elsewhere, ``bn_backward``) in eval mode: ``dx = dy * A``.
+
+``_bn_normalize_kernel``, grid ``(cdiv(N*HW, BLOCK_M), cdiv(C, BLOCK_C))``: one
+``[BLOCK_C, BLOCK_M]`` tile per program; the per-channel ``A``/``b`` are recomputed per program
+from ``mean``, ``var``, ``w``, ``b`` (``BLOCK_C`` values, negligible against the tile), which keeps
+one launch for the whole eval forward. ``x`` and ``y`` may have different strides.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import BNConfig
+from ._launch import (
+    check_positions,
+    device_guard,
+    ensure_launchable,
+    kernel_ready,
+    layout_config,
+    tl_dtype,
+    vector,
+    view3,
+)
+from ._layout import alloc_like
+from ._math import position_offsets, sigmoid_parts
+
+__all__ = ["bn_normalize"]
+
+
+@triton.jit
+def _bn_normalize_kernel(
+    x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
+    y_ptr,  # [N, C, HW] output, strides (s_yn, s_yc, s_yhw)
+    mean_ptr,  # [C] mean (batch or running)
+    var_ptr,  # [C] variance (batch biased, or running)
+    w_ptr,  # [C] scale logits (read with HAS_W)
+    b_ptr,  # [C] shift (read with HAS_B)
+    C,
+    HW,
+    n_pos,  # N * HW
+    eps,
+    s_xn,
+    s_xc,
+    s_xhw,
+    s_yn,
+    s_yc,
+    s_yhw,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw / s_yhw
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_pos
+    mask = mask_c[:, None] & mask_m[None, :]
+
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
+    scale = tl.rsqrt(var + eps)
+    if HAS_W:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        a, _, _ = sigmoid_parts(w)
+        scale = scale * a
+
+    c_off = offs_c.to(tl.int64)[:, None]
+    x_off = c_off * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+    y = (x - mean[:, None]) * scale[:, None]
+    if HAS_B:
+        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        y = y + b[:, None]
+    y_off = c_off * s_yc + position_offsets(offs_m, HW, s_yn, s_yhw, FLAT)[None, :]
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    out: Tensor | None = None,
+    config: BNConfig | None = None,
+) -> Tensor:
+    """``y = sigmoid(weight) * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x [N, C, *]``.
+
+    ``y`` has ``x``'s dtype and memory format (or is ``out``, any layout whose spatial dims
+    collapse, which tests use to pre-poison the output). ``mean``/``var``/``weight``/``bias`` are
+    ``[C]`` of any float dtype; ``weight``/``bias`` may be ``None`` (scale 1, no shift).
+    """
+    x = kernel_ready(x)
+    mean, var, weight, bias = vector(mean), vector(var), vector(weight), vector(bias)
+    y = alloc_like(x) if out is None else out
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels if num_channels else 0
+    if n_pos == 0:
+        return y
+    ensure_launchable(_bn_normalize_kernel, x)
+    xv, yv = view3(x), view3(y)
+    flat, cfg = layout_config([xv, yv], num_channels, config)
+    check_positions(n_pos, cfg.block_m)
+    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    with device_guard(x):
+        _bn_normalize_kernel[grid](
+            x, y, mean, var,
+            weight if weight is not None else mean,  # any valid pointer when unused
+            bias if bias is not None else mean,
+            num_channels, n_pos // x.shape[0], n_pos, float(eps),
+            *xv.strides(flat), *yv.strides(flat),
+            BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
+            HAS_W=int(weight is not None), HAS_B=int(bias is not None),
+            ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return y

@@ -1,0 +1,232 @@
+"""Batch statistics of bounded BN (training forward), plus the receding penalty per channel.
+
+Per channel ``c`` over the ``n = N*H*W`` positions::
+
+    mean_c = sum(x) / n            var_c = sum((x - mean_c)^2) / n          (biased)
+    p_c    = s * (1 - log s),      s = sigmoid(w_c + shift)                 (with_penalty)
+
+Two kernels:
+
+1. ``_bn_partial_stats_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: each program reduces a
+   chunk of ``CHUNK`` positions for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
+   ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
+   first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
+   of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
+   0's programs write the pivot for the combine. Inside the chunk each ``[BLOCK_C, BLOCK_M]`` tile is reduced two-pass in registers
+   (its mean, then the sum of squared deviations from that mean) and merged into the running
+   triple with Chan's update::
+
+       n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
+       M2 = M2_a + M2_b + d^2 * na * nb / n
+
+2. ``_bn_combine_stats_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: merges the chunk partials in
+   chunk order (deterministic), ``BLOCK_K`` chunks at a time: their pooled mean
+   ``sum(n_k mean_k) / sum(n_k)`` and ``M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)``, merged into
+   the running triple as above; writes ``mean = pivot + mean`` and ``var = M2 / n`` (both ``0``
+   when ``n == 0``) and, with ``WITH_PENALTY``, ``p_c``.
+
+Never ``E[x^2] - E[x]^2``: each merge subtracts means, never sums of squares. All arithmetic in
+``ACC`` (fp32, or fp64 for fp64 inputs); inputs of any float dtype are converted on load.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import BNConfig, plan_chunks
+from ._launch import (
+    check_positions,
+    device_guard,
+    ensure_launchable,
+    kernel_ready,
+    layout_config,
+    tl_dtype,
+    vector,
+    view3,
+)
+from ._layout import acc_dtype
+from ._math import position_offsets, sigmoid_parts
+
+__all__ = ["bn_batch_stats"]
+
+
+@triton.jit
+def _bn_partial_stats_kernel(
+    x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
+    mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC), row k = chunk k
+    m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
+    pivot_ptr,  # [C] out (chunk 0's programs): the shift x[0, c, 0] (ACC)
+    C,
+    HW,
+    n_pos,  # N * HW
+    s_xn,
+    s_xc,
+    s_xhw,
+    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw
+    ACC: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    c_off = offs_c.to(tl.int64) * s_xc
+    # Every program shifts by the same value, the channel's first element.
+    pivot = tl.load(x_ptr + c_off, mask=mask_c, other=0.0).to(ACC)
+    if pid_k == 0:
+        tl.store(pivot_ptr + offs_c, pivot, mask=mask_c)
+    start = pid_k * CHUNK
+    end = tl.minimum(start + CHUNK, n_pos)
+
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        mask = mask_c[:, None] & mask_m[None, :]
+        m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
+        x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.where(mask, x - pivot[:, None], 0.0)
+        # This tile, two-pass in registers: its mean, then squared deviations from it.
+        nb = tl.minimum(end - m0, BLOCK_M).to(ACC)
+        tile_mean = tl.sum(x, axis=1) / nb
+        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=1)
+        # Chan merge of (count, mean, m2) with (nb, tile_mean, tile_m2); count + nb >= 1.
+        total = count + nb
+        delta = tile_mean - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))
+        count = total
+
+    out = pid_k.to(tl.int64) * C + offs_c
+    tl.store(mean_part_ptr + out, mean, mask=mask_c)
+    tl.store(m2_part_ptr + out, m2, mask=mask_c)
+
+
+@triton.jit
+def _bn_combine_stats_kernel(
+    mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC)
+    m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
+    pivot_ptr,  # [C] the shift of the partial means (zeros when K == 0)
+    w_ptr,  # [C] scale logits (read with WITH_PENALTY)
+    mean_ptr,  # [C] out: batch mean (ACC)
+    var_ptr,  # [C] out: biased batch variance (ACC)
+    pen_ptr,  # [C] out: receding penalty s * (1 - log s) (written with WITH_PENALTY)
+    C,
+    K,  # number of chunks
+    n_pos,  # N * HW
+    shift,  # penalty shift: s = sigmoid(w + shift)
+    CHUNK: tl.constexpr,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WITH_PENALTY: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+
+    count = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask = mask_k[:, None] & mask_c[None, :]
+        # Count of each chunk; 0 for rows past the last chunk.
+        left = n_pos - offs_k.to(tl.int64) * CHUNK
+        n_k = tl.minimum(tl.maximum(left, 0), CHUNK).to(ACC)
+        ptr_off = offs_k.to(tl.int64)[:, None] * C + offs_c[None, :]
+        mean_k = tl.load(mean_part_ptr + ptr_off, mask=mask, other=0.0)
+        m2_k = tl.load(m2_part_ptr + ptr_off, mask=mask, other=0.0)
+        # Pool these BLOCK_K chunks (nb >= 1: row k0 is a real chunk) ...
+        nb = tl.sum(n_k, axis=0)
+        mean_b = tl.sum(n_k[:, None] * mean_k, axis=0) / nb
+        dev = mean_k - mean_b[None, :]
+        m2_b = tl.sum(m2_k, axis=0) + tl.sum(n_k[:, None] * dev * dev, axis=0)
+        # ... and merge the pool into the running triple (Chan).
+        total = count + nb
+        delta = mean_b - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2_b + delta * delta * (count * (nb / total))
+        count = total
+
+    var = tl.where(count > 0.0, m2 / tl.maximum(count, 1.0), 0.0)
+    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
+    tl.store(mean_ptr + offs_c, pivot + mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, var, mask=mask_c)
+    if WITH_PENALTY:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        s, _, log_s = sigmoid_parts(w + shift)
+        tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+
+
+def bn_batch_stats(
+    x: Tensor,
+    weight: Tensor | None = None,
+    shift: float = 0.0,
+    with_penalty: bool = False,
+    *,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+    config: BNConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel batch ``mean``, biased ``var`` and receding ``penalty`` of ``x`` ``[N, C, *]``.
+
+    ``mean``/``var`` are float32 (float64 for a float64 ``x``), shape ``[C]``; with no positions
+    (``N*H*W == 0``) both are 0. ``penalty`` is ``s * (1 - log s)`` per channel,
+    ``s = sigmoid(weight + shift)``, in the same dtype, when ``with_penalty`` and ``weight`` is
+    given, else an empty ``[0]`` tensor. ``x`` is read in place for NCHW and channels_last.
+    ``out`` (tests) supplies pre-allocated ``[C]`` outputs.
+    """
+    x = kernel_ready(x)
+    weight = vector(weight)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels if num_channels else 0
+    acc = acc_dtype(x.dtype)
+    penalize = bool(with_penalty) and weight is not None
+    if out is not None:
+        mean, var, penalty = out
+    else:
+        mean = torch.empty(num_channels, dtype=acc, device=x.device)
+        var = torch.empty(num_channels, dtype=acc, device=x.device)
+        penalty = torch.empty(num_channels if penalize else 0, dtype=acc, device=x.device)
+    if num_channels == 0:
+        return mean, var, penalty
+    ensure_launchable(_bn_partial_stats_kernel, x)
+
+    xv = view3(x)
+    flat, cfg = layout_config([xv], num_channels, config)
+    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, x.device)
+    check_positions(n_pos, chunk)
+    # At least one row, so that the combine kernel never gets a zero-size buffer.
+    mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
+    m2_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
+    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
+    pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
+    hw = n_pos // x.shape[0] if x.shape[0] else 0
+    with device_guard(x):
+        if num_chunks:
+            _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
+                x, mean_part, m2_part, pivot,
+                num_channels, hw, n_pos,
+                *xv.strides(flat),
+                CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            )  # fmt: skip
+        _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
+            mean_part, m2_part, pivot,
+            weight if penalize else mean,  # any valid pointer when unused
+            mean, var, penalty if penalize else mean,
+            num_channels, num_chunks, n_pos, float(shift),
+            CHUNK=chunk, BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+            WITH_PENALTY=int(penalize), ACC=tl_dtype(x.dtype), num_warps=4,
+        )  # fmt: skip
+    return mean, var, penalty

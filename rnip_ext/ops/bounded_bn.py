@@ -1,0 +1,340 @@
+"""Bounded batch norm as ``torch.library`` custom ops running the Triton kernels.
+
+Three ops, each with a fake (meta) kernel so that they trace under ``torch.compile``/AOTAutograd,
+and the first two with an autograd formula that calls the third::
+
+    rnip_ext::bounded_bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float shift,
+                               bool with_penalty) -> (Tensor y, Tensor mean, Tensor var,
+                                                      Tensor penalty)
+    rnip_ext::bounded_bn_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight,
+                              Tensor? bias, float eps) -> Tensor
+    rnip_ext::bounded_bn_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight,
+                                  Tensor? penalty_grad, float eps, float shift, bool training,
+                                  bool[] output_mask) -> (Tensor dx, Tensor dw, Tensor db)
+
+with ``y = sigmoid(weight) * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x [N, C, *]``
+and ``penalty = s * (1 - log s)``, ``s = sigmoid(weight + shift)`` (see ``rnip_ext.functional``).
+
+Contract of ``bounded_bn_train``:
+
+* ``y``: ``x``'s dtype, shape and memory format (NCHW and channels_last are read and written in
+  place, never copied).
+* ``mean``, ``var``: the batch mean and *biased* variance, float32 ``[C]`` (float64 for a float64
+  ``x``), returned so that the caller updates its running statistics outside the op, under
+  ``torch.no_grad()``, with the unbiased ``var * n / (n - 1)``, ``n = x.numel() // C``. They are
+  marked non-differentiable: gradients flowing into them are ignored. With no positions
+  (``n == 0``) both are zeros (no NaN); ``y`` is empty and the running statistics should be left
+  alone, as ``torch.nn.functional.batch_norm`` does.
+* ``penalty``: the per-channel receding penalty (same dtype as ``mean``) when ``with_penalty`` and
+  ``weight`` is given, else an empty ``[0]`` tensor. Its gradient flows into ``weight`` through the
+  fused backward (``dw += g * dR/dw``), so a loss may use ``penalty.sum()`` directly.
+
+``bounded_bn_eval`` normalises with the running statistics, which it treats as constants (no
+gradient). ``bounded_bn_backward`` returns empty ``[0]`` tensors for the gradients that
+``output_mask`` (``[dx, dw, db]``) does not ask for; ``dw``/``db`` come in the statistics dtype.
+Double backward is not supported.
+
+The ops need Triton (imported lazily: this module imports without it, and raises a
+``RuntimeError`` naming ``pip install triton`` only when an op actually runs). On CPU tensors they
+need the Triton interpreter (``TRITON_INTERPRET=1`` before ``rnip_ext.kernels`` is imported).
+"""
+
+import importlib
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._backend import require_triton
+from ..kernels._layout import FLOAT_DTYPES, acc_dtype, alloc_like
+
+__all__ = [
+    "bounded_bn_train",
+    "bounded_bn_eval",
+    "bounded_bn_backward",
+    "bounded_batch_norm_train",
+    "bounded_batch_norm_eval",
+]
+
+
+def _kernels():
+    """The launcher modules, importing Triton on first use."""
+    require_triton()
+    return (
+        importlib.import_module("rnip_ext.kernels.bn_stats"),
+        importlib.import_module("rnip_ext.kernels.bn_normalize"),
+        importlib.import_module("rnip_ext.kernels.bn_backward"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks, shared by the real and the fake kernels (so tracing fails as running would).
+
+
+def _check_input(x: Tensor, name: str = "x") -> None:
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape [N, C, *] (at least 2 dims), got {tuple(x.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_channel_vector(t: Optional[Tensor], name: str, x: Tensor) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"{name} must have shape [C] = [{x.shape[1]}] for x of shape {tuple(x.shape)}, "
+            f"got {tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_scalars(eps: float, shift: float = 0.0) -> None:
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if not math.isfinite(shift):
+        raise ValueError(f"shift must be finite, got {shift}")
+
+
+def _check_train(x, weight, bias, eps, shift) -> None:
+    _check_input(x)
+    _check_channel_vector(weight, "weight", x)
+    _check_channel_vector(bias, "bias", x)
+    _check_scalars(eps, shift)
+
+
+def _check_eval(x, running_mean, running_var, weight, bias, eps) -> None:
+    _check_input(x)
+    _check_channel_vector(running_mean, "running_mean", x)
+    _check_channel_vector(running_var, "running_var", x)
+    _check_channel_vector(weight, "weight", x)
+    _check_channel_vector(bias, "bias", x)
+    _check_scalars(eps)
+
+
+def _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask) -> None:
+    _check_input(x)
+    _check_input(dy, "dy")
+    if dy.shape != x.shape or dy.device != x.device:
+        raise ValueError(
+            f"dy must match x in shape and device: got {tuple(dy.shape)} on {dy.device} "
+            f"for x {tuple(x.shape)} on {x.device}"
+        )
+    _check_channel_vector(mean, "mean", x)
+    _check_channel_vector(var, "var", x)
+    _check_channel_vector(weight, "weight", x)
+    _check_channel_vector(penalty_grad, "penalty_grad", x)
+    _check_scalars(eps, shift)
+    if len(output_mask) != 3:
+        raise ValueError(f"output_mask must hold 3 booleans (dx, dw, db), got {list(output_mask)}")
+    if output_mask[1] and weight is None:
+        raise ValueError("output_mask asks for dw but weight is None")
+    if penalty_grad is not None and weight is None:
+        raise ValueError("penalty_grad given but weight is None (the penalty needs a weight)")
+
+
+def _stats_like(x: Tensor, size) -> Tensor:
+    return x.new_empty((size,), dtype=acc_dtype(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward.
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_train", mutates_args=())
+def bounded_bn_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    shift: float,
+    with_penalty: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bounded BN on batch statistics: ``(y, mean, var, penalty)`` (see the module docstring)."""
+    _check_train(x, weight, bias, eps, shift)
+    stats, normalize, _ = _kernels()
+    mean, var, penalty = stats.bn_batch_stats(x, weight, shift, with_penalty)
+    y = normalize.bn_normalize(x, mean, var, weight, bias, eps)
+    return y, mean, var, penalty
+
+
+@bounded_bn_train.register_fake
+def _bounded_bn_train_fake(x, weight, bias, eps, shift, with_penalty):
+    _check_train(x, weight, bias, eps, shift)
+    num_channels = x.shape[1]
+    penalized = with_penalty and weight is not None
+    return (
+        alloc_like(x),
+        _stats_like(x, num_channels),
+        _stats_like(x, num_channels),
+        _stats_like(x, num_channels if penalized else 0),
+    )
+
+
+def _train_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, eps, shift, with_penalty = inputs
+    _, mean, var, _ = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.eps = eps
+    ctx.shift = shift
+    ctx.penalized = bool(with_penalty) and weight is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _train_backward(ctx, dy, dmean, dvar, dpenalty):
+    # dmean/dvar are ignored: mean and var are non-differentiable outputs.
+    x, mean, var, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if dy is None:
+        dy = torch.zeros_like(x)
+    g = dpenalty if (ctx.penalized and need_w and dpenalty is not None) else None
+    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward(
+        dy, x, mean, var, weight, g, ctx.eps, ctx.shift, True, [need_x, need_w, need_b]
+    )
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        None,
+        None,
+        None,
+    )
+
+
+bounded_bn_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval forward.
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_eval", mutates_args=())
+def bounded_bn_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """Bounded BN on running statistics (constants): one elementwise pass."""
+    _check_eval(x, running_mean, running_var, weight, bias, eps)
+    _, normalize, _ = _kernels()
+    return normalize.bn_normalize(x, running_mean, running_var, weight, bias, eps)
+
+
+@bounded_bn_eval.register_fake
+def _bounded_bn_eval_fake(x, running_mean, running_var, weight, bias, eps):
+    _check_eval(x, running_mean, running_var, weight, bias, eps)
+    return alloc_like(x)
+
+
+def _eval_setup_context(ctx, inputs, output) -> None:
+    x, running_mean, running_var, weight, bias, eps = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _eval_backward(ctx, dy):
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_w, need_b = need[0], need[3], need[4]
+    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward(
+        dy, x, running_mean, running_var, weight, None, ctx.eps, 0.0, False,
+        [need_x, need_w, need_b],
+    )  # fmt: skip
+    return (
+        dx if need_x else None,
+        None,  # running statistics are constants
+        None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+        None,
+    )
+
+
+bounded_bn_eval.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (an op of its own, so that the backward graph traces too).
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_backward", mutates_args=())
+def bounded_bn_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    penalty_grad: Optional[Tensor],
+    eps: float,
+    shift: float,
+    training: bool,
+    output_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)`` of bounded BN, the penalty gradient ``g * dR/dw`` fused into ``dw``."""
+    _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    _, _, backward = _kernels()
+    return backward.bn_backward(
+        dy, x, mean, var, weight, penalty_grad, eps, shift, training, tuple(output_mask)
+    )
+
+
+@bounded_bn_backward.register_fake
+def _bounded_bn_backward_fake(
+    dy, x, mean, var, weight, penalty_grad, eps, shift, training, output_mask
+):
+    _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    num_channels = x.shape[1]
+    need_dx, need_dw, need_db = output_mask
+    return (
+        alloc_like(x) if need_dx else x.new_empty((0,)),
+        _stats_like(x, num_channels if need_dw else 0),
+        _stats_like(x, num_channels if need_db else 0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Convenience wrappers.
+
+
+def bounded_batch_norm_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    shift: float = 0.0,
+    with_penalty: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, penalty)`` of bounded BN on batch statistics, through the Triton op.
+
+    Update running statistics from ``mean`` and ``var * n / (n - 1)`` under ``torch.no_grad()``
+    (skip it when ``n = x.numel() // C`` is 0). ``penalty`` is empty unless ``with_penalty`` and
+    ``weight`` is given.
+    """
+    return torch.ops.rnip_ext.bounded_bn_train(
+        x, weight, bias, float(eps), float(shift), bool(with_penalty)
+    )
+
+
+def bounded_batch_norm_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    """Bounded BN on running statistics, through the Triton op."""
+    return torch.ops.rnip_ext.bounded_bn_eval(
+        x, running_mean, running_var, weight, bias, float(eps)
+    )

@@ -1,0 +1,606 @@
+"""The bounded-BN Triton launchers against the float64 eager reference (``rnip_ext.functional``).
+
+Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set below before any
+kernel module is imported: Triton reads it when a kernel is defined). With
+``RNIP_TEST_DEVICE=cuda`` the same tests run compiled on the GPU instead.
+
+Shapes are small (the interpreter runs every program in Python); a tiny configuration forces many
+tiles, chunks and channel blocks so that the masks and the chunk combines are exercised anyway.
+"""
+
+import os
+
+_DEVICE = os.environ.get("RNIP_TEST_DEVICE", "cpu")
+if _DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rnip_ext.functional as RF  # noqa: E402
+from rnip_ext._backend import triton_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+if triton_available():
+    from rnip_ext.kernels._config import BNConfig, bn_config, plan_chunks
+    from rnip_ext.kernels.bn_backward import bn_backward
+    from rnip_ext.kernels.bn_normalize import bn_normalize
+    from rnip_ext.kernels.bn_stats import bn_batch_stats
+
+    # Many tiles per chunk row, chunks and channel blocks even on tiny shapes.
+    TINY = BNConfig(
+        block_c=2, block_m=8, red_block_m=4, chunk_tiles=3, comb_block_c=2, comb_block_k=2
+    )
+    CONFIGS = {"default": None, "tiny": TINY}
+else:  # collected but skipped
+    CONFIGS = {"default": None, "tiny": None}
+
+DEVICE = torch.device(_DEVICE)
+EPS = 1e-5
+SHIFT = 0.4
+TOL = {  # (rtol, atol) of fp32/fp64 kernels against the float64 reference
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-9, 1e-9),
+}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _seed(*parts) -> torch.Generator:
+    """A generator for one case: the test's seed (tests/conftest.py) mixed with the case's parameters.
+
+    Fresh inputs per test and per ``RNIP_TEST_SEED``, reproducible from both.
+    """
+    text = "/".join(str(p) for p in parts)
+    case = sum((i + 1) * ord(ch) for i, ch in enumerate(text))
+    return torch.Generator().manual_seed((torch.initial_seed() + case) % 2**63)
+
+
+def _randn(shape, gen, scale=1.0, offset=0.0, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(
+        dtype=dtype, device=DEVICE
+    )
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` in the layout under test (values unchanged)."""
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "slice":  # a channel slice of a bigger NCHW tensor: strided, not dense
+        n, c, h, w = t.shape
+        big = torch.full((n, c + 3, h, w), float("nan"), dtype=t.dtype, device=t.device)
+        big[:, 2 : c + 2] = t
+        return big[:, 2 : c + 2]
+    raise ValueError(layout)
+
+
+def _nan_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer in ``t``'s layout pre-filled with NaN (the kernels must overwrite it)."""
+    out = torch.empty_like(t)
+    out.fill_(float("nan"))
+    return out
+
+
+def _nan_vec(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((n,), float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _reference(x, weight, bias, dy, g, training, running=None, shift=SHIFT):
+    """Float64 eager ``(y, mean, var, penalty, dx, dw, db)`` on the same (rounded) inputs."""
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.detach().double().requires_grad_()
+    bd = None if bias is None else bias.detach().double().requires_grad_()
+    if training:
+        dims = [0] + list(range(2, x.dim()))
+        if x.numel() > x.shape[1]:
+            y = RF.bounded_batch_norm(xd, None, None, wd, bd, True, 0.0, EPS)
+        else:  # one value per channel, which F.batch_norm refuses: the formula by hand
+            var = xd.var(dims, unbiased=False, keepdim=True)
+            y = (xd - xd.mean(dims, keepdim=True)) / torch.sqrt(var + EPS)
+            y = y * (1.0 if wd is None else torch.sigmoid(wd)[:, None, None])
+            y = y + (0.0 if bd is None else bd[:, None, None])
+        mean = xd.detach().mean(dims)
+        var = xd.detach().var(dims, unbiased=False)
+    else:
+        rm, rv = (r.double() for r in running)
+        y = RF.bounded_batch_norm(xd, rm, rv, wd, bd, False, 0.0, EPS)
+        mean, var = rm, rv
+    loss = (y * dy.double()).sum()
+    penalty = None
+    if wd is not None:
+        penalty = RF.receding_penalty_per_channel(wd, shift)
+        if g is not None:
+            loss = loss + (penalty * g.double()).sum()
+    inputs = [t for t in (xd, wd, bd) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
+    dx = next(grads)
+    dw = next(grads) if wd is not None else None
+    db = next(grads) if bd is not None else None
+    pen = None if penalty is None else penalty.detach()
+    return y.detach(), mean, var, pen, dx, dw, db
+
+
+def _eager_low_precision(x, weight, bias, dy, g, training, running=None):
+    """The same computation by PyTorch in ``x``'s dtype (penalty in fp32): ``(y, dx, dw, db)``."""
+    xl = x.detach().clone().requires_grad_()
+    wl = None if weight is None else weight.detach().clone().requires_grad_()
+    bl = None if bias is None else bias.detach().clone().requires_grad_()
+    if training:
+        y = RF.bounded_batch_norm(xl, None, None, wl, bl, True, 0.0, EPS)
+    else:
+        y = RF.bounded_batch_norm(xl, running[0], running[1], wl, bl, False, 0.0, EPS)
+    loss = (y.float() * dy.float()).sum()
+    if g is not None:
+        loss = loss + (RF.receding_penalty_per_channel(wl, SHIFT) * g).sum()
+    inputs = [t for t in (xl, wl, bl) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True))
+    dx = next(grads)
+    dw = next(grads) if wl is not None else None
+    db = next(grads) if bl is not None else None
+    return y.detach(), dx, dw, db
+
+
+def _close(actual, expected, dtype, what):
+    """fp32/fp64: ``assert_close`` at the dtype's tolerance."""
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.double().cpu(),
+        expected.double().cpu(),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def _within_eager_error(actual, expected, eager, dtype, what):
+    """fp16/bf16 rule: our error <= 2 x PyTorch's error in that dtype + one ulp at the max value."""
+    expected = expected.double().cpu()
+    ours = (actual.double().cpu() - expected).abs().max().item() if expected.numel() else 0.0
+    theirs = (eager.double().cpu() - expected).abs().max().item() if expected.numel() else 0.0
+    ulp = torch.finfo(dtype).eps * (expected.abs().max().item() if expected.numel() else 0.0)
+    assert ours <= 2 * theirs + ulp + 1e-6, (
+        f"{what}: error {ours:.3g} vs eager {theirs:.3g} (+{ulp:.3g})"
+    )
+
+
+def _run_case(
+    shape, layout, dtype, affine, training, with_g, config, dy_layout=None, seed_extra=""
+):
+    """Forward + backward through the launchers on NaN-poisoned outputs, checked in full."""
+    has_w, has_b = affine
+    gen = _seed(shape, layout, dtype, affine, training, with_g, seed_extra)
+    num_channels = shape[1]
+    x = _layout(_randn(shape, gen, 3.0, 2.0, dtype), layout)
+    weight = _randn((num_channels,), gen, 1.5) if has_w else None
+    bias = _randn((num_channels,), gen) if has_b else None
+    dy = _layout(_randn(shape, gen, 1.0, 0.0, dtype), dy_layout or layout)
+    g = _randn((num_channels,), gen) if (with_g and has_w) else None
+    running = None
+    if not training:
+        running = (_randn((num_channels,), gen, 1.0, 1.0), _randn((num_channels,), gen).abs() + 0.5)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if training:
+        mean, var, pen = bn_batch_stats(
+            x,
+            weight,
+            SHIFT,
+            with_penalty=True,
+            out=(_nan_vec(num_channels, acc), _nan_vec(num_channels, acc),
+                 _nan_vec(num_channels if has_w else 0, acc)),
+            config=config,
+        )  # fmt: skip
+    else:
+        mean, var = running
+        pen = None
+    y = bn_normalize(x, mean, var, weight, bias, EPS, out=_nan_like(x), config=config)
+    dx, dw, db = bn_backward(
+        dy,
+        x,
+        mean,
+        var,
+        weight,
+        g,
+        EPS,
+        SHIFT,
+        training,
+        (True, has_w, has_b),
+        out=(
+            _nan_like(x),
+            _nan_vec(num_channels, acc) if has_w else None,
+            _nan_vec(num_channels, acc) if has_b else None,
+        ),
+        config=config,
+    )
+
+    ref_y, ref_mean, ref_var, ref_pen, ref_dx, ref_dw, ref_db = _reference(
+        x, weight, bias, dy, g, training, running
+    )
+    assert y.dtype == x.dtype and y.shape == x.shape and dx.dtype == x.dtype
+    assert not torch.isnan(y).any() and not torch.isnan(dx).any()
+    if training:
+        # Statistics are fp32 (fp64) whatever the input dtype: fp32 tolerance for all dtypes.
+        stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        _close(mean, ref_mean, stat_dtype, "mean")
+        _close(var, ref_var, stat_dtype, "var")
+        if has_w:
+            _close(pen, ref_pen, stat_dtype, "penalty")
+        else:
+            assert pen.shape == (0,)
+    if dtype in LOW_PRECISION:
+        eager_y, eager_dx, eager_dw, eager_db = _eager_low_precision(
+            x, weight, bias, dy, g, training, running
+        )
+        _within_eager_error(y, ref_y, eager_y, dtype, "y")
+        _within_eager_error(dx, ref_dx, eager_dx, dtype, "dx")
+        if has_w:
+            _within_eager_error(dw, ref_dw, eager_dw, dtype, "dw")
+        if has_b:
+            _within_eager_error(db, ref_db, eager_db, dtype, "db")
+    else:
+        _close(y, ref_y, dtype, "y")
+        _close(dx, ref_dx, dtype, "dx")
+        if has_w:
+            _close(dw, ref_dw, dtype, "dw")
+        if has_b:
+            _close(db, ref_db, dtype, "db")
+    assert dw.shape == ((num_channels,) if has_w else (0,))
+    assert db.shape == ((num_channels,) if has_b else (0,))
+    return y, dx
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix: shapes x layouts x configs x affine x modes (fp32), then dtypes.
+
+SHAPES = [
+    (2, 3, 5, 7),  # odd everything
+    (3, 1, 4, 4),  # C = 1
+    (5, 6, 1, 1),  # H*W = 1
+    (1, 5, 3, 3),  # N = 1
+    (2, 130, 2, 3),  # more channels than one channels_last tile holds
+]
+AFFINE = [(True, True), (True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matrix(shape, layout, training, config):
+    for affine in AFFINE:
+        _run_case(shape, layout, torch.float32, affine, training, True, CONFIGS[config])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("x_layout,dy_layout", [
+    ("slice", "nchw"), ("nchw", "channels_last"), ("channels_last", "nchw"), ("channels_last", "slice"),
+])  # fmt: skip
+def test_mixed_and_strided_layouts(x_layout, dy_layout, training):
+    for config in CONFIGS.values():
+        _run_case((3, 4, 3, 5), x_layout, torch.float32, (True, True), training, True, config,
+                  dy_layout=dy_layout)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_dtypes(dtype, training, layout):
+    for shape in [(2, 3, 5, 7), (4, 9, 2, 2)]:
+        for config in CONFIGS.values():
+            _run_case(shape, layout, dtype, (True, True), training, True, config)
+            _run_case(shape, layout, dtype, (False, False), training, False, config)
+
+
+def test_without_penalty_gradient():
+    """``g = None``: dw is the BN term alone (checked by the reference built without g)."""
+    for config in CONFIGS.values():
+        _run_case((2, 5, 3, 3), "nchw", torch.float32, (True, True), True, False, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics.
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_variance_is_stable_for_large_means(layout):
+    """Chan merges: a mean of 1e4 with unit spread still gives fp32-accurate variances.
+
+    ``E[x^2] - E[x]^2`` in fp32 would lose everything here (1e8 +- 1 in 24 bits).
+    """
+    gen = _seed("large-mean", layout)
+    x = _layout(_randn((4, 3, 9, 8), gen, 1.0, 1e4), layout)
+    ref = x.double()
+    for config in CONFIGS.values():
+        mean, var, _ = bn_batch_stats(x, config=config)
+        torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shift", [0.0, 2.5, -3.0])
+def test_penalty_stable_for_extreme_weights(shift):
+    """Penalty and its gradient are finite and accurate for |w| up to 1e4 (fp32 kernels)."""
+    w = torch.tensor([-1e4, -80.0, -20.0, -1.18, 0.0, 1.0, 15.0, 40.0, 1e4], device=DEVICE)
+    num_channels = w.numel()
+    x = _randn((2, num_channels, 2, 2), _seed("extreme", shift))
+    g = torch.ones(num_channels, device=DEVICE)
+    _, _, pen = bn_batch_stats(x, w, shift, with_penalty=True)
+    zero_dy = torch.zeros_like(x)
+    mean = torch.zeros(num_channels, device=DEVICE)
+    var = torch.ones(num_channels, device=DEVICE)
+    _, dw, _ = bn_backward(zero_dy, x, mean, var, w, g, EPS, shift, True, (False, True, False))
+    wd = w.double()
+    ref_pen = RF.receding_penalty_per_channel(wd, shift)
+    ref_grad = RF.receding_penalty_grad(wd, shift)
+    assert torch.isfinite(pen).all() and torch.isfinite(dw).all()
+    torch.testing.assert_close(pen.double().cpu(), ref_pen.cpu(), rtol=1e-5, atol=1e-30)
+    # dw here is g * dR/dw only (dy = 0); relative accuracy down to fp32's smallest normals.
+    torch.testing.assert_close(dw.double().cpu(), ref_grad.cpu(), rtol=1e-4, atol=1e-37)
+    # The BN scale's a * (1 - a) factor is just as stable: dw finite with dy != 0.
+    _, dw2, _ = bn_backward(torch.ones_like(x), x, mean, var, w, None, EPS, shift, True, (False, True, False))
+    assert torch.isfinite(dw2).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases.
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch(layout):
+    """N = 0: empty y/dx, NaN-free statistics (mean = var = 0), dw = g * dR/dw, db = 0."""
+    num_channels = 4
+    x = _layout(torch.empty((0, num_channels, 3, 3), device=DEVICE), layout)
+    w = _randn((num_channels,), _seed("empty"))
+    b = _randn((num_channels,), _seed("empty-b"))
+    g = _randn((num_channels,), _seed("empty-g"))
+    mean, var, pen = bn_batch_stats(x, w, SHIFT, with_penalty=True)
+    assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(var, torch.zeros_like(var))
+    torch.testing.assert_close(pen, RF.receding_penalty_per_channel(w, SHIFT).detach())
+    y = bn_normalize(x, mean, var, w, b, EPS)
+    assert y.shape == x.shape and y.stride() == x.stride()
+    for training in (True, False):
+        dx, dw, db = bn_backward(torch.empty_like(x), x, mean, var, w, g, EPS, SHIFT, training)
+        assert dx.shape == x.shape
+        torch.testing.assert_close(dw, g * RF.receding_penalty_grad(w, SHIFT))
+        assert torch.equal(db, torch.zeros_like(db))
+    # No channels at all: nothing to launch, empty results.
+    x0 = torch.empty((2, 0, 3, 3), device=DEVICE)
+    mean0, var0, pen0 = bn_batch_stats(x0, torch.empty(0, device=DEVICE), 0.0, True)
+    assert mean0.shape == var0.shape == pen0.shape == (0,)
+    assert bn_normalize(x0, mean0, var0, None, None, EPS).shape == x0.shape
+
+
+def test_single_value_per_channel():
+    """n = 1 (N = H = W = 1): var = 0, y = bias, dx = 0; no NaN."""
+    x = _randn((1, 3, 1, 1), _seed("single"))
+    w = _randn((3,), _seed("single-w"))
+    b = _randn((3,), _seed("single-b"))
+    mean, var, _ = bn_batch_stats(x)
+    assert torch.equal(var, torch.zeros_like(var))
+    y = bn_normalize(x, mean, var, w, b, EPS)
+    torch.testing.assert_close(y.flatten(), b)
+    dx, _, _ = bn_backward(torch.ones_like(x), x, mean, var, w, None, EPS, 0.0, True)
+    torch.testing.assert_close(dx, torch.zeros_like(dx))
+
+
+def test_stores_stay_inside_their_view():
+    """Outputs written into a channel slice of a sentinel-filled buffer leave the rest alone."""
+    shape = (3, 5, 4, 3)
+    x = _randn(shape, _seed("view"), 2.0, 1.0)
+    w = _randn((5,), _seed("view-w"))
+    dy = _randn(shape, _seed("view-dy"))
+    mean, var, _ = bn_batch_stats(x, config=TINY)
+    for config in CONFIGS.values():
+        big_y = torch.full((3, 9, 4, 3), 12345.0, device=DEVICE)
+        big_dx = torch.full((3, 9, 4, 3), 12345.0, device=DEVICE)
+        y = bn_normalize(x, mean, var, w, None, EPS, out=big_y[:, 2:7], config=config)
+        dx, _, _ = bn_backward(dy, x, mean, var, w, None, EPS, 0.0, True, (True, False, False),
+                               out=(big_dx[:, 2:7], None, None), config=config)  # fmt: skip
+        for big in (big_y, big_dx):
+            outside = torch.cat([big[:, :2].flatten(), big[:, 7:].flatten()])
+            assert torch.equal(outside, torch.full_like(outside, 12345.0))
+        ref_y = RF.bounded_batch_norm(x.double(), None, None, w.double(), None, True, 0.0, EPS)
+        torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(dx).all()
+
+
+def test_expanded_gradient_is_read_in_place():
+    """A stride-0 ``dy`` (what ``y.sum()`` sends back) and a stride-0 ``g`` are read correctly."""
+    shape = (2, 3, 4, 5)
+    x = _randn(shape, _seed("expanded"), 2.0, 1.0)
+    w = _randn((3,), _seed("expanded-w"))
+    dy = torch.ones((), device=DEVICE).expand(shape)
+    g = torch.full((), 0.7, device=DEVICE).expand(3)
+    mean, var, _ = bn_batch_stats(x)
+    for training in (True, False):
+        dx, dw, db = bn_backward(dy, x, mean, var, w, g, EPS, SHIFT, training, config=TINY)
+        ref = _reference(x, w, torch.zeros(3, device=DEVICE), dy.contiguous(), g.contiguous(),
+                         training, (mean, var))  # fmt: skip
+        _close(dx, ref[4], torch.float32, "dx")
+        _close(dw, ref[5], torch.float32, "dw")
+        _close(db, ref[6], torch.float32, "db")
+
+
+def test_backward_is_deterministic():
+    """Fixed-order partial reductions: bitwise-identical parameter gradients run to run."""
+    shape = (4, 6, 5, 5)
+    x = _randn(shape, _seed("det"), 2.0, 1.0).contiguous(memory_format=torch.channels_last)
+    w = _randn((6,), _seed("det-w"))
+    dy = _randn(shape, _seed("det-dy"))
+    mean, var, _ = bn_batch_stats(x, config=TINY)
+    first = bn_backward(dy, x, mean, var, w, None, EPS, 0.0, True, config=TINY)
+    second = bn_backward(dy, x, mean, var, w, None, EPS, 0.0, True, config=TINY)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_output_mask_skips_work():
+    """Unrequested gradients come back empty; eval with dx only runs the elementwise kernel."""
+    x = _randn((2, 3, 4, 4), _seed("mask"))
+    w = _randn((3,), _seed("mask-w"))
+    mean, var, _ = bn_batch_stats(x)
+    dx, dw, db = bn_backward(torch.ones_like(x), x, mean, var, w, None, EPS, 0.0, False, (True, False, False))
+    assert dx.shape == x.shape and dw.shape == (0,) and db.shape == (0,)
+    dx, dw, db = bn_backward(torch.ones_like(x), x, mean, var, w, None, EPS, 0.0, True, (False, True, True))
+    assert dx.shape == (0,) and dw.shape == (3,) and db.shape == (3,)
+    with pytest.raises(ValueError, match="weight is None"):
+        bn_backward(torch.ones_like(x), x, mean, var, None, None, EPS, 0.0, True, (True, True, False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration choice.
+
+
+def test_config_parallelises_few_channels_large_images(monkeypatch):
+    """8x16x256x256 NCHW: hundreds of reduction programs on a GPU, not one per channel."""
+    import rnip_ext.kernels._config as config_mod
+
+    cfg = bn_config(16, channels_contiguous=False)
+    n_pos = 8 * 256 * 256
+    num_cblocks = -(-16 // cfg.block_c)
+    monkeypatch.setattr(config_mod, "target_programs", lambda device: 4 * 132)  # H100/H200-sized
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, torch.device("cpu"))
+    assert num_chunks * num_cblocks >= 4 * 132 * 0.9
+    assert chunk % cfg.red_block_m == 0 and (num_chunks - 1) * chunk < n_pos <= num_chunks * chunk
+    # channels_last tiles hold many channels, NCHW tiles long runs of positions.
+    assert bn_config(64, channels_contiguous=True).block_c == 64
+    assert bn_config(64, channels_contiguous=False).block_c <= 4
+    with pytest.raises(ValueError, match="power of two"):
+        BNConfig(block_c=3, block_m=8, red_block_m=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property test: random shapes, layouts and strides.
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        n=st.integers(0, 4),
+        c=st.integers(1, 9),
+        h=st.integers(1, 5),
+        w=st.integers(1, 6),
+        layout=st.sampled_from(["nchw", "channels_last", "slice"]),
+        dy_layout=st.sampled_from(["nchw", "channels_last", "slice"]),
+        training=st.booleans(),
+        tiny=st.booleans(),
+        affine=st.sampled_from(AFFINE),
+    )
+    def test_property_random_shapes(n, c, h, w, layout, dy_layout, training, tiny, affine):
+        config = TINY if tiny else None
+        if n == 0:
+            _check_empty_property(c, h, w, layout, training, affine, config)
+        else:
+            _run_case((n, c, h, w), layout, torch.float32, affine, training, True, config,
+                      dy_layout=dy_layout, seed_extra=(h, w))  # fmt: skip
+
+    def _check_empty_property(c, h, w, layout, training, affine, config):
+        x = _layout(torch.empty((0, c, h, w), device=DEVICE), layout)
+        weight = torch.zeros(c, device=DEVICE) if affine[0] else None
+        bias = torch.zeros(c, device=DEVICE) if affine[1] else None
+        mean, var, _ = bn_batch_stats(x, weight, config=config)
+        y = bn_normalize(x, mean, var, weight, bias, EPS, config=config)
+        assert y.shape == x.shape
+        assert torch.equal(var, torch.zeros_like(var))
+        dx, dw, db = bn_backward(torch.empty_like(x), x, mean, var, weight, None, EPS, 0.0, training,
+                                 (True, affine[0], affine[1]), config=config)  # fmt: skip
+        assert dx.shape == x.shape
+        assert not torch.isnan(dw).any() and not torch.isnan(db).any()
+
+
+def test_interpreter_is_active_for_cpu_runs():
+    """Guard for this file's own setup: CPU kernels must be the interpreted ones."""
+    if DEVICE.type != "cpu":
+        pytest.skip("kernels run compiled on the GPU (RNIP_TEST_DEVICE=cuda)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from rnip_ext.kernels import bn_stats
+
+    assert isinstance(bn_stats._bn_partial_stats_kernel, InterpretedFunction)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels also compile for a GPU (no GPU needed): code the interpreter accepts but the
+# compiler would reject (e.g. methods on int arguments Triton specialises to constexpr 1) fails
+# here rather than on the first GPU run.
+
+_COMPILE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rnip_ext.kernels import bn_backward, bn_normalize, bn_stats
+
+X_LIKE = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+FLOATS = {"eps", "shift"}
+ONES = {"C", "HW", "n_pos", "K", "s_xhw", "s_yhw", "s_dhw", "s_ghw"}  # what Triton may specialise
+
+def build(kernel, consts, x_dtype, acc, specialise_ones, num_warps):
+    sig, cx, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name], cx[name] = "constexpr", consts[name]
+        elif specialise_ones and name in ONES:
+            sig[name], cx[name] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (x_dtype if name in X_LIKE else acc)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    src = ASTSource(kernel, sig, cx, attrs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+count = 0
+for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")):
+    ACC = tl.float64 if acc == "fp64" else tl.float32
+    for flat, ones in ((0, False), (1, True)):
+        red = dict(CHUNK=2048, BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC)
+        ew = dict(BLOCK_C=64, BLOCK_M=64, FLAT=flat, ACC=ACC)
+        jobs = [
+            (bn_stats._bn_partial_stats_kernel, red, 8),
+            (bn_stats._bn_combine_stats_kernel,
+             dict(CHUNK=2048, BLOCK_C=64, BLOCK_K=32, WITH_PENALTY=1, ACC=ACC), 4),
+            (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1), 8),
+            (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=0, HAS_B=0), 8),
+            (bn_backward._bn_bwd_partial_kernel, red, 8),
+            (bn_backward._bn_bwd_combine_kernel,
+             dict(BLOCK_C=64, BLOCK_K=32, HAS_G=1, WRITE_DW=1, WRITE_DB=1, ACC=ACC), 4),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1), 8),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=0, TRAINING=0), 8),
+        ]
+        for kernel, consts, warps in jobs:
+            build(kernel, consts, x_dtype, acc, ones, warps)
+            count += 1
+print("compiled", count)
+"""
+
+
+def test_kernels_compile_for_gpu():
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "compiled 64" in done.stdout

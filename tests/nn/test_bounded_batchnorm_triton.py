@@ -1,0 +1,136 @@
+"""BoundedBatchNorm2d on the Triton path (interpreter on CPU, compiled with RNIP_TEST_DEVICE=cuda)
+matches the eager layer, and the fused regulariser gradient matches the reference formulation."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnip_ext import BoundedBatchNorm2d, RecedingRegularizer
+from rnip_ext import functional as RF
+from rnip_ext._backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+DEVICE = torch.device(os.environ.get("RNIP_TEST_DEVICE", "cpu"))
+
+
+def pair(c, **kwargs):
+    """The same layer twice: on the Triton path and on the eager path."""
+    fast = BoundedBatchNorm2d(c, device=DEVICE, backend="triton", **kwargs)
+    slow = BoundedBatchNorm2d(c, device=DEVICE, backend="eager", **kwargs)
+    with torch.no_grad():
+        if fast.bias is not None:
+            fast.bias.normal_()
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_and_eval_match_the_eager_layer(momentum, bias, channels_last):
+    fast, slow = pair(5, momentum=momentum, bias=bias)
+    for step in range(3):
+        x = torch.randn(3, 5, 4, 3, device=DEVICE) * (step + 1) + step
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = fast(x)
+        torch.testing.assert_close(y, slow(x), rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(fast.running_mean, slow.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.running_var, slow.running_var, rtol=1e-5, atol=1e-6)
+        assert int(fast.num_batches_tracked) == int(slow.num_batches_tracked) == step + 1
+    fast.eval(), slow.eval()
+    x = torch.randn(2, 5, 3, 3, device=DEVICE)
+    torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_running_stats_and_empty_batch():
+    fast, slow = pair(3, track_running_stats=False)
+    x = torch.randn(4, 3, 2, 2, device=DEVICE)
+    torch.testing.assert_close(fast.eval()(x), slow.eval()(x), rtol=1e-5, atol=1e-5)
+    fast, slow = pair(3)
+    before = fast.running_mean.clone()
+    assert fast(torch.randn(0, 3, 2, 2, device=DEVICE)).shape == (0, 3, 2, 2)
+    assert torch.equal(fast.running_mean, before) and int(fast.num_batches_tracked) == 1
+
+
+def model_pair(backend_a="triton", backend_b="eager"):
+    def make(backend):
+        torch.manual_seed(1234)
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False),
+            BoundedBatchNorm2d(6, backend=backend),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(6, 4, 1, bias=False),
+            BoundedBatchNorm2d(4, backend=backend, bias=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ).to(DEVICE)
+
+    return make(backend_a), make(backend_b)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_fused_penalty_gradient_matches_reference_under_loss_scaling_and_accumulation(scale):
+    fused, ref = model_pair()
+    with torch.no_grad():  # some logits low enough for the penalty to matter
+        fused[1].weight.add_(-2.0)
+        ref[1].weight.add_(-2.0)
+    reg = RecedingRegularizer(fused, strength=0.05, shift=1.0)
+    assert reg.fused
+    batches = [(torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)) for _ in range(2)]
+    for x, y in batches:  # two micro-batches accumulated, loss weighted by 1/2 and scaled
+        loss = (F.cross_entropy(fused(x), y) + reg()) * 0.5 * scale
+        assert fused[1]._recorded_penalty is None  # consumed by reg()
+        loss.backward()
+        ref_loss = F.cross_entropy(ref(x), y) + 0.05 * (
+            RF.receding_penalty(ref[1].weight, 1.0) + RF.receding_penalty(ref[4].weight, 1.0)
+        )
+        (ref_loss * 0.5 * scale).backward()
+    for g_fused, g_ref in zip(grads(fused), grads(ref)):
+        torch.testing.assert_close(g_fused / scale, g_ref / scale, rtol=1e-4, atol=1e-6)
+
+
+def test_value_equals_the_eager_penalty_and_is_zero_gradient_when_unused():
+    fused, _ = model_pair()
+    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0)
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    out = fused(x)
+    assert fused[1]._recorded_penalty is not None
+    expected = 0.1 * (RF.receding_penalty(fused[1].weight, 0.0) + RF.receding_penalty(fused[4].weight, 0.0))
+    torch.testing.assert_close(reg(), expected.detach(), rtol=1e-5, atol=1e-6)
+    # A forward whose penalty never enters the loss: the logits get only the data gradient.
+    fused.zero_grad()
+    out = fused(x)
+    out.sum().backward()
+    with_data_only = fused[1].weight.grad.clone()
+    _, eager = model_pair("eager", "eager")
+    eager(x).sum().backward()
+    torch.testing.assert_close(with_data_only, eager[1].weight.grad, rtol=1e-4, atol=1e-6)
+    # A copy of a layer that recorded a penalty can still be deep-copied and pickled.
+    fused(x)
+    copied = copy.deepcopy(fused)
+    assert copied[1]._recorded_penalty is None and copied[1]._receding_shift is None
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_torch_compile_fullgraph_gives_the_same_results(backend):
+    torch._dynamo.reset()
+    model, reference = model_pair(backend, "eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    out, expected = compiled(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(model[1].weight.grad, reference[1].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=1e-5, atol=1e-6)
