@@ -19,6 +19,7 @@ from . import train as train_cmd
 
 # Far stronger than the paper's (1e-3, shift 3 over 160 CIFAR epochs): here ~500 steps must be
 # enough to polarise the importances; shift 1 lets the regulariser reach channels near w = 0.
+MARKER = ".rnip-demo"
 DEMO_STRENGTH = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
 
 
@@ -31,14 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a previous demo's is replaced anyway)")
 
 
 def run(args: argparse.Namespace) -> None:
+    marker = os.path.join(args.out, MARKER)
     if os.path.exists(args.out):
-        if not args.overwrite:
-            raise SystemExit(f"error: {args.out} exists; pass --overwrite or another --out")
+        # A previous demo's output is replaced; anything else is never deleted without asking.
+        if not (args.overwrite or os.path.isfile(marker)):
+            raise SystemExit(f"error: {args.out} exists and is not a demo output; pass --overwrite or another --out")
         shutil.rmtree(args.out)
+    os.makedirs(args.out)
+    with open(marker, "w") as f:
+        f.write("written by `rnip demo`; the next `rnip demo` replaces this folder\n")
     run_dirs = []
     for method, (strength, shift) in DEMO_STRENGTH.items():
         train_dir = os.path.join(args.out, f"train-{method}")

@@ -104,5 +104,12 @@ def test_demo_small_and_module_entry_point(tmp_path):
     text = (out / "report.md").read_text()
     for method in ("rni", "l1", "none"):
         assert f"| {method} | 50% |" in text
+    assert (out / ".rnip-demo").is_file()  # so the next demo may replace this folder
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    with pytest.raises(SystemExit, match="not a demo output"):
+        main(["demo", "--out", str(precious), "--epochs", "1", "--no-progress", "--no-plots"])
+    assert (precious / "thesis.tex").read_text() == "do not delete"
     help_text = subprocess.run([sys.executable, "-m", "rnip_ext", "--help"], capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "demo" in help_text.stdout
