@@ -89,7 +89,12 @@ def _extensions():
         raise SystemExit("RNIP_EXT_BUILD=cuda but there are no CUDA sources under csrc/")
 
     cxx_flags = ["-O3", "-std=c++17"]
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    # at::parallel_for is an inline template: without -fopenmp at compile time the CPU kernel
+    # runs on one thread. Only compile with it; the symbols resolve against torch's own libgomp.
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cxx_flags.append("-fopenmp")
+    # torch's extension builder defines Py_LIMITED_API itself for py_limited_api=True builds.
+    macros = []
     if with_cuda:
         macros.append(("RNIP_EXT_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
@@ -122,5 +127,5 @@ setup(
     package_dir={"rnip_ext": "rnip_ext", "rnip_ext.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

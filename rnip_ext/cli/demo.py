@@ -25,8 +25,8 @@ DEMO_STRENGTH = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="rnip-demo", help="directory for the runs, the report and the plots")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.9])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -58,11 +58,12 @@ def plot_kept_channels(rows: list[dict], path: str) -> str:
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for r in sorted(rows, key=lambda r: (r["method"], r["ratio"])):
-        kept = r["kept_channels"]
-        ax.plot(range(len(kept)), [k[1] for k in kept.values()], marker=".", label=f"{r['method']} {r['ratio']:.0%}")
+        kept = r["kept_channels"]  # [[layer, channels, kept], ...] in graph order
+        ax.plot(range(len(kept)), [k[2] for k in kept], marker=".", label=f"{r['method']} {r['ratio']:.0%}")
     if rows:
         first = rows[0]["kept_channels"]
-        ax.plot(range(len(first)), [k[0] for k in first.values()], "k--", label="original")
+        ax.plot(range(len(first)), [k[1] for k in first], "k--", label="original")
+        ax.set_xticks(range(len(first)), [k[0] for k in first], rotation=45, ha="right", fontsize=7)
     ax.set_xlabel("prunable layer (graph order)")
     ax.set_ylabel("channels kept")
     ax.grid(alpha=0.3)

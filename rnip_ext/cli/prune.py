@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> dict:
                    resume_from=None, progress=not args.no_progress, description="fine-tune")
         small.load_state_dict(load_checkpoint(os.path.join(args.out, "best.pt"))["model"])
     pruning.save(small, os.path.join(args.out, "pruned.pt"))
-    kept = {g.name: [g.channels, len(plan.group_keep[g.name])] for g in plan.groups}
+    # A list, in graph order (JSON objects are written with sorted keys).
+    kept = [[g.name, g.channels, len(plan.group_keep[g.name])] for g in plan.groups]
     summary = {
         "kind": "prune", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
         "ratio": args.ratio, "achieved_ratio": plan.achieved_ratio, "scope": args.scope,
