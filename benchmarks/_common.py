@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -15,24 +16,49 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def environment(device: torch.device) -> dict:
-    """What the numbers were measured on: device name, library versions, git commit."""
+def _cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` often says only "x86_64")."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        import triton
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_version(name: str) -> str | None:
+    """A distribution's version from its metadata (some packages' ``__version__`` lags)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on: device, library versions, commit, machine load.
+
+    ``git_dirty`` says whether tracked files differed from the commit (numbers from uncommitted
+    code). ``load_average_1min`` says how busy the machine was: other processes on the cores
+    stall torch's parallel regions and make every CPU row slower.
+    """
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     return {
         "device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "git_commit": commit,
+        "torch": torch.__version__, "triton": package_version("triton"), "cuda": torch.version.cuda,
+        "python": platform.python_version(), "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status), "load_average_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

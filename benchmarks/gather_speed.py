@@ -47,9 +47,7 @@ import argparse
 import functools
 import importlib
 import os
-import platform
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -166,28 +164,6 @@ BASELINES = ("index_select2", "indexing")
 # Environment and main
 
 
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() often says only "x86_64")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_dirty() -> bool | None:
-    """Whether tracked files differ from HEAD, i.e. the numbers come from uncommitted code."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
 def main() -> None:
     """Times every method on every model, prints the table and writes the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -211,22 +187,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     env = environment(device)
     env.update(
-        cpu_model=cpu_model(),
-        git_dirty=git_dirty(),
         has_c_ext=HAS_C_EXT,
         # Without OpenMP at compile time at::parallel_for runs serially (setup.py's cxx flags).
         c_ext_openmp=bool(getattr(_gather_module._C, "WITH_OPENMP", 0)),
         c_ext_cuda=bool(getattr(_gather_module._C, "WITH_CUDA", 0)),
-        # Other processes on the cores stall torch's parallel regions (a sleeping OpenMP worker can
-        # wait a scheduler tick for a core): a loaded machine makes every method, the baselines
-        # most, look slower.
-        load_average_1min=os.getloadavg()[0],
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
     )
     bandwidth = copy_bandwidth(device)
     row_env = {k: env[k] for k in ("device", "torch", "triton", "cuda", "git_commit")}
-    if device.type == "cpu":
-        row_env["device"] = env["cpu_model"]
 
     rows = []
     for model in args.models:
@@ -270,7 +238,7 @@ def main() -> None:
         row["many_speedup_vs_per_tensor"] = row["per_tensor_ms"] / row["many_ms"]
         rows.append(row)
 
-    print(f"{env['cpu_model'] if device.type == 'cpu' else env['device']} | torch {env['torch']} | "
+    print(f"{env['device']} | torch {env['torch']} | "
           f"{torch.get_num_threads()} threads | {args.dtype}{' channels_last' if args.channels_last else ''} | "
           f"C ext {HAS_C_EXT} (OpenMP {env['c_ext_openmp']}) | copy {bandwidth:.1f} GB/s | "
           f"load {env['load_average_1min']:.2f} | commit {str(env['git_commit'])[:10]}"

@@ -37,20 +37,21 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-from rnip_ext import BoundedBatchNorm2d
-from rnip_ext import models as M
-from rnip_ext.pruning import apply, count_flops, count_params, plan
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, package_version  # noqa: E402
+
+from rnip_ext import BoundedBatchNorm2d  # noqa: E402
+from rnip_ext import models as M  # noqa: E402
+from rnip_ext.pruning import apply, count_flops, count_params, plan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO = 0.5
@@ -60,39 +61,6 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {"vgg16": M.vgg16, "resnet50"
 
 # ------------------------------------------------------------------------------------------------
 # Environment
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> tuple[str, bool]:
-    """HEAD and whether tracked files differ from it (the numbers then come from uncommitted code)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
-    return head.stdout.strip(), bool(status.stdout.strip())
-
-
-def package_version(name: str) -> str | None:
-    # The distribution's metadata, not torch_pruning.__version__ (1.6.1 reports "1.6.0").
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,23 +162,14 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
 
-    commit, dirty = git_commit()
-    env = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+    env = environment(device)
+    env.update({
         "torch_pruning": package_version("torch-pruning"),
-        "git_commit": commit,
-        "git_dirty": dirty,
         "ratio": RATIO,
         "input_shape": list(INPUT_SHAPE),
         "repeats": args.repeats,
         "warmup": args.warmup,
-        # Other processes on the cores slow every row down; this says how busy the machine was.
-        "load_average_1min": os.getloadavg()[0],
-    }
+    })
 
     rows = []
     for name in args.models:
@@ -271,8 +230,9 @@ def main() -> None:
         json.dump(rows, f, indent=1)
 
     print(
-        f"{env['device']} | torch {env['torch']} | torch-pruning {env['torch_pruning']} | {env['threads']} threads"
-        f" | commit {commit[:10]}{' (dirty)' if dirty else ''} | load {env['load_average_1min']:.2f}"
+        f"{env['device']} | torch {env['torch']} | torch-pruning {env['torch_pruning']} | {env['cpu_threads']} threads"
+        f" | commit {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}"
+        f" | load {env['load_average_1min']:.2f}"
         f" | median of {args.repeats} after {args.warmup} warm-up"
     )
     header = (
