@@ -85,6 +85,23 @@ def test_corrupt_checkpoint_is_reported_and_nothing_is_lost(tmp_path):
     assert (run / "best.pt").exists() and (run / "config.json").exists()
 
 
+def test_mixed_precision_and_channels_last_train(tmp_path):
+    write_tiny_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(train_args(tmp_path / "data", run, "--amp", "bf16", "--channels-last", "--method", "l1")) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["amp"] == "bf16" and config["channels_last"] and config["bn"] == "plain"
+    assert config["strength"] == 1e-4  # network slimming's VGG setting
+    state = load_checkpoint(str(run / "best.pt"))["model"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # master weights stay fp32
+
+
+def test_download_without_torchvision_says_where_to_get_the_files(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without it
+    with pytest.raises(RuntimeError, match=r"torchvision.*cifar-10-python.tar.gz"):
+        main(train_args(tmp_path / "data", tmp_path / "run", "--download"))
+
+
 def test_missing_data_dir_and_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         main(train_args(tmp_path / "nowhere", tmp_path / "run"))

@@ -100,6 +100,21 @@ def test_fused_penalty_gradient_matches_reference_under_loss_scaling_and_accumul
         torch.testing.assert_close(g_fused / scale, g_ref / scale, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_penalty_gradient_with_a_real_grad_scaler():
+    fused, ref = model_pair()
+    reg = RecedingRegularizer(fused, strength=0.05, shift=0.0)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+    x, y = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)
+    scaler.scale(F.cross_entropy(fused(x), y) + reg()).backward()
+    scaler.unscale_(torch.optim.SGD(fused.parameters(), lr=0.0))
+    ref_loss = F.cross_entropy(ref(x), y) + 0.05 * (
+        RF.receding_penalty(ref[1].weight, 0.0) + RF.receding_penalty(ref[4].weight, 0.0)
+    )
+    ref_loss.backward()
+    for g_fused, g_ref in zip(grads(fused), grads(ref)):
+        torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_value_equals_the_eager_penalty_and_is_zero_gradient_when_unused():
     fused, _ = model_pair()
     reg = RecedingRegularizer(fused, strength=0.1, shift=0.0)
