@@ -11,9 +11,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-__all__ = ["LayerCost", "count_flops", "count_params", "layer_costs"]
+from .graph import eval_mode
+
+__all__ = ["LayerCost", "costs_from_graph", "count_flops", "count_params", "layer_costs"]
 
 
 @dataclass
@@ -64,14 +67,35 @@ def layer_costs(model: nn.Module, example_inputs) -> dict[str, LayerCost]:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             hooks.append(module.register_forward_hook(hook_for(name)))
-    was_training = model.training
     try:
-        model.eval()
-        model(*_as_tuple(example_inputs))
+        with eval_mode(model):
+            model(*_as_tuple(example_inputs))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
+    return costs
+
+
+def costs_from_graph(gm: fx.GraphModule) -> dict[str, LayerCost]:
+    """The same costs as :func:`layer_costs`, read from a shape-propagated fx graph (no forward pass)."""
+    costs: dict[str, LayerCost] = {}
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        shape = tuple(node.meta["tensor_meta"].shape)
+        if isinstance(module, nn.Conv2d):
+            cost = LayerCost(shape[0] * shape[2] * shape[3], module.out_channels,
+                             module.in_channels // module.groups, math.prod(module.kernel_size))
+        else:
+            cost = LayerCost(math.prod(shape) // shape[-1], module.out_features, module.in_features, 1)
+        if node.target in costs:
+            costs[node.target].positions += cost.positions
+        else:
+            costs[node.target] = cost
     return costs
 
 

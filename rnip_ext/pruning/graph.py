@@ -16,6 +16,7 @@ untouched while the inner channels of each block are pruned, as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -274,6 +275,18 @@ class _Analysis:
         return True
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Every submodule in eval mode for the block, each one's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
     """Every prunable channel group of ``model``, in graph order.
 
@@ -281,18 +294,18 @@ def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGr
     that ``view``/``reshape`` calls that flatten ``(N, C, H, W)`` into ``(N, C*H*W)`` are
     recognised too; ``flatten(1)`` and ``nn.Flatten`` are recognised without it.
     """
+    return analyse(model, example_inputs)[0]
+
+
+def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], fx.GraphModule]:
+    """The channel groups and the traced graph (with output shapes when ``example_inputs`` is given)."""
     gm = trace(model)
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        was_training = model.training
-        try:
-            gm.eval()
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        finally:
-            gm.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
     analysis = _Analysis(model, gm)
     groups: list[ChannelGroup] = []
     claimed: set[str] = set()
@@ -310,4 +323,4 @@ def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGr
         if analysis.follow(node, node.target, group, bn.num_features, [], False, {node}):
             groups.append(group)
             claimed.update(group.bns)
-    return groups
+    return groups, gm

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .flops import count_params, layer_costs
+from .flops import costs_from_graph, count_params
 from .folding import fold_report
-from .graph import ChannelGroup, find_channel_groups
+from .graph import ChannelGroup, analyse
 from .importance import bn_scores
 
 __all__ = ["PruningPlan", "plan", "module_slices"]
@@ -210,7 +210,10 @@ def plan(
     _check_args(ratio, scope, min_channels, fold)
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects an nn.Module, got {type(model).__name__}")
-    groups = find_channel_groups(model, example_inputs)
+    if example_inputs is None:
+        raise ValueError("example_inputs is required to count FLOPs: pass e.g. torch.randn(1, 3, 32, 32)")
+    # One traced forward gives both the channel groups and every layer's cost.
+    groups, gm = analyse(model, example_inputs)
     if not groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
@@ -234,7 +237,7 @@ def plan(
             "accept it"
         )
     slices = module_slices(groups, group_keep)
-    costs = layer_costs(model, example_inputs)
+    costs = costs_from_graph(gm)
     return PruningPlan(
         keep=keep,
         groups=groups,
