@@ -7,7 +7,13 @@ Importing this package never requires Triton or the compiled extension.
 
 from . import functional
 from ._version import __version__
-from .nn import BoundedBatchNorm2d, convert_batchnorm
+from .nn import (
+    BoundedBatchNorm2d,
+    SyncBoundedBatchNorm2d,
+    convert_batchnorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 from . import models, pruning
 from .pruning import prune
 from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, param_groups
@@ -16,7 +22,10 @@ __all__ = [
     "__version__",
     "functional",
     "BoundedBatchNorm2d",
+    "SyncBoundedBatchNorm2d",
     "convert_batchnorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
     "RecedingRegularizer",
     "L1Regularizer",
     "PolarizationRegularizer",

@@ -10,8 +10,10 @@ import time
 import torch
 from torch import nn
 
+from .. import distributed as D
 from .. import models
 from ..data import load_dataset
+from ..nn import convert_sync_batchnorm
 from ..pruning import count_flops, count_params
 from ..training import METHODS, bn_kind, default_strength, evaluate, make_optimizer, make_regularizer, make_scheduler, train_epoch
 from .runs import CheckpointError, append_jsonl, load_checkpoint, read_json, save_checkpoint, versions, write_json
@@ -92,8 +94,15 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def fit(model: nn.Module, splits, config: dict, out: str, *, epochs: int, regularizer, device: torch.device,
-        resume_from: dict | None, progress: bool, description: str) -> dict:
-    """Train with per-epoch checkpoints (``last.pt``), best-on-validation (``best.pt``) and metrics."""
+        resume_from: dict | None, progress: bool, description: str,
+        dist_ctx: D.DistributedContext | None = None) -> dict:
+    """Train with per-epoch checkpoints (``last.pt``), best-on-validation (``best.pt``) and metrics.
+
+    With ``dist_ctx`` (under torchrun) the model trains wrapped in ``DistributedDataParallel`` on
+    this rank's shard of the training set; rank 0 alone evaluates (on the unwrapped model, which
+    needs no collective) and writes metrics and checkpoints; every rank waits at each epoch's end.
+    """
+    is_main = dist_ctx is None or dist_ctx.is_main
     optimizer = make_optimizer(model, config["lr"], config["weight_decay"], config["bn_lr_scale"])
     scheduler = make_scheduler(optimizer, epochs)
     scaler = torch.amp.GradScaler(device.type) if config["amp"] == "fp16" else None
@@ -111,8 +120,15 @@ def fit(model: nn.Module, splits, config: dict, out: str, *, epochs: int, regula
         best = {"val_accuracy": float(resume_from["best_val"]), "epoch": int(resume_from["best_epoch"]),
                 "test_accuracy": resume_from.get("best_test")}
     runner = torch.compile(model) if config["compile"] else model
+    train_runner, train_data = runner, splits.train
+    if dist_ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_runner = torch.compile(ddp) if config["compile"] else ddp
+        train_data = D.ShardedDataset(splits.train, dist_ctx.rank, dist_ctx.world_size)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if os.path.exists(metrics_path):  # drop rows of an epoch that died before its checkpoint
+    if is_main and os.path.exists(metrics_path):  # drop rows of an epoch that died before its checkpoint
         with open(metrics_path) as f:
             rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
         with open(metrics_path, "w") as f:
@@ -121,11 +137,19 @@ def fit(model: nn.Module, splits, config: dict, out: str, *, epochs: int, regula
 
     for epoch in tqdm(range(start_epoch, epochs), desc=description, disable=not progress,
                       initial=start_epoch, total=epochs):
-        stats = train_epoch(runner, splits.train, optimizer, config["batch_size"], regularizer, amp=config["amp"],
+        stats = train_epoch(train_runner, train_data, optimizer, config["batch_size"], regularizer, amp=config["amp"],
                             scaler=scaler, channels_last=config["channels_last"], generator=generator,
                             progress=progress, description=f"epoch {epoch + 1}")
         lr = optimizer.param_groups[-1]["lr"]
         scheduler.step()
+        if dist_ctx is not None:
+            # Ranks see equal shares, so the plain mean over ranks is the epoch's mean.
+            loss, accuracy, penalty, speed = D.average_stats(
+                [stats.loss, stats.accuracy, stats.penalty, stats.images_per_second], device)
+            stats = type(stats)(loss, accuracy, penalty, speed * dist_ctx.world_size)
+            if not is_main:
+                D.barrier()
+                continue
         val = evaluate(runner, splits.val, amp=config["amp"], channels_last=config["channels_last"])
         test = evaluate(runner, splits.test, amp=config["amp"], channels_last=config["channels_last"])
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -141,10 +165,24 @@ def fit(model: nn.Module, splits, config: dict, out: str, *, epochs: int, regula
             "best_val": best["val_accuracy"], "best_epoch": best["epoch"], "best_test": best["test_accuracy"],
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
         })
+        if dist_ctx is not None:
+            D.barrier()
     return best
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train one run; under torchrun (``WORLD_SIZE`` > 1) as one rank of a DDP job."""
+    dist_ctx = D.context_from_env()
+    if dist_ctx is None:
+        return _run(args, None)
+    try:
+        return _run(args, dist_ctx)
+    finally:
+        D.teardown()
+
+
+def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dict:
+    is_main = dist_ctx is None or dist_ctx.is_main
     config = resolve_config(args)
     out = args.out
     config_path = os.path.join(out, "config.json")
@@ -162,10 +200,12 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: cannot resume: {exc}") from exc
     elif os.path.exists(os.path.join(out, "last.pt")):
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    if is_main:
+        os.makedirs(out, exist_ok=True)
 
+    # Every rank seeds alike, so models start identical (DDP also broadcasts rank 0's).
     torch.manual_seed(config["seed"])
-    device = resolve_device(config["device"])
+    device = resolve_device(config["device"]) if dist_ctx is None else D.setup(dist_ctx, config["device"])
     splits = load_dataset(config["dataset"], config["data_dir"], config["val_fraction"], config["seed"], device,
                           download=args.download, image_size=config["image_size"])
     model = build_model(config, splits.num_classes, splits.in_channels).to(device)
@@ -176,17 +216,25 @@ def run(args: argparse.Namespace) -> dict:
                    "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
                    "params": count_params(model), "flops": count_flops(model, example),
                    "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test)})
-    write_json(config_path, config)
+    if dist_ctx is not None:
+        # Per-process batch: the global batch is world_size * batch_size.
+        config["world_size"] = dist_ctx.world_size
+        model = convert_sync_batchnorm(model)
+    if is_main:
+        write_json(config_path, config)
     regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"])
     try:
         best = fit(model, splits, config, out, epochs=config["epochs"], regularizer=regularizer, device=device,
-                   resume_from=resume_from, progress=not args.no_progress, description=f"train {config['method']}")
+                   resume_from=resume_from, progress=is_main and not args.no_progress,
+                   description=f"train {config['method']}", dist_ctx=dist_ctx)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved; continue with: rnip train ... --out {out} --resume")
         raise SystemExit(130)
     summary = {"kind": "train", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
                "ratio": 0.0, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
                "test_accuracy": best["test_accuracy"], "params": config["params"], "flops": config["flops"]}
+    if not is_main:
+        return summary
     write_json(os.path.join(out, "summary.json"), summary)
     print(f"{config['method']}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} "
           f"test {best['test_accuracy']:.4f} -> {out}")

@@ -1,6 +1,13 @@
-"""Layers: the bounded BatchNorm and helpers that put it into existing models."""
+"""Layers: the bounded BatchNorm, its synchronised variant and helpers that put them into models."""
 
 from .bounded_batchnorm import BoundedBatchNorm2d
-from .convert import convert_batchnorm
+from .convert import convert_batchnorm, convert_sync_batchnorm, revert_sync_batchnorm
+from .sync_bounded_batchnorm import SyncBoundedBatchNorm2d
 
-__all__ = ["BoundedBatchNorm2d", "convert_batchnorm"]
+__all__ = [
+    "BoundedBatchNorm2d",
+    "SyncBoundedBatchNorm2d",
+    "convert_batchnorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+]
