@@ -523,7 +523,7 @@ if given is not None:
 def test_interpreter_is_active_for_cpu_runs():
     """Guard for this file's own setup: CPU kernels must be the interpreted ones."""
     if DEVICE.type != "cpu":
-        pytest.skip("kernels run compiled on the GPU (RNIP_TEST_DEVICE=cuda)")
+        pytest.skip(reason="kernels run compiled on the GPU (RNIP_TEST_DEVICE=cuda)")
     from triton.runtime.interpreter import InterpretedFunction
 
     from rnip_ext.kernels import bn_stats
@@ -596,7 +596,7 @@ def test_kernels_compile_for_gpu():
     from triton.backends import backends
 
     if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
+        pytest.skip(reason="this Triton has no NVIDIA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(
