@@ -63,8 +63,11 @@ class RecedingRegularizer:
     applies (loss weights, accumulation, ``GradScaler``), enters the same backward kernel that
     computes ``d(weight)``. Layers that did not record a value since the last call (eager path,
     eval mode, no forward yet) contribute ``receding_penalty(weight, shift)`` through autograd.
-    Both give the same value and gradient. A recorded value is used once: call the regulariser
-    once per forward pass, after it.
+    Both give the same value and gradient. A recorded value is used once, only by a call after
+    the forward that made it and before the weights change (otherwise the penalty is recomputed).
+    Its gradient flows through that forward's graph, so backpropagate it with the loss
+    (``(criterion + reg()).backward()``); to backpropagate the penalty on its own after the
+    loss's backward, build the regulariser with ``fused=False``.
     """
 
     def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True) -> None:

@@ -20,8 +20,9 @@ from .runs import CheckpointError, append_jsonl, load_checkpoint, read_json, sav
 
 ARCHS = ("vgg16", "resnet56", "vgg_small")
 # Settings that must match to resume a run (the rest, e.g. --epochs or --device, may change).
+# --epochs is one of them: the lr milestones sit at 50% and 75% of it.
 RESUME_KEYS = ("arch", "dataset", "method", "strength", "shift", "seed", "batch_size", "lr", "val_fraction",
-               "weight_decay", "bn_lr_scale", "image_size")
+               "weight_decay", "bn_lr_scale", "image_size", "epochs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise SystemExit(f"error: --{key.replace('_', '-')} must be >= {low}")
     if config["strength"] < 0:
         raise SystemExit("error: --strength must be >= 0")
+    if args.dataset != "digits" and not 0.0 < config["val_fraction"] < 1.0:
+        # Model selection needs a validation split (never the test set).
+        raise SystemExit("error: --val-fraction must be in (0, 1): epochs are selected on the validation split")
     return config
 
 

@@ -107,11 +107,28 @@ class BoundedBatchNorm2d(_NormBase):
         super().__setstate__(state)
 
     def take_recorded_penalty(self, shift: float) -> Tensor | None:
-        """The per-channel penalty the last fused forward computed for ``shift``, once (else None)."""
+        """The per-channel penalty the last fused forward computed for ``shift``, once (else None).
+
+        A record made before the weight last changed in place (an optimiser step) is stale and
+        dropped: the regulariser then computes the penalty from the current weight.
+        """
         record, self._recorded_penalty = self._recorded_penalty, None
-        if record is None or record[0] != shift:
+        if record is None or record[0] != shift or record[2] != self.weight._version:
             return None
         return record[1]
+
+    def _wants_penalty(self) -> bool:
+        """Whether this training forward should return the attached regulariser's penalty."""
+        return (
+            self.training
+            and self._receding_shift is not None
+            and self.weight is not None
+            and self.weight.requires_grad
+            and torch.is_grad_enabled()
+        )
+
+    def _record_penalty(self, shift: float, penalty: Tensor) -> None:
+        self._recorded_penalty = (shift, penalty, self.weight._version)
 
     def reset_parameters(self) -> None:
         """Reset running statistics, draw ``weight ~ N(0, 1)`` (the paper's init), zero ``bias``."""
@@ -162,6 +179,9 @@ class BoundedBatchNorm2d(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        # A record is valid only for the forward that made it: drop the previous one (and the
+        # graph it holds) whether or not this forward records.
+        self._recorded_penalty = None
         if resolve_backend(input, self.backend) == "triton":
             return self._forward_triton(input)
         factor = self._running_stats_factor()
@@ -189,12 +209,11 @@ class BoundedBatchNorm2d(_NormBase):
             return bounded_bn.bounded_batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        with_penalty = (
-            self._receding_shift is not None
-            and self.weight is not None
-            and self.weight.requires_grad
-            and torch.is_grad_enabled()
-        )
+        if input.numel() == input.shape[1]:  # F.batch_norm's rule, which the kernels do not check
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+        with_penalty = self._wants_penalty()
         shift = self._receding_shift if with_penalty else 0.0
         y, mean, var, penalty = bounded_bn.bounded_batch_norm_train(
             input, self.weight, self.bias, self.eps, shift, with_penalty
@@ -202,7 +221,7 @@ class BoundedBatchNorm2d(_NormBase):
         if self.training and self.track_running_stats:
             self._update_running_stats(input, mean, var)
         if with_penalty:
-            self._recorded_penalty = (shift, penalty)
+            self._record_penalty(shift, penalty)
         return y
 
     @torch.no_grad()

@@ -258,18 +258,13 @@ class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
         world_size = self._sync_world_size() if self.training else 1
         if world_size <= 1:
             return super().forward(input)
+        self._recorded_penalty = None  # valid only for the forward that made it
         return self._forward_sync(input, world_size)
 
     def _forward_sync(self, input: Tensor, world_size: int) -> Tensor:
         """The synchronised training forward (also usable with a one-rank group, for tests)."""
         use_triton = resolve_backend(input, self.backend) == "triton"
-        with_penalty = (
-            use_triton
-            and self._receding_shift is not None
-            and self.weight is not None
-            and self.weight.requires_grad
-            and torch.is_grad_enabled()
-        )
+        with_penalty = use_triton and self._wants_penalty()
         shift = self._receding_shift if with_penalty else None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         y, mean, var, n, penalty = _SyncBoundedBN.apply(
@@ -278,7 +273,7 @@ class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
         if self.track_running_stats:
             self._update_global_running_stats(mean, var, n)
         if with_penalty:
-            self._recorded_penalty = (shift, penalty)
+            self._record_penalty(shift, penalty)
         return y
 
     @torch.no_grad()

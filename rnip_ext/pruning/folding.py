@@ -50,11 +50,34 @@ def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], module
     return value.reshape(-1)
 
 
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _avg_pool_settings(node: fx.Node, modules: dict) -> tuple | None:
+    """``(padding, count_include_pad, divisor_override)`` of an average pool node, else None."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.AvgPool2d):
+        m = modules[node.target]
+        return m.padding, m.count_include_pad, m.divisor_override
+    if node.op == "call_function" and node.target is nn.functional.avg_pool2d:
+        bound = dict(zip(_AVG_POOL_ARGS, node.args), **node.kwargs)
+        return bound.get("padding", 0), bound.get("count_include_pad", True), bound.get("divisor_override")
+    return None
+
+
+def _keeps_constants(node: fx.Node, modules: dict) -> bool:
+    """Whether a constant map stays the same constant: not so for an average pool that counts
+    zero padding (the border windows) or divides by an overridden divisor (everywhere)."""
+    settings = _avg_pool_settings(node, modules)
+    if settings is None:
+        return True
+    padding, count_include_pad, divisor_override = settings
+    padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+    return divisor_override is None and not (padded and count_include_pad)
+
+
 def _exact(consumer: Consumer, path: list[fx.Node], modules: dict) -> bool:
-    for node in path:
-        m = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(m, nn.AvgPool2d) and m.count_include_pad and m.padding not in (0, (0, 0)):
-            return False
+    if not all(_keeps_constants(node, modules) for node in path):
+        return False
     if consumer.kind == "conv":
         conv = modules[consumer.name]
         return conv.padding_mode != "zeros" or all(p == 0 for p in conv._reversed_padding_repeated_twice)

@@ -27,10 +27,29 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_train_resume_prune_report(tmp_path):
+def test_train_interrupt_resume_prune_report(tmp_path, monkeypatch):
     write_tiny_cifar(tmp_path / "data")
     run = tmp_path / "run"
-    assert main(train_args(tmp_path / "data", run)) == 0
+    args = train_args(tmp_path / "data", run)
+    args[args.index("--epochs") + 1] = "2"
+
+    # Ctrl-C during the second epoch: the first epoch's checkpoint survives and is resumable.
+    import rnip_ext.cli.train as train_module
+
+    real_train_epoch, calls = train_module.train_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*a, **k)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 130
+    monkeypatch.setattr(train_module, "train_epoch", real_train_epoch)
+
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "rni" and config["bn"] == "bounded"
     assert config["strength"] == 1e-3 and config["shift"] == 3.0  # the paper's VGG settings
@@ -40,16 +59,20 @@ def test_train_resume_prune_report(tmp_path):
     assert [r["epoch"] for r in rows] == [1] and 0 <= rows[0]["val_accuracy"] <= 1 and rows[0]["penalty"] > 0
     last = load_checkpoint(str(run / "last.pt"))
     assert int(last["epoch"]) == 0
+    assert not (run / "summary.json").exists()
 
     # A second invocation without --resume must not clobber the run.
     with pytest.raises(SystemExit, match="already holds a run"):
-        main(train_args(tmp_path / "data", run))
-    # Resuming with different settings is refused; with the same ones it continues.
+        main(args)
+    # Resuming with different settings is refused (the schedule depends on --epochs too) ...
     with pytest.raises(SystemExit, match="settings differ.*method"):
-        main(train_args(tmp_path / "data", run, "--method", "l1", "--resume"))
-    two_epochs = train_args(tmp_path / "data", run, "--resume")
-    two_epochs[two_epochs.index("--epochs") + 1] = "2"
-    assert main(two_epochs) == 0
+        main(args + ["--method", "l1", "--resume"])
+    changed_epochs = list(args)
+    changed_epochs[changed_epochs.index("--epochs") + 1] = "3"
+    with pytest.raises(SystemExit, match="settings differ.*epochs"):
+        main(changed_epochs + ["--resume"])
+    # ... with the same ones it finishes the run.
+    assert main(args + ["--resume"]) == 0
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kind"] == "train" and 1 <= summary["best_epoch"] <= 2
@@ -100,6 +123,12 @@ def test_download_without_torchvision_says_where_to_get_the_files(tmp_path, monk
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without it
     with pytest.raises(RuntimeError, match=r"torchvision.*cifar-10-python.tar.gz"):
         main(train_args(tmp_path / "data", tmp_path / "run", "--download"))
+
+
+def test_validation_split_is_required_for_model_selection(tmp_path):
+    write_tiny_cifar(tmp_path / "data")
+    with pytest.raises(SystemExit, match="--val-fraction must be in"):
+        main(train_args(tmp_path / "data", tmp_path / "run", "--val-fraction", "0"))
 
 
 def test_missing_data_dir_and_bad_arguments(tmp_path):

@@ -149,3 +149,47 @@ def test_torch_compile_fullgraph_gives_the_same_results(backend):
     expected.sum().backward()
     torch.testing.assert_close(model[1].weight.grad, reference[1].weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_record_is_never_used_stale():
+    fused, _ = model_pair()
+    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    x, y = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)
+
+    def eager_value():
+        return 0.1 * (RF.receding_penalty(fused[1].weight, 0.0) + RF.receding_penalty(fused[4].weight, 0.0))
+
+    # The regulariser evaluated before the forward, step after step (the previous record's graph
+    # is gone and its weights are old): it must recompute, never raise or reuse.
+    for _ in range(2):
+        opt.zero_grad()
+        penalty = reg()
+        torch.testing.assert_close(penalty, eager_value(), rtol=1e-6, atol=1e-7)
+        (penalty + F.cross_entropy(fused(x), y)).backward()
+        opt.step()
+    # A record made before an in-place weight change is dropped.
+    fused(x)
+    with torch.no_grad():
+        fused[1].weight.sub_(1.0)
+    torch.testing.assert_close(reg(), eager_value().detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_penalty_recorded_only_by_training_forwards_with_grad():
+    layer = BoundedBatchNorm2d(3, device=DEVICE, backend="triton", track_running_stats=False)
+    RecedingRegularizer(nn.Sequential(layer), strength=0.1, shift=0.0)
+    x = torch.randn(4, 3, 2, 2, device=DEVICE)
+    layer(x)
+    assert layer._recorded_penalty is not None
+    with torch.no_grad():
+        layer(x)  # a validation pass drops the record (and the graph it held)
+    assert layer._recorded_penalty is None
+    layer.eval()(x)  # batch statistics in eval (no running stats), but no penalty
+    assert layer._recorded_penalty is None
+
+
+def test_one_value_per_channel_in_training_raises_on_the_triton_path():
+    layer = BoundedBatchNorm2d(4, device=DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(torch.randn(1, 4, 1, 1, device=DEVICE))
+    assert torch.equal(layer.running_var, torch.ones(4, device=DEVICE))

@@ -131,6 +131,40 @@ def test_inexact_fold_is_reported_and_can_be_refused():
     assert (pruned(x) - ref).abs().max() < ref.abs().max()
 
 
+class PooledHead(nn.Module):
+    """A shifted BN, then an average pool that does not keep constants, then a 1x1 conv."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = BoundedBatchNorm2d(8, bias=True)
+        self.pool = pool
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(x) if isinstance(self.pool, nn.Module) else nn.functional.avg_pool2d(x, 3, 1, 1)
+        return self.conv2(x)
+
+
+@pytest.mark.parametrize("pool", ["functional-padded", nn.AvgPool2d(2, divisor_override=3), nn.AvgPool2d(3, 1, 1)],
+                         ids=["functional-padded", "divisor-override", "module-padded"])
+def test_folds_through_average_pools_that_change_constants_are_reported(pool):
+    model = PooledHead(None if isinstance(pool, str) else pool)
+    with torch.no_grad():
+        model.bn1.bias.uniform_(0.5, 1.0)  # relu(beta) != 0: there is something to fold
+    x = torch.randn(2, 3, 6, 6)
+    assert plan(model, 0.5, example_inputs=x).inexact_folds == ["conv2"]
+    with pytest.raises(ValueError, match="fold='approximate'"):
+        plan(model, 0.5, example_inputs=x, fold="refuse")
+    exact = PooledHead(nn.AvgPool2d(3, 1, 1, count_include_pad=False))
+    with torch.no_grad():
+        exact.bn1.bias.uniform_(0.5, 1.0)
+    p = plan(exact, 0.5, example_inputs=x, fold="refuse")
+    assert p.inexact_folds == []
+    assert_same_function(apply(exact.eval(), p), masked_copy(exact, p.keep), x)
+
+
 def test_bad_arguments():
     model = M.vgg_small(widths=(8, 8))
     x = torch.randn(1, 3, 8, 8)
