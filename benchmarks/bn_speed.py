@@ -1,7 +1,8 @@
 """How fast is the bounded BatchNorm? Four variants side by side, in one run.
 
 1. ``plain``:    ``torch.nn.BatchNorm2d`` (what users know; no bounded scale, no penalty)
-2. ``paper``:    the paper's eager formulation, ``F.batch_norm(x, ..., weight.sigmoid())`` plus
+2. ``paper``:    the paper's eager formulation (``rnip_ext.functional.bounded_batch_norm``, i.e.
+                 ``F.batch_norm(x, ..., weight.sigmoid())``) plus
                  ``strength * receding_penalty(weight, shift)`` through autograd
 3. ``compiled``: ``torch.compile`` of (2)
 4. ``ours``:     ``rnip_ext.BoundedBatchNorm2d`` with an attached ``RecedingRegularizer`` (the fused
@@ -25,7 +26,6 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ class PaperBN(nn.Module):
         self.register_buffer("running_var", torch.ones(c, device=device))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.sigmoid(), None, self.training, 0.1, 1e-5)
+        return RF.bounded_batch_norm(x, self.running_mean, self.running_var, self.weight, None, self.training, 0.1, 1e-5)
 
     def penalty(self):
         return STRENGTH * RF.receding_penalty(self.weight, SHIFT)

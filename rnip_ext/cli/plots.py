@@ -21,6 +21,13 @@ def require_matplotlib():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_importance_histograms(scores: dict[str, torch.Tensor], path: str) -> str:
     """One histogram per method of all prunable channels' scores (sigmoid(w) or |gamma|)."""
     plt = require_matplotlib()
@@ -30,10 +37,7 @@ def plot_importance_histograms(scores: dict[str, torch.Tensor], path: str) -> st
         ax.set_title(f"{method}: {'sigmoid(w)' if method == 'rni' else '|gamma|'}")
         ax.set_xlabel("channel importance")
         ax.set_ylabel("channels")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_accuracy_vs_ratio(rows: list[dict], path: str) -> str:
@@ -47,10 +51,7 @@ def plot_accuracy_vs_ratio(rows: list[dict], path: str) -> str:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_kept_channels(rows: list[dict], path: str) -> str:
@@ -68,10 +69,7 @@ def plot_kept_channels(rows: list[dict], path: str) -> str:
     ax.set_ylabel("channels kept")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def figure_paths(out: str) -> dict[str, str]:

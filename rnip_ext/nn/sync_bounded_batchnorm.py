@@ -121,7 +121,8 @@ class _SyncBoundedBN(torch.autograd.Function):
 
             y = bn_normalize(x, mean, var, weight, bias, eps)
         else:
-            y = _normalize(x, mean, invstd, weight, bias)
+            # Normalising with given statistics is the eager reference in eval form.
+            y = RF.bounded_batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, invstd, n)
         ctx.group, ctx.world_size, ctx.shift = group, world_size, shift
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -164,17 +165,6 @@ class _SyncBoundedBN(torch.autograd.Function):
         if need_b:
             db = sum_dy.to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None, None
-
-
-def _normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``sigmoid(w) * (x - mean) * invstd + b`` in the statistics dtype, cast back to ``x``'s dtype."""
-    acc = mean.dtype
-    scale = invstd if weight is None else invstd * torch.sigmoid(weight.to(acc))
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    # Elementwise ops keep the input's memory format (NCHW or channels_last).
-    return (x.to(acc) * _channel(scale) + _channel(shift)).to(x.dtype)
 
 
 class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
