@@ -10,7 +10,7 @@ from .flops import count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import load, save
-from .plan import PruningPlan, plan
+from .plan import PruningPlan, plan, plan_from_keep
 
 __all__ = [
     "ChannelGroup",
@@ -23,6 +23,7 @@ __all__ = [
     "find_channel_groups",
     "load",
     "plan",
+    "plan_from_keep",
     "prune",
     "save",
 ]

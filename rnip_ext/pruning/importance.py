@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..nn import BoundedBatchNorm2d
 from .graph import find_channel_groups
 
-__all__ = ["bn_scores", "channel_importance"]
+__all__ = ["bn_scores", "channel_importance", "group_scores"]
 
 
 def bn_scores(bn: nn.Module) -> Tensor:
@@ -19,6 +19,14 @@ def bn_scores(bn: nn.Module) -> Tensor:
     if getattr(bn, "weight", None) is None:
         return torch.ones(bn.num_features)
     return bn.weight.detach().abs().float().cpu()
+
+
+def group_scores(model: nn.Module, groups) -> dict[str, Tensor]:
+    """Per channel group (see :func:`rnip_ext.pruning.find_channel_groups`), the scores the
+    pruning plan ranks channels by: the minimum over the group's coupled BatchNorms of
+    :func:`bn_scores` (a channel is only as important as its least important coupled copy)."""
+    modules = dict(model.named_modules())
+    return {g.name: torch.stack([bn_scores(modules[n]) for n in g.bns]).amin(0) for g in groups}
 
 
 def channel_importance(model: nn.Module, example_inputs=None) -> dict[str, Tensor]:

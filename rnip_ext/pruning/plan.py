@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from .flops import costs_from_graph, count_params
 from .folding import fold_report
 from .graph import ChannelGroup, analyse
-from .importance import bn_scores
+from .importance import group_scores
 
-__all__ = ["PruningPlan", "plan", "module_slices"]
+__all__ = ["PruningPlan", "plan", "plan_from_keep", "module_slices"]
 
 SCOPES = ("global", "local")
 FOLDS = ("approximate", "refuse")
@@ -208,26 +208,40 @@ def plan(
     ``fold="refuse"`` raises instead of planning such a fold.
     """
     _check_args(ratio, scope, min_channels, fold)
+    groups, gm = _analyse_prunable(model, example_inputs)
+    scores = group_scores(model, groups)
+    masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)
+    group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+    return _build_plan(model, groups, gm, scores, group_keep, ratio=float(ratio), scope=scope,
+                       min_channels=min_channels, fold=fold)
+
+
+def _analyse_prunable(model: nn.Module, example_inputs) -> tuple[list[ChannelGroup], "torch.fx.GraphModule"]:
+    """One traced forward: the channel groups and every layer's cost; errors when there is nothing to prune."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         raise ValueError("example_inputs is required to count FLOPs: pass e.g. torch.randn(1, 3, 32, 32)")
-    # One traced forward gives both the channel groups and every layer's cost.
     groups, gm = analyse(model, example_inputs)
     if not groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
             "convs/linear layers reading it, with no residual addition or concatenation in between)"
         )
-    modules = dict(model.named_modules())
-    scores = {
-        g.name: torch.stack([bn_scores(modules[n]) for n in g.bns]).amin(0) for g in groups
-    }
-    masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)
-    group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
-    keep = {n: group_keep[g.name] for g in groups for n in g.bns if len(group_keep[g.name]) < g.channels}
+    return groups, gm
 
-    removed_scores = torch.cat([scores[g.name][~m] for g, m in zip(groups, masks)])
+
+def _build_plan(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor],
+                group_keep: dict[str, Tensor], *, ratio: float, scope: str, min_channels: int,
+                fold: str) -> PruningPlan:
+    """The :class:`PruningPlan` keeping ``group_keep`` (sorted int64 indices per group name)."""
+    keep = {n: group_keep[g.name] for g in groups for n in g.bns if len(group_keep[g.name]) < g.channels}
+    removed_scores = []
+    for g in groups:
+        mask = torch.ones(g.channels, dtype=torch.bool)
+        mask[group_keep[g.name]] = False
+        removed_scores.append(scores[g.name][mask])
+    removed_scores = torch.cat(removed_scores)
     total = sum(g.channels for g in groups)
     inexact, new_biases = fold_report(model, groups, group_keep)
     if inexact and fold == "refuse":
@@ -245,7 +259,7 @@ def plan(
         scores=scores,
         params=(count_params(model), _params_after(model, slices, new_biases)),
         flops=(sum(c.macs for c in costs.values()), _flops_after(model, costs, slices)),
-        ratio=float(ratio),
+        ratio=ratio,
         achieved_ratio=len(removed_scores) / total,
         scope=scope,
         min_channels=min_channels,
@@ -254,3 +268,47 @@ def plan(
         inexact_folds=inexact,
         signature=_signature(model, groups),
     )
+
+
+@torch.no_grad()
+def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
+                   fold: str = "approximate") -> PruningPlan:
+    """A :class:`PruningPlan` that keeps exactly the given channels.
+
+    ``keep`` maps a channel group's name (its first BatchNorm, see
+    :func:`rnip_ext.pruning.find_channel_groups`) to the indices (or a boolean mask) of the
+    channels to keep; groups not named keep every channel. Used by schedules that decide
+    themselves which channels go (e.g. every channel whose importance fell below a threshold).
+    ``ratio``/``scope`` of the result are the achieved fraction and ``"explicit"``.
+    """
+    if fold not in FOLDS:
+        raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+    groups, gm = _analyse_prunable(model, example_inputs)
+    by_name = {g.name: g for g in groups}
+    unknown = [n for n in keep if n not in by_name]
+    if unknown:
+        raise ValueError(f"keep names {', '.join(map(repr, unknown))}, which are not channel groups of the "
+                         f"model (groups: {', '.join(by_name)})")
+    group_keep = {}
+    for g in groups:
+        k = keep.get(g.name)
+        if k is None:
+            group_keep[g.name] = torch.arange(g.channels, dtype=torch.int64)
+            continue
+        k = torch.as_tensor(k).detach().cpu()
+        if k.dtype == torch.bool:
+            if k.shape != (g.channels,):
+                raise ValueError(f"keep mask for '{g.name}' has shape {tuple(k.shape)}, the group has {g.channels} channels")
+            k = k.nonzero().flatten()
+        k = torch.unique(k.to(torch.int64))  # sorted, no duplicates
+        if len(k) == 0:
+            raise ValueError(f"keep for '{g.name}' is empty: a layer must keep at least one channel")
+        if k.min() < 0 or k.max() >= g.channels:
+            raise ValueError(f"keep for '{g.name}' has indices outside [0, {g.channels})")
+        group_keep[g.name] = k
+    scores = group_scores(model, groups)
+    removed = sum(g.channels - len(group_keep[g.name]) for g in groups)
+    total = sum(g.channels for g in groups)
+    min_kept = min(len(group_keep[g.name]) for g in groups)
+    return _build_plan(model, groups, gm, scores, group_keep, ratio=removed / total, scope="explicit",
+                       min_channels=min_kept, fold=fold)

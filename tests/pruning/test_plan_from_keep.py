@@ -1,0 +1,59 @@
+"""plan_from_keep: a plan for channels chosen by the caller (used by training-time schedules)."""
+
+import pytest
+import torch
+
+from pruning_helpers import assert_same_function, masked_copy, warmed_up
+from rnip_ext import models as M
+from rnip_ext.pruning import apply, count_flops, count_params, plan, plan_from_keep
+
+
+def _model():
+    return warmed_up(M.vgg_small(widths=(8, 12, 16)), (2, 3, 16, 16))
+
+
+def test_same_plan_as_ratio_plan_for_the_same_channels():
+    model, x = _model(), torch.randn(2, 3, 16, 16)
+    ref = plan(model, 0.4, example_inputs=x)
+    got = plan_from_keep(model, ref.group_keep, example_inputs=x)
+    assert got.params == ref.params and got.flops == ref.flops
+    assert got.achieved_ratio == pytest.approx(ref.achieved_ratio)
+    assert got.scope == "explicit"
+    for name in ref.group_keep:
+        assert torch.equal(got.group_keep[name], ref.group_keep[name])
+
+
+def test_masks_and_unsorted_indices_apply_exactly():
+    model, x = _model(), torch.randn(2, 3, 16, 16)
+    groups = plan(model, 0.0, example_inputs=x).groups
+    rng = torch.Generator().manual_seed(0)
+    keep = {}
+    for g in groups[:-1]:
+        mask = torch.rand(g.channels, generator=rng) < 0.5
+        mask[0] = True
+        keep[g.name] = mask
+    keep[groups[-1].name] = torch.tensor([3, 1, 2, 1])  # duplicates and order do not matter
+    p = plan_from_keep(model, keep, example_inputs=x)
+    assert torch.equal(p.group_keep[groups[-1].name], torch.tensor([1, 2, 3]))
+    pruned = apply(model, p)
+    assert_same_function(pruned, masked_copy(model, p.keep), x)
+    assert p.params[1] == count_params(pruned) and p.flops[1] == count_flops(pruned, x)
+
+
+@pytest.mark.parametrize("keep,match", [
+    ({"nope": torch.tensor([0])}, "not channel groups"),
+    ("empty", "at least one channel"),
+    ("outside", "outside"),
+    ("badmask", "has shape"),
+])
+def test_bad_keep(keep, match):
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    name = plan(model, 0.0, example_inputs=x).groups[0].name
+    if keep == "empty":
+        keep = {name: torch.tensor([], dtype=torch.int64)}
+    elif keep == "outside":
+        keep = {name: torch.tensor([0, 8])}
+    elif keep == "badmask":
+        keep = {name: torch.ones(3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=match):
+        plan_from_keep(model, keep, example_inputs=x)
