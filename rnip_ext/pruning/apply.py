@@ -121,12 +121,16 @@ def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:
 
 def prune(
     model: nn.Module,
-    ratio: float,
+    ratio: float | None = None,
     scope: str = "global",
     min_channels: int = 3,
     *,
     example_inputs,
+    target_flops: float | None = None,
+    target_params: float | None = None,
     fold: str = "approximate",
 ) -> nn.Module:
-    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...))`` (see both)."""
-    return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs, fold=fold))
+    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...))`` (see both); exactly
+    one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
+    return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
+                             target_flops=target_flops, target_params=target_params, fold=fold))

@@ -1,4 +1,4 @@
-"""Choosing the channels to keep: a :class:`PruningPlan` for a given pruning ratio."""
+"""Choosing the channels to keep: a :class:`PruningPlan` for a pruning ratio or a FLOPs/parameter budget."""
 
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ class PruningPlan:
         scores: the group scores the choice was made on (``min`` over coupled BatchNorms).
         params, flops: ``(before, after)`` parameter and multiply-accumulate counts, the latter
             for ``example_inputs``.
-        ratio: the requested fraction of prunable channels to remove; ``achieved_ratio`` what
-            the plan removes after ``min_channels``.
+        ratio: the requested fraction of prunable channels to remove (``None`` for a plan made
+            to a budget); ``achieved_ratio`` the fraction of prunable channels the plan removes.
+        target_flops, target_params: the budget the plan was made for, as a fraction of the
+            original's count (``None`` when not given); ``achieved_flops`` and
+            ``achieved_params`` are the fractions the plan reaches (``after / before``).
         threshold: the highest score removed (``None`` when nothing is).
         inexact_folds: consumers into which removed channels' constant outputs are folded only
             approximately (a kxk zero-padded convolution sees the constant only away from the
@@ -45,7 +48,7 @@ class PruningPlan:
     scores: dict[str, Tensor]
     params: tuple[int, int]
     flops: tuple[int, int]
-    ratio: float
+    ratio: float | None
     achieved_ratio: float
     scope: str
     min_channels: int
@@ -53,11 +56,30 @@ class PruningPlan:
     fold: str
     inexact_folds: list[str] = field(default_factory=list)
     signature: dict[str, tuple] = field(default_factory=dict, repr=False)
+    target_flops: float | None = None
+    target_params: float | None = None
+
+    @property
+    def achieved_flops(self) -> float:
+        """FLOPs (MACs) after pruning as a fraction of before: ``flops[1] / flops[0]``."""
+        return self.flops[1] / max(self.flops[0], 1)
+
+    @property
+    def achieved_params(self) -> float:
+        """Parameters after pruning as a fraction of before: ``params[1] / params[0]``."""
+        return self.params[1] / max(self.params[0], 1)
 
     def __str__(self) -> str:
+        if self.target_flops is not None:
+            request = (f"target_flops={self.target_flops:g} requested, {self.achieved_flops:.4f} achieved "
+                       f"({self.achieved_ratio:.4f} of channels removed)")
+        elif self.target_params is not None:
+            request = (f"target_params={self.target_params:g} requested, {self.achieved_params:.4f} achieved "
+                       f"({self.achieved_ratio:.4f} of channels removed)")
+        else:
+            request = f"ratio={self.ratio:g} requested, {self.achieved_ratio:.4f} achieved"
         lines = [
-            f"PruningPlan: scope={self.scope}, ratio={self.ratio:g} requested, "
-            f"{self.achieved_ratio:.4f} achieved, min_channels={self.min_channels}"
+            f"PruningPlan: scope={self.scope}, {request}, min_channels={self.min_channels}"
             + (f", threshold={self.threshold:.4g}" if self.threshold is not None else ""),
             f"{'layer':<40} {'channels':>15} {'kept':>7}",
         ]
@@ -67,16 +89,40 @@ class PruningPlan:
             lines.append(f"{label:<40} {g.channels:>6} -> {kept:<6} {kept / g.channels:>6.1%}")
         p0, p1 = self.params
         f0, f1 = self.flops
-        lines.append(f"parameters: {p0:,} -> {p1:,} ({1 - p1 / max(p0, 1):.1%} fewer)")
-        lines.append(f"FLOPs (MACs): {f0:,} -> {f1:,} ({1 - f1 / max(f0, 1):.1%} fewer)")
+        lines.append(f"parameters: {p0:,} -> {p1:,} ({self.achieved_params:.1%} kept, "
+                     f"{1 - self.achieved_params:.1%} fewer)")
+        lines.append(f"FLOPs (MACs): {f0:,} -> {f1:,} ({self.achieved_flops:.1%} kept, "
+                     f"{1 - self.achieved_flops:.1%} fewer)")
         if self.inexact_folds:
             lines.append("approximate folds (kxk zero-padded convs): " + ", ".join(self.inexact_folds))
         return "\n".join(lines)
 
 
-def _check_args(ratio, scope, min_channels, fold) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+def _is_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check_budget(ratio, target_flops, target_params, scope) -> tuple[str, float] | None:
+    """``None`` for a ratio plan, else ``("flops" | "params", fraction)``; errors for bad combinations."""
+    given = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("pass exactly one of ratio, target_flops and target_params, got "
+                         + (", ".join(given) if given else "none"))
+    if ratio is not None:
+        if not _is_number(ratio) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+        return None
+    name, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"target_{name} must be a fraction of the original's count in (0, 1], got {value!r}")
+    if scope != "global":
+        raise ValueError(f"a target_{name} ranks channels over the whole network: scope must be 'global', "
+                         f"got {scope!r}")
+    return name, float(value)
+
+
+def _check_args(scope, min_channels, fold) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
@@ -185,21 +231,42 @@ def _flops_after(model: nn.Module, costs: dict, slices: dict[str, list]) -> int:
 @torch.no_grad()
 def plan(
     model: nn.Module,
-    ratio: float,
+    ratio: float | None = None,
     scope: str = "global",
     min_channels: int = 3,
     *,
     example_inputs,
+    target_flops: float | None = None,
+    target_params: float | None = None,
     fold: str = "approximate",
 ) -> PruningPlan:
-    """Plan a one-shot channel pruning of ``model`` at ``ratio`` (fraction of prunable channels removed).
+    """Plan a one-shot channel pruning of ``model``, to a channel ``ratio`` or to a budget.
+
+    Pass exactly one of:
+
+    * ``ratio``: the fraction of prunable channels to remove, in [0, 1);
+    * ``target_flops``: keep at most this fraction of the original's FLOPs (MACs), in (0, 1];
+    * ``target_params``: keep at most this fraction of the original's parameters, in (0, 1].
 
     Scores are ``sigmoid(weight)`` for bounded BatchNorms and ``|weight|`` for plain ones (a
-    group of coupled BatchNorms scores each channel by the minimum over them). ``scope="global"``
-    removes the ``floor(ratio * total)`` lowest-scored channels over all prunable layers (the
-    paper's global quantile threshold; ties broken by position, so equal scores are handled),
-    ``scope="local"`` the same fraction in each layer; then every layer gets back its best
-    removed channels until it keeps ``min(min_channels, channels)``.
+    group of coupled BatchNorms scores each channel by the minimum over them; see
+    :func:`rnip_ext.pruning.importance.group_scores`).
+
+    With a ratio, ``scope="global"`` removes the ``floor(ratio * total)`` lowest-scored channels
+    over all prunable layers (the paper's global quantile threshold; ties broken by position, so
+    equal scores are handled), ``scope="local"`` the same fraction in each layer; then every
+    layer gets back its best removed channels until it keeps ``min(min_channels, channels)``.
+
+    With a budget (``scope`` must be ``"global"``), all prunable channels are put in one order,
+    ascending by score, ties broken by position (as for a global ratio); a channel whose layer
+    would fall below ``min(min_channels, channels)`` is skipped. The plan removes the *shortest
+    prefix* of that order whose pruned network meets the budget, ``after <= target * before``,
+    where ``after`` is counted exactly on the narrowed network (a channel's cost depends on the
+    widths of its neighbours: removing an input channel of a layer that already lost outputs
+    saves less). Both counts fall with every removed channel, so the prefix is found by a binary
+    search over its length with the exact count of each candidate. The result reports
+    ``achieved_flops``/``achieved_params``; a budget below what removing every removable channel
+    reaches raises ``ValueError`` naming the smallest reachable fraction.
 
     ``example_inputs`` (a tensor or tuple of tensors, e.g. ``torch.randn(1, 3, 32, 32)``) sets the
     input size the FLOPs are counted for. A removed channel still outputs a constant (its shift,
@@ -207,13 +274,83 @@ def plan(
     linear layers, 1x1 and unpadded convolutions, approximately for kxk zero-padded ones:
     ``fold="refuse"`` raises instead of planning such a fold.
     """
-    _check_args(ratio, scope, min_channels, fold)
+    budget = _check_budget(ratio, target_flops, target_params, scope)
+    _check_args(scope, min_channels, fold)
     groups, gm = _analyse_prunable(model, example_inputs)
     scores = group_scores(model, groups)
-    masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)
-    group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
-    return _build_plan(model, groups, gm, scores, group_keep, ratio=float(ratio), scope=scope,
-                       min_channels=min_channels, fold=fold)
+    if budget is None:
+        masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)
+        group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+        return _build_plan(model, groups, gm, scores, group_keep, ratio=float(ratio), scope=scope,
+                           min_channels=min_channels, fold=fold)
+    kind, target = budget
+    group_keep = _select_budget(model, groups, gm, scores, kind, target, min_channels)
+    result = _build_plan(model, groups, gm, scores, group_keep, ratio=None, scope=scope,
+                         min_channels=min_channels, fold=fold)
+    if kind == "flops":
+        result.target_flops = target
+    else:
+        result.target_params = target
+    return result
+
+
+def _removal_order(groups: list[ChannelGroup], scores: dict[str, Tensor], min_channels: int) -> list[tuple[int, int]]:
+    """``(group index, channel)`` in removal order: ascending score, ties by position, each group
+    stopping at ``min(min_channels, channels)`` kept channels."""
+    flat = torch.cat([scores[g.name] for g in groups])
+    owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.channels for g in groups]))
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + g.channels)
+    room = [g.channels - min(min_channels, g.channels) for g in groups]
+    order = []
+    for i in torch.argsort(flat, stable=True).tolist():
+        gi = int(owner[i])
+        if room[gi] > 0:
+            room[gi] -= 1
+            order.append((gi, i - offsets[gi]))
+    return order
+
+
+def _keep_after(groups: list[ChannelGroup], order: list[tuple[int, int]], k: int) -> dict[str, Tensor]:
+    """Kept channels per group once the first ``k`` channels of ``order`` are removed."""
+    masks = [torch.ones(g.channels, dtype=torch.bool) for g in groups]
+    for gi, c in order[:k]:
+        masks[gi][c] = False
+    return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+
+
+def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor], kind: str,
+                   target: float, min_channels: int) -> dict[str, Tensor]:
+    """The kept channels of the shortest prefix of the removal order whose network meets the budget."""
+    costs = costs_from_graph(gm)
+    before = sum(c.macs for c in costs.values()) if kind == "flops" else count_params(model)
+
+    def count(group_keep: dict[str, Tensor]) -> int:
+        slices = module_slices(groups, group_keep)
+        if kind == "flops":
+            return _flops_after(model, costs, slices)
+        return _params_after(model, slices, fold_report(model, groups, group_keep)[1])
+
+    order = _removal_order(groups, scores, min_channels)
+    budget = target * before
+    # Integer-vs-float comparisons are exact in Python: ``after <= target * before`` as written.
+    least = count(_keep_after(groups, order, len(order)))
+    if least > budget:
+        smallest = least / max(before, 1)
+        raise ValueError(
+            f"target_{kind}={target:g} cannot be met: removing every prunable channel down to "
+            f"min_channels={min_channels} per layer (the layers that cannot be pruned stay whole) keeps "
+            f"{smallest:.4f} of the {'FLOPs' if kind == 'flops' else 'parameters'}, the smallest reachable fraction"
+        )
+    lo, hi = 0, len(order)  # invariant: the prefix of length hi meets the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(_keep_after(groups, order, mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _keep_after(groups, order, hi)
 
 
 def _analyse_prunable(model: nn.Module, example_inputs) -> tuple[list[ChannelGroup], "torch.fx.GraphModule"]:
@@ -232,7 +369,7 @@ def _analyse_prunable(model: nn.Module, example_inputs) -> tuple[list[ChannelGro
 
 
 def _build_plan(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor],
-                group_keep: dict[str, Tensor], *, ratio: float, scope: str, min_channels: int,
+                group_keep: dict[str, Tensor], *, ratio: float | None, scope: str, min_channels: int,
                 fold: str) -> PruningPlan:
     """The :class:`PruningPlan` keeping ``group_keep`` (sorted int64 indices per group name)."""
     keep = {n: group_keep[g.name] for g in groups for n in g.bns if len(group_keep[g.name]) < g.channels}
