@@ -1,0 +1,94 @@
+"""A rough, honest measurement of inference speed: images per second of a model on one batch.
+
+Used by ``rnip prune`` to print the speed before and after pruning next to the FLOPs, since a
+FLOPs reduction is not a speed-up by itself (narrow layers use the hardware less well, and
+BatchNorm, activations and memory traffic are not counted in FLOPs). For careful numbers see
+``benchmarks/pruned_speed.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .pruning.graph import eval_mode
+
+__all__ = ["Throughput", "measure_throughput"]
+
+
+@dataclass
+class Throughput:
+    """Result of :func:`measure_throughput`.
+
+    ``images_per_s = batch_size / median_s``, where ``median_s`` is the median wall time of
+    ``timed_batches`` forward passes after ``warmup`` untimed ones, on ``device`` with ``threads``
+    CPU threads (``torch.get_num_threads()``); ``times_s`` are the individual timings.
+    """
+
+    images_per_s: float
+    median_s: float
+    batch_size: int
+    timed_batches: int
+    warmup: int
+    device: str
+    threads: int
+    times_s: list[float]
+
+    def __str__(self) -> str:
+        return f"{self.images_per_s:,.0f} images/s"
+
+
+def _batch_size(example_batch) -> int:
+    tensors = example_batch if isinstance(example_batch, (tuple, list)) else (example_batch,)
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError("example_batch must be a tensor or a tuple of tensors")
+    if tensors[0].dim() == 0 or tensors[0].shape[0] < 1:
+        raise ValueError(f"example_batch must have a batch dimension of size >= 1, got shape {tuple(tensors[0].shape)}")
+    return int(tensors[0].shape[0])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, example_batch, *, warmup: int = 2, repeats: int = 5) -> Throughput:
+    """Inference images per second of ``model`` on ``example_batch``: ``batch / median(seconds)``.
+
+    Runs ``warmup`` untimed forward passes, then ``repeats`` timed ones (wall clock; on CUDA with
+    a synchronize before each reading), all in eval mode under ``torch.no_grad`` (each
+    submodule's mode is restored afterwards). ``example_batch`` is a tensor (or tuple of tensors)
+    on the model's device, its first dimension the batch. The median of a few batches is a rough
+    figure: other processes on the machine, clock scaling and the first calls' allocations move
+    it; compare numbers measured back to back on the same machine only.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"measure_throughput expects an nn.Module, got {type(model).__name__}")
+    for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    batch = _batch_size(example_batch)
+    args = tuple(example_batch) if isinstance(example_batch, (tuple, list)) else (example_batch,)
+    device = args[0].device
+    times = []
+    with eval_mode(model):
+        try:
+            model(*args)
+        except Exception as exc:  # the model's own error type varies; the cause is the input
+            raise ValueError(f"example_batch does not fit the model ({type(exc).__name__}: {exc})") from exc
+        for _ in range(max(warmup - 1, 0)):
+            model(*args)
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            model(*args)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return Throughput(images_per_s=batch / median, median_s=median, batch_size=batch, timed_batches=repeats,
+                      warmup=warmup, device=str(device), threads=torch.get_num_threads(), times_s=times)
