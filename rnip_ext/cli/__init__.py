@@ -1,10 +1,10 @@
-"""The ``rnip`` command (also ``python -m rnip_ext``): train, prune, report, demo."""
+"""The ``rnip`` command (also ``python -m rnip_ext``): train, prune, export, report, demo."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import demo, prune, report, train
+from . import demo, export, prune, report, train
 
 __all__ = ["main"]
 
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("train", train, "train a network with the paper's recipe"),
         ("prune", prune, "one-shot prune a trained run and fine-tune it"),
+        ("export", export, "write a run's network as a torch.export (.pt2) or ONNX file that loads without rnip_ext"),
         ("report", report, "table and plots across runs"),
         ("demo", demo, "train, prune and compare on the embedded digits dataset"),
     ):

@@ -3,9 +3,11 @@
     plan = rnip_ext.pruning.plan(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32))
     print(plan)
     small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
+    rnip_ext.pruning.export(small, "small.pt2", torch.randn(1, 3, 32, 32))  # loads without rnip_ext
 """
 
 from .apply import apply, prune
+from .deploy import export
 from .flops import count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
@@ -20,6 +22,7 @@ __all__ = [
     "channel_importance",
     "count_flops",
     "count_params",
+    "export",
     "find_channel_groups",
     "load",
     "plan",

@@ -109,7 +109,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="
         if not builder:
             raise ValueError(
                 "this checkpoint's model was not built by rnip_ext.models: pass model=<a fresh instance of "
-                "the unpruned architecture> to load it"
+                "the unpruned architecture> to load it; to ship a model that loads without its Python class "
+                "(or without rnip_ext), write it with rnip_ext.pruning.export(model, path, example_inputs) and "
+                "read it with torch.export.load(path).module()"
             )
         from .. import models
 
