@@ -21,7 +21,7 @@ reach is listed under ``unreachable`` in the JSON (with the smallest reachable f
 not timed.
 
 Timing: wall clock with ``time.perf_counter`` (on CUDA with a synchronize before each reading),
-``--rounds`` rounds after ``--warmup`` untimed ones; in each round every configuration of a
+``--rounds`` rounds (default 9) after ``--warmup`` untimed ones; in each round every configuration of a
 model is timed once (``infer_b1`` ``--b1-repeats`` times), so that load from other processes
 on a shared machine falls on all of them alike. Each row reports the median and 20th/80th
 percentiles in milliseconds over all rounds, and ``speedup`` = unpruned median / pruned median.
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch", type=int, default=32, help="batch of infer_bN and train_step")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--b1-repeats", type=int, default=3, help="batch-1 inferences timed per round")
     parser.add_argument("--seed", type=int, default=0)
