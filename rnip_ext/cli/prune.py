@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _budget(args: argparse.Namespace) -> None:
     """Fill in the default ratio (0.5) when no budget is given; check the one that is."""
+    for name in ("ratio", "target_flops", "target_params"):  # callers building a Namespace may omit some
+        setattr(args, name, getattr(args, name, None))
     if args.ratio is None and args.target_flops is None and args.target_params is None:
         args.ratio = 0.5
     if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
