@@ -31,8 +31,9 @@ class PruningPlan:
         scores: the group scores the choice was made on (``min`` over coupled BatchNorms).
         params, flops: ``(before, after)`` parameter and multiply-accumulate counts, the latter
             for ``example_inputs``.
-        ratio: the requested fraction of prunable channels to remove (``None`` for a plan made
-            to a budget); ``achieved_ratio`` the fraction of prunable channels the plan removes.
+        ratio: the requested fraction of prunable channels to remove (for a plan made to a
+            budget: ``None`` with ``scope="global"``, the per-layer fraction the budget led to with
+            ``scope="local"``); ``achieved_ratio`` the fraction of prunable channels the plan removes.
         target_flops, target_params: the budget the plan was made for, as a fraction of the
             original's count (``None`` when not given); ``achieved_flops`` and
             ``achieved_params`` are the fractions the plan reaches (``after / before``).
@@ -70,12 +71,14 @@ class PruningPlan:
         return self.params[1] / max(self.params[0], 1)
 
     def __str__(self) -> str:
+        if self.target_flops is not None or self.target_params is not None:
+            per_layer = f", {self.ratio:.4f} per layer" if self.ratio is not None else ""
         if self.target_flops is not None:
             request = (f"target_flops={self.target_flops:g} requested, {self.achieved_flops:.4f} achieved "
-                       f"({self.achieved_ratio:.4f} of channels removed)")
+                       f"({self.achieved_ratio:.4f} of channels removed{per_layer})")
         elif self.target_params is not None:
             request = (f"target_params={self.target_params:g} requested, {self.achieved_params:.4f} achieved "
-                       f"({self.achieved_ratio:.4f} of channels removed)")
+                       f"({self.achieved_ratio:.4f} of channels removed{per_layer})")
         else:
             request = f"ratio={self.ratio:g} requested, {self.achieved_ratio:.4f} achieved"
         lines = [
@@ -116,9 +119,6 @@ def _check_budget(ratio, target_flops, target_params, scope) -> tuple[str, float
     name, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
     if not _is_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"target_{name} must be a fraction of the original's count in (0, 1], got {value!r}")
-    if scope != "global":
-        raise ValueError(f"a target_{name} ranks channels over the whole network: scope must be 'global', "
-                         f"got {scope!r}")
     return name, float(value)
 
 
@@ -257,14 +257,17 @@ def plan(
     equal scores are handled), ``scope="local"`` the same fraction in each layer; then every
     layer gets back its best removed channels until it keeps ``min(min_channels, channels)``.
 
-    With a budget (``scope`` must be ``"global"``), all prunable channels are put in one order,
-    ascending by score, ties broken by position (as for a global ratio); a channel whose layer
-    would fall below ``min(min_channels, channels)`` is skipped. The plan removes the *shortest
-    prefix* of that order whose pruned network meets the budget, ``after <= target * before``,
-    where ``after`` is counted exactly on the narrowed network (a channel's cost depends on the
-    widths of its neighbours: removing an input channel of a layer that already lost outputs
-    saves less). Both counts fall with every removed channel, so the prefix is found by a binary
-    search over its length with the exact count of each candidate. The result reports
+    With a budget and ``scope="global"``, all prunable channels are put in one order, ascending
+    by score, ties broken by position (as for a global ratio); a channel whose layer would fall
+    below ``min(min_channels, channels)`` is skipped. The plan removes the *shortest prefix* of
+    that order whose pruned network meets the budget, ``after <= target * before``, where
+    ``after`` is counted exactly on the narrowed network (a channel's cost depends on the widths
+    of its neighbours: removing an input channel of a layer that already lost outputs saves
+    less). Both counts fall with every removed channel, so the prefix is found by a binary search
+    over its length with the exact count of each candidate. With ``scope="local"`` (the uniform
+    baseline at equal cost) the plan is the local-ratio plan for the smallest per-layer fraction
+    ``r`` among the values ``k / channels`` (where some layer's count changes) whose network
+    meets the budget; ``plan.ratio`` is that ``r``. The result reports
     ``achieved_flops``/``achieved_params``; a budget below what removing every removable channel
     reaches raises ``ValueError`` naming the smallest reachable fraction.
 
@@ -284,8 +287,8 @@ def plan(
         return _build_plan(model, groups, gm, scores, group_keep, ratio=float(ratio), scope=scope,
                            min_channels=min_channels, fold=fold)
     kind, target = budget
-    group_keep = _select_budget(model, groups, gm, scores, kind, target, min_channels)
-    result = _build_plan(model, groups, gm, scores, group_keep, ratio=None, scope=scope,
+    group_keep, local_ratio = _select_budget(model, groups, gm, scores, kind, target, scope, min_channels)
+    result = _build_plan(model, groups, gm, scores, group_keep, ratio=local_ratio, scope=scope,
                          min_channels=min_channels, fold=fold)
     if kind == "flops":
         result.target_flops = target
@@ -320,9 +323,21 @@ def _keep_after(groups: list[ChannelGroup], order: list[tuple[int, int]], k: int
     return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
 
 
+def _local_ratios(groups: list[ChannelGroup]) -> list[float]:
+    """Every per-layer fraction at which some layer's removed count changes: ``k / channels``."""
+    return sorted({k / g.channels for g in groups for k in range(g.channels)})
+
+
 def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor], kind: str,
-                   target: float, min_channels: int) -> dict[str, Tensor]:
-    """The kept channels of the shortest prefix of the removal order whose network meets the budget."""
+                   target: float, scope: str, min_channels: int) -> tuple[dict[str, Tensor], float | None]:
+    """The kept channels of the first candidate whose network meets the budget, and (local scope)
+    the per-layer ratio it removes.
+
+    Candidates are nested, each removing a superset of the previous one's channels, so the counts
+    fall along them and a binary search finds the first that meets the budget: prefixes of the
+    global removal order (``scope="global"``) or the local ratios ``k / channels`` in increasing
+    order (``scope="local"``).
+    """
     costs = costs_from_graph(gm)
     before = sum(c.macs for c in costs.values()) if kind == "flops" else count_params(model)
 
@@ -332,10 +347,24 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
             return _flops_after(model, costs, slices)
         return _params_after(model, slices, fold_report(model, groups, group_keep)[1])
 
-    order = _removal_order(groups, scores, min_channels)
+    if scope == "global":
+        order = _removal_order(groups, scores, min_channels)
+        n_candidates = len(order) + 1
+
+        def keep_of(i: int) -> dict[str, Tensor]:
+            return _keep_after(groups, order, i)
+    else:
+        ratios = _local_ratios(groups)
+        n_candidates = len(ratios)
+        score_list = [scores[g.name] for g in groups]
+
+        def keep_of(i: int) -> dict[str, Tensor]:
+            masks = _select(score_list, ratios[i], "local", min_channels)
+            return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+
     budget = target * before
     # Integer-vs-float comparisons are exact in Python: ``after <= target * before`` as written.
-    least = count(_keep_after(groups, order, len(order)))
+    least = count(keep_of(n_candidates - 1))
     if least > budget:
         smallest = least / max(before, 1)
         raise ValueError(
@@ -343,14 +372,14 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
             f"min_channels={min_channels} per layer (the layers that cannot be pruned stay whole) keeps "
             f"{smallest:.4f} of the {'FLOPs' if kind == 'flops' else 'parameters'}, the smallest reachable fraction"
         )
-    lo, hi = 0, len(order)  # invariant: the prefix of length hi meets the budget
+    lo, hi = 0, n_candidates - 1  # invariant: candidate hi meets the budget
     while lo < hi:
         mid = (lo + hi) // 2
-        if count(_keep_after(groups, order, mid)) <= budget:
+        if count(keep_of(mid)) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    return _keep_after(groups, order, hi)
+    return keep_of(hi), (None if scope == "global" else ratios[hi])
 
 
 def _analyse_prunable(model: nn.Module, example_inputs) -> tuple[list[ChannelGroup], "torch.fx.GraphModule"]:

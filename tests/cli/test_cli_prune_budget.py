@@ -57,5 +57,3 @@ def test_bad_budgets(trained_run, tmp_path, capsys):
         prune(trained_run, tmp_path / "c", "--target-params", "1.5")
     with pytest.raises(SystemExit, match=r"error: target_flops=1e-06 cannot be met.*smallest reachable"):
         prune(trained_run, tmp_path / "d", "--target-flops", "1e-6")
-    with pytest.raises(SystemExit, match="error: .*scope must be 'global'"):
-        prune(trained_run, tmp_path / "e", "--target-flops", "0.5", "--scope", "local")

@@ -107,6 +107,26 @@ def test_whole_budget_removes_nothing_and_prune_takes_targets():
     assert plan(model, 0.5, "global", 1, example_inputs=x).achieved_ratio == pytest.approx(0.5, abs=0.03)
 
 
+@pytest.mark.parametrize("name,build,shape", MODELS[::2], ids=[m[0] for m in MODELS[::2]])
+@pytest.mark.parametrize("kind,target", [("flops", 0.45), ("params", 0.33)])
+def test_local_budget_is_the_smallest_uniform_ratio(name, build, shape, kind, target):
+    model = warmed_up(build(), shape)
+    x = torch.randn(*shape)
+    p = plan(model, scope="local", example_inputs=x, **{f"target_{kind}": target})
+    before, after = _count(p, kind)
+    assert after <= target * before and p.scope == "local" and 0 < p.ratio < 1
+    assert f"{p.ratio:.4f} per layer" in str(p)
+    # The same channels as the local-ratio plan at that ratio, and counts of the applied network.
+    same = plan(model, p.ratio, "local", example_inputs=x)
+    for g in p.groups:
+        assert torch.equal(same.group_keep[g.name], p.group_keep[g.name])
+    pruned = apply(model, p)
+    assert count_flops(pruned, x) == p.flops[1] and count_params(pruned) == p.params[1]
+    # Every smaller ratio at which some layer's width changes misses the budget: the largest one below.
+    smaller = max(k / g.channels for g in p.groups for k in range(g.channels) if k / g.channels < p.ratio)
+    assert _count(plan(model, smaller, "local", example_inputs=x), kind)[1] > target * before
+
+
 @pytest.mark.parametrize("kind", ["flops", "params"])
 def test_unreachable_target_names_the_smallest_reachable_fraction(kind):
     model = warmed_up(M.resnet56_cifar(), (2, 3, 32, 32))  # residual streams cannot be pruned
@@ -131,7 +151,7 @@ def test_unreachable_target_names_the_smallest_reachable_fraction(kind):
     ({"target_flops": float("nan")}, r"target_flops must be a fraction"),
     ({"target_flops": True}, r"target_flops must be a fraction"),
     ({"target_flops": "0.5"}, r"target_flops must be a fraction"),
-    ({"target_flops": 0.5, "scope": "local"}, "scope must be 'global'"),
+    ({"target_flops": 0.5, "scope": "layer"}, "scope must be one of"),
 ])
 def test_bad_budgets(kwargs, match):
     model = flat_linear()
