@@ -3,7 +3,9 @@
 Trains the small VGG on scikit-learn's 8x8 digits (upsampled to 16x16) with the receding
 regulariser (rni), network slimming (l1) and no regulariser (none), prunes each at 50% and 90%
 (global threshold; none uses the same fraction per layer, the paper's "uniform" baseline),
-fine-tunes briefly, prints the comparison table and writes the plots.
+fine-tunes briefly, prints the comparison table and writes the plots. ``--target-flops``
+compares the methods at equal FLOPs instead (each pruned to the same fraction of its FLOPs;
+none with the smallest uniform per-layer ratio that reaches it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="rnip-demo", help="directory for the runs, the report and the plots")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--finetune-epochs", type=int, default=10)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.9])
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratios", type=float, nargs="+", default=None,
+                        help="fractions of channels to prune (default 0.5 0.9)")
+    budget.add_argument("--target-flops", type=float, nargs="+", default=None,
+                        help="compare at equal cost: fractions of the FLOPs to keep, e.g. 0.5 0.1")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
@@ -54,10 +60,14 @@ def run(args: argparse.Namespace) -> None:
             val_fraction=0.1, seed=args.seed, device=args.device, amp="none", channels_last=False, compile=False,
             out=train_dir, resume=False, no_progress=args.no_progress))
         run_dirs.append(train_dir)
-        for ratio in args.ratios:
-            prune_dir = os.path.join(args.out, f"prune-{method}-{int(round(ratio * 100))}")
+        targets = getattr(args, "target_flops", None)
+        budgets = ([(f"f{int(round(t * 100))}", None, t) for t in targets] if targets
+                   else [(str(int(round(r * 100))), r, None) for r in (args.ratios or [0.5, 0.9])])
+        for label, ratio, target_flops in budgets:
+            prune_dir = os.path.join(args.out, f"prune-{method}-{label}")
             prune_cmd.run(SimpleNamespace(
-                run_dir=train_dir, ratio=ratio, scope="local" if method == "none" else "global", min_channels=3,
+                run_dir=train_dir, ratio=ratio, target_flops=target_flops, target_params=None,
+                scope="local" if method == "none" else "global", min_channels=3,
                 finetune_epochs=args.finetune_epochs, lr=None, device=None, out=prune_dir,
                 no_progress=args.no_progress))
             run_dirs.append(prune_dir)
