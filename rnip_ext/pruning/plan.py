@@ -194,8 +194,10 @@ def plan(
 ) -> PruningPlan:
     """Plan a one-shot channel pruning of ``model`` at ``ratio`` (fraction of prunable channels removed).
 
-    Scores are ``sigmoid(weight)`` for bounded BatchNorms and ``|weight|`` for plain ones (a
-    group of coupled BatchNorms scores each channel by the minimum over them). ``scope="global"``
+    Scores are :func:`rnip_ext.pruning.channel_importance`'s default (``"relative"``: relative
+    to the layer's strongest channel where the next BatchNorm renormalises, ``sigmoid(weight)``
+    or ``|weight|`` elsewhere; a group of coupled BatchNorms scores each channel by the minimum
+    over them). ``scope="global"``
     removes the ``floor(ratio * total)`` lowest-scored channels over all prunable layers (the
     paper's global quantile threshold; ties broken by position, so equal scores are handled),
     ``scope="local"`` the same fraction in each layer; then every layer gets back its best
