@@ -3,20 +3,27 @@
     plan = rnip_ext.pruning.plan(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32))
     print(plan)
     small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
+
+During training, :class:`RecedingSchedule` removes receded channels between epochs and
+``apply(..., optimizer=opt)`` carries the optimiser's state over.
 """
 
 from .apply import apply, prune
-from .flops import count_flops, count_params
+from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import load, save
 from .plan import PruningPlan, plan, plan_from_keep
+from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
     "ChannelGroup",
     "PruningPlan",
     "PruningTraceError",
+    "RecedingSchedule",
+    "ScheduleStep",
     "apply",
+    "channel_costs",
     "channel_importance",
     "count_flops",
     "count_params",
