@@ -9,6 +9,7 @@ During training, :class:`RecedingSchedule` removes receded channels between epoc
 """
 
 from .apply import apply, prune
+from .controller import BudgetController, active_flops
 from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
@@ -17,11 +18,13 @@ from .plan import PruningPlan, plan, plan_from_keep
 from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
+    "BudgetController",
     "ChannelGroup",
     "PruningPlan",
     "PruningTraceError",
     "RecedingSchedule",
     "ScheduleStep",
+    "active_flops",
     "apply",
     "channel_costs",
     "channel_importance",
