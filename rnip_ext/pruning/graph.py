@@ -333,7 +333,8 @@ def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], 
             continue
         group = ChannelGroup([node.target], produced[1].target, bn.num_features)
         if analysis.follow(node, node.target, group, bn.num_features, [], False, {node}):
-            group.renormalised = all(c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
+            group.renormalised = bool(group.consumers) and all(
+                c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
             groups.append(group)
             claimed.update(group.bns)
     return groups, gm
