@@ -37,10 +37,6 @@ def _check_model(model: nn.Module) -> None:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
 
 
-def _bounded_layers(model: nn.Module) -> list[BoundedBatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, BoundedBatchNorm2d) and m.weight is not None]
-
-
 def _plain_bn_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 

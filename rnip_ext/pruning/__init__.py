@@ -15,6 +15,7 @@ from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import load, save
 from .plan import PruningPlan, plan, plan_from_keep
+from .recalibrate import recalibrate_batchnorm
 from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "plan",
     "plan_from_keep",
     "prune",
+    "recalibrate_batchnorm",
     "save",
 ]

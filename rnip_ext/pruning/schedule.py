@@ -11,7 +11,10 @@ layer-relative score by default) is below ``threshold``: with the default 0.01 i
 than 1% of the signal of its layer's strongest channel (or, where nothing renormalises, less
 than 1% of its normalised activation). Removing it changes the function by that little, so the
 run goes on without a fine-tuning phase. The optimiser comes along (:func:`apply` slices its
-state) and a regulariser is rebound to the narrower network.
+state) and a regulariser is rebound to the narrower network. The BatchNorms' running
+statistics were measured with the removed channels present: the next training epoch
+re-estimates them; to evaluate right after a step (or after the final cut) call
+:func:`rnip_ext.pruning.recalibrate_batchnorm` on a few training batches first.
 """
 
 from __future__ import annotations
