@@ -78,7 +78,7 @@ def make_step(variant: str, shape, dtype, memory_format, mode: str, device):
         penalty = layer.penalty
     else:
         layer = rnip_ext.BoundedBatchNorm2d(c, device=device)
-        penalty = rnip_ext.RecedingRegularizer(nn.Sequential(layer), STRENGTH, SHIFT)
+        penalty = rnip_ext.RecedingRegularizer(nn.Sequential(layer), STRENGTH, SHIFT, normalize=None)
     layer.train(mode != "eval")
     params = list(layer.parameters())
 

@@ -11,6 +11,11 @@ Bounded batch normalisation (per channel ``c``, over the ``N*H*W`` positions)::
 Receding penalty (Suteu & Guo, arXiv 2204.06404), with ``s_c = sigmoid(w_c + shift)``::
 
     R(w) = sum_c s_c * (1 - log s_c)          dR/dw_c = -log(s_c) * s_c * (1 - s_c)  >= 0
+
+Layer-normalised receding penalty (rnip_ext's default), on the layer-relative importances
+``u_c = sigmoid(w_c) / max_j sigmoid(w_j)`` with the shift applied to their logits::
+
+    R_rel(w) = sum_c t_c * (1 - log t_c),     t_c = sigmoid(logit(u_c) + shift)
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ __all__ = [
     "receding_penalty",
     "receding_penalty_per_channel",
     "receding_penalty_grad",
+    "relative_receding_penalty",
+    "relative_receding_penalty_per_channel",
 ]
 
 
@@ -130,3 +137,63 @@ def receding_penalty(weight: Tensor, shift: float = 0.0) -> Tensor:
     Computed stably: no NaN or inf for any finite ``weight``.
     """
     return receding_penalty_per_channel(weight, shift).sum()
+
+
+class _RelativePenalty(torch.autograd.Function):
+    """``h(r) = t (1 - log t)``, ``t = sigmoid(z)``, ``z = r - log(1 - e^r) + shift``, for ``r = log u <= 0``.
+
+    ``z = logit(u) + shift``. Backward, written so that nothing is 0/0 or inf at ``u = 1``
+    (``r = 0``, ``z = +inf``): with ``dz/dr = 1 / (1 - u)`` and ``sigmoid(-z) / (1 - u) =
+    1 / (1 - u + u e^shift)``,
+
+        dh/dr = -log(t) * t / ((1 - u) + e^(r + shift))     (0 at r = 0)
+    """
+
+    @staticmethod
+    def forward(r: Tensor, shift: float) -> Tensor:
+        z = r - torch.log(-torch.expm1(r)) + shift  # +inf at r = 0: t = 1, h = 1
+        return torch.sigmoid(z) * (1.0 - F.logsigmoid(z))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        r, shift = inputs
+        ctx.save_for_backward(r)
+        ctx.shift = shift
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (r,) = ctx.saved_tensors
+        z = r - torch.log(-torch.expm1(r)) + ctx.shift
+        dh = -F.logsigmoid(z) * torch.sigmoid(z) / (-torch.expm1(r) + torch.exp(r + ctx.shift))
+        return grad * torch.where(r == 0, torch.zeros_like(dh), dh), None
+
+
+def relative_receding_penalty_per_channel(weight: Tensor, shift: float = 0.0) -> Tensor:
+    """The receding penalty on layer-relative importances, per channel; values in (0, 1].
+
+    ``u_c = sigmoid(w_c) / max_j sigmoid(w_j)`` (over every element of ``weight``, computed as
+    ``exp(logsigmoid(w_c) - max_j logsigmoid(w_j))``), ``t_c = sigmoid(logit(u_c) + shift)``
+    (``= u_c e^shift / (1 - u_c + u_c e^shift)``, so ``t ~ u e^shift`` for receded channels, as
+    the paper's ``sigmoid(w + shift) ~ sigmoid(w) e^shift``), term ``t_c (1 - log t_c)``.
+
+    It depends on ``weight`` only through the ratios ``u``: multiplying every ``sigmoid(w_c)``
+    of the layer by one factor (the common-scale direction ``dw_c = d(log a) / (1 - s_c)``)
+    changes nothing, so its gradient along that direction is zero and descent cannot lower the
+    penalty by shrinking the whole layer. The top channel's own term is 1 with zero derivative;
+    through the maximum, the top logit receives ``-(1 - s_top) * sum_c dh_c/dr_c <= 0`` (the
+    others pushed down relative to it is the same as it being pulled up; bounded by
+    ``sigmoid <= 1``). Stable: finite values and gradients for every finite ``weight``.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    shift = _check_shift(shift)
+    log_s = F.logsigmoid(weight)
+    return _RelativePenalty.apply(log_s - log_s.amax(), shift)
+
+
+def relative_receding_penalty(weight: Tensor, shift: float = 0.0) -> Tensor:
+    """``sum_c t_c (1 - log t_c)``, the layer-normalised receding penalty of one layer
+    (see :func:`relative_receding_penalty_per_channel`)."""
+    return relative_receding_penalty_per_channel(weight, shift).sum()

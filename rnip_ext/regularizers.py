@@ -5,7 +5,8 @@ returns a differentiable scalar to add to the loss::
 
     loss = criterion(model(x), y) + reg()
 
-A model pruned or converted afterwards needs a new regulariser (and a new optimiser).
+A model converted afterwards needs a new regulariser; after pruning,
+``RecedingRegularizer.rebind(pruned)`` binds the pruned model's layers.
 """
 
 from __future__ import annotations
@@ -36,61 +37,153 @@ def _check_model(model: nn.Module) -> None:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
 
 
-def _bounded_layers(model: nn.Module) -> list[BoundedBatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, BoundedBatchNorm2d) and m.weight is not None]
-
-
 def _plain_bn_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
+
+
+NORMALIZE = ("layer", None)
+COSTS = ("channels", "flops", "params")
 
 
 class RecedingRegularizer:
     r"""The receding regulariser over every affine ``BoundedBatchNorm2d`` of a model.
 
+    ``normalize="layer"`` (default), on layer-relative importances:
+
     .. math::
 
-        \mathrm{reg}() = \lambda \sum_{\text{layers}} \sum_c s_c (1 - \ln s_c),
+        \mathrm{reg}() = \lambda \sum_{\text{layers } l} k_l \sum_c t_c (1 - \ln t_c),
+        \qquad t_c = \sigma(\operatorname{logit}(u_c) + b),
+        \qquad u_c = \sigma(w_c) / \max_{j \in l} \sigma(w_j)
+
+    ``normalize=None``, the paper's formulation:
+
+    .. math::
+
+        \mathrm{reg}() = \lambda \sum_{\text{layers } l} k_l \sum_c s_c (1 - \ln s_c),
         \qquad s_c = \sigma(w_c + b)
 
-    with ``strength`` :math:`\lambda` and ``shift`` :math:`b`. The paper's values: ``1e-3`` and
-    ``3`` for VGG-16 (the defaults), ``1e-4`` and ``0`` for ResNet-56. Its gradient
-    :math:`-\lambda \ln(s) s (1 - s) \ge 0` pushes only low-importance channels down, which makes
-    the importances bimodal.
+    with ``strength`` :math:`\lambda`, ``shift`` :math:`b` and cost weights :math:`k_l` (1 with
+    ``cost="channels"``). The paper's values: ``1e-3`` and ``3`` for VGG-16 (the defaults),
+    ``1e-4`` and ``0`` for ResNet-56. Both gradients are never negative on a receded channel,
+    which makes the importances bimodal.
 
-    Fusion: the regulariser attaches itself to its layers. On the Triton path each layer's
-    forward then also returns its per-channel penalty (cheap) as an output of the fused op, and
-    :meth:`penalty` sums those recorded values; their gradient, scaled by whatever the loss
-    applies (loss weights, accumulation, ``GradScaler``), enters the same backward kernel that
-    computes ``d(weight)``. Layers that did not record a value since the last call (eager path,
-    eval mode, no forward yet) contribute ``receding_penalty(weight, shift)`` through autograd.
-    Both give the same value and gradient. A recorded value is used once, only by a call after
-    the forward that made it and before the weights change (otherwise the penalty is recomputed).
-    Its gradient flows through that forward's graph, so backpropagate it with the loss
-    (``(criterion + reg()).backward()``); to backpropagate the penalty on its own after the
-    loss's backward, build the regulariser with ``fused=False``.
+    Why ``"layer"`` is the default: when the layer's channels feed a convolution followed by a
+    BatchNorm, that BatchNorm renormalises, so the paper's penalty can fall by shrinking every
+    scale of a layer together at no cost to the loss -- whole layers recede (measured on the
+    digits: four of five layers below ``sigmoid(w) = 0.016`` while the network still works), and
+    ``sigmoid(w)`` stops meaning "removable". The normalised penalty depends only on the ratios
+    ``u_c``, the importance :func:`rnip_ext.pruning.channel_importance` ranks by: its gradient
+    along the common-scale direction is exactly zero, the layer's strongest channel has zero
+    penalty gradient of its own (it is pulled up by what pushes the others down), and channels
+    recede relative to their layer. For receded channels ``t ~ u e^b``, as the paper's
+    ``s ~ sigmoid(w) e^b``, so ``shift`` keeps its meaning. See
+    :func:`rnip_ext.functional.relative_receding_penalty_per_channel`.
+
+    Cost weights (``cost=``): ``"channels"`` counts every channel once (the paper);
+    ``"flops"`` / ``"params"`` weight a channel's term by the multiply-accumulates (for
+    ``example_inputs``, required then) / parameters it carries in the current network -- its
+    producer's filter, a depthwise filter on the way, its consumers' input slices (see
+    :func:`rnip_ext.pruning.flops.channel_costs`) -- so the penalty becomes a smooth count of
+    active FLOPs (MorphNet's idea on the bounded scale). Normalisation: the weights have mean 1
+    over all regularised channels, ``k_l = cost_l * N / sum_l' n_l' cost_l'``, so that a
+    network whose channels all cost the same gets exactly the ``"channels"`` penalty and
+    ``strength`` keeps its meaning. Channels outside any prunable group (e.g. a residual
+    stream) cannot be removed, so they get weight 0 under ``"flops"``/``"params"``. Every channel
+    of a layer carries the same cost, so the weights are one number per layer. After pruning,
+    :meth:`rebind` binds the pruned model's layers and recomputes the costs.
+
+    Fusion: the regulariser attaches itself to its layers. With ``normalize=None`` on the
+    Triton path each layer's forward then also returns its per-channel penalty (cheap) as an
+    output of the fused op, and :meth:`penalty` sums those recorded values times ``k_l``; their
+    gradient (``k_l`` times whatever the loss applies: loss weights, accumulation,
+    ``GradScaler``) enters the same backward kernel that computes ``d(weight)``. Layers that did
+    not record a value since the last call (eager path, eval mode, no forward yet) contribute
+    ``receding_penalty(weight, shift)`` through autograd. Both give the same value and gradient.
+    A recorded value is used once, only by a call after the forward that made it and before the
+    weights change (otherwise the penalty is recomputed). Its gradient flows through that
+    forward's graph, so backpropagate it with the loss (``(criterion + reg()).backward()``); to
+    backpropagate the penalty on its own after the loss's backward, build the regulariser with
+    ``fused=False``. The fused record computes the paper's per-channel term only: with
+    ``normalize="layer"`` layers record nothing and the penalty goes through the eager
+    autograd formula (a few C-element vector ops per layer).
     """
 
-    def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True) -> None:
+    def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True,
+                 normalize: str | None = "layer", cost: str = "channels", example_inputs=None) -> None:
         _check_model(model)
         self.strength = _check_strength(strength)
         self.shift = RF._check_shift(shift)
-        self.layers = _bounded_layers(model)
-        if not self.layers:
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be 'layer' or None, got {normalize!r}")
+        if cost not in COSTS:
+            raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+        if cost != "channels" and example_inputs is None:
+            raise ValueError(f"cost={cost!r} needs example_inputs (the input size FLOPs are counted for)")
+        self.normalize = normalize
+        self.cost = cost
+        self.example_inputs = example_inputs
+        self.fused = bool(fused)
+        self.layers: list[BoundedBatchNorm2d] = []
+        self.weights: list[float] = []
+        self.rebind(model)
+
+    @property
+    def uses_fused_record(self) -> bool:
+        """Whether layers record their penalty in the fused forward (``fused`` and ``normalize=None``)."""
+        return self.fused and self.normalize is None
+
+    def rebind(self, model: nn.Module) -> "RecedingRegularizer":
+        """Bind the bounded layers of ``model`` (e.g. after pruning) and recompute the cost weights.
+
+        The previously bound layers are detached (they record nothing any more). Returns ``self``.
+        """
+        _check_model(model)
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d) and m.weight is not None]
+        if not named:
             raise ValueError(
                 "RecedingRegularizer found no BoundedBatchNorm2d with affine=True in the model; "
                 "convert it first with rnip_ext.convert_batchnorm(model)"
             )
-        self.fused = bool(fused)
+        weights = self._cost_weights(model, named)  # may raise: nothing changed yet
         for m in self.layers:
-            m._receding_shift = self.shift if self.fused else None
+            m._receding_shift = None
             m._recorded_penalty = None
+        self.layers = [m for _, m in named]
+        self.weights = weights
+        for m in self.layers:
+            m._receding_shift = self.shift if self.uses_fused_record else None
+            m._recorded_penalty = None
+        return self
+
+    def _cost_weights(self, model: nn.Module, named) -> list[float]:
+        if self.cost == "channels":
+            return [1.0] * len(named)
+        from .pruning.flops import channel_costs
+
+        costs = channel_costs(model, self.example_inputs, "flops" if self.cost == "flops" else "params")
+        per_layer = [float(costs.get(n, 0.0)) for n, _ in named]
+        channels = [m.num_features for _, m in named]
+        total = sum(c * n for c, n in zip(per_layer, channels))
+        if total <= 0:
+            raise ValueError(f"cost={self.cost!r}: no regularised channel can be removed (no prunable channel group)")
+        return [c * sum(channels) / total for c in per_layer]
+
+    def per_channel(self, m: BoundedBatchNorm2d) -> Tensor:
+        """Layer ``m``'s per-channel terms (unweighted), through the fused record when there is one."""
+        if self.uses_fused_record:
+            recorded = m.take_recorded_penalty(self.shift)
+            if recorded is not None:
+                return recorded
+        if self.normalize == "layer":
+            return RF.relative_receding_penalty_per_channel(m.weight, self.shift)
+        return RF.receding_penalty_per_channel(m.weight, self.shift)
 
     def penalty(self) -> Tensor:
-        """The unscaled sum over layers of ``receding_penalty(layer.weight, shift)``."""
+        """The unscaled penalty: ``sum_l k_l * sum_c term_c`` (see the class docstring)."""
         terms = []
-        for m in self.layers:
-            recorded = m.take_recorded_penalty(self.shift) if self.fused else None
-            terms.append(recorded.sum() if recorded is not None else RF.receding_penalty(m.weight, self.shift))
+        for m, k in zip(self.layers, self.weights):
+            terms.append(self.per_channel(m).sum() * k if k != 1.0 else self.per_channel(m).sum())
         return torch.stack(terms).sum()
 
     def __call__(self) -> Tensor:
@@ -100,7 +193,7 @@ class RecedingRegularizer:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(strength={self.strength}, shift={self.shift}, "
-            f"layers={len(self.layers)})"
+            f"normalize={self.normalize!r}, cost={self.cost!r}, layers={len(self.layers)})"
         )
 
 

@@ -110,3 +110,59 @@ def test_bounded_batch_norm_is_batch_norm_with_sigmoid_scale(training):
     torch.testing.assert_close(rm, rm2, rtol=0, atol=0)
     torch.testing.assert_close(rv, rv2, rtol=0, atol=0)
     assert RF.bounded_scale(None) is None
+
+
+# --- the layer-normalised receding penalty -------------------------------------------------
+
+
+def relative_penalty_float64_by_definition(w: torch.Tensor, shift: float) -> torch.Tensor:
+    """``t (1 - log t)``, ``t = u e^b / (1 - u + u e^b)``, ``u = s / max s``, straight from the definition."""
+    s = 1.0 / (1.0 + torch.exp(-w.double()))
+    u = s / s.max()
+    t = u * math.exp(shift) / (1 - u + u * math.exp(shift))
+    return t * (1.0 - torch.log(t))
+
+
+def common_scale_direction(w: torch.Tensor) -> torch.Tensor:
+    """``dw`` that multiplies every ``sigmoid(w_c)`` by the same factor: ``d log s_c = (1 - s_c) dw_c``."""
+    return 1.0 / torch.sigmoid(-w.detach())
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -2.5])
+def test_relative_penalty_matches_definition(shift):
+    w = torch.randn(40, dtype=torch.float64) * 3
+    per_channel = RF.relative_receding_penalty_per_channel(w, shift)
+    torch.testing.assert_close(per_channel, relative_penalty_float64_by_definition(w, shift), rtol=1e-9, atol=1e-12)
+    assert per_channel[w.argmax()] == 1.0  # the strongest channel: u = 1, t = 1
+    torch.testing.assert_close(RF.relative_receding_penalty(w, shift), per_channel.sum())
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -2.5])
+def test_relative_penalty_gradcheck_float64(shift):
+    w = (torch.randn(9, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: RF.relative_receding_penalty_per_channel(v, shift), (w,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relative_penalty_stable_for_extreme_weights(dtype):
+    w = torch.tensor([-1e4, -80.0, -1.0, 0.0, 30.0, 1e4], dtype=dtype, requires_grad=True)
+    for shift in (0.0, 3.0, -20.0):
+        value = RF.relative_receding_penalty(w, shift)
+        (grad,) = torch.autograd.grad(value, w)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+        assert (grad[:-1] >= 0).all()  # every channel but the top is pushed down (or left alone)
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_common_scale_direction_has_zero_gradient_only_when_normalised(shift):
+    w = torch.randn(16, dtype=torch.float64)
+    # Move every sigmoid(w) by exactly 1e-3 (the whole layer receded together).
+    w = (math.log(1e-3) + F.logsigmoid(w) - torch.log1p(-1e-3 * torch.sigmoid(w))).requires_grad_()
+    direction = common_scale_direction(w)
+    (g_rel,) = torch.autograd.grad(RF.relative_receding_penalty(w, shift), w)
+    (g_paper,) = torch.autograd.grad(RF.receding_penalty(w, shift), w)
+    along_rel = (g_rel * direction).sum()
+    assert along_rel.abs() <= 1e-12 * (g_rel.abs() * direction).sum()
+    # The paper's penalty grows along the common scale: descent shrinks the whole layer.
+    assert (g_paper * direction).sum() > 0.1 * (g_paper.abs() * direction).sum()
+    assert g_rel[w.argmax()] <= 0  # the top channel is pulled up, never down

@@ -34,7 +34,7 @@ def plain_model() -> nn.Module:
 @pytest.mark.parametrize("strength,shift", [(1e-3, 3.0), (1e-4, 0.0), (0.5, -1.0)])
 def test_receding_value_and_gradient_match_the_formula(strength, shift):
     model = bounded_model()
-    reg = RecedingRegularizer(model, strength=strength, shift=shift)
+    reg = RecedingRegularizer(model, strength=strength, shift=shift, normalize=None)
     assert len(reg.layers) == 2
     value = reg()
     logits = [model[1].weight, model[4].weight]
@@ -55,7 +55,7 @@ def test_receding_pushes_low_importance_channels_down_more():
     layer = BoundedBatchNorm2d(2, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([-4.0, 2.0]))
-    reg = RecedingRegularizer(nn.Sequential(layer), strength=1.0, shift=3.0)
+    reg = RecedingRegularizer(nn.Sequential(layer), strength=1.0, shift=3.0, normalize=None)
     reg().backward()
     # With shift 3 a channel at logit -4 (s = sigmoid(-1)) is pushed far harder than one at +2.
     assert layer.weight.grad[0] > 50 * layer.weight.grad[1] > 0
@@ -154,3 +154,147 @@ def test_param_groups_shared_parameters_once_and_custom_types():
         param_groups(model, lr=-0.1)
     with pytest.raises(ValueError, match="bn_lr_scale"):
         param_groups(model, lr=0.1, bn_lr_scale=float("nan"))
+
+
+# --- layer-normalised penalty, cost weights, rebinding -------------------------------------
+
+import math  # noqa: E402
+import os  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from rnip_ext import functional as RF  # noqa: E402
+from rnip_ext import models as M  # noqa: E402
+from rnip_ext._backend import triton_available  # noqa: E402
+from rnip_ext.pruning import apply, plan  # noqa: E402
+from rnip_ext.pruning.flops import channel_costs  # noqa: E402
+
+
+def test_default_is_layer_normalised_and_matches_the_functional_formula():
+    model = bounded_model()
+    reg = RecedingRegularizer(model, strength=0.3, shift=2.0)
+    assert reg.normalize == "layer" and reg.cost == "channels" and not reg.uses_fused_record
+    assert all(m._receding_shift is None for m in reg.layers)  # nothing recorded on the fused path
+    value = reg()
+    logits = [model[1].weight, model[4].weight]
+    expected = sum(RF.relative_receding_penalty(w.detach(), 2.0) for w in logits)
+    torch.testing.assert_close(value, 0.3 * expected)
+    value.backward()
+    for w in logits:
+        ref = w.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(0.3 * RF.relative_receding_penalty(ref, 2.0), ref)
+        torch.testing.assert_close(w.grad, g)
+
+
+def _moved_first_layer(model, a=1e-3):
+    with torch.no_grad():
+        w = model.features[1].weight
+        w.copy_(math.log(a) + F.logsigmoid(w) - torch.log1p(-a * torch.sigmoid(w)))
+    return model
+
+
+@pytest.mark.parametrize("cost", ["channels", "flops"])
+def test_penalty_does_not_push_a_renormalised_layers_common_scale_down(cost):
+    model = _moved_first_layer(M.vgg_small(widths=(8, 12, 16)).double())
+    w = model.features[1].weight
+    direction = 1.0 / torch.sigmoid(-w.detach())  # multiplies every sigmoid(w_c) by one factor
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    along = {}
+    for normalize in ("layer", None):
+        reg = RecedingRegularizer(model, 1e-2, 1.0, normalize=normalize, cost=cost, example_inputs=x)
+        (g,) = torch.autograd.grad(reg(), w)
+        along[normalize] = ((g * direction).sum(), (g.abs() * direction).sum())
+    assert along["layer"][0].abs() <= 1e-12 * along["layer"][1]
+    assert along[None][0] > 0.1 * along[None][1]  # the paper's penalty shrinks the whole layer
+
+
+def test_flops_weights_have_mean_one_and_follow_channel_costs():
+    model = M.vgg_small(widths=(8, 12, 16))
+    x = torch.randn(2, 3, 16, 16)
+    for cost, kind in (("flops", "flops"), ("params", "params")):
+        reg = RecedingRegularizer(model, 1e-2, 1.0, cost=cost, example_inputs=x)
+        costs = channel_costs(model, x, kind)
+        n = [m.num_features for m in reg.layers]
+        assert sum(k * c for k, c in zip(reg.weights, n)) == pytest.approx(sum(n))
+        ratios = [k / costs[name] for k, name in zip(reg.weights, ["features.1", "features.4", "features.8"])]
+        assert max(ratios) == pytest.approx(min(ratios))
+        per_layer = [reg.per_channel(m).sum() for m in reg.layers]
+        torch.testing.assert_close(reg(), 1e-2 * sum(k * p for k, p in zip(reg.weights, per_layer)))
+    # Batch size does not change the weights (they are normalised).
+    a = RecedingRegularizer(model, cost="flops", example_inputs=torch.randn(1, 3, 16, 16)).weights
+    b = RecedingRegularizer(model, cost="flops", example_inputs=torch.randn(4, 3, 16, 16)).weights
+    assert a == pytest.approx(b)
+
+
+def test_channels_outside_any_prunable_group_get_zero_cost_weight():
+    model = M.resnet56_cifar()
+    reg = RecedingRegularizer(model, cost="flops", example_inputs=torch.randn(1, 3, 32, 32))
+    names = {id(m): n for n, m in model.named_modules()}
+    for m, k in zip(reg.layers, reg.weights):
+        inner = names[id(m)].endswith(".bn1")  # only the inner BatchNorm of each block (not the stem)
+        assert (k > 0) == inner, names[id(m)]
+
+
+def test_rebind_after_pruning_binds_the_new_layers_and_recomputes_costs():
+    model = M.vgg_small(widths=(8, 12, 16))
+    x = torch.randn(1, 3, 16, 16)
+    reg = RecedingRegularizer(model, 1e-2, 1.0, normalize=None, cost="flops", example_inputs=x)
+    old_layers, old_weights = list(reg.layers), list(reg.weights)
+    pruned = apply(model, plan(model, 0.5, example_inputs=x))
+    assert reg.rebind(pruned) is reg
+    new_bns = [pruned.features[1], pruned.features[4], pruned.features[8]]
+    assert all(a is b for a, b in zip(reg.layers, new_bns))
+    assert all(m._receding_shift == 1.0 for m in new_bns)
+    assert all(m._receding_shift is None for m in old_layers)  # the old model is detached
+    fresh = RecedingRegularizer(pruned, 1e-2, 1.0, normalize=None, cost="flops", example_inputs=x)
+    assert reg.weights == pytest.approx(fresh.weights) and reg.weights != pytest.approx(old_weights)
+    torch.testing.assert_close(reg(), fresh())
+    with pytest.raises(ValueError, match="no BoundedBatchNorm2d"):
+        reg.rebind(plain_model())
+    assert all(a is b for a, b in zip(reg.layers, new_bns))  # a failed rebind changes nothing
+
+
+def test_normalize_and_cost_bad_arguments():
+    with pytest.raises(ValueError, match="normalize"):
+        RecedingRegularizer(bounded_model(), normalize="global")
+    with pytest.raises(ValueError, match="cost must be one of"):
+        RecedingRegularizer(bounded_model(), cost="macs")
+    with pytest.raises(ValueError, match="example_inputs"):
+        RecedingRegularizer(bounded_model(), cost="flops")
+    lone = nn.Sequential(nn.Conv2d(3, 4, 1), BoundedBatchNorm2d(4))  # nothing reads the channels
+    with pytest.raises(ValueError, match="no regularised channel can be removed"):
+        RecedingRegularizer(lone, cost="flops", example_inputs=torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("cost", ["flops", "params"])
+def test_cost_weighted_fused_record_matches_the_eager_penalty(cost):
+    device = torch.device(os.environ.get("RNIP_TEST_DEVICE", "cpu"))
+
+    def make():
+        torch.manual_seed(4321)
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), BoundedBatchNorm2d(6, backend="triton"), nn.ReLU(),
+            nn.Conv2d(6, 4, 1, bias=False), BoundedBatchNorm2d(4, backend="triton"),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        ).to(device)
+        with torch.no_grad():
+            net[1].weight.sub_(2.0)
+        return net
+
+    x0 = torch.randn(1, 3, 5, 5, device=device)
+    fused_net, eager_net = make(), make()
+    fused = RecedingRegularizer(fused_net, 0.05, 1.0, normalize=None, cost=cost, example_inputs=x0)
+    eager = RecedingRegularizer(eager_net, 0.05, 1.0, normalize=None, cost=cost, example_inputs=x0, fused=False)
+    assert fused.uses_fused_record and fused.weights == eager.weights and fused.weights[0] != 1.0
+    x, y = torch.randn(4, 3, 5, 5, device=device), torch.randint(3, (4,), device=device)
+    out = fused_net(x)
+    assert fused_net[1]._recorded_penalty is not None
+    value = fused()
+    assert fused_net[1]._recorded_penalty is None  # consumed: the record was used
+    (F.cross_entropy(out, y) + value).backward()
+    ref_value = eager()
+    (F.cross_entropy(eager_net(x), y) + ref_value).backward()
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -4,21 +4,32 @@
     print(plan)
     small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
     rnip_ext.pruning.export(small, "small.pt2", torch.randn(1, 3, 32, 32))  # loads without rnip_ext
+
+During training, :class:`RecedingSchedule` removes receded channels between epochs and
+``apply(..., optimizer=opt)`` carries the optimiser's state over.
 """
 
 from .apply import apply, prune
+from .controller import BudgetController, active_flops
 from .deploy import export
-from .flops import count_flops, count_params
+from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import load, save
 from .plan import PruningPlan, plan, plan_from_keep
+from .recalibrate import recalibrate_batchnorm
+from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
+    "BudgetController",
     "ChannelGroup",
     "PruningPlan",
     "PruningTraceError",
+    "RecedingSchedule",
+    "ScheduleStep",
+    "active_flops",
     "apply",
+    "channel_costs",
     "channel_importance",
     "count_flops",
     "count_params",
@@ -28,5 +39,6 @@ __all__ = [
     "plan",
     "plan_from_keep",
     "prune",
+    "recalibrate_batchnorm",
     "save",
 ]

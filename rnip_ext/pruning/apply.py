@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +13,7 @@ from ..ops import channel_gather_many
 from .folding import fold_delta
 from .plan import PruningPlan, _signature, module_slices, plan
 
-__all__ = ["apply", "prune"]
+__all__ = ["KEPT_STATE", "Remap", "SLICED_STATE", "apply", "prune"]
 
 _SLICED_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -40,23 +42,164 @@ def _removed(channels: int, keep: Tensor) -> Tensor:
     return mask.nonzero().flatten()
 
 
+# Optimiser state shaped like its parameter, sliced with it; and state kept as it is.
+SLICED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+KEPT_STATE = ("step",)
+
+
+@dataclass
+class Remap:
+    """One tensor ``apply`` slices: ``old[out_index][:, in_index]`` becomes ``new``.
+
+    For a parameter, its ``.grad`` and its optimiser state (``SLICED_STATE``) go through the same
+    indices in the same gather; ``new_grad`` and ``new_state`` hold the results.
+    """
+
+    old: Tensor
+    out_index: Tensor | None
+    in_index: Tensor | None
+    new: Tensor | None = None
+    new_grad: Tensor | None = None
+    new_state: dict = field(default_factory=dict)
+
+    def index_for(self, t: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The indices for ``t`` (the tensor or anything shaped like it), on its device."""
+        o = None if self.out_index is None else self.out_index.to(t.device)
+        i = None if self.in_index is None or t.dim() < 2 else self.in_index.to(t.device)
+        return o, i
+
+
+def _remaps(model: nn.Module, slices: dict[str, list]) -> list[Remap]:
+    modules = dict(model.named_modules())
+    records = []
+    for name, (out_idx, in_idx) in slices.items():
+        m = modules[name]
+        for attr in _SLICED_TENSORS:
+            t = getattr(m, attr, None)
+            if not isinstance(t, Tensor):
+                continue
+            if out_idx is None and (in_idx is None or t.dim() < 2):
+                continue  # e.g. a consumer's bias: indexed by its own, unchanged outputs
+            records.append(Remap(t, out_idx, in_idx if t.dim() > 1 else None))
+    return records
+
+
+def _check_optimizer(model: nn.Module, optimizer, records: list[Remap]) -> None:
+    """Raise (before anything changes) unless ``optimizer`` holds only ``model``'s parameters
+    and every sliced parameter's state is of a known kind."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"this optimizer was built for another model: it holds a parameter of shape "
+                    f"{tuple(p.shape)} that is not a parameter of the {type(model).__name__} being pruned"
+                )
+    for r in records:
+        state = optimizer.state.get(r.old, {}) if isinstance(r.old, nn.Parameter) else {}
+        for key, value in state.items():
+            if key in KEPT_STATE or (key in SLICED_STATE and value is None):
+                continue
+            if key not in SLICED_STATE:
+                raise ValueError(
+                    f"cannot prune the state of {type(optimizer).__name__}: parameter '{names[id(r.old)]}' "
+                    f"has state '{key}', which rnip_ext does not know how to slice (known: "
+                    f"{', '.join(SLICED_STATE + KEPT_STATE)}); prune without the optimizer and build a new one"
+                )
+            if not isinstance(value, Tensor) or value.shape != r.old.shape:
+                raise ValueError(
+                    f"optimizer state '{key}' of parameter '{names[id(r.old)]}' is not shaped like the parameter"
+                )
+
+
+def _gather(records: list[Remap], optimizer) -> None:
+    """Every remapped tensor, its gradient and its optimiser state in one channel_gather_many call."""
+    sources, outs, ins, sinks = [], [], [], []
+
+    def add(t: Tensor, r: Remap, sink) -> None:
+        o, i = r.index_for(t)
+        sources.append(t.detach())
+        outs.append(o)
+        ins.append(i)
+        sinks.append(sink)
+
+    for r in records:
+        add(r.old, r, lambda new, r=r: setattr(r, "new", new))
+        if isinstance(r.old, nn.Parameter) and r.old.grad is not None:
+            add(r.old.grad, r, lambda new, r=r: setattr(r, "new_grad", new))
+        state = optimizer.state.get(r.old, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if key in SLICED_STATE and value is not None:
+                add(value, r, lambda new, r=r, key=key: r.new_state.__setitem__(key, new))
+            else:
+                r.new_state[key] = value
+    for sink, new in zip(sinks, channel_gather_many(sources, outs, ins)):
+        sink(new)
+
+
+def _rebind_optimizer(optimizer, model: nn.Module, pruned: nn.Module, records: list[Remap],
+                      new_biases: dict[str, nn.Parameter]) -> None:
+    """Point ``optimizer`` at ``pruned``'s parameters, in place, with the state remapped."""
+    by_old = {id(r.old): r for r in records}
+    pruned_params = dict(pruned.named_parameters())
+    new_of = {id(old): pruned_params[name] for name, old in model.named_parameters()}
+    state = {}
+    for group in optimizer.param_groups:
+        params = []
+        for old in group["params"]:
+            new = new_of[id(old)]
+            params.append(new)
+            r = by_old.get(id(old))
+            if r is not None:
+                if r.new_state:
+                    state[new] = r.new_state
+            elif old in optimizer.state:
+                state[new] = optimizer.state[old]  # unsliced: the same tensors, now the pruned model's
+        for name, bias in new_biases.items():  # a bias created by folding joins its weight's group
+            weight = pruned.get_submodule(name).weight
+            if any(p is weight for p in params):
+                params.append(bias)
+        group["params"] = params
+    optimizer.state = defaultdict(dict, state)
+
+
 @torch.no_grad()
-def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:
+def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """A new, physically smaller copy of ``model`` with the channels ``pruning_plan`` removes gone.
 
     ``model`` is left untouched. Every sliced tensor (conv and linear weights and biases,
-    BatchNorm parameters and running statistics) is gathered in one
-    :func:`rnip_ext.ops.channel_gather_many` call; the rest is shared-nothing deep-copied.
-    ``num_batches_tracked``, ``requires_grad``, training mode, dtypes and devices are carried over.
-    The constant output of removed channels is folded into the consumers' biases (see
-    :func:`rnip_ext.pruning.plan`).
+    BatchNorm parameters and running statistics), the gradients of the sliced parameters and,
+    with ``optimizer``, their optimiser state are gathered in one
+    :func:`rnip_ext.ops.channel_gather_many` call, each through the same :class:`Remap` record
+    (old tensor, output indices, input indices); the rest is shared-nothing deep-copied (with
+    its ``.grad`` cloned). ``num_batches_tracked``, ``requires_grad``, training mode, dtypes and
+    devices are carried over. The constant output of removed channels is folded into the
+    consumers' biases (see :func:`rnip_ext.pruning.plan`).
 
-    The result has new parameter objects: optimisers (and regularisers) built for ``model`` must
-    be rebuilt for it.
+    ``optimizer`` (optional), built for ``model``, is **rebound in place** to the pruned
+    model's parameters, so that whatever refers to it keeps working: an lr scheduler
+    (``last_epoch``, milestones, ``base_lrs``), a ``GradScaler``, your own references. Its param
+    groups keep their order and hyper-parameters (lr, weight decay, momentum, the paper's
+    BatchNorm groups); per-parameter state shaped like the parameter (SGD ``momentum_buffer``,
+    Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) is sliced with the parameter's
+    indices, so removed channels' state is gone, not zeroed; ``step`` is kept; the state of
+    unsliced parameters moves over unchanged. A bias created by folding joins the group of its
+    layer's weight, with empty state. After the call the optimiser serves the pruned model only.
+    Errors, raised before anything changes: ``ValueError`` for an optimiser holding a parameter
+    that is not ``model``'s, or a sliced parameter with state of another kind (named), so that
+    nothing is silently dropped; build a new optimiser in that case.
+
+    Without ``optimizer`` the result has new parameter objects: optimisers built for ``model``
+    must be rebuilt for it. Regularisers follow with ``RecedingRegularizer.rebind(pruned)``.
     """
     _check_plan_fits(model, pruning_plan)
     modules = dict(model.named_modules())
     slices = module_slices(pruning_plan.groups, pruning_plan.group_keep)
+    records = _remaps(model, slices)
+    if optimizer is not None:
+        _check_optimizer(model, optimizer, records)
 
     deltas: dict[str, Tensor] = {}
     for g in pruning_plan.groups:
@@ -68,26 +211,21 @@ def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:
             if delta is not None:
                 deltas[c.name] = delta if c.name not in deltas else deltas[c.name] + delta
 
-    originals, out_indices, in_indices = [], [], []
-    for name, (out_idx, in_idx) in slices.items():
-        m = modules[name]
-        for attr in _SLICED_TENSORS:
-            t = getattr(m, attr, None)
-            if not isinstance(t, Tensor):
-                continue
-            o = out_idx
-            i = in_idx if t.dim() > 1 else None
-            if o is None and i is None:
-                continue  # e.g. a consumer's bias: indexed by its own, unchanged outputs
-            originals.append(t)
-            out_indices.append(None if o is None else o.to(t.device))
-            in_indices.append(None if i is None else i.to(t.device))
-    gathered = channel_gather_many([t.detach() for t in originals], out_indices, in_indices)
-
+    _gather(records, optimizer)
     memo: dict[int, object] = {}
-    for old, new in zip(originals, gathered):
-        memo[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    for r in records:
+        if isinstance(r.old, nn.Parameter):
+            new = nn.Parameter(r.new, requires_grad=r.old.requires_grad)
+            new.grad = r.new_grad
+            memo[id(r.old)] = new
+        else:
+            memo[id(r.old)] = r.new
     pruned = copy.deepcopy(model, memo)
+    sliced = {id(r.old) for r in records}
+    pruned_params = dict(pruned.named_parameters())
+    for name, old in model.named_parameters():
+        if id(old) not in sliced and old.grad is not None:
+            pruned_params[name].grad = old.grad.clone()
 
     new_modules = dict(pruned.named_modules())
     for name, (out_idx, in_idx) in slices.items():
@@ -107,6 +245,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:
         else:
             m.num_features = len(out_idx)
 
+    new_biases: dict[str, nn.Parameter] = {}
     for name, delta in deltas.items():
         m = new_modules[name]
         out_idx = slices.get(name, [None, None])[0]
@@ -114,8 +253,11 @@ def apply(model: nn.Module, pruning_plan: PruningPlan) -> nn.Module:
             delta = delta[out_idx.to(delta.device)]
         if m.bias is None:
             m.bias = nn.Parameter(delta.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+            new_biases[name] = m.bias
         else:
             m.bias.add_(delta.to(m.bias.dtype))
+    if optimizer is not None:
+        _rebind_optimizer(optimizer, model, pruned, records, new_biases)
     return pruned
 
 
@@ -129,8 +271,9 @@ def prune(
     target_flops: float | None = None,
     target_params: float | None = None,
     fold: str = "approximate",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> nn.Module:
-    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...))`` (see both); exactly
-    one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
+    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer)`` (see both);
+    exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
     return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
-                             target_flops=target_flops, target_params=target_params, fold=fold))
+                             target_flops=target_flops, target_params=target_params, fold=fold), optimizer)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .graph import eval_mode
 
-__all__ = ["LayerCost", "costs_from_graph", "count_flops", "count_params", "layer_costs"]
+__all__ = ["LayerCost", "channel_costs", "costs_from_graph", "count_flops", "count_params", "layer_costs"]
 
 
 @dataclass
@@ -102,3 +102,56 @@ def costs_from_graph(gm: fx.GraphModule) -> dict[str, LayerCost]:
 def count_flops(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of all conv and linear layers for one forward pass of ``example_inputs``."""
     return sum(c.macs for c in layer_costs(model, example_inputs).values())
+
+
+COSTS = ("flops", "params")
+
+
+def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict[str, float]:
+    """What one channel of each prunable BatchNorm carries: ``{BatchNorm name: cost per channel}``.
+
+    ``cost="flops"``: the multiply-accumulates (for ``example_inputs``) that go with the channel
+    when it is removed -- its producer conv's filter (``positions * in/groups * k*k``), a
+    depthwise conv's filter on the way, and its consumers' input slices (``positions * out *
+    k*k`` for a conv, ``rows * out * block`` for a linear layer after a flatten). ``"params"``:
+    the parameters removed with it (those filter slices, biases, and the BatchNorms' scale and
+    shift). Every channel of a group costs the same, and a group of coupled BatchNorms
+    (depthwise) splits its channel cost equally among them. BatchNorms outside any prunable
+    group are not listed (their channels cannot be removed).
+    """
+    from .graph import analyse
+
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+    groups, gm = analyse(model, _as_tuple(example_inputs))
+    costs = costs_from_graph(gm)
+    modules = dict(model.named_modules())
+
+    def n_params(m: nn.Module, *, out: bool) -> int:
+        """Parameters of ``m`` per output channel (``out``) or per input channel."""
+        total = 0
+        for p in m.parameters(recurse=False):
+            if out:
+                total += p[0].numel() if p.dim() > 0 else 0
+            elif p.dim() > 1:
+                total += p[:, 0].numel()
+        return total
+
+    result: dict[str, float] = {}
+    for g in groups:
+        if cost == "flops":
+            c = costs[g.producer]
+            per_channel = c.positions * c.in_per_group * c.kernel
+            for name in g.depthwise:
+                d = costs[name]
+                per_channel += d.positions * d.in_per_group * d.kernel
+            for consumer in g.consumers:
+                d = costs[consumer.name]
+                per_channel += d.positions * d.out_features * d.kernel * consumer.block
+        else:
+            per_channel = n_params(modules[g.producer], out=True)
+            per_channel += sum(n_params(modules[n], out=True) for n in g.bns + g.depthwise)
+            per_channel += sum(n_params(modules[c.name], out=False) * c.block for c in g.consumers)
+        for name in g.bns:
+            result[name] = per_channel / len(g.bns)
+    return result

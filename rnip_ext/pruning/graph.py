@@ -84,6 +84,9 @@ class ChannelGroup:
     channels: int
     depthwise: list[str] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
+    # Every consumer is a conv whose output goes straight into a BatchNorm: that BatchNorm
+    # renormalises, so a common scale of the group's channels carries no information.
+    renormalised: bool = False
 
     @property
     def name(self) -> str:
@@ -223,6 +226,15 @@ class _Analysis:
             and after[0] == before[0] and after[1] == before[1] * before[2] * before[3]
         )
 
+    def feeds_norm(self, conv_name: str) -> bool:
+        """Does the conv ``conv_name`` output straight (and only) into a BatchNorm?"""
+        node = next(n for n in self.gm.graph.nodes if n.op == "call_module" and n.target == conv_name)
+        if len(node.users) != 1:
+            return False
+        (user,) = node.users
+        norm = self.module(user)
+        return isinstance(norm, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm)) and user.args == (node,)
+
     def producer(self, bn_node: fx.Node) -> tuple[str, fx.Node] | None:
         """The conv feeding ``bn_node`` alone: ``("conv" | "depthwise", node)``, or None."""
         src = bn_node.args[0] if bn_node.args else None
@@ -321,6 +333,8 @@ def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], 
             continue
         group = ChannelGroup([node.target], produced[1].target, bn.num_features)
         if analysis.follow(node, node.target, group, bn.num_features, [], False, {node}):
+            group.renormalised = bool(group.consumers) and all(
+                c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
             groups.append(group)
             claimed.update(group.bns)
     return groups, gm

@@ -1,40 +1,119 @@
-"""Channel importance scores of BatchNorm layers."""
+"""Channel importance scores of BatchNorm layers: what "removable" means.
+
+Two scores (``score=``):
+
+``"relative"`` (the default everywhere)
+    In a *renormalised* channel group (every layer reading the group is a convolution whose
+    output goes straight into a BatchNorm, see :class:`~rnip_ext.pruning.ChannelGroup`), a
+    channel is scored relative to the strongest channel of its own layer::
+
+        bounded BN:  r_c = sigmoid(w_c) / max_j sigmoid(w_j)   (computed as exp(logsigmoid(w_c) - max_j logsigmoid(w_j)))
+        plain BN:    r_c = |gamma_c| / max_j |gamma_j|         (0 where every gamma is 0)
+
+    Why: the next BatchNorm divides by the standard deviation of the convolution's output, so
+    multiplying every scale of the layer by the same ``a > 0`` leaves the network's function
+    unchanged (exactly for positively homogeneous paths -- ReLU, LeakyReLU, max/avg pooling,
+    dropout -- up to the renormalising BatchNorm's ``eps``, which acts as ``eps / a**2``; the
+    running statistics of that BatchNorm must be re-estimated). The receding regulariser can
+    lower such a layer's common scale for free, so ``sigmoid(w)`` alone does not say whether a
+    channel is removable; its share of the layer's strongest channel does, and it is invariant
+    to that common scale. The ratio to the maximum (rather than the share of the layer's total)
+    keeps the score independent of the layer's width, so one global threshold means the same
+    in a 16- and a 512-channel layer: ``r_c < 0.01`` is "this channel carries under 1% of the
+    signal of the layer's strongest channel". Everywhere else (groups feeding a linear layer, a
+    pooling head, or a conv that is not renormalised) the common scale reaches the output, and
+    the score is the paper's absolute one below. Coupled BatchNorms (a depthwise group) are
+    scored each by this rule and the group takes the minimum.
+
+``"paper"``
+    The paper's absolute score: ``sigmoid(w)`` for bounded BatchNorms, ``|gamma|`` for plain
+    ones (network slimming), 1 for layers without a scale.
+
+The two differ only in renormalised groups, and there only by one positive factor per layer
+(``1 / max``): rankings inside a layer are identical, but a global ranking over layers changes.
+
+Layers with a shift (``bias=True`` bounded, every plain BatchNorm): the score measures the
+varying part of the channel (its scale); a removed channel's constant output (its shift through
+the activation) is folded into the next layer by :func:`rnip_ext.pruning.apply`, so the shift
+does not make a channel less removable. The common-scale invariance then holds when the shifts
+are scaled together with the scales.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import BoundedBatchNorm2d
 from .graph import find_channel_groups
 
-__all__ = ["bn_scores", "channel_importance", "group_scores"]
+__all__ = ["SCORES", "bn_scores", "channel_importance", "group_scores"]
+
+SCORES = ("relative", "paper")
 
 
-def bn_scores(bn: nn.Module) -> Tensor:
-    """Scores of one BatchNorm's channels: ``sigmoid(weight)`` for ``BoundedBatchNorm2d``,
-    ``|weight|`` for a plain BatchNorm (network slimming), all ones without a scale (float32, CPU)."""
-    if isinstance(bn, BoundedBatchNorm2d):
-        return bn.importance.float().cpu()
-    if getattr(bn, "weight", None) is None:
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def bn_scores(bn: nn.Module, score: str = "relative", *, renormalised: bool = False) -> Tensor:
+    """Scores of one BatchNorm's channels (float32, CPU).
+
+    ``score="paper"``, or any score when the layer is not ``renormalised``: ``sigmoid(weight)``
+    for ``BoundedBatchNorm2d``, ``|weight|`` for a plain BatchNorm, all ones without a scale.
+    ``score="relative"`` with ``renormalised=True``: that score divided by the layer's maximum
+    (see the module docstring). ``renormalised`` is a property of the channel group (the graph),
+    so a call with only the layer gets the paper's score.
+    """
+    _check_score(score)
+    relative = score == "relative" and renormalised
+    weight = getattr(bn, "weight", None)
+    if weight is None:
         return torch.ones(bn.num_features)
-    return bn.weight.detach().abs().float().cpu()
+    w = weight.detach().float().cpu()
+    if isinstance(bn, BoundedBatchNorm2d):
+        if not relative:
+            return torch.sigmoid(w)
+        log_s = F.logsigmoid(w)  # in log space: no 0/0 when every sigmoid underflows
+        return torch.exp(log_s - log_s.max())
+    scores = w.abs()
+    if relative:
+        top = scores.max()
+        scores = scores / top if top > 0 else torch.zeros_like(scores)
+    return scores
 
 
-def group_scores(model: nn.Module, groups) -> dict[str, Tensor]:
+def group_scores(model: nn.Module, groups, score: str = "relative") -> dict[str, Tensor]:
     """Per channel group (see :func:`rnip_ext.pruning.find_channel_groups`), the scores the
     pruning plan ranks channels by: the minimum over the group's coupled BatchNorms of
-    :func:`bn_scores` (a channel is only as important as its least important coupled copy)."""
+    :func:`bn_scores` (a channel is only as important as its least important coupled copy),
+    each relative to its layer where the group is renormalised and ``score="relative"``."""
+    _check_score(score)
     modules = dict(model.named_modules())
-    return {g.name: torch.stack([bn_scores(modules[n]) for n in g.bns]).amin(0) for g in groups}
+    return {
+        g.name: torch.stack([bn_scores(modules[n], score, renormalised=g.renormalised) for n in g.bns]).amin(0)
+        for g in groups
+    }
 
 
-def channel_importance(model: nn.Module, example_inputs=None) -> dict[str, Tensor]:
+def channel_importance(model: nn.Module, example_inputs=None, score: str = "relative") -> dict[str, Tensor]:
     """Per prunable BatchNorm (qualified name as in ``model.named_modules()``), its channel scores.
 
     Prunable means the layer's channels can be removed physically (see
-    :func:`rnip_ext.pruning.find_channel_groups`); scores are ``sigmoid(weight)`` for
-    ``BoundedBatchNorm2d`` and ``|weight|`` for ``nn.BatchNorm2d``.
+    :func:`rnip_ext.pruning.find_channel_groups`). ``score="relative"`` (default): in a group
+    whose readers are convolutions renormalised by a BatchNorm, ``sigmoid(w_c) / max_j
+    sigmoid(w_j)`` (``|gamma_c| / max_j |gamma_j|`` for plain BatchNorms), elsewhere the paper's
+    score; ``score="paper"``: ``sigmoid(weight)`` for ``BoundedBatchNorm2d`` and ``|weight|`` for
+    ``nn.BatchNorm2d`` everywhere. The module docstring of :mod:`rnip_ext.pruning.importance`
+    says why and when the two differ. This is the one definition plan, budgets, schedules and
+    reports use.
     """
+    _check_score(score)
     modules = dict(model.named_modules())
-    return {name: bn_scores(modules[name]) for g in find_channel_groups(model, example_inputs) for name in g.bns}
+    return {
+        name: bn_scores(modules[name], score, renormalised=g.renormalised)
+        for g in find_channel_groups(model, example_inputs)
+        for name in g.bns
+    }

@@ -248,9 +248,10 @@ def plan(
     * ``target_flops``: keep at most this fraction of the original's FLOPs (MACs), in (0, 1];
     * ``target_params``: keep at most this fraction of the original's parameters, in (0, 1].
 
-    Scores are ``sigmoid(weight)`` for bounded BatchNorms and ``|weight|`` for plain ones (a
-    group of coupled BatchNorms scores each channel by the minimum over them; see
-    :func:`rnip_ext.pruning.importance.group_scores`).
+    Scores are :func:`rnip_ext.pruning.channel_importance`'s default (``"relative"``: relative
+    to the layer's strongest channel where the next BatchNorm renormalises, ``sigmoid(weight)``
+    or ``|weight|`` elsewhere; a group of coupled BatchNorms scores each channel by the minimum
+    over them; see :func:`rnip_ext.pruning.importance.group_scores`).
 
     With a ratio, ``scope="global"`` removes the ``floor(ratio * total)`` lowest-scored channels
     over all prunable layers (the paper's global quantile threshold; ties broken by position, so

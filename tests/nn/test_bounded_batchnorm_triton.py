@@ -85,7 +85,7 @@ def test_fused_penalty_gradient_matches_reference_under_loss_scaling_and_accumul
     with torch.no_grad():  # some logits low enough for the penalty to matter
         fused[1].weight.add_(-2.0)
         ref[1].weight.add_(-2.0)
-    reg = RecedingRegularizer(fused, strength=0.05, shift=1.0)
+    reg = RecedingRegularizer(fused, strength=0.05, shift=1.0, normalize=None)
     assert reg.fused
     batches = [(torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)) for _ in range(2)]
     for x, y in batches:  # two micro-batches accumulated, loss weighted by 1/2 and scaled
@@ -102,7 +102,7 @@ def test_fused_penalty_gradient_matches_reference_under_loss_scaling_and_accumul
 
 def test_fused_penalty_gradient_with_a_real_grad_scaler():
     fused, ref = model_pair()
-    reg = RecedingRegularizer(fused, strength=0.05, shift=0.0)
+    reg = RecedingRegularizer(fused, strength=0.05, shift=0.0, normalize=None)
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
     x, y = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)
     scaler.scale(F.cross_entropy(fused(x), y) + reg()).backward()
@@ -117,7 +117,7 @@ def test_fused_penalty_gradient_with_a_real_grad_scaler():
 
 def test_value_equals_the_eager_penalty_and_is_zero_gradient_when_unused():
     fused, _ = model_pair()
-    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0)
+    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0, normalize=None)
     x = torch.randn(4, 3, 5, 5, device=DEVICE)
     out = fused(x)
     assert fused[1]._recorded_penalty is not None
@@ -153,7 +153,7 @@ def test_torch_compile_fullgraph_gives_the_same_results(backend):
 
 def test_penalty_record_is_never_used_stale():
     fused, _ = model_pair()
-    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0)
+    reg = RecedingRegularizer(fused, strength=0.1, shift=0.0, normalize=None)
     opt = torch.optim.SGD(fused.parameters(), lr=0.5)
     x, y = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)
 
@@ -177,7 +177,7 @@ def test_penalty_record_is_never_used_stale():
 
 def test_penalty_recorded_only_by_training_forwards_with_grad():
     layer = BoundedBatchNorm2d(3, device=DEVICE, backend="triton", track_running_stats=False)
-    RecedingRegularizer(nn.Sequential(layer), strength=0.1, shift=0.0)
+    RecedingRegularizer(nn.Sequential(layer), strength=0.1, shift=0.0, normalize=None)
     x = torch.randn(4, 3, 2, 2, device=DEVICE)
     layer(x)
     assert layer._recorded_penalty is not None

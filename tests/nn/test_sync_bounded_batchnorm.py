@@ -80,7 +80,7 @@ STRENGTH, SHIFT = 0.5, 1.0
 
 def _run_layer(layer, x1, x2, g, penalty_weight: float):
     """One step (forward, loss, backward) and a second forward; returns what the tests compare."""
-    reg = R.RecedingRegularizer(layer, STRENGTH, SHIFT)
+    reg = R.RecedingRegularizer(layer, STRENGTH, SHIFT, normalize=None)
     x1 = x1.clone().requires_grad_(True)
     y = layer(x1)
     loss = (y * g).sum() + penalty_weight * reg()
@@ -116,7 +116,7 @@ def _ddp_batches(dtype, batch: int = 6, steps: int = 2):
 
 
 def _train(model, net, batches, reg_strength=0.05):
-    reg = R.RecedingRegularizer(net, reg_strength, SHIFT)
+    reg = R.RecedingRegularizer(net, reg_strength, SHIFT, normalize=None)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches:
         loss = F.cross_entropy(model(x), y) + reg()
@@ -247,7 +247,7 @@ def test_convert_and_revert_keep_state_and_parameters():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), R.BoundedBatchNorm2d(4, bias=True, momentum=None, backend="eager"),
                         nn.Sequential(R.BoundedBatchNorm2d(4, track_running_stats=False)))
     net(torch.randn(2, 3, 2, 2))
-    reg = R.RecedingRegularizer(net, 1e-3, 2.0)
+    reg = R.RecedingRegularizer(net, 1e-3, 2.0, normalize=None)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     params = list(net.parameters())

@@ -104,11 +104,11 @@ def test_untraceable_model_error_names_the_module_and_points_to_torch_pruning():
 
 def test_channel_importance_scores():
     model = M.vgg_small(widths=(8, 8, 16))
-    bounded = channel_importance(model)
+    bounded = channel_importance(model, score="paper")
     assert list(bounded) == ["features.1", "features.4", "features.8"]
     torch.testing.assert_close(bounded["features.4"], torch.sigmoid(model.features[4].weight.detach()))
     plain = M.vgg_small(widths=(8, 8, 16), bn="plain")
     with torch.no_grad():
         plain.features[1].weight.normal_()
-    scores = channel_importance(plain)
+    scores = channel_importance(plain, score="paper")
     torch.testing.assert_close(scores["features.1"], plain.features[1].weight.detach().abs())
