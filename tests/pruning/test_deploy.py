@@ -175,3 +175,10 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         y = model(x)
     torch.testing.assert_close(torch.from_numpy(got), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_onnx_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on a machine without the onnx extra
+    with pytest.raises(ImportError, match=r'pip install "rnip_ext\[onnx\]"'):
+        export(M.vgg_small(widths=(8, 12, 16)), tmp_path / "m.onnx", torch.randn(1, 3, 16, 16), format="onnx")
+    assert not os.listdir(tmp_path)
