@@ -31,7 +31,10 @@ The JSON (``benchmarks/results/pruned_speed_<device>.json``) records the environ
 ``torch.get_num_threads()``, versions, commit, the 1-minute load average at the start and end:
 on a busy machine every CPU number is slower and noisier, see ``machine_note``).
 
-Run: ``python benchmarks/pruned_speed.py [--device cuda] [--batch 32] [--rounds 5] [--threads N]``.
+Run: ``python benchmarks/pruned_speed.py [--device cuda] [--batch 32] [--rounds 9] [--threads N]``.
+``results/pruned_speed_cpu.json`` was measured with ``--threads 1`` on 2 cores shared with other
+jobs (load average 4-5): with 2 threads each parallel region waits for its slowest thread, and
+on oversubscribed cores that made single timings swing by 10x.
 """
 
 from __future__ import annotations

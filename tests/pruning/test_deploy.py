@@ -175,3 +175,38 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         y = model(x)
     torch.testing.assert_close(torch.from_numpy(got), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_onnx_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as on a machine without the onnx extra
+    with pytest.raises(ImportError, match=r'pip install "rnip_ext\[onnx\]"'):
+        export(M.vgg_small(widths=(8, 12, 16)), tmp_path / "m.onnx", torch.randn(1, 3, 16, 16), format="onnx")
+    assert not os.listdir(tmp_path)
+
+
+class ConvReadTwice(nn.Module):
+    """The conv's output feeds its BatchNorm and a residual addition: folding would change the addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = rnip_ext.BoundedBatchNorm2d(4, bias=True)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.conv2(self.bn(y) + y))
+
+
+def test_only_exact_folds():
+    model = warmed_up(ConvReadTwice(), (2, 4, 8, 8))
+    with torch.no_grad():
+        model.bn.bias.normal_()
+    std = standard_modules(model)
+    assert type(std.bn) is nn.BatchNorm2d and isinstance(std.bn2, nn.Identity)
+    torch.testing.assert_close(std.bn.weight, torch.sigmoid(model.bn.weight))
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+    torch.testing.assert_close(std(x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
