@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,20 @@ def _check_args(ratio, scope, min_channels, fold) -> None:
         raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+
+
+def _check_min_channels(groups: list[ChannelGroup], min_channels: int, ratio: float) -> None:
+    """``min_channels`` against the layers' widths. Larger than some layers: those keep all their
+    channels (a ``UserWarning`` naming them; the rest are still pruned). At least every layer's
+    width while ``ratio > 0``: nothing could be removed, so a ``ValueError`` instead of a silent 0%."""
+    if ratio > 0 and all(g.channels <= min_channels for g in groups):
+        widest = max(g.channels for g in groups)
+        raise ValueError(f"min_channels={min_channels} is at least the width of every prunable layer (the widest "
+                         f"has {widest} channels): nothing can be removed; lower min_channels")
+    small = [f"{g.name} ({g.channels})" for g in groups if g.channels < min_channels]
+    if small:
+        warnings.warn(f"min_channels={min_channels} exceeds the width of {', '.join(small)}: "
+                      "they keep all their channels", UserWarning, stacklevel=3)
 
 
 def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int) -> list[Tensor]:
@@ -219,6 +234,7 @@ def plan(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
             "convs/linear layers reading it, with no residual addition or concatenation in between)"
         )
+    _check_min_channels(groups, min_channels, ratio)
     modules = dict(model.named_modules())
     scores = {
         g.name: torch.stack([bn_scores(modules[n]) for n in g.bns]).amin(0) for g in groups
