@@ -130,20 +130,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def restart_count() -> int:
-    """``TORCHELASTIC_RESTART_COUNT``: how often torchrun has restarted this worker group."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
-
-
 def elastic_state(out: str) -> str | None:
     """After a torchrun restart of this very job (same ``TORCHELASTIC_RUN_ID`` in ``config.json``):
     ``"resume"`` when ``out`` holds its checkpoint, ``"restart"`` when it died before the first
     one; ``None`` otherwise (a first attempt, or someone else's run)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if restart_count() == 0 or not run_id:
+    if D.restart_count() == 0 or not run_id:
         return None
     try:
         config = read_json(os.path.join(out, "config.json"))
