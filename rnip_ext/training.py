@@ -268,6 +268,8 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy", "epoch",
     "test_accuracy"}`` of the best epoch (model selection on validation only).
 
+    Without ``resume_from``, ``out`` must not hold ``metrics.jsonl``, ``best.pt`` or ``last.pt``
+    yet (:class:`rnip_ext.rundir.OutputDirError` otherwise): a fresh run never replaces another's.
     ``resume_from`` (a ``last.pt`` payload, :func:`rnip_ext.rundir.load_checkpoint`) continues
     after its epoch; rows of later epochs in ``metrics.jsonl`` (written before a crash) are
     dropped, so every epoch appears once. A resumed run replays the same batches and
@@ -284,7 +286,7 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     from tqdm.auto import tqdm
 
     from . import distributed as D
-    from .rundir import append_jsonl, record, save_checkpoint
+    from .rundir import OutputDirError, append_jsonl, record, save_checkpoint
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -322,6 +324,12 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     train_data = splits.train if dist_ctx is None else D.ShardedDataset(splits.train, dist_ctx.rank,
                                                                          dist_ctx.world_size)
     metrics_path = os.path.join(out, "metrics.jsonl")
+    if is_main and resume_from is None:
+        # A fresh run never replaces another's files (the CLI clears its own first on --overwrite).
+        existing = [f for f in ("metrics.jsonl", "best.pt", "last.pt") if os.path.exists(os.path.join(out, f))]
+        if existing:
+            raise OutputDirError(f"{out} already holds {', '.join(existing)}: pass resume_from="
+                                 "load_checkpoint(<out>/last.pt) to continue that run, or use another directory")
     if is_main:
         os.makedirs(out, exist_ok=True)
         record(out, "metrics.jsonl", "best.pt", "last.pt")

@@ -196,3 +196,14 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
 def test_manifest_is_written_before_files(tmp_path):
     run_fit(tiny_model(), tmp_path / "run", 1)
     assert os.path.isfile(tmp_path / "run" / MANIFEST)
+
+
+def test_a_fresh_fit_never_replaces_another_runs_files(tmp_path):
+    from rnip_ext.rundir import OutputDirError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("my own log\n")
+    with pytest.raises(OutputDirError, match="already holds metrics.jsonl"):
+        run_fit(tiny_model(), out, 1)
+    assert (out / "metrics.jsonl").read_text() == "my own log\n" and sorted(os.listdir(out)) == ["metrics.jsonl"]

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     # A previous demo's output is replaced; anything else is never deleted.
     with user_errors(OutputDirError):
         mode = rundir.check(args.out, "demo", overwrite=args.overwrite, replace_own=True)
-        rundir.claim(args.out, "demo", mode)
+        created = rundir.claim(args.out, "demo", mode)
     run_dirs = []
     try:
         for method, (strength, shift) in DEMO_STRENGTH.items():
@@ -74,4 +74,7 @@ def run(args: argparse.Namespace) -> None:
     except Interrupted:
         # Nothing to resume: the next `rnip demo` replaces this output and starts again.
         raise KeyboardInterrupt from None
+    finally:
+        if not run_dirs:  # failed before any run finished: leave no empty --out behind
+            rundir.release(args.out, created, keep=())
     report_cmd.write_report(report_cmd.collect(run_dirs), args.out, plots=not args.no_plots)

@@ -466,3 +466,37 @@ def test_demo_small_and_module_entry_point(tmp_path, capsys, monkeypatch):
                           "cifar10", "--data-dir", str(tmp_path / "nowhere")], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
+def test_non_finite_loss_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    write_tiny_cifar(tmp_path / "data")
+    run = tmp_path / "run"
+    args = train_args(tmp_path / "data", run)
+    args[args.index("--epochs") + 1] = "3"
+    real, calls = training.train_epoch, []
+
+    def diverge(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise training.NonFiniteLossError("non-finite training loss (nan, penalty 0)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_epoch", diverge)
+    assert main(args) == 2
+    one_error_line(capsys, r"non-finite training loss.*in epoch 2: .*last.pt still holds epoch 1, untouched")
+    assert int(load_checkpoint(str(run / "last.pt"))["epoch"]) == 0
+    # Diverging in the very first epoch of a new run leaves no directory behind.
+    calls.clear()
+    calls.append(1)
+    assert main(train_args(tmp_path / "data", tmp_path / "fresh")) == 2
+    one_error_line(capsys, "nothing of this run was checkpointed")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_demo_that_fails_before_any_run_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress", "--no-plots"]) == 2
+    one_error_line(capsys, "scikit-learn")
+    assert not out.exists()
