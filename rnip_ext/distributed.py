@@ -20,7 +20,7 @@ from .data.augment import augment_batch, normalize
 from .data.dataset import InMemoryDataset
 
 __all__ = ["DistributedContext", "ShardedDataset", "context_from_env", "setup", "teardown", "barrier",
-           "average_stats"]
+           "average_stats", "restart_count"]
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,37 @@ def setup(ctx: DistributedContext, device: str = "auto") -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU) and return this rank's device.
 
     ``device`` is ``auto``, ``cpu`` or ``cuda``; on CUDA each rank takes the GPU ``LOCAL_RANK``.
-    The rendezvous address comes from the environment (``env://``, set by torchrun).
+    The rendezvous address comes from the environment (``env://``, set by torchrun). Raises
+    ``RuntimeError`` when the requested device or ``torch.distributed`` is missing.
     """
     if not dist.is_available():
-        raise SystemExit("error: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA device is available")
+            raise RuntimeError("--device cuda but no CUDA device is available")
         torch.cuda.set_device(ctx.local_rank)
         chosen = torch.device("cuda", ctx.local_rank)
     else:
         chosen = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=ctx.rank, world_size=ctx.world_size)
+        store, _, _ = next(dist.rendezvous("env://", rank=ctx.rank, world_size=ctx.world_size))
+        # torchrun's agent keeps one store across the restarts of a job: without a namespace per
+        # attempt, a restarted rank can read a dead peer's address from the previous attempt and
+        # the new group fails to connect (seen with gloo). Each attempt keys its own prefix.
+        store = dist.PrefixStore(f"rnip_ext/attempt_{restart_count()}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=ctx.rank,
+                                world_size=ctx.world_size)
     return chosen
+
+
+def restart_count(environ=None) -> int:
+    """``TORCHELASTIC_RESTART_COUNT``: how often torchrun has restarted this worker group (0 if unset)."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def teardown() -> None:

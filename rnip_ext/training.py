@@ -2,13 +2,18 @@
 
 Recipe (Suteu & Guo): SGD with Nesterov momentum 0.9, lr 0.1 divided by 10 at 50% and 75% of
 the epochs, weight decay 1e-4 on convolutions and linear layers, BatchNorm parameters with 10x
-the learning rate and no weight decay. The CLI (:mod:`rnip_ext.cli`) drives these.
+the learning rate and no weight decay. :func:`fit` is the whole loop with checkpoints and
+resume, the one the CLI (:mod:`rnip_ext.cli`) runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,9 +29,12 @@ __all__ = [
     "METHODS",
     "DEFAULT_STRENGTH",
     "EpochStats",
+    "FitState",
+    "NonFiniteLossError",
     "bn_kind",
     "default_strength",
     "evaluate",
+    "fit",
     "make_optimizer",
     "make_regularizer",
     "make_scheduler",
@@ -103,21 +111,53 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or penalty) became NaN or infinite: diverged, or non-finite input."""
+
+
+def _crash_hook(step: int) -> None:
+    """Test-only fault injection for the elastic-restart test (see :func:`fit`)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_epoch(model: nn.Module, data: InMemoryDataset, optimizer, batch_size: int, regularizer=None, *,
                 amp: str = "none", scaler=None, channels_last: bool = False, generator=None,
-                progress: bool = True, description: str = "train") -> EpochStats:
-    """One epoch of ``criterion + reg()`` with augmentation; returns mean loss, accuracy, penalty, speed."""
+                progress: bool = True, description: str = "train", log_every: int = 50,
+                _crash_at_step: int | None = None) -> EpochStats:
+    """One epoch of ``cross_entropy + reg()`` with augmentation; mean loss, accuracy, penalty, images/s.
+
+    Loss, correct predictions and penalty are summed on the device (``sum_i loss_i * n_i`` over
+    batches) and read back once at the end of the epoch, and every ``log_every`` steps while a
+    progress bar is shown: no per-step host synchronisation. Raises :class:`NonFiniteLossError`
+    at the first read-back that sees a NaN/inf loss or penalty (the optimiser has then already
+    stepped on it, so the model in memory is no longer usable; checkpoints are untouched).
+    """
     from tqdm.auto import tqdm
 
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
     model.train()
     device = data.images.device
-    total = correct = 0
-    loss_sum = penalty_sum = 0.0
+    # [loss * n, correct, penalty * n] accumulated on the device.
+    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    total = 0
     start = time.perf_counter()
-    batches = data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=len(data) > batch_size)
-    bar = tqdm(batches, total=data.num_batches(batch_size, drop_last=len(data) > batch_size), desc=description,
+    drop_last = len(data) > batch_size
+    batches = data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=drop_last)
+    bar = tqdm(batches, total=data.num_batches(batch_size, drop_last=drop_last), desc=description,
                leave=False, disable=not progress)
-    for x, y in bar:
+
+    def read_back() -> list[float]:
+        loss_sum, correct, penalty_sum = sums.tolist()
+        if not (math.isfinite(loss_sum) and math.isfinite(penalty_sum)):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss_sum / max(total, 1):g}, penalty {penalty_sum / max(total, 1):g})"
+            )
+        return [loss_sum / max(total, 1), correct / max(total, 1), penalty_sum / max(total, 1)]
+
+    for step, (x, y) in enumerate(bar, 1):
+        if _crash_at_step == step:
+            _crash_hook(step)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
@@ -137,14 +177,17 @@ def train_epoch(model: nn.Module, data: InMemoryDataset, optimizer, batch_size: 
             regularizer.clamp_()
         n = y.shape[0]
         total += n
-        loss_sum += loss.item() * n
-        correct += (out.argmax(1) == y).sum().item()
-        if penalty is not None:
-            penalty_sum += penalty.item() * n
-        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+        with torch.no_grad():
+            sums[0] += loss.detach().double() * n
+            sums[1] += (out.argmax(1) == y).sum()
+            if penalty is not None:
+                sums[2] += penalty.detach().double() * n
+        if progress and step % log_every == 0:
+            loss_mean, acc, _ = read_back()
+            bar.set_postfix(loss=f"{loss_mean:.3f}", acc=f"{acc:.3f}")
+    loss_mean, acc, penalty_mean = read_back()
     elapsed = time.perf_counter() - start
-    return EpochStats(loss_sum / max(total, 1), correct / max(total, 1), penalty_sum / max(total, 1),
-                      total / max(elapsed, 1e-9))
+    return EpochStats(loss_mean, acc, penalty_mean, total / max(elapsed, 1e-9))
 
 
 @torch.no_grad()
@@ -153,10 +196,226 @@ def evaluate(model: nn.Module, data: InMemoryDataset, batch_size: int = 256, *, 
     """Top-1 accuracy of ``model`` on ``data`` in eval mode."""
     model.eval()
     device = data.images.device
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in data.batches(batch_size):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
-            correct += (model(x).argmax(1) == y).sum().item()
-    return correct / max(len(data), 1)
+            correct += (model(x).argmax(1) == y).sum()
+    return correct.item() / max(len(data), 1)
+
+
+@dataclass
+class FitState:
+    """What :func:`fit` hands its ``on_epoch_end`` callback after each epoch.
+
+    ``epoch`` is the number of epochs finished (1-based), ``metrics`` that epoch's row of
+    ``metrics.jsonl``. The callback may replace ``model``, ``optimizer``, ``scheduler`` and
+    ``regularizer`` (e.g. prune channels and build a new optimiser for the smaller model); the
+    next epoch trains what it leaves there. Replacing the optimiser requires replacing the
+    scheduler too (it is bound to the optimiser).
+    """
+
+    epoch: int
+    epochs: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    regularizer: object
+    metrics: dict
+
+
+# Settings of a run that :func:`fit` reads from a CLI config dict (see ``rnip_ext.cli.train``).
+FIT_SETTINGS = ("lr", "batch_size", "weight_decay", "bn_lr_scale", "seed", "amp", "channels_last", "compile")
+CRASH_ENV = "RNIP_TEST_CRASH_AT"
+
+
+def _crash_step(epoch: int, rank: int) -> int | None:
+    """Test-only: ``RNIP_TEST_CRASH_AT=RANK:EPOCH:STEP`` SIGKILLs that rank at that step of that
+    (1-based) epoch, on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT``
+    unset or 0), to simulate a worker dying. Never set it outside tests."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return None
+    want_rank, want_epoch, want_step = (int(v) for v in spec.split(":"))
+    return want_step if (want_rank, want_epoch) == (rank, epoch) else None
+
+
+def _finite_state(model: nn.Module) -> bool:
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def _use_bars(progress) -> bool:
+    if progress in ("bar", "lines"):
+        return progress == "bar"
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: float = 0.1, batch_size: int = 64,
+        weight_decay: float = 1e-4, bn_lr_scale: float = 10.0, seed: int = 0, amp: str = "none",
+        channels_last: bool = False, compile: bool = False, regularizer=None, resume_from: dict | None = None,
+        progress: bool | str = True, description: str = "train", dist_ctx=None, on_epoch_end=None,
+        log_every: int = 50) -> dict:
+    """Train ``model`` on ``splits`` for ``epochs`` with the paper's recipe, checkpointing into ``out``.
+
+    Per epoch: one pass of ``cross_entropy + regularizer()`` (:func:`train_epoch`; SGD Nesterov
+    0.9 from :func:`make_optimizer`, lr / 10 at 50% and 75% of ``epochs``), top-1 accuracy on
+    ``splits.val`` and ``splits.test``, one row appended to ``out/metrics.jsonl``,
+    ``out/best.pt`` when the validation accuracy improves (``{"model", "epoch"}``), then
+    ``on_epoch_end(FitState)`` if given, then ``out/last.pt`` with everything a resume needs
+    (model, optimiser, scheduler, scaler, generator and torch RNG states, best so far; all written
+    atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy", "epoch",
+    "test_accuracy"}`` of the best epoch (model selection on validation only).
+
+    Without ``resume_from``, ``out`` must not hold ``metrics.jsonl``, ``best.pt`` or ``last.pt``
+    yet (:class:`rnip_ext.rundir.OutputDirError` otherwise): a fresh run never replaces another's.
+    ``resume_from`` (a ``last.pt`` payload, :func:`rnip_ext.rundir.load_checkpoint`) continues
+    after its epoch; rows of later epochs in ``metrics.jsonl`` (written before a crash) are
+    dropped, so every epoch appears once. A resumed run replays the same batches and
+    augmentations; results equal an uninterrupted run's up to floating-point nondeterminism of
+    the device (bitwise on CPU).
+
+    ``progress``: ``True`` shows tqdm bars when stdout and stderr are terminals and one printed
+    line per epoch otherwise; ``"bar"``/``"lines"`` force either; ``False`` prints nothing.
+    A NaN/inf loss raises :class:`NonFiniteLossError` before anything of that epoch is written,
+    and a model state with NaN/inf values is never checkpointed: ``last.pt`` keeps the last good
+    epoch. Under torchrun pass ``dist_ctx`` (:mod:`rnip_ext.distributed`): the model trains
+    under ``DistributedDataParallel`` on this rank's shard; rank 0 alone evaluates and writes.
+    """
+    from tqdm.auto import tqdm
+
+    from . import distributed as D
+    from .rundir import OutputDirError, append_jsonl, record, save_checkpoint
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    out = os.fspath(out)
+    device = splits.train.images.device
+    is_main = dist_ctx is None or dist_ctx.is_main
+    rank = 0 if dist_ctx is None else dist_ctx.rank
+    optimizer = make_optimizer(model, lr, weight_decay, bn_lr_scale)
+    scheduler = make_scheduler(optimizer, epochs)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    generator = torch.Generator().manual_seed(seed)
+    start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1, "test_accuracy": None}
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        if scaler is not None and resume_from.get("scaler"):
+            scaler.load_state_dict(resume_from["scaler"])
+        generator.set_state(resume_from["generator"])
+        torch.set_rng_state(resume_from["torch_rng"])
+        start_epoch = int(resume_from["epoch"]) + 1
+        best = {"val_accuracy": float(resume_from["best_val"]), "epoch": int(resume_from["best_epoch"]),
+                "test_accuracy": resume_from.get("best_test")}
+
+    def wrap(m: nn.Module):
+        runner = torch.compile(m) if compile else m
+        if dist_ctx is None:
+            return runner, runner
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+        return runner, (torch.compile(ddp) if compile else ddp)
+
+    runner, train_runner = wrap(model)
+    train_data = splits.train if dist_ctx is None else D.ShardedDataset(splits.train, dist_ctx.rank,
+                                                                         dist_ctx.world_size)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if is_main and resume_from is None:
+        # A fresh run never replaces another's files (the CLI clears its own first on --overwrite).
+        existing = [f for f in ("metrics.jsonl", "best.pt", "last.pt") if os.path.exists(os.path.join(out, f))]
+        if existing:
+            raise OutputDirError(f"{out} already holds {', '.join(existing)}: pass resume_from="
+                                 "load_checkpoint(<out>/last.pt) to continue that run, or use another directory")
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        record(out, "metrics.jsonl", "best.pt", "last.pt")
+        _drop_rows_after(metrics_path, start_epoch)
+    show = bool(progress) and is_main
+    bars = show and _use_bars(progress)
+    last_saved = start_epoch
+    for epoch in tqdm(range(start_epoch, epochs), desc=description, disable=not bars, initial=start_epoch,
+                      total=epochs):
+        try:
+            stats = train_epoch(train_runner, train_data, optimizer, batch_size, regularizer, amp=amp,
+                                scaler=scaler, channels_last=channels_last, generator=generator, progress=bars,
+                                description=f"epoch {epoch + 1}", log_every=log_every,
+                                _crash_at_step=_crash_step(epoch + 1, rank))
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: {_kept(out, last_saved)}. Lower the learning "
+                                     "rate or check the data for NaN/inf") from exc
+        lr_now = optimizer.param_groups[-1]["lr"]
+        scheduler.step()
+        if dist_ctx is not None:
+            # Ranks see equal shares, so the plain mean over ranks is the epoch's mean.
+            loss, accuracy, penalty, speed = D.average_stats(
+                [stats.loss, stats.accuracy, stats.penalty, stats.images_per_second], device)
+            stats = EpochStats(loss, accuracy, penalty, speed * dist_ctx.world_size)
+            if not is_main:
+                D.barrier()
+                continue
+        if not _finite_state(model):
+            raise NonFiniteLossError(f"the model's weights or running statistics became non-finite in epoch "
+                                     f"{epoch + 1}: {_kept(out, last_saved)}")
+        val = evaluate(runner, splits.val, amp=amp, channels_last=channels_last)
+        test = evaluate(runner, splits.test, amp=amp, channels_last=channels_last)
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "penalty": stats.penalty, "val_accuracy": val, "test_accuracy": test, "lr": lr_now,
+               "images_per_second": stats.images_per_second, "time": time.time()}
+        append_jsonl(metrics_path, row)
+        if val > best["val_accuracy"]:
+            best = {"val_accuracy": val, "epoch": epoch + 1, "test_accuracy": test}
+            save_checkpoint(os.path.join(out, "best.pt"), {"model": model.state_dict(), "epoch": epoch})
+        if on_epoch_end is not None:
+            state = FitState(epoch + 1, epochs, model, optimizer, scheduler, regularizer, row)
+            on_epoch_end(state)
+            if state.optimizer is not optimizer and state.scheduler is scheduler:
+                raise ValueError("on_epoch_end replaced the optimizer but not the scheduler bound to it")
+            if state.model is not model:
+                model = state.model
+                runner, train_runner = wrap(model)
+            optimizer, scheduler, regularizer = state.optimizer, state.scheduler, state.regularizer
+        save_checkpoint(os.path.join(out, "last.pt"), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+            "best_val": best["val_accuracy"], "best_epoch": best["epoch"], "best_test": best["test_accuracy"],
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        })
+        last_saved = epoch + 1
+        if show and not bars:
+            print(f"{description} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} acc {stats.accuracy:.4f} "
+                  f"penalty {stats.penalty:.4g} val {val:.4f} test {test:.4f} lr {lr_now:.3g} "
+                  f"({stats.images_per_second:,.0f} img/s)", flush=True)
+        if dist_ctx is not None:
+            D.barrier()
+    return best
+
+
+def _kept(out: str, last_saved: int) -> str:
+    if last_saved == 0:
+        return "nothing of this run was checkpointed"
+    return f"{os.path.join(out, 'last.pt')} still holds epoch {last_saved}, untouched"
+
+
+def _drop_rows_after(path: str, epoch: int) -> None:
+    """Keep the metrics rows of epochs ``<= epoch`` (later ones died before their checkpoint)."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if line.strip() and json.loads(line)["epoch"] <= epoch:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a crash
+    from .rundir import _atomic
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+
+    _atomic(path, write)

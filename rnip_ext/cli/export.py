@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 from .. import pruning
 from ..data import DATASETS
+from .errors import UserError
 from .runs import CheckpointError, load_checkpoint, read_json
 from .train import build_model
 
@@ -23,9 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> None:
-    """A user mistake: one ``error:`` line and exit status 2, nothing written."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """A user mistake: one ``error:`` line and exit status 2 (see :mod:`rnip_ext.cli.errors`), nothing written."""
+    raise UserError(message)
 
 
 def _load_model(run_dir: str, config: dict) -> torch.nn.Module:

@@ -10,14 +10,16 @@ __all__ = ["require_matplotlib", "plot_accuracy_vs_ratio", "plot_importance_hist
 
 
 def require_matplotlib():
-    """``matplotlib.pyplot`` on the non-interactive backend, or a SystemExit saying what to install."""
+    """``matplotlib.pyplot`` on the non-interactive backend, or a ``UserError`` saying what to install."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit("plots need matplotlib: pip install 'rnip_ext[demo]' (or matplotlib)") from exc
+        from .errors import UserError
+
+        raise UserError("plots need matplotlib: pip install 'rnip_ext[demo]' (or matplotlib), or pass --no-plots") from exc
     return plt
 
 
@@ -29,46 +31,58 @@ def _save(plt, fig, path: str) -> str:
 
 
 def plot_importance_histograms(scores: dict[str, torch.Tensor], path: str) -> str:
-    """One histogram per method of all prunable channels' scores (sigmoid(w) or |gamma|)."""
+    """One histogram per trained run (label -> all prunable channels' scores: sigmoid(w) or |gamma|)."""
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2), squeeze=False)
-    for ax, (method, values) in zip(axes[0], scores.items()):
+    for ax, (label, values) in zip(axes[0], scores.items()):
         ax.hist(values.numpy(), bins=40, color="tab:blue")
-        ax.set_title(f"{method}: {'sigmoid(w)' if method == 'rni' else '|gamma|'}")
-        ax.set_xlabel("channel importance")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("sigmoid(w)" if label.split(" ")[2:3] == ["rni"] else "|gamma|")
         ax.set_ylabel("channels")
     return _save(plt, fig, path)
 
 
+def _key(r: dict) -> tuple:
+    return r["arch"], r["dataset"], r["method"], r.get("scope") or ""
+
+
 def plot_accuracy_vs_ratio(rows: list[dict], path: str) -> str:
-    """Test accuracy (fine-tuned) against the pruning ratio, one line per method."""
+    """Test accuracy (fine-tuned) against the pruning ratio, one line per (arch, dataset, method,
+    scope); a trained run is the 0% point of each scope pruned from its (arch, dataset, method)."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in sorted({r["method"] for r in rows}):
-        pts = sorted((r["ratio"], r["test_accuracy"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+    lines = {_key(r) for r in rows if r.get("kind") == "prune"}
+    lines |= {_key(r) for r in rows if r.get("kind") != "prune" and not any(k[:3] == _key(r)[:3] for k in lines)}
+    for key in sorted(lines):
+        pts = sorted((r["ratio"], r["test_accuracy"]) for r in rows
+                     if _key(r) == key or (r.get("kind") != "prune" and _key(r)[:3] == key[:3]))
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=" ".join(k for k in key if k))
     ax.set_xlabel("pruning ratio (fraction of prunable channels removed)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
 
 def plot_kept_channels(rows: list[dict], path: str) -> str:
-    """Channels kept per prunable layer, one line per (method, ratio) pruned run."""
+    """Channels kept per prunable layer: one panel per (arch, dataset), one line per pruned run."""
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"])):
-        kept = r["kept_channels"]  # [[layer, channels, kept], ...] in graph order
-        ax.plot(range(len(kept)), [k[2] for k in kept], marker=".", label=f"{r['method']} {r['ratio']:.0%}")
-    if rows:
-        first = rows[0]["kept_channels"]
+    panels = sorted({(r["arch"], r["dataset"]) for r in rows})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.5 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        mine = [r for r in rows if (r["arch"], r["dataset"]) == panel]
+        for r in sorted(mine, key=lambda r: (_key(r), r["ratio"])):
+            kept = r["kept_channels"]  # [[layer, channels, kept], ...] in graph order
+            ax.plot(range(len(kept)), [k[2] for k in kept], marker=".",
+                    label=f"{r['method']} {r.get('scope') or ''} {r['ratio']:.0%}")
+        first = mine[0]["kept_channels"]
         ax.plot(range(len(first)), [k[1] for k in first], "k--", label="original")
         ax.set_xticks(range(len(first)), [k[0] for k in first], rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("prunable layer (graph order)")
-    ax.set_ylabel("channels kept")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.set_title(" ".join(panel), fontsize=9)
+        ax.set_xlabel("prunable layer (graph order)")
+        ax.set_ylabel("channels kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
 

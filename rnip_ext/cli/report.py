@@ -7,59 +7,96 @@ import os
 
 import torch
 
+from .. import rundir
 from ..data import DATASETS
 from ..pruning import channel_importance
+from ..rundir import OutputDirError
+from .errors import UserError, user_errors
 from .plots import figure_paths, plot_accuracy_vs_ratio, plot_importance_histograms, plot_kept_channels
 from .runs import CheckpointError, load_checkpoint, read_json, write_json
 from .train import build_model
 
+# Keys every summary.json must have, and those of pruned runs on top.
+SUMMARY_KEYS = ("kind", "arch", "dataset", "method", "ratio", "test_accuracy", "params", "flops")
+PRUNE_KEYS = ("scope", "accuracy_after_pruning", "kept_channels")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run directories from `rnip train` and `rnip prune`")
-    p.add_argument("--out", default="report", help="directory for report.md, report.json and the plots")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default="report",
+                   help="directory for report.md, report.json and the plots: new, empty or an earlier report's "
+                        "(which is replaced)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace any earlier rnip output in --out (only files rnip wrote are deleted)")
+
+
+def group_key(row: dict) -> tuple:
+    """Rows are compared within one (arch, dataset, method, scope); a trained run has no scope."""
+    return row["arch"], row["dataset"], row["method"], row.get("scope") or ""
 
 
 def collect(run_dirs: list[str]) -> list[dict]:
-    """Each run's summary.json, with its directory."""
+    """Each run's summary.json, with its directory; a :class:`UserError` if one is missing or incomplete."""
     rows = []
     for d in run_dirs:
+        path = os.path.join(d, "summary.json")
         try:
-            rows.append(dict(read_json(os.path.join(d, "summary.json")), run_dir=d))
+            summary = read_json(path)
         except FileNotFoundError as exc:
-            raise SystemExit(f"error: {d} has no summary.json (is it a finished run?)") from exc
+            raise UserError(f"{d} has no summary.json (is it a finished run?)") from exc
         except CheckpointError as exc:
-            raise SystemExit(f"error: {exc}") from exc
+            raise UserError(str(exc)) from exc
+        if not isinstance(summary, dict):
+            raise UserError(f"{path} is not a run summary")
+        wanted = SUMMARY_KEYS + (PRUNE_KEYS if summary.get("kind") == "prune" else ())
+        missing = [k for k in wanted if k not in summary]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}: not a summary written by rnip train or prune")
+        rows.append(dict(summary, run_dir=d))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: method x ratio -> accuracies, parameters and FLOPs."""
-    lines = ["| method | ratio | test acc (%) | acc pruned, before fine-tune (%) | params | FLOPs (MACs) |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["ratio"])):
+    """Markdown, one row per run, grouped by (arch, dataset, method, scope), then by ratio."""
+    lines = ["| arch | dataset | method | scope | ratio | test acc (%) | acc pruned, before fine-tune (%) | params "
+             "| FLOPs (MACs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (group_key(r), r["ratio"])):
         pruned = r.get("accuracy_after_pruning")
         lines.append(
-            f"| {r['method']} | {r['ratio']:.0%} | {100 * r['test_accuracy']:.2f} | "
-            f"{'' if pruned is None else f'{100 * pruned:.2f}'} | {r['params']:,} | {r['flops']:,} |"
+            f"| {r['arch']} | {r['dataset']} | {r['method']} | {r.get('scope') or '-'} | {r['ratio']:.0%} | "
+            f"{100 * r['test_accuracy']:.2f} | {'' if pruned is None else f'{100 * pruned:.2f}'} | "
+            f"{r['params']:,} | {r['flops']:,} |"
         )
     return "\n".join(lines)
 
 
 def importance_scores(train_rows: list[dict]) -> dict[str, torch.Tensor]:
-    """All prunable channels' scores of each method's trained model (its best checkpoint)."""
+    """All prunable channels' scores of each trained model (its best checkpoint), keyed by
+    ``"arch dataset method"``: runs of different networks or data never share a histogram."""
     scores = {}
     for r in train_rows:
-        config = read_json(os.path.join(r["run_dir"], "config.json"))
-        model = build_model(config, DATASETS[config["dataset"]][0], config["in_channels"])
-        model.load_state_dict(load_checkpoint(os.path.join(r["run_dir"], "best.pt"))["model"])
-        scores[r["method"]] = torch.cat(list(channel_importance(model).values()))
+        with user_errors(FileNotFoundError, CheckpointError, KeyError, RuntimeError,
+                         prefix=f"{r['run_dir']} cannot be read: "):
+            config = read_json(os.path.join(r["run_dir"], "config.json"))
+            model = build_model(config, DATASETS[config["dataset"]][0], config["in_channels"])
+            model.load_state_dict(load_checkpoint(os.path.join(r["run_dir"], "best.pt"))["model"])
+        label = " ".join(group_key(r)[:3])
+        if label in scores:
+            label = f"{label} ({r['run_dir']})"
+        scores[label] = torch.cat(list(channel_importance(model).values()))
     return scores
 
 
 def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, str]:
+    """Write ``report.md``, ``report.json`` and (``plots``) the figures into ``out``; print the table.
+
+    Every file is recorded in ``out``'s manifest (:mod:`rnip_ext.rundir`) before it is written.
+    """
     os.makedirs(out, exist_ok=True)
     text = table(rows)
+    rundir.record(out, "report.md", "report.json")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text + "\n")
     write_json(os.path.join(out, "report.json"), rows)
@@ -69,6 +106,7 @@ def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, st
     paths = figure_paths(out)
     train_rows = [r for r in rows if r["kind"] == "train"]
     prune_rows = [r for r in rows if r["kind"] == "prune"]
+    rundir.record(out, *(os.path.basename(p) for p in paths.values()))
     made = {}
     if train_rows:
         made["importance_histogram"] = plot_importance_histograms(importance_scores(train_rows), paths["importance_histogram"])
@@ -81,4 +119,8 @@ def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, st
 
 
 def run(args: argparse.Namespace) -> None:
-    write_report(collect(args.runs), args.out, plots=not args.no_plots)
+    rows = collect(args.runs)
+    with user_errors(OutputDirError):
+        mode = rundir.check(args.out, "report", overwrite=getattr(args, "overwrite", False), replace_own=True)
+        rundir.claim(args.out, "report", mode)
+    write_report(rows, args.out, plots=not args.no_plots)

@@ -46,17 +46,46 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _pixels(path: str, raw) -> np.ndarray:
+    """CIFAR pixels as uint8: integers in 0..255 of any numeric dtype, never wrapped or truncated."""
+    arr = np.asarray(raw)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind not in "uif" or arr.size == 0:
+        raise ValueError(f"{path}: image data must be numbers 0..255, got dtype {arr.dtype}")
+    low, high = arr.min(), arr.max()
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255 or (
+            arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr))):
+        raise ValueError(
+            f"{path}: image data must be integers 0..255 (as in the CIFAR files), got {arr.dtype} values in "
+            f"[{low}, {high}]" + ("" if arr.dtype.kind != "f" else "; scaled or normalised images are not accepted")
+        )
+    return arr.astype(np.uint8)
+
+
 def _read_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="bytes").load()
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
+    except (OSError, pickle.UnpicklingError, TypeError, ValueError, EOFError, AttributeError, IndexError) as exc:
         raise ValueError(f"{path} is not a CIFAR python-pickle batch ({type(exc).__name__}: {exc})") from exc
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR python-pickle batch (holds a {type(entry).__name__}, not a dict)")
+    missing = [k for k in (b"data", label_key) if k not in entry]
+    if missing:
+        raise ValueError(f"{path} is not a CIFAR batch of this dataset: no {', '.join(map(repr, missing))} "
+                         f"(keys: {', '.join(map(repr, sorted(entry, key=repr)))})")
+    data = _pixels(path, entry[b"data"])
+    try:
+        labels = np.asarray(entry[label_key])
+        if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels))):
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise ValueError(
-            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {len(labels)} labels"
+            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {labels.shape} labels"
         )
     return data, labels
 

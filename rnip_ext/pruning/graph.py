@@ -17,6 +17,7 @@ untouched while the inner channels of each block are pruned, as in the paper.
 from __future__ import annotations
 
 import contextlib
+import io
 import operator
 from dataclasses import dataclass, field
 
@@ -309,6 +310,20 @@ def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGr
     return analyse(model, example_inputs)[0]
 
 
+def _shapes(inputs) -> str:
+    return ", ".join(f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                     for x in inputs)
+
+
+def _check_example_inputs(model: nn.Module, inputs) -> None:
+    """Floating-point tensors; whether their shapes fit is found by running the model on them."""
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise ValueError(f"example_inputs must be a tensor or a tuple of tensors, got {_shapes(inputs) or 'nothing'}")
+    if not all(x.is_floating_point() for x in inputs):
+        raise ValueError(f"example_inputs do not fit {type(model).__name__}: expected floating-point tensors, "
+                         f"got {_shapes(inputs)}")
+
+
 def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], fx.GraphModule]:
     """The channel groups and the traced graph (with output shapes when ``example_inputs`` is given)."""
     gm = trace(model)
@@ -316,8 +331,24 @@ def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], 
         from torch.fx.passes.shape_prop import ShapeProp
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        with eval_mode(model), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+        _check_example_inputs(model, inputs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        required = sum(1 for n in placeholders if not n.args)
+        if not required <= len(inputs) <= len(placeholders):
+            raise ValueError(f"example_inputs do not fit {type(model).__name__}: its forward takes "
+                             f"{required}{'' if required == len(placeholders) else f' to {len(placeholders)}'} "
+                             f"input(s), got {len(inputs)} ({_shapes(inputs)})")
+        try:
+            # ShapeProp prints a traceback of its own before raising: the ValueError below says it all.
+            with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:  # ShapeProp wraps the real error in a long graph dump
+            cause = exc.__cause__ or exc
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise ValueError(
+                f"example_inputs do not fit {type(model).__name__}: got {_shapes(inputs)} "
+                f"({type(cause).__name__}: {detail})"
+            ) from exc
     analysis = _Analysis(model, gm)
     groups: list[ChannelGroup] = []
     claimed: set[str] = set()

@@ -87,12 +87,49 @@ def _narrow(model: nn.Module, layers: dict) -> None:
                     setattr(m, attr, new)
 
 
+def _check_fixed_widths(model: nn.Module, layers: dict) -> None:
+    """Refuse a ``model`` that differs from the checkpoint's in widths pruning never changes.
+
+    Pruning only narrows, and only the channels between a conv and its BatchNorm and readers:
+    no stored width may exceed the model's, a linear layer's outputs (the classes) never change,
+    and neither do the input channels of the first convolution (the image channels).
+    """
+    modules = dict(model.named_modules())
+    first_conv = next((n for n, m in modules.items() if isinstance(m, nn.Conv2d)), None)
+    problems = []
+    for name, spec in layers.items():
+        m = modules.get(name)
+        if isinstance(m, nn.Linear) and spec.get("type") == "Linear":
+            if spec["out"] != m.out_features:
+                problems.append(f"'{name}' has {spec['out']} outputs in the checkpoint, {m.out_features} in the model")
+            if spec["in"] > m.in_features:
+                problems.append(f"'{name}' has {spec['in']} inputs in the checkpoint, {m.in_features} in the model")
+        elif isinstance(m, nn.Conv2d) and spec.get("type") == "Conv2d":
+            if name == first_conv and spec["in"] != m.in_channels:
+                problems.append(f"'{name}' reads {spec['in']} input channels in the checkpoint, "
+                                f"{m.in_channels} in the model")
+            for key, have in (("in", m.in_channels), ("out", m.out_channels)):
+                if spec[key] > have:
+                    problems.append(f"'{name}' has {spec[key]} {key}put channels in the checkpoint, {have} in the model")
+        elif m is not None and "features" in spec and spec["features"] > getattr(m, "num_features", spec["features"]):
+            problems.append(f"'{name}' has {spec['features']} channels in the checkpoint, {m.num_features} in the model")
+    if problems:
+        raise ValueError("the checkpoint was not pruned from this model (pruning never widens a layer, nor changes "
+                         "the classes or the input channels): " + "; ".join(problems))
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
     """Read a checkpoint written by :func:`save` (with ``weights_only=True``; no pickle).
 
     Without ``model`` the architecture is rebuilt from the stored builder (models from
     :mod:`rnip_ext.models`); otherwise pass a fresh instance of the unpruned architecture, which
-    is narrowed in place to the stored widths, filled and returned.
+    is narrowed in place to the stored widths, filled and returned. A ``model`` whose widths
+    pruning cannot have produced the stored ones from (other classes, other input channels, a
+    narrower layer) raises ``ValueError``.
+
+    The model is returned in **eval mode**, whatever mode it was saved in: loading is for
+    inference or evaluation, and the running statistics are then used (call ``.train()`` to
+    fine-tune).
     """
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -116,6 +153,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="
         from .. import models
 
         model = getattr(models, builder["name"])(**builder["kwargs"])
+    else:
+        _check_fixed_widths(model, arch["modules"])
     _narrow(model, arch["modules"])
     model.load_state_dict(state)
-    return model
+    return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,20 @@ def _check_args(scope, min_channels, fold) -> None:
         raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+
+
+def _check_min_channels(groups: list[ChannelGroup], min_channels: int, ratio: float) -> None:
+    """``min_channels`` against the layers' widths. Larger than some layers: those keep all their
+    channels (a ``UserWarning`` naming them; the rest are still pruned). At least every layer's
+    width while ``ratio > 0``: nothing could be removed, so a ``ValueError`` instead of a silent 0%."""
+    if ratio > 0 and all(g.channels <= min_channels for g in groups):
+        widest = max(g.channels for g in groups)
+        raise ValueError(f"min_channels={min_channels} is at least the width of every prunable layer (the widest "
+                         f"has {widest} channels): nothing can be removed; lower min_channels")
+    small = [f"{g.name} ({g.channels})" for g in groups if g.channels < min_channels]
+    if small:
+        warnings.warn(f"min_channels={min_channels} exceeds the width of {', '.join(small)}: "
+                      "they keep all their channels", UserWarning, stacklevel=3)
 
 
 def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int) -> list[Tensor]:
@@ -281,6 +296,8 @@ def plan(
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)
     groups, gm = _analyse_prunable(model, example_inputs)
+    # A budget that min_channels makes unreachable is reported by the budget search itself.
+    _check_min_channels(groups, min_channels, float(ratio) if ratio is not None else 0.0)
     scores = group_scores(model, groups)
     if budget is None:
         masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)

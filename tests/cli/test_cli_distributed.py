@@ -40,6 +40,44 @@ def test_torchrun_two_ranks_train(tmp_path):
     assert json.loads((run / "summary.json").read_text())["kind"] == "train"
 
 
+def _torchrun(tmp_path, out, *extra_env, epochs=3):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    env.update(extra_env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "--monitor-interval", "0.2",
+           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir",
+           str(tmp_path / "data"), "--epochs", str(epochs), "--batch-size", "8", "--val-fraction", "0.2",
+           "--device", "cpu", "--out", str(out), "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_restart_after_a_worker_dies_resumes_from_the_checkpoint(tmp_path):
+    """Rank 1 is SIGKILLed at the 2nd step of epoch 2 (after epoch 1's checkpoint); torchrun
+    restarts the group, which continues from last.pt without --resume and ends as an
+    uninterrupted run does."""
+    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
+    full = _torchrun(tmp_path, tmp_path / "full")
+    assert full.returncode == 0, f"{full.stdout}\n{full.stderr}"
+    cut = _torchrun(tmp_path, tmp_path / "cut", ("RNIP_TEST_CRASH_AT", "1:2:2"))
+    assert cut.returncode == 0, f"{cut.stdout}\n{cut.stderr}"
+    assert "SIGKILL" in cut.stderr or "Signal 9" in cut.stderr or "exitcode: -9" in cut.stderr, cut.stderr
+    rows = {}
+    for name in ("full", "cut"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines if line.strip()]
+    assert [r["epoch"] for r in rows["cut"]] == [1, 2, 3]  # every epoch once
+    for a, b in zip(rows["full"], rows["cut"]):
+        for key in ("train_loss", "train_accuracy", "penalty", "val_accuracy", "test_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["epoch"], key)
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "cut" / "last.pt"))["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
+    cut_config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert cut_config["elastic_run_id"]
+
+
 def test_context_from_env():
     assert context_from_env({}) is None and context_from_env({"WORLD_SIZE": "1"}) is None
     ctx = context_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
@@ -64,3 +102,20 @@ def test_sharded_dataset_splits_each_global_batch():
                        order)
     with pytest.raises(ValueError, match="rank"):
         ShardedDataset(data, 2, 2)
+
+
+def test_elastic_state_resumes_only_this_jobs_run(tmp_path, monkeypatch):
+    from rnip_ext.cli.train import elastic_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"elastic_run_id": "job-a"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert elastic_state(str(run)) is None  # a first attempt never resumes by itself
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert elastic_state(str(run)) == "restart"  # died before its first checkpoint
+    (run / "last.pt").write_bytes(b"")
+    assert elastic_state(str(run)) == "resume"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # someone else's run in the same folder
+    assert elastic_state(str(run)) is None

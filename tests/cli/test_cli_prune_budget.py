@@ -1,6 +1,7 @@
 """`rnip prune` to a FLOPs/parameter budget, with the measured speed before and after."""
 
 import json
+import re
 
 import pytest
 
@@ -48,12 +49,17 @@ def test_default_is_half_the_channels(trained_run, tmp_path):
 
 
 def test_bad_budgets(trained_run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:  # argparse: mutually exclusive
-        prune(trained_run, tmp_path / "a", "--ratio", "0.5", "--target-flops", "0.5")
-    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"error: --target-flops must be a fraction in \(0, 1\], got 0.0"):
-        prune(trained_run, tmp_path / "b", "--target-flops", "0")
-    with pytest.raises(SystemExit, match=r"error: --target-params must be a fraction in \(0, 1\], got 1.5"):
-        prune(trained_run, tmp_path / "c", "--target-params", "1.5")
-    with pytest.raises(SystemExit, match=r"error: target_flops=1e-06 cannot be met.*smallest reachable"):
-        prune(trained_run, tmp_path / "d", "--target-flops", "1e-6")
+    def one_error(pattern):
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(pattern, err), err
+
+    assert prune(trained_run, tmp_path / "a", "--ratio", "0.5", "--target-flops", "0.5") == 2  # exclusive
+    one_error("not allowed with argument")
+    assert prune(trained_run, tmp_path / "b", "--target-flops", "0") == 2
+    one_error(r"--target-flops must be in \(0, 1\], got 0.0")
+    assert prune(trained_run, tmp_path / "c", "--target-params", "1.5") == 2
+    one_error(r"--target-params must be in \(0, 1\], got 1.5")
+    assert prune(trained_run, tmp_path / "d", "--target-flops", "1e-6") == 2
+    one_error(r"target_flops=1e-06 cannot be met.*smallest reachable")
+    # A refused command leaves no --out behind.
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -115,3 +115,56 @@ def test_batches_cover_everything_once_and_normalise():
     assert sum(1 for _ in ds.batches(3, drop_last=True)) == 3
     with pytest.raises(ValueError, match="uint8"):
         D.InMemoryDataset(images.float(), torch.arange(10), (0.5,), (0.5,))
+
+
+def _rewrite(path, **changes):
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    for key, value in changes.items():
+        entry[key.encode()] = value
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+
+
+@pytest.mark.parametrize("low, high, match", [
+    (-3.0, 300.0, r"integers 0\.\.255.*float64 values in \[-3\.0, 300\.0\]"),
+    (0.0, 1.0, "scaled or normalised images are not accepted"),
+    (0.0, 255.4, "scaled or normalised"),
+])
+def test_float_pixels_outside_0_255_or_fractional_are_rejected_not_wrapped(tmp_path, low, high, match):
+    write_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _rewrite(path, data=np.linspace(low, high, 20 * 3072).reshape(20, 3072))
+    with pytest.raises(ValueError, match=match):
+        D.load_cifar(tmp_path, "cifar10")
+
+
+def test_integer_valued_pixels_of_other_dtypes_are_kept_exactly(tmp_path):
+    written = write_cifar(tmp_path, "cifar10")
+    data, _ = written["data_batch_1"]
+    _rewrite(tmp_path / "cifar-10-batches-py" / "data_batch_1", data=data.astype(np.float32))
+    images, _ = D.load_cifar(tmp_path, "cifar10")
+    assert torch.equal(images[:20].reshape(20, 3072), torch.from_numpy(data))
+    _rewrite(tmp_path / "cifar-10-batches-py" / "data_batch_1", data=data.astype(np.int64) + 256)
+    with pytest.raises(ValueError, match=r"in \[256, "):
+        D.load_cifar(tmp_path, "cifar10")
+
+
+def test_wrong_keys_and_truncated_files_name_the_problem(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    entry[b"fine_labels"] = entry.pop(b"labels")  # a CIFAR-100 file among CIFAR-10 ones
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(ValueError, match=r"data_batch_4 is not a CIFAR batch of this dataset: no b'labels'.*b'fine_labels'"):
+        D.load_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="data_batch_4 is not a CIFAR python-pickle batch"):
+        D.load_cifar(tmp_path, "cifar10")
+    with open(path, "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        D.load_cifar(tmp_path, "cifar10")

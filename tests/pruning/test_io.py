@@ -48,3 +48,29 @@ def test_round_trip_into_a_given_model_and_errors(tmp_path):
         load(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.pt")
+
+
+def test_load_refuses_a_model_with_other_classes_or_input_channels(tmp_path):
+    small = pruned_model()
+    del small.rnip_builder
+    path = tmp_path / "small.pt"
+    save(small, path)
+    with pytest.raises(ValueError, match=r"not pruned from this model.*'fc' has 10 outputs in the checkpoint, 100"):
+        load(path, model=M.resnet56_cifar(num_classes=100))
+    with pytest.raises(ValueError, match=r"'conv1' reads 3 input channels in the checkpoint, 1 in the model"):
+        load(path, model=M.resnet56_cifar(in_channels=1))
+    with pytest.raises(ValueError, match="rnip_ext.pruning.export"):
+        load(path)  # no builder: pass model=, or use export for a self-contained file
+
+
+def test_load_returns_eval_mode_whatever_mode_was_saved(tmp_path):
+    small = pruned_model().train()
+    path = tmp_path / "small.pt"
+    save(small, path)
+    loaded = load(path)
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), small.eval()(x), rtol=0, atol=0)
+    del small.rnip_builder
+    save(small.train(), path)
+    assert not any(m.training for m in load(path, model=M.resnet56_cifar()).modules())
