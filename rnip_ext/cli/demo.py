@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     check_number("epochs", args.epochs, low=1)
     check_number("finetune-epochs", args.finetune_epochs, low=0)
-    for ratio in args.ratios:
+    for ratio in args.ratios or []:
         check_number("ratios", ratio, low=0, high=1)
     # A previous demo's output is replaced; anything else is never deleted.
     with user_errors(OutputDirError):

@@ -16,7 +16,8 @@ from .runs import CheckpointError, load_checkpoint, read_json
 from .train import build_model, check_number, fit_settings, read_resume, resolve_device, write_run_json
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
-RESUME_KEYS = ("source_run", "ratio", "scope", "min_channels", "finetune_epochs", "lr")
+RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "scope", "min_channels", "finetune_epochs",
+               "lr")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Every argument checked before anything is read or written."""
-    check_number("ratio", args.ratio, low=0, high=1)
+    if getattr(args, "ratio", None) is not None:
+        check_number("ratio", args.ratio, low=0, high=1)
     check_number("min-channels", args.min_channels, low=1)
     check_number("finetune-epochs", args.finetune_epochs, low=0)
     if args.lr is not None:

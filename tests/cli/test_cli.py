@@ -504,3 +504,14 @@ def test_demo_that_fails_before_any_run_leaves_no_directory(tmp_path, monkeypatc
     assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress", "--no-plots"]) == 2
     one_error_line(capsys, "scikit-learn")
     assert not out.exists()
+
+
+def test_a_command_raising_systemexit_error_gets_status_2(monkeypatch, capsys):
+    from rnip_ext.cli import report
+
+    def old_style(args):
+        raise SystemExit("error: something the user must fix")
+
+    monkeypatch.setattr(report, "run", old_style)
+    assert main(["report", "x"]) == 2
+    one_error_line(capsys, "something the user must fix")
