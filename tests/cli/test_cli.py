@@ -230,6 +230,8 @@ def test_prune_and_report_user_errors(tmp_path, capsys):
         assert main(["prune", str(run), "--out", str(out), "--no-progress", *extra]) == 2
         one_error_line(capsys, match)
         assert not out.exists()
+    assert main(["prune", str(run), "--out", str(out), "--resume", "--overwrite"]) == 2
+    one_error_line(capsys, "pass one of them")
     assert main(["prune", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     one_error_line(capsys, "is not a finished `rnip train` run")
     summary = json.loads((run / "summary.json").read_text())
