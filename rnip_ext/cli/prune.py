@@ -59,6 +59,8 @@ def validate(args: argparse.Namespace) -> None:
     check_number("finetune-epochs", args.finetune_epochs, low=0)
     if args.lr is not None:
         check_number("lr", args.lr, low=0, low_open=True)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def _describe(args: argparse.Namespace, plan) -> str:

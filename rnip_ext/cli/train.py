@@ -192,6 +192,8 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
     is_main = dist_ctx is None or dist_ctx.is_main
     config = resolve_config(args)
     out = args.out
+    if args.resume and getattr(args, "overwrite", False):
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
     elastic = elastic_state(out) if dist_ctx is not None else None
     resume = args.resume or elastic == "resume"
     mode = None
