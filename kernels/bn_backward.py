@@ -48,7 +48,7 @@ from ._math import position_offsets, sigmoid_parts
 __all__ = ["bn_backward"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "n_pos", "CHUNK"])
 def _bn_bwd_partial_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
@@ -64,7 +64,7 @@ def _bn_bwd_partial_kernel(
     s_xn,
     s_xc,
     s_xhw,
-    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    CHUNK,  # positions per chunk, a multiple of BLOCK_M (runtime: no recompiles per batch size)
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
@@ -97,19 +97,20 @@ def _bn_bwd_partial_kernel(
     tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _bn_bwd_combine_kernel(
     sum_dy_part_ptr,  # [K, C] chunk sums of dy (ACC)
     sum_dyxmu_part_ptr,  # [K, C] chunk sums of dy * (x - mean) (ACC)
     var_ptr,  # [C] variance the forward used
     w_ptr,  # [C] scale logits (read with WRITE_DW)
-    g_ptr,  # [C] upstream gradient of the penalty (read with HAS_G)
+    g_ptr,  # [C] upstream gradient of the penalty, stride s_g (read with HAS_G)
     sum_dy_ptr,  # [C] out: sum(dy) (ACC), for the dx kernel
     sum_dyxhat_ptr,  # [C] out: sum(dy * xhat) (ACC), for the dx kernel
     dw_ptr,  # [C] out: weight gradient (written with WRITE_DW)
     db_ptr,  # [C] out: bias gradient (written with WRITE_DB)
     C,
     K,  # number of chunks
+    s_g,  # stride of g (0 for the expanded gradient of penalty.sum(): read in place)
     eps,
     shift,  # penalty shift: s = sigmoid(w + shift)
     BLOCK_C: tl.constexpr,
@@ -142,7 +143,7 @@ def _bn_bwd_combine_kernel(
         a, one_minus_a, _ = sigmoid_parts(w)
         dw = a * one_minus_a * sum_dyxhat
         if HAS_G:
-            g = tl.load(g_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            g = tl.load(g_ptr + offs_c.to(tl.int64) * s_g, mask=mask_c, other=0.0).to(ACC)
             s, one_minus_s, log_s = sigmoid_parts(w + shift)
             dw += g * (-log_s * s * one_minus_s)
         tl.store(dw_ptr + offs_c, dw.to(dw_ptr.dtype.element_ty), mask=mask_c)
@@ -150,7 +151,7 @@ def _bn_bwd_combine_kernel(
         tl.store(db_ptr + offs_c, sum_dy.to(db_ptr.dtype.element_ty), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "n_pos"])
 def _bn_bwd_dx_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw) (read with TRAINING)
@@ -249,7 +250,7 @@ def bn_backward(
     x = kernel_ready(x)
     dy = kernel_ready(dy)
     mean, var = vector(mean), vector(var)
-    weight, penalty_grad = vector(weight), vector(penalty_grad)
+    weight = vector(weight)  # penalty_grad is read with its stride (0 when expanded)
     num_channels = x.shape[1]
     n_pos = x.numel() // num_channels if num_channels else 0
     acc = acc_dtype(x.dtype)
@@ -284,8 +285,8 @@ def bn_backward(
                 _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
                     dy, x, mean, sum_dy_part, sum_dyxmu_part,
                     num_channels, hw, n_pos,
-                    *dv.strides(flat), *xv.strides(flat),
-                    CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                    *dv.strides(flat), *xv.strides(flat), chunk,
+                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
                     ACC=acc_tl, num_warps=cfg.num_warps,
                 )  # fmt: skip
             _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
@@ -294,7 +295,8 @@ def bn_backward(
                 penalty_grad if has_g else var,
                 sum_dy, sum_dyxhat,
                 dw if need_dw else sum_dy, db if need_db else sum_dy,
-                num_channels, num_chunks, float(eps), float(shift),
+                num_channels, num_chunks, penalty_grad.stride(0) if has_g else 0,
+                float(eps), float(shift),
                 BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
                 HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
                 ACC=acc_tl, num_warps=4,

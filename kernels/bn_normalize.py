@@ -36,7 +36,7 @@ from ._math import position_offsets, sigmoid_parts
 __all__ = ["bn_normalize"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "n_pos"])
 def _bn_normalize_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     y_ptr,  # [N, C, HW] output, strides (s_yn, s_yc, s_yhw)

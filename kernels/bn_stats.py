@@ -8,7 +8,7 @@ Per channel ``c`` over the ``n = N*H*W`` positions::
 Two kernels:
 
 1. ``_bn_partial_stats_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: each program reduces a
-   chunk of ``CHUNK`` positions for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
+   chunk of ``CHUNK`` positions (a runtime argument, like every size that changes with the batch) for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
    ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
    first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
    of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
@@ -23,7 +23,8 @@ Two kernels:
    chunk order (deterministic), ``BLOCK_K`` chunks at a time: their pooled mean
    ``sum(n_k mean_k) / sum(n_k)`` and ``M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)``, merged into
    the running triple as above; writes ``mean = pivot + mean`` and ``var = M2 / n`` (both ``0``
-   when ``n == 0``) and, with ``WITH_PENALTY``, ``p_c``.
+   when ``n == 0``), with ``WITH_PENALTY`` ``p_c``, and with ``UPDATE_RUNNING`` the running
+   statistics (``_math.update_running``), so a chunked training forward is 3 launches in all.
 
 Never ``E[x^2] - E[x]^2``: each merge subtracts means, never sums of squares. All arithmetic in
 ``ACC`` (fp32, or fp64 for fp64 inputs); inputs of any float dtype are converted on load.
@@ -43,17 +44,20 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     layout_config,
+    running_args,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype
-from ._math import position_offsets, sigmoid_parts
+from ._math import position_offsets, sigmoid_parts, update_running
 
 __all__ = ["bn_batch_stats"]
 
 
-@triton.jit
+# Sizes that change with the batch or image size are runtime arguments and never specialised
+# (do_not_specialize), so a new batch size reuses the compiled kernels.
+@triton.jit(do_not_specialize=["HW", "n_pos", "CHUNK"])
 def _bn_partial_stats_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC), row k = chunk k
@@ -65,7 +69,7 @@ def _bn_partial_stats_kernel(
     s_xn,
     s_xc,
     s_xhw,
-    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    CHUNK,  # positions per chunk, a multiple of BLOCK_M (runtime: no recompiles per batch size)
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw
@@ -110,7 +114,7 @@ def _bn_partial_stats_kernel(
     tl.store(m2_part_ptr + out, m2, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "n_pos", "CHUNK"])
 def _bn_combine_stats_kernel(
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC)
     m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
@@ -119,19 +123,29 @@ def _bn_combine_stats_kernel(
     mean_ptr,  # [C] out: batch mean (ACC)
     var_ptr,  # [C] out: biased batch variance (ACC)
     pen_ptr,  # [C] out: receding penalty s * (1 - log s) (written with WITH_PENALTY)
+    rmean_ptr,  # [C] running mean, updated in place with UPDATE_RUNNING
+    rvar_ptr,  # [C] running variance, updated in place with UPDATE_RUNNING
+    nbt_ptr,  # [] num_batches_tracked: read with CUMULATIVE, incremented with COUNT
     C,
     K,  # number of chunks
     n_pos,  # N * HW
     shift,  # penalty shift: s = sigmoid(w + shift)
-    CHUNK: tl.constexpr,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
+    momentum,
+    CHUNK,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WITH_PENALTY: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,  # needs n_pos >= 1
+    CUMULATIVE: tl.constexpr,  # f = 1 / num_batches_tracked (already incremented)
+    COUNT: tl.constexpr,  # program 0 increments num_batches_tracked
     ACC: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    if COUNT:
+        if pid_c == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
@@ -166,6 +180,9 @@ def _bn_combine_stats_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         s, _, log_s = sigmoid_parts(w + shift)
         tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+    if UPDATE_RUNNING:
+        update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, pivot + mean, var, count,
+                       momentum, CUMULATIVE, ACC)  # fmt: skip
 
 
 def bn_batch_stats(
@@ -174,6 +191,9 @@ def bn_batch_stats(
     shift: float = 0.0,
     with_penalty: bool = False,
     *,
+    running: tuple[Tensor, Tensor] | None = None,
+    momentum: float | None = 0.1,
+    num_batches_tracked: Tensor | None = None,
     out: tuple[Tensor, Tensor, Tensor] | None = None,
     config: BNConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,7 +203,11 @@ def bn_batch_stats(
     (``N*H*W == 0``) both are 0. ``penalty`` is ``s * (1 - log s)`` per channel,
     ``s = sigmoid(weight + shift)``, in the same dtype, when ``with_penalty`` and ``weight`` is
     given, else an empty ``[0]`` tensor. ``x`` is read in place for NCHW and channels_last.
-    ``out`` (tests) supplies pre-allocated ``[C]`` outputs.
+    ``out`` (tests) supplies pre-allocated ``[C]`` outputs. With ``running`` (the
+    ``(running_mean, running_var)`` buffers) the combine kernel also updates them in place
+    (``momentum``, or ``1 / num_batches_tracked`` when it is ``None``), and
+    ``num_batches_tracked`` (if given) is incremented; an empty batch moves no statistics but is
+    counted, as in ``nn.BatchNorm2d``.
     """
     x = kernel_ready(x)
     weight = vector(weight)
@@ -212,21 +236,26 @@ def bn_batch_stats(
     # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
     pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
     hw = n_pos // x.shape[0] if x.shape[0] else 0
+    rm, rv, nbt, mom, update, cumulative, count = running_args(
+        running, momentum, num_batches_tracked, mean, n_pos
+    )
     with device_guard(x):
         if num_chunks:
             _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
                 x, mean_part, m2_part, pivot,
                 num_channels, hw, n_pos,
-                *xv.strides(flat),
-                CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                *xv.strides(flat), chunk,
+                BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
                 ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
             )  # fmt: skip
         _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
             mean_part, m2_part, pivot,
             weight if penalize else mean,  # any valid pointer when unused
             mean, var, penalty if penalize else mean,
-            num_channels, num_chunks, n_pos, float(shift),
-            CHUNK=chunk, BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
-            WITH_PENALTY=int(penalize), ACC=tl_dtype(x.dtype), num_warps=4,
+            rm, rv, nbt,
+            num_channels, num_chunks, n_pos, float(shift), mom, chunk,
+            BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+            WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+            COUNT=count, ACC=tl_dtype(x.dtype), num_warps=4,
         )  # fmt: skip
     return mean, var, penalty

@@ -215,32 +215,19 @@ class BoundedBatchNorm2d(_NormBase):
             )
         with_penalty = self._wants_penalty()
         shift = self._receding_shift if with_penalty else 0.0
-        y, mean, var, penalty = bounded_bn.bounded_batch_norm_train(
-            input, self.weight, self.bias, self.eps, shift, with_penalty
-        )
-        if self.training and self.track_running_stats:
-            self._update_running_stats(input, mean, var)
+        # Running statistics and num_batches_tracked are updated inside the op's kernels (no
+        # host sync, no per-step host-to-device copy, no extra launches).
+        track = self.training and self.track_running_stats
+        y, _, _, penalty = bounded_bn.bounded_batch_norm_train(
+            input, self.weight, self.bias, self.eps, shift, with_penalty,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.num_batches_tracked if track else None,
+            self.momentum,
+        )  # fmt: skip
         if with_penalty:
             self._record_penalty(shift, penalty)
         return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, input: Tensor, mean: Tensor, var: Tensor) -> None:
-        """``running = (1 - f) running + f batch``; unbiased variance; ``f = 1/n`` when momentum is None.
-
-        The factor stays a tensor when momentum is None, so no host synchronisation happens.
-        """
-        self.num_batches_tracked.add_(1)
-        n = input.numel() // input.shape[1]
-        if n == 0:  # as nn.BatchNorm2d: an empty batch is counted but moves no statistics
-            return
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        else:
-            factor = self.momentum
-        unbiased = var * (n / (n - 1)) if n > 1 else var
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNorm2d":
