@@ -9,7 +9,10 @@
                  Triton kernels on CUDA; on CPU the eager path, so there it measures our overhead)
 
 Modes: ``fwd`` (training forward), ``fwdbwd`` (a layer's training step: forward, penalty, backward)
-and ``eval``. Reported: median ms with p20/p80, effective GB/s at the minimal traffic (forward:
+and ``eval``. Next to the times each row shows the GPU path's model for ours (``model_traffic``):
+which path the launchers take (``single``-pass or ``chunked``), its HBM traffic in units of
+S = one activation tensor's bytes and in MB, and its Triton launches per call (the regulariser's
+few other ATen operations not included); the minimum is 2S forward, 3S backward. Reported: median ms with p20/p80, effective GB/s at the minimal traffic (forward:
 read x, write y; backward: read x and dy, write dx; so fwdbwd moves 5 tensors' bytes, fwd and eval
 2), the fraction of the measured copy bandwidth, and ratios of ours against each baseline.
 
@@ -36,9 +39,11 @@ from rnip_ext import functional as RF  # noqa: E402
 
 STRENGTH, SHIFT = 1e-3, 3.0
 SHAPES = {
-    "vgg16_cifar": [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (64, 512, 4, 4), (64, 512, 2, 2)],
-    "resnet50_imagenet": [(256, 64, 56, 56), (256, 256, 56, 56), (256, 128, 28, 28), (256, 512, 28, 28),
-                          (256, 256, 14, 14), (256, 1024, 14, 14), (256, 512, 7, 7), (256, 2048, 7, 7)],
+    # The issue's reference batches: CIFAR VGG-16 at 128, ResNet-50 at 64.
+    "vgg16_cifar": [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4),
+                    (128, 512, 2, 2)],
+    "resnet50_imagenet": [(64, 64, 56, 56), (64, 256, 56, 56), (64, 128, 28, 28), (64, 512, 28, 28),
+                          (64, 256, 14, 14), (64, 1024, 14, 14), (64, 512, 7, 7), (64, 2048, 7, 7)],
     "small_c_high_res": [(8, 16, 256, 256), (16, 8, 512, 512)],
 }
 CPU_SHAPES = {"cpu_small": [(32, 64, 16, 16), (32, 256, 8, 8), (8, 16, 64, 64)]}
@@ -63,6 +68,26 @@ class PaperBN(nn.Module):
 
     def penalty(self):
         return STRENGTH * RF.receding_penalty(self.weight, SHIFT)
+
+
+def model_traffic(shape, dtype: torch.dtype, layout: str, mode: str) -> dict:
+    """Modelled HBM traffic and launches of our GPU path for one call (pure Python, no GPU).
+
+    Single-pass (``kernels/_config.single_pass_config``): forward 2S in 1 launch, backward 3S in
+    1. Chunked: forward 3S in 2 launches (partials read x; normalise-with-combine reads x, writes
+    y), backward 5S in 3 (partials read x, dy; combine; dx reads x, dy, writes dx). Eval: 2S, 1.
+    Per-channel vectors (a few KB) are ignored.
+    """
+    from rnip_ext.kernels._config import single_pass_config
+
+    n, c, h, w = shape
+    elem = torch.empty((), dtype=dtype).element_size()
+    cl = layout == "channels_last" and c > 1 and h * w > 1
+    single = single_pass_config(n * h * w, c, h * w, cl, elem) is not None
+    fwd, bwd = ((2, 1), (3, 1)) if single else ((3, 2), (5, 3))
+    units, launches = {"fwd": fwd, "fwdbwd": (fwd[0] + bwd[0], fwd[1] + bwd[1]), "eval": (2, 1)}[mode]
+    return {"path": "single" if single else "chunked", "model_S": units,
+            "model_MB": units * math.prod(shape) * elem / 1e6, "launches": launches}
 
 
 def make_step(variant: str, shape, dtype, memory_format, mode: str, device):
@@ -141,6 +166,7 @@ def main(argv=None) -> None:
     for set_name, shape, dname, layout, mode in tqdm(combos, desc="bn_speed"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         row = {"set": set_name, "shape": list(shape), "dtype": dname, "layout": layout, "mode": mode}
+        row.update(model_traffic(shape, DTYPES[dname], layout, mode))
         nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dname]).element_size()
         for variant in args.variants:
             try:
@@ -162,7 +188,8 @@ def main(argv=None) -> None:
         torch._dynamo.reset()
 
     columns = [("set", "set", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
-               ("mode", "mode", "")]
+               ("mode", "mode", ""), ("path", "path", ""), ("S", "model_S", "d"), ("MB", "model_MB", ".1f"),
+               ("launches", "launches", "d")]
     columns += [(f"{v} ms", f"{v}_ms", ".3f") for v in args.variants]
     columns += [("ours GB/s", "ours_gbps", ".0f"), ("x plain", "speedup_vs_plain", ".2f"),
                 ("x paper", "speedup_vs_paper", ".2f"), ("x compiled", "speedup_vs_compiled", ".2f")]

@@ -14,6 +14,7 @@ from ._config import BNConfig, bn_config
 from ._layout import View3, acc_dtype, spatial_stride, view3
 
 __all__ = [
+    "RUNTIME_SIZES",
     "acc_dtype",
     "channels_contiguous",
     "check_positions",
@@ -28,6 +29,12 @@ __all__ = [
 ]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+# Kernel arguments that change with the batch or image size (positions, chunking, the batch
+# stride): every kernel lists them in ``do_not_specialize``, so Triton does not compile a variant
+# per value class (== 1, divisible by 16) and a new batch or image size reuses the compiled
+# kernels. Constexprs are tile shapes and flags only.
+RUNTIME_SIZES = ["HW", "n_pos", "K", "CHUNK", "s_xn", "s_yn", "s_dn", "s_gn"]
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._config import BNConfig, plan_chunks
 from ._launch import (
+    RUNTIME_SIZES,
     check_positions,
     device_guard,
     ensure_launchable,
@@ -48,7 +49,7 @@ from ._math import position_offsets, sigmoid_parts
 __all__ = ["bn_backward"]
 
 
-@triton.jit(do_not_specialize=["HW", "n_pos", "CHUNK"])
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_partial_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
@@ -97,7 +98,7 @@ def _bn_bwd_partial_kernel(
     tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["K"])
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_combine_kernel(
     sum_dy_part_ptr,  # [K, C] chunk sums of dy (ACC)
     sum_dyxmu_part_ptr,  # [K, C] chunk sums of dy * (x - mean) (ACC)
@@ -151,7 +152,7 @@ def _bn_bwd_combine_kernel(
         tl.store(db_ptr + offs_c, sum_dy.to(db_ptr.dtype.element_ty), mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["HW", "n_pos"])
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_dx_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw) (read with TRAINING)

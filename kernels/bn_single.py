@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ._config import BNConfig, single_pass_config
 from ._launch import (
+    RUNTIME_SIZES,
     channels_contiguous,
     check_positions,
     device_guard,
@@ -54,11 +55,7 @@ from ._math import position_offsets, sigmoid_parts, update_running
 
 __all__ = ["bn_forward_single", "bn_backward_single", "single_config_for"]
 
-# Runtime sizes that change with the batch or image size: never specialised (no recompiles).
-_RUNTIME_SIZES = ["HW", "n_pos"]
-
-
-@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_fwd_single_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     y_ptr,  # [N, C, HW] output, strides (s_yn, s_yc, s_yhw)
@@ -131,7 +128,7 @@ def _bn_fwd_single_kernel(
                        CUMULATIVE, ACC)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_single_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ._config import BNConfig, plan_chunks
 from ._launch import (
+    RUNTIME_SIZES,
     check_positions,
     device_guard,
     ensure_launchable,
@@ -52,12 +53,10 @@ from ._launch import (
 from ._layout import acc_dtype
 from ._math import position_offsets, sigmoid_parts, update_running
 
-__all__ = ["bn_batch_stats"]
+__all__ = ["bn_batch_stats", "launch_partials", "combine_partials", "finish_stats"]
 
 
-# Sizes that change with the batch or image size are runtime arguments and never specialised
-# (do_not_specialize), so a new batch size reuses the compiled kernels.
-@triton.jit(do_not_specialize=["HW", "n_pos", "CHUNK"])
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_partial_stats_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC), row k = chunk k
@@ -114,7 +113,7 @@ def _bn_partial_stats_kernel(
     tl.store(m2_part_ptr + out, m2, mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["K", "n_pos", "CHUNK"])
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_combine_stats_kernel(
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC)
     m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
@@ -147,6 +146,23 @@ def _bn_combine_stats_kernel(
         if pid_c == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
+    count, mean, m2 = combine_partials(mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos,
+                                       CHUNK, BLOCK_C, BLOCK_K, ACC)  # fmt: skip
+    finish_stats(pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                 offs_c, mask_c, count, mean, m2, shift, momentum, WITH_PENALTY, UPDATE_RUNNING,
+                 CUMULATIVE, ACC, True)  # fmt: skip
+
+
+@triton.jit
+def combine_partials(
+    mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos, CHUNK,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """``(count, mean, M2)`` of channels ``offs_c`` from the ``K`` chunk partials, in chunk order.
+
+    ``mean`` is relative to the pivot (the partials' shift). Used by the combine kernel and by
+    the fused normalise-with-combine kernel of the chunked training forward.
+    """
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -171,18 +187,31 @@ def _bn_combine_stats_kernel(
         mean = mean + delta * (nb / total)
         m2 = m2 + m2_b + delta * delta * (count * (nb / total))
         count = total
+    return count, mean, m2
 
+
+@triton.jit
+def finish_stats(
+    pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c,
+    count, mean, m2, shift, momentum, WITH_PENALTY: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, STORE: tl.constexpr,
+):  # fmt: skip
+    """``(mean, var)`` (absolute mean, biased variance; 0 for no positions); with ``STORE`` also
+    writes them, the penalty and the running statistics."""
     var = tl.where(count > 0.0, m2 / tl.maximum(count, 1.0), 0.0)
     pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
-    tl.store(mean_ptr + offs_c, pivot + mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, var, mask=mask_c)
-    if WITH_PENALTY:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        s, _, log_s = sigmoid_parts(w + shift)
-        tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
-    if UPDATE_RUNNING:
-        update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, pivot + mean, var, count,
-                       momentum, CUMULATIVE, ACC)  # fmt: skip
+    mean = pivot + mean
+    if STORE:
+        tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+        tl.store(var_ptr + offs_c, var, mask=mask_c)
+        if WITH_PENALTY:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            s, _, log_s = sigmoid_parts(w + shift)
+            tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+        if UPDATE_RUNNING:
+            update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, count,
+                           momentum, CUMULATIVE, ACC)  # fmt: skip
+    return mean, var
 
 
 def bn_batch_stats(
@@ -225,29 +254,12 @@ def bn_batch_stats(
         return mean, var, penalty
     ensure_launchable(_bn_partial_stats_kernel, x)
 
-    xv = view3(x)
-    flat, cfg = layout_config([xv], num_channels, config)
-    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, x.device)
-    check_positions(n_pos, chunk)
-    # At least one row, so that the combine kernel never gets a zero-size buffer.
-    mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
-    m2_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
-    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
-    pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
-    hw = n_pos // x.shape[0] if x.shape[0] else 0
+    parts = launch_partials(x, config)
+    mean_part, m2_part, pivot, chunk, num_chunks, cfg = parts
     rm, rv, nbt, mom, update, cumulative, count = running_args(
         running, momentum, num_batches_tracked, mean, n_pos
     )
     with device_guard(x):
-        if num_chunks:
-            _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
-                x, mean_part, m2_part, pivot,
-                num_channels, hw, n_pos,
-                *xv.strides(flat), chunk,
-                BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-                ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
-            )  # fmt: skip
         _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
             mean_part, m2_part, pivot,
             weight if penalize else mean,  # any valid pointer when unused
@@ -259,3 +271,35 @@ def bn_batch_stats(
             COUNT=count, ACC=tl_dtype(x.dtype), num_warps=4,
         )  # fmt: skip
     return mean, var, penalty
+
+
+def launch_partials(x: Tensor, config: BNConfig | None):
+    """Launch the chunk-partials kernel on ``x`` (``[N, C, *]``, ``C >= 1``, kernel-ready).
+
+    Returns ``(mean_part, m2_part, pivot, chunk, num_chunks, config)`` for a combine; with no
+    positions nothing is launched (``num_chunks == 0``, pivot zeros).
+    """
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels
+    acc = acc_dtype(x.dtype)
+    xv = view3(x)
+    flat, cfg = layout_config([xv], num_channels, config)
+    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, x.device)
+    check_positions(n_pos, chunk)
+    # At least one row, so that the combine kernel never gets a zero-size buffer.
+    mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
+    m2_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
+    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
+    pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
+    hw = n_pos // x.shape[0] if x.shape[0] else 0
+    if num_chunks:
+        with device_guard(x):
+            _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
+                x, mean_part, m2_part, pivot,
+                num_channels, hw, n_pos,
+                *xv.strides(flat), chunk,
+                BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            )  # fmt: skip
+    return mean_part, m2_part, pivot, chunk, num_chunks, cfg

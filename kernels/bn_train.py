@@ -3,8 +3,8 @@
 ``train_forward`` and ``train_backward`` are what ``rnip_ext.ops`` calls. Each asks
 :func:`._config.single_pass_config` (through ``bn_single.single_config_for``) whether one program
 can hold a channel block's whole ``N*H*W`` slice; if so, one launch each way (2S forward, 3S
-backward), otherwise the chunked kernels (statistics partials + combine + normalise; backward
-partials + combine + dx). A ``config=`` argument forces a path: ``single_m > 0`` the single-pass
+backward), otherwise the chunked kernels (statistics partials + normalise-with-combine, 3S;
+backward partials + combine + dx, 5S). A ``config=`` argument forces a path: ``single_m > 0`` the single-pass
 one, ``single_m == 0`` the chunked one.
 """
 
@@ -14,9 +14,8 @@ from torch import Tensor
 
 from ._config import BNConfig
 from .bn_backward import bn_backward
-from .bn_normalize import bn_normalize
+from .bn_chunked import bn_forward_chunked
 from .bn_single import bn_backward_single, bn_forward_single, single_config_for
-from .bn_stats import bn_batch_stats
 
 __all__ = ["train_forward", "train_backward", "uses_single_pass"]
 
@@ -42,7 +41,7 @@ def train_forward(
     """``(y, mean, var, penalty)`` of a training forward, running statistics updated in-kernel.
 
     See ``bn_single.bn_forward_single`` for the contract (both paths share it): one launch on
-    the single-pass path, three on the chunked one.
+    the single-pass path, two on the chunked one (``bn_chunked``).
     """
     single = single_config_for(x, config)
     if single is not None:
@@ -50,12 +49,10 @@ def train_forward(
             x, weight, bias, eps, shift, with_penalty, running=running, momentum=momentum,
             num_batches_tracked=num_batches_tracked, config=single,
         )  # fmt: skip
-    mean, var, penalty = bn_batch_stats(
-        x, weight, shift, with_penalty, running=running, momentum=momentum,
+    return bn_forward_chunked(
+        x, weight, bias, eps, shift, with_penalty, running=running, momentum=momentum,
         num_batches_tracked=num_batches_tracked, config=config,
     )  # fmt: skip
-    y = bn_normalize(x, mean, var, weight, bias, eps, config=config)
-    return y, mean, var, penalty
 
 
 def train_backward(

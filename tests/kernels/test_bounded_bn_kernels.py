@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not in
 if triton_available():
     from rnip_ext.kernels._config import BNConfig, bn_config, plan_chunks
     from rnip_ext.kernels.bn_backward import bn_backward
+    from rnip_ext.kernels.bn_chunked import bn_forward_chunked
     from rnip_ext.kernels.bn_normalize import bn_normalize
     from rnip_ext.kernels.bn_single import bn_backward_single, bn_forward_single
     from rnip_ext.kernels.bn_stats import bn_batch_stats
@@ -514,11 +515,13 @@ def test_config_parallelises_few_channels_large_images(monkeypatch):
 # Running statistics updated inside the kernels (the statistics combine, the single-pass kernel).
 
 
-def _training_forward(x, config, **running_kw):
+def _training_forward(x, config, fused=False, **running_kw):
     """A training forward through the launchers of ``config``'s path, with the running update."""
     if _is_single(config):
         cfg = None if config == "single" else config
         return bn_forward_single(x, None, None, EPS, config=cfg, **running_kw)[1:3]
+    if fused:
+        return bn_forward_chunked(x, None, None, EPS, config=config, **running_kw)[1:3]
     mean, var, _ = bn_batch_stats(x, config=config, **running_kw)
     return mean, var
 
@@ -532,14 +535,16 @@ def test_running_statistics_update_in_kernel(momentum, layout, dtype):
     The nn.BatchNorm2d rule, checked against float64 arithmetic on the same inputs for every path.
     """
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    for name, config in CONFIGS.items():
+    cases = [(name, config, False) for name, config in CONFIGS.items()]
+    cases += [(name + "+fused", config, True) for name, config in CONFIGS.items() if not _is_single(config)]
+    for name, config, fused in cases:
         gen = _seed("running", momentum, layout, dtype, name)
         x = _layout(_randn((3, 5, 3, 4), gen, 2.0, 1.0, dtype), layout)
         rm0 = _randn((5,), gen, 1.0, 0.5, stat)
         rv0 = _randn((5,), gen).abs().to(stat) + 0.5
         rm, rv = rm0.clone(), rv0.clone()
         nbt = torch.tensor(2, dtype=torch.long, device=DEVICE)  # this call makes it 3
-        mean, var = _training_forward(x, config, running=(rm, rv), momentum=momentum,
+        mean, var = _training_forward(x, config, fused, running=(rm, rv), momentum=momentum,
                                       num_batches_tracked=nbt)  # fmt: skip
         xd = x.double()
         f = 1.0 / 3.0 if momentum is None else momentum
@@ -571,6 +576,40 @@ def test_running_statistics_left_alone_without_positions_or_buffers():
         bn_batch_stats(x, running=(rm, rv), momentum=None)
     with pytest.raises(ValueError, match="contiguous"):
         bn_forward_single(x, None, None, EPS, running=(rm[:2], rv), momentum=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice"])
+def test_chunked_forward_in_two_launches_matches_reference(layout, dtype):
+    """Partials + normalise-with-combine: y, statistics and penalty as the float64 reference."""
+    shapes = [(2, 3, 5, 7), (3, 1, 4, 4), (5, 6, 1, 1), (2, 130, 2, 3)]
+    for shape in shapes if dtype == torch.float32 else shapes[:1]:
+        for config in (None, TINY):
+            for has_w, has_b in ((True, True), (False, False)):
+                gen = _seed("fused-chunked", shape, layout, dtype, config is None, has_w)
+                c = shape[1]
+                x = _layout(_randn(shape, gen, 3.0, 2.0, dtype), layout)
+                w = _randn((c,), gen, 1.5) if has_w else None
+                b = _randn((c,), gen) if has_b else None
+                y, mean, var, pen = bn_forward_chunked(x, w, b, EPS, SHIFT, True, config=config)
+                ref_y, ref_mean, ref_var, ref_pen, *_ = _reference(
+                    x, w, b, torch.zeros_like(x), None, True
+                )
+                stat = torch.float64 if dtype == torch.float64 else torch.float32
+                _close(mean, ref_mean, stat, "mean")
+                _close(var, ref_var, stat, "var")
+                if has_w:
+                    _close(pen, ref_pen, stat, "penalty")
+                assert y.stride() == x.contiguous(memory_format=_format_of(x)).stride() or layout == "slice"
+                if dtype in LOW_PRECISION:
+                    eager_y = _eager_low_precision(x, w, b, torch.zeros_like(x), None, True)[0]
+                    _within_eager_error(y, ref_y, eager_y, dtype, "y")
+                else:
+                    _close(y, ref_y, dtype, "y")
+
+
+def _format_of(t):
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,7 +746,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from rnip_ext.kernels import bn_backward, bn_normalize, bn_single, bn_stats
+from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
 
 X_LIKE = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 FLOATS = {"eps", "shift", "momentum"}
@@ -744,6 +783,9 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
                   ACC=ACC), 4),
             (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1), 8),
             (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=0, HAS_B=0), 8),
+            (bn_chunked._bn_normalize_combine_kernel,
+             dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
+                  CUMULATIVE=flat, COUNT=1 - flat), 8),
             (bn_backward._bn_bwd_partial_kernel, red, 8),
             (bn_backward._bn_bwd_combine_kernel,
              dict(BLOCK_C=64, BLOCK_K=32, HAS_G=1, WRITE_DW=1, WRITE_DB=1, ACC=ACC), 4),
@@ -779,4 +821,4 @@ def test_kernels_compile_for_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 96" in done.stdout
+    assert "compiled 104" in done.stdout
