@@ -300,7 +300,9 @@ def bn_backward(
                 float(eps), float(shift),
                 BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
                 HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
-                ACC=acc_tl, num_warps=4,
+                # 8 warps: at 4 the [32 x 64] accumulators plus the penalty's sigmoid/log pieces
+                # spilled 4 bytes on sm_90 (benchmarks/aot_sm90.py).
+                ACC=acc_tl, num_warps=8,
             )  # fmt: skip
         else:
             sum_dy = sum_dyxhat = var  # unread in eval mode

@@ -12,9 +12,9 @@ Two kernels:
    ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
    first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
    of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
-   0's programs write the pivot for the combine. Inside the chunk each ``[BLOCK_C, BLOCK_M]`` tile is reduced two-pass in registers
-   (its mean, then the sum of squared deviations from that mean) and merged into the running
-   triple with Chan's update::
+   0's programs write the pivot for the combine. Inside the chunk every lane of the
+   ``[BLOCK_C, BLOCK_M]`` tile keeps its own Welford ``(n, mean, M2)`` (no cross-lane reduction
+   in the loop); the lanes are merged once at the end of the chunk with Chan's formula::
 
        n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
        M2 = M2_a + M2_b + d^2 * na * nb / n
@@ -86,27 +86,29 @@ def _bn_partial_stats_kernel(
     start = pid_k * CHUNK
     end = tl.minimum(start + CHUNK, n_pos)
 
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Welford per lane: lane (c, j) sees positions start + j, start + j + BLOCK_M, ...; every
+    # lane updated in step i has seen exactly i + 1 values (only the last tile has masked lanes,
+    # which skip it), so the update divides by one scalar per step. No cross-lane work in the
+    # loop; the lanes are merged once at the end.
+    lane_n = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < end
-        mask = mask_c[:, None] & mask_m[None, :]
+        mask = mask_c[:, None] & (offs_m < end)[None, :]
         m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
         x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
-        x = tl.where(mask, x - pivot[:, None], 0.0)
-        # This tile, two-pass in registers: its mean, then squared deviations from it.
-        nb = tl.minimum(end - m0, BLOCK_M).to(ACC)
-        tile_mean = tl.sum(x, axis=1) / nb
-        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=1)
-        # Chan merge of (count, mean, m2) with (nb, tile_mean, tile_m2); count + nb >= 1.
-        total = count + nb
-        delta = tile_mean - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))
-        count = total
+        x = x - pivot[:, None]
+        inv = 1.0 / ((m0 - start) // BLOCK_M + 1).to(ACC)
+        delta = tl.where(mask, x - lane_mean, 0.0)
+        lane_mean += delta * inv
+        lane_m2 += delta * tl.where(mask, x - lane_mean, 0.0)
+        lane_n += mask.to(ACC)
+    # Merge the lanes (pooled form of Chan's merge): once per chunk.
+    count = tl.sum(lane_n, axis=1)
+    mean = tl.sum(lane_n * lane_mean, axis=1) / tl.maximum(count, 1.0)
+    dev = tl.where(lane_n > 0.0, lane_mean - mean[:, None], 0.0)
+    m2 = tl.sum(lane_m2, axis=1) + tl.sum(lane_n * dev * dev, axis=1)
 
     out = pid_k.to(tl.int64) * C + offs_c
     tl.store(mean_part_ptr + out, mean, mask=mask_c)
