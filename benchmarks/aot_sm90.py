@@ -67,7 +67,7 @@ def _specialisation(kernel, args, kwargs):
     dns = set(kernel.do_not_specialize or [])
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(params):
-        value = bound[p.name]
+        value = bound.get(p.name, p.default)
         if "constexpr" in str(p.annotation):
             sig[p.name], consts[p.name] = "constexpr", value
             continue

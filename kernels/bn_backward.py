@@ -46,7 +46,7 @@ from ._launch import (
 from ._layout import acc_dtype, alloc_like
 from ._math import position_offsets, sigmoid_parts
 
-__all__ = ["bn_backward"]
+__all__ = ["bn_backward", "bn_backward_sums", "bn_backward_dx"]
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -181,6 +181,7 @@ def _bn_bwd_dx_kernel(
     HAS_W: tl.constexpr,
     TRAINING: tl.constexpr,  # 1: batch statistics (full formula), 0: running (dx = A * dy)
     ACC: tl.constexpr,
+    MEANS: tl.constexpr = 0,  # 1: the sum_* buffers already hold means (sums over another count)
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -203,8 +204,11 @@ def _bn_bwd_dx_kernel(
     if TRAINING:
         # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        mean_dy = tl.load(sum_dy_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
-        mean_dyxhat = tl.load(sum_dyxhat_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
+        mean_dy = tl.load(sum_dy_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        mean_dyxhat = tl.load(sum_dyxhat_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        if not MEANS:
+            mean_dy = mean_dy / n_pos
+            mean_dyxhat = mean_dyxhat / n_pos
         x_off = c_off[:, None] * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         xhat = (x - mean[:, None]) * invstd[:, None]
@@ -320,3 +324,110 @@ def bn_backward(
                 ACC=acc_tl, num_warps=cfg.num_warps,
             )  # fmt: skip
     return dx, dw, db
+
+
+def bn_backward_sums(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    penalty_grad: Tensor | None,
+    eps: float,
+    shift: float,
+    sums: Tensor,
+    need_dw: bool = True,
+    need_db: bool = True,
+    *,
+    config: BNConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """This process's per-channel sums for a distributed backward, and its ``(dw, db)`` shares.
+
+    Writes ``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * xhat)`` (``xhat`` with the given, e.g.
+    global, ``mean``/``var``) into the ``[2, C]`` accumulation-dtype buffer ``sums`` (one
+    all-reduce away from the global sums), and returns ``dw = a (1 - a) sums[1] + g dR/dw`` and
+    ``db = sums[0]`` of the local positions (empty ``[0]`` when not needed). Partials + combine:
+    two launches; ``x`` must have at least one position.
+    """
+    x, dy = kernel_ready(x), kernel_ready(dy)
+    mean, var, weight = vector(mean), vector(var), vector(weight)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels
+    if n_pos == 0 or sums.shape != (2, num_channels) or not sums.is_contiguous():
+        raise ValueError("bn_backward_sums needs positions and a contiguous [2, C] sums buffer")
+    ensure_launchable(_bn_bwd_partial_kernel, x)
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    dw = _param_grad(num_channels, need_dw, acc, dev)
+    db = _param_grad(num_channels, need_db, acc, dev)
+    has_g = need_dw and penalty_grad is not None
+    dv, xv = view3(dy), view3(x)
+    flat, cfg = layout_config([xv, dv], num_channels, config)
+    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+    check_positions(n_pos, chunk)
+    part = torch.empty((2, num_chunks, num_channels), dtype=acc, device=dev)
+    acc_tl = tl_dtype(x.dtype)
+    with device_guard(x):
+        _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
+            dy, x, mean, part[0], part[1],
+            num_channels, n_pos // x.shape[0], n_pos,
+            *dv.strides(flat), *xv.strides(flat), chunk,
+            BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+            ACC=acc_tl, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
+            part[0], part[1], var,
+            weight if weight is not None else var,
+            penalty_grad if has_g else var,
+            sums[0], sums[1],
+            dw if need_dw else var, db if need_db else var,
+            num_channels, num_chunks, penalty_grad.stride(0) if has_g else 0,
+            float(eps), float(shift),
+            BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+            HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
+            ACC=acc_tl, num_warps=8,
+        )  # fmt: skip
+    return dw, db
+
+
+def bn_backward_dx(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    means: Tensor,
+    eps: float,
+    *,
+    config: BNConfig | None = None,
+) -> Tensor:
+    """``dx = a invstd (dy - means[0] - xhat means[1])`` with given (e.g. global) mean gradients.
+
+    ``means`` is ``[2, C]``: ``mean(dy)`` and ``mean(dy * xhat)`` over whatever batch the
+    statistics span (all ranks, for ``SyncBoundedBatchNorm2d``). One launch.
+    """
+    x, dy = kernel_ready(x), kernel_ready(dy)
+    mean, var, weight = vector(mean), vector(var), vector(weight)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels if num_channels else 0
+    dx = alloc_like(x)
+    if n_pos == 0:
+        return dx
+    ensure_launchable(_bn_bwd_dx_kernel, x)
+    dv, xv, gv = view3(dy), view3(x), view3(dx)
+    flat, cfg = layout_config([xv, dv, gv], num_channels, config)
+    check_positions(n_pos, cfg.block_m)
+    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    with device_guard(x):
+        _bn_bwd_dx_kernel[grid](
+            dy, x, dx, mean, var,
+            weight if weight is not None else var,
+            means[0], means[1],
+            num_channels, n_pos // x.shape[0], n_pos, float(eps),
+            *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
+            BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
+            HAS_W=int(weight is not None), TRAINING=1, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            MEANS=1,
+        )  # fmt: skip
+    return dx

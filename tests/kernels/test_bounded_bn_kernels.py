@@ -612,6 +612,30 @@ def _format_of(t):
     return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_distributed_backward_pieces_match_the_fused_backward(layout):
+    """``bn_backward_sums`` (local sums, dw, db) + ``bn_backward_dx`` (given means), the pieces
+    SyncBoundedBatchNorm2d puts around its all-reduce, equal ``bn_backward`` on one process."""
+    from rnip_ext.kernels.bn_backward import bn_backward_dx, bn_backward_sums
+
+    for config in (None, TINY):
+        gen = _seed("dist-pieces", layout, config is None)
+        x = _layout(_randn((3, 5, 4, 3), gen, 2.0, 1.0), layout)
+        dy = _layout(_randn((3, 5, 4, 3), gen), layout)
+        w, g = _randn((5,), gen), _randn((5,), gen).expand(5)
+        mean, var, _ = bn_batch_stats(x)
+        sums = torch.empty((2, 5), device=DEVICE)
+        dw, db = bn_backward_sums(dy, x, mean, var, w, g, EPS, SHIFT, sums, config=config)
+        ref_dx, ref_dw, ref_db = bn_backward(dy, x, mean, var, w, g, EPS, SHIFT, True)
+        _close(dw, ref_dw, torch.float32, "dw")
+        _close(db, ref_db, torch.float32, "db")
+        _close(sums[0], ref_db, torch.float32, "sum(dy)")
+        dx = bn_backward_dx(dy, x, mean, var, w, sums / 36.0, EPS, config=config)
+        _close(dx, ref_dx, torch.float32, "dx")
+    with pytest.raises(ValueError, match=r"\[2, C\]"):
+        bn_backward_sums(dy, x, mean, var, w, None, EPS, 0.0, torch.empty((5, 2), device=DEVICE))
+
+
 # ---------------------------------------------------------------------------------------------
 # Path choice: single-pass vs chunked (pure Python, no GPU).
 
@@ -789,8 +813,8 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
             (bn_backward._bn_bwd_partial_kernel, red, 8),
             (bn_backward._bn_bwd_combine_kernel,
              dict(BLOCK_C=64, BLOCK_K=32, HAS_G=1, WRITE_DW=1, WRITE_DB=1, ACC=ACC), 4),
-            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1), 8),
-            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=0, TRAINING=0), 8),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1, MEANS=flat), 8),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=0, TRAINING=0, MEANS=0), 8),
             (bn_single._bn_fwd_single_kernel,
              dict(single, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1, CUMULATIVE=flat, COUNT=1 - flat), 8),
             (bn_single._bn_fwd_single_kernel,

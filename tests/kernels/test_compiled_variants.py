@@ -47,7 +47,7 @@ def _variant_key(kernel, args, kwargs):
     bound.update(kwargs)
     key = []
     for p in params:
-        value = bound[p.name]
+        value = bound.get(p.name, p.default)
         if "constexpr" in str(p.annotation):
             key.append((p.name, str(value)))
         else:
