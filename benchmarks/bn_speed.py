@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -133,6 +134,36 @@ def make_step(variant: str, shape, dtype, memory_format, mode: str, device):
     return fn, params + ([x] if mode == "fwdbwd" else [])
 
 
+def bench_interleaved(variants, shape, dtype, memory_format, mode, device, repeats, row) -> dict:
+    """CPU timing, round-robin: one call of each variant per round, ``repeats`` rounds.
+
+    On a shared machine load comes in bursts; interleaving exposes every variant to the same
+    bursts, so the ratios stay meaningful where back-to-back blocks of calls would not.
+    """
+    steps = {}
+    for variant in variants:
+        try:
+            fn, grads = make_step(variant, shape, dtype, memory_format, mode, device)
+            for _ in range(3):
+                fn()
+            steps[variant] = (fn, grads if mode == "fwdbwd" else [])
+        except Exception as exc:  # record, never hide
+            row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    samples = {variant: [] for variant in steps}
+    for _ in range(repeats):
+        for variant, (fn, grads) in steps.items():
+            for t in grads:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            samples[variant].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for variant, values in samples.items():
+        q = statistics.quantiles(sorted(values), n=10, method="inclusive")
+        out[variant] = {"median_ms": statistics.median(values), "p20_ms": q[1], "p80_ms": q[7]}
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,13 +174,16 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sets = {k: SHAPES[k] for k in (args.sets or SHAPES)} if cuda else CPU_SHAPES
     dtypes = args.dtypes or (list(DTYPES) if cuda else ["fp32"])
-    repeats = args.repeats or (50 if cuda else 15)
+    repeats = args.repeats or (50 if cuda else 60)
     torch._dynamo.config.cache_size_limit = 256
     env = environment(device)
     bandwidth = copy_bandwidth(device, 1 << 26 if cuda else 1 << 23)
@@ -168,13 +202,18 @@ def main(argv=None) -> None:
         row = {"set": set_name, "shape": list(shape), "dtype": dname, "layout": layout, "mode": mode}
         row.update(model_traffic(shape, DTYPES[dname], layout, mode))
         nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dname]).element_size()
-        for variant in args.variants:
-            try:
-                fn, grads = make_step(variant, shape, DTYPES[dname], fmt, mode, device)
-                stats = bench(fn, device, repeats=repeats, grad_to_none=grads if mode == "fwdbwd" else None)
-            except Exception as exc:  # record, never hide: e.g. a dtype a baseline does not support
-                row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:200]
-                continue
+        measured = {}
+        if cuda:
+            for variant in args.variants:
+                try:
+                    fn, grads = make_step(variant, shape, DTYPES[dname], fmt, mode, device)
+                    measured[variant] = bench(fn, device, repeats=repeats,
+                                              grad_to_none=grads if mode == "fwdbwd" else None)  # fmt: skip
+                except Exception as exc:  # record, never hide: e.g. a dtype a baseline does not support
+                    row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            measured = bench_interleaved(args.variants, shape, DTYPES[dname], fmt, mode, device, repeats, row)
+        for variant, stats in measured.items():
             row[f"{variant}_ms"] = stats["median_ms"]
             row[f"{variant}_p20_ms"] = stats["p20_ms"]
             row[f"{variant}_p80_ms"] = stats["p80_ms"]
