@@ -10,7 +10,17 @@ each module with its launcher:
   partials merged by Chan's formula) and the receding penalty ``s * (1 - log s)``;
 * ``bn_normalize``: ``bn_normalize`` -- the elementwise forward, training or eval;
 * ``bn_backward``: ``bn_backward`` -- partial sums, their deterministic combine (``dw`` with the
-  penalty gradient fused, ``db``) and the elementwise ``dx``.
+  penalty gradient fused, ``db``) and the elementwise ``dx``; ``bn_backward_sums`` /
+  ``bn_backward_dx``, the pieces around ``SyncBoundedBatchNorm2d``'s all-reduce;
+* ``bn_single``: the single-pass path -- one program holds a channel block's whole ``N*H*W``
+  slice: training forward in one launch (2S), backward in one launch (3S);
+* ``bn_chunked``: the chunked training forward in two launches (partials, normalise-with-combine);
+* ``bn_train``: ``train_forward`` / ``train_backward``, which pick the path
+  (``_config.single_pass_config``) and are what ``rnip_ext.ops`` calls.
+
+Running statistics (and ``num_batches_tracked``) are updated inside the training-forward kernels.
+Sizes that change with the batch or image size are runtime arguments that Triton does not
+specialise (``_launch.RUNTIME_SIZES``): constexprs are tile shapes and flags only.
 
 Shared pieces: ``_config`` (every block size, warp count and chunking choice, in one place),
 ``_layout`` (the ``[N, C, HW]`` stride view; no Triton import, so the ops' fake kernels use it

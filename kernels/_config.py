@@ -16,6 +16,14 @@ The reductions (batch statistics, backward sums) are split over (chunk of positi
 block) so that even a layer with few channels and large images, e.g. ``8x16x256x256``, runs on
 hundreds of programs rather than one per channel; the chunk partials are merged by a combine
 kernel in a fixed order (deterministic, no atomics).
+
+Two paths for a training step (:func:`single_pass_config` decides, see its docstring for the rule):
+
+* **single-pass**: one program owns a block of channels and its whole ``N*H*W`` slice, held in
+  registers: the forward reads ``x`` once and writes ``y`` (2S of traffic, one launch), the
+  backward reads ``x`` and ``dy`` once and writes ``dx`` (3S, one launch);
+* **chunked**: statistics partials + combine + normalise (3S forward, 2 launches) and backward
+  partials + combine + dx (5S, 3 launches), for slices too large to hold on chip.
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ import functools
 
 import torch
 
-__all__ = ["BNConfig", "bn_config", "plan_chunks", "target_programs"]
+__all__ = [
+    "BNConfig",
+    "bn_config",
+    "plan_chunks",
+    "single_pass_config",
+    "target_programs",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +54,8 @@ class BNConfig:
         comb_block_c: channels per program of the combine kernels.
         comb_block_k: chunk partials merged per step of the combine kernels.
         num_warps: warps per program of the elementwise and reduction kernels.
+        single_m: ``0`` for the chunked path; else the single-pass path, whose programs hold
+            ``block_c`` channels x ``single_m`` positions on chip (``single_m >= N*H*W``).
     """
 
     block_c: int
@@ -49,10 +65,13 @@ class BNConfig:
     comb_block_c: int = 64
     comb_block_k: int = 32
     num_warps: int = 4
+    single_m: int = 0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name in ("chunk_tiles", "single_m") and value == 0:
+                continue
             if field.name == "chunk_tiles":
                 if value < 0:
                     raise ValueError(f"BNConfig.chunk_tiles must be >= 0, got {value}")
@@ -133,3 +152,62 @@ def plan_chunks(
         tiles_per_chunk = max(-(-tiles // want_chunks), min(4, tiles))
     chunk = tiles_per_chunk * block_m
     return chunk, -(-n_pos // chunk)
+
+
+# Single-pass budget: elements of one tensor a program holds on chip. The backward holds two
+# (x and dy), so at 16 warps (512 threads, at most 128 registers each so that one program fits an
+# SM's 64K-register file) that is 2 x 16 fp32 values per thread plus their addresses: no spills
+# on sm_90 (benchmarks/aot_sm90.py compiles every configuration chosen for the CIFAR VGG-16 and
+# ResNet-50 layers: at most 104 registers, no spills; tests/kernels/test_aot_sm90.py a subset).
+SINGLE_MAX_ELEMS = 8192
+_SINGLE_ELEMS_PER_THREAD = 16
+# Slices up to this many positions always take the single-pass path (deep CIFAR layers at
+# batch 128: 512x4x4 and 512x2x2), however few channel blocks that leaves.
+SINGLE_ALWAYS_POSITIONS = 2048
+# Larger slices take it only with enough programs to spread over the GPU's SMs.
+_SINGLE_MIN_PROGRAMS = 16
+# Bytes of one memory sector: a program's run of contiguous elements should fill one.
+_SECTOR_BYTES = 32
+
+
+def single_pass_config(
+    n_pos: int, num_channels: int, hw: int, channels_contiguous: bool, elem_size: int
+) -> BNConfig | None:
+    """The single-pass tiles for a training step, or ``None`` for the chunked path.
+
+    Rule (pure Python, no GPU needed):
+
+    * ``single_m = next_pow2(max(n_pos, 16))`` positions per program, on chip;
+    * eligible when ``single_m <= SINGLE_MAX_ELEMS`` (8192), i.e. ``N*H*W <= 8192``;
+    * ``block_c`` channels per program: enough that a program's contiguous run of memory fills
+      a 32-byte sector (``32 / (run * elem_size)``, ``run = 1`` for channels_last and ``H*W``
+      for NCHW), capped by the budget ``block_c * single_m <= SINGLE_MAX_ELEMS`` and by ``C``;
+    * taken when ``N*H*W <= 2048`` (always: every dtype and layout), or when the layer still
+      gives at least 16 programs (``cdiv(C, block_c) >= 16``); a few channels over a large
+      slice would otherwise run on a handful of SMs;
+    * ``num_warps = clamp(block_c * single_m / 512, 1, 16)``: 16 values of each tensor per
+      thread.
+
+    The tile width is a power of two, so a smaller last batch reuses the compiled kernel unless
+    its slice crosses a power of two. ``n_pos == 0`` takes the chunked path (nothing to hold).
+    """
+    if n_pos <= 0 or num_channels <= 0:
+        return None
+    single_m = _pow2_at_most(max(n_pos, 16), 1 << 40)
+    if single_m > SINGLE_MAX_ELEMS:
+        return None
+    run = 1 if channels_contiguous else max(hw, 1)
+    want_c = _pow2_at_most(-(-_SECTOR_BYTES // (run * elem_size)), 1 << 20)
+    block_c = min(want_c, SINGLE_MAX_ELEMS // single_m, _pow2_at_most(num_channels, 64))
+    programs = -(-num_channels // block_c)
+    if n_pos > SINGLE_ALWAYS_POSITIONS and programs < _SINGLE_MIN_PROGRAMS:
+        return None
+    elems = block_c * single_m
+    num_warps = max(1, min(16, elems // (32 * _SINGLE_ELEMS_PER_THREAD)))
+    return BNConfig(
+        block_c=block_c,
+        block_m=single_m,
+        red_block_m=single_m,
+        num_warps=_pow2_at_most(num_warps, 16),
+        single_m=single_m,
+    )

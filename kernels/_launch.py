@@ -14,18 +14,27 @@ from ._config import BNConfig, bn_config
 from ._layout import View3, acc_dtype, spatial_stride, view3
 
 __all__ = [
+    "RUNTIME_SIZES",
     "acc_dtype",
+    "channels_contiguous",
     "check_positions",
     "device_guard",
     "ensure_launchable",
     "kernel_ready",
     "layout_config",
+    "running_args",
     "tl_dtype",
     "vector",
     "view3",
 ]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+# Kernel arguments that change with the batch or image size (positions, chunking, the batch
+# stride): every kernel lists them in ``do_not_specialize``, so Triton does not compile a variant
+# per value class (== 1, divisible by 16) and a new batch or image size reuses the compiled
+# kernels. Constexprs are tile shapes and flags only.
+RUNTIME_SIZES = ["HW", "n_pos", "K", "CHUNK", "s_xn", "s_yn", "s_dn", "s_gn"]
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -77,12 +86,15 @@ def layout_config(views: list[View3], num_channels: int, config: BNConfig | None
     position per image) picks wide-channel tiles, otherwise long position runs.
     """
     flat = all(v.s_m is not None for v in views)
-    lead = views[0]
-    positions_contiguous = lead.s_m == 1 or (lead.s_m is None and lead.s_hw == 1)
-    channels_contiguous = lead.s_c == 1 and num_channels > 1 and not positions_contiguous
     if config is None:
-        config = bn_config(num_channels, channels_contiguous)
+        config = bn_config(num_channels, channels_contiguous(views[0], num_channels))
     return flat, config
+
+
+def channels_contiguous(lead: View3, num_channels: int) -> bool:
+    """Whether a tile should span channels (channels_last, one position per image) or positions."""
+    positions_contiguous = lead.s_m == 1 or (lead.s_m is None and lead.s_hw == 1)
+    return lead.s_c == 1 and num_channels > 1 and not positions_contiguous
 
 
 def vector(t: Tensor | None) -> Tensor | None:
@@ -92,3 +104,45 @@ def vector(t: Tensor | None) -> Tensor | None:
     gradient that ``penalty.sum()`` sends back.
     """
     return None if t is None else t.contiguous()
+
+
+def running_args(
+    running: tuple[Tensor, Tensor] | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    placeholder: Tensor,
+    n_pos: int,
+):
+    """Kernel arguments of an ``nn.BatchNorm2d`` training step's bookkeeping, done on device.
+
+    Returns ``(running_mean, running_var, num_batches_tracked, momentum, UPDATE_RUNNING,
+    CUMULATIVE, COUNT)``. ``num_batches_tracked`` (when given) is incremented once per call: by
+    the kernel (``COUNT``, one program stores ``n + 1``; nobody reads it in that launch), except
+    when the kernel itself needs the new count (``momentum=None``: ``f = 1 / count``, read by
+    every program) or there are no positions; then here, as one in-place add before the launch.
+    ``momentum`` goes as a plain float argument (no host-to-device copy per step); an empty batch
+    (``n_pos == 0``) moves no statistics. ``placeholder`` stands in for unused pointers.
+    """
+    if num_batches_tracked is not None and (
+        num_batches_tracked.numel() != 1 or num_batches_tracked.device != placeholder.device
+    ):
+        raise ValueError("num_batches_tracked must be a one-element tensor on the input's device")
+    if running is None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return placeholder, placeholder, placeholder, 0.0, 0, 0, 0
+    running_mean, running_var = running
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf.dim() != 1 or buf.stride(0) != 1 or buf.shape[0] != placeholder.shape[0]:
+            raise ValueError(f"{name} must be a contiguous [C] tensor, got {tuple(buf.shape)}")
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    count = num_batches_tracked is not None and momentum is not None and n_pos > 0
+    if num_batches_tracked is not None and not count:
+        num_batches_tracked.add_(1)
+    nbt = num_batches_tracked if num_batches_tracked is not None else placeholder
+    if n_pos == 0:
+        return placeholder, placeholder, placeholder, 0.0, 0, 0, 0
+    if momentum is None:
+        return running_mean, running_var, nbt, 0.0, 1, 1, 0
+    return running_mean, running_var, nbt, float(momentum), 1, 0, int(count)

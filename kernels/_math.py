@@ -48,3 +48,28 @@ def position_offsets(offs_m, HW, s_n, s_hw, FLAT: tl.constexpr):
         n_idx = offs_m // HW
         hw_idx = offs_m - n_idx * HW
         return n_idx.to(tl.int64) * s_n + hw_idx.to(tl.int64) * s_hw
+
+
+@triton.jit
+def update_running(
+    rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, n, momentum,
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Running statistics as ``nn.BatchNorm2d`` updates them, for channels ``offs_c``::
+
+        f = momentum   (or 1 / num_batches_tracked with CUMULATIVE: momentum=None)
+        running_mean += f * (mean - running_mean)
+        running_var  += f * (var * n / (n - 1) - running_var)      (n = 1: var)
+
+    ``var`` is the biased batch variance over ``n`` positions; the caller has already incremented
+    ``num_batches_tracked``.
+    """
+    if CUMULATIVE:
+        f = 1.0 / tl.load(nbt_ptr).to(ACC)
+    else:
+        f = tl.zeros_like(mean) + momentum  # a float32 kernel argument (fp64 runs: 1e-8 rel.)
+    unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+    rm = tl.load(rmean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    rv = tl.load(rvar_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    tl.store(rmean_ptr + offs_c, (rm + f * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(rvar_ptr + offs_c, (rv + f * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=mask_c)

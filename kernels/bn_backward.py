@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._config import BNConfig, plan_chunks
 from ._launch import (
+    RUNTIME_SIZES,
     check_positions,
     device_guard,
     ensure_launchable,
@@ -45,10 +46,10 @@ from ._launch import (
 from ._layout import acc_dtype, alloc_like
 from ._math import position_offsets, sigmoid_parts
 
-__all__ = ["bn_backward"]
+__all__ = ["bn_backward", "bn_backward_sums", "bn_backward_dx"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_partial_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
@@ -64,7 +65,7 @@ def _bn_bwd_partial_kernel(
     s_xn,
     s_xc,
     s_xhw,
-    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    CHUNK,  # positions per chunk, a multiple of BLOCK_M (runtime: no recompiles per batch size)
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
@@ -97,19 +98,20 @@ def _bn_bwd_partial_kernel(
     tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_combine_kernel(
     sum_dy_part_ptr,  # [K, C] chunk sums of dy (ACC)
     sum_dyxmu_part_ptr,  # [K, C] chunk sums of dy * (x - mean) (ACC)
     var_ptr,  # [C] variance the forward used
     w_ptr,  # [C] scale logits (read with WRITE_DW)
-    g_ptr,  # [C] upstream gradient of the penalty (read with HAS_G)
+    g_ptr,  # [C] upstream gradient of the penalty, stride s_g (read with HAS_G)
     sum_dy_ptr,  # [C] out: sum(dy) (ACC), for the dx kernel
     sum_dyxhat_ptr,  # [C] out: sum(dy * xhat) (ACC), for the dx kernel
     dw_ptr,  # [C] out: weight gradient (written with WRITE_DW)
     db_ptr,  # [C] out: bias gradient (written with WRITE_DB)
     C,
     K,  # number of chunks
+    s_g,  # stride of g (0 for the expanded gradient of penalty.sum(): read in place)
     eps,
     shift,  # penalty shift: s = sigmoid(w + shift)
     BLOCK_C: tl.constexpr,
@@ -142,7 +144,7 @@ def _bn_bwd_combine_kernel(
         a, one_minus_a, _ = sigmoid_parts(w)
         dw = a * one_minus_a * sum_dyxhat
         if HAS_G:
-            g = tl.load(g_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            g = tl.load(g_ptr + offs_c.to(tl.int64) * s_g, mask=mask_c, other=0.0).to(ACC)
             s, one_minus_s, log_s = sigmoid_parts(w + shift)
             dw += g * (-log_s * s * one_minus_s)
         tl.store(dw_ptr + offs_c, dw.to(dw_ptr.dtype.element_ty), mask=mask_c)
@@ -150,7 +152,7 @@ def _bn_bwd_combine_kernel(
         tl.store(db_ptr + offs_c, sum_dy.to(db_ptr.dtype.element_ty), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_bwd_dx_kernel(
     dy_ptr,  # [N, C, HW] output gradient, strides (s_dn, s_dc, s_dhw)
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw) (read with TRAINING)
@@ -179,6 +181,7 @@ def _bn_bwd_dx_kernel(
     HAS_W: tl.constexpr,
     TRAINING: tl.constexpr,  # 1: batch statistics (full formula), 0: running (dx = A * dy)
     ACC: tl.constexpr,
+    MEANS: tl.constexpr = 0,  # 1: the sum_* buffers already hold means (sums over another count)
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -201,8 +204,11 @@ def _bn_bwd_dx_kernel(
     if TRAINING:
         # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        mean_dy = tl.load(sum_dy_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
-        mean_dyxhat = tl.load(sum_dyxhat_ptr + offs_c, mask=mask_c, other=0.0).to(ACC) / n_pos
+        mean_dy = tl.load(sum_dy_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        mean_dyxhat = tl.load(sum_dyxhat_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        if not MEANS:
+            mean_dy = mean_dy / n_pos
+            mean_dyxhat = mean_dyxhat / n_pos
         x_off = c_off[:, None] * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         xhat = (x - mean[:, None]) * invstd[:, None]
@@ -249,7 +255,7 @@ def bn_backward(
     x = kernel_ready(x)
     dy = kernel_ready(dy)
     mean, var = vector(mean), vector(var)
-    weight, penalty_grad = vector(weight), vector(penalty_grad)
+    weight = vector(weight)  # penalty_grad is read with its stride (0 when expanded)
     num_channels = x.shape[1]
     n_pos = x.numel() // num_channels if num_channels else 0
     acc = acc_dtype(x.dtype)
@@ -284,8 +290,8 @@ def bn_backward(
                 _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
                     dy, x, mean, sum_dy_part, sum_dyxmu_part,
                     num_channels, hw, n_pos,
-                    *dv.strides(flat), *xv.strides(flat),
-                    CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                    *dv.strides(flat), *xv.strides(flat), chunk,
+                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
                     ACC=acc_tl, num_warps=cfg.num_warps,
                 )  # fmt: skip
             _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
@@ -294,10 +300,13 @@ def bn_backward(
                 penalty_grad if has_g else var,
                 sum_dy, sum_dyxhat,
                 dw if need_dw else sum_dy, db if need_db else sum_dy,
-                num_channels, num_chunks, float(eps), float(shift),
+                num_channels, num_chunks, penalty_grad.stride(0) if has_g else 0,
+                float(eps), float(shift),
                 BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
                 HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
-                ACC=acc_tl, num_warps=4,
+                # 8 warps: at 4 the [32 x 64] accumulators plus the penalty's sigmoid/log pieces
+                # spilled 4 bytes on sm_90 (benchmarks/aot_sm90.py).
+                ACC=acc_tl, num_warps=8,
             )  # fmt: skip
         else:
             sum_dy = sum_dyxhat = var  # unread in eval mode
@@ -315,3 +324,110 @@ def bn_backward(
                 ACC=acc_tl, num_warps=cfg.num_warps,
             )  # fmt: skip
     return dx, dw, db
+
+
+def bn_backward_sums(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    penalty_grad: Tensor | None,
+    eps: float,
+    shift: float,
+    sums: Tensor,
+    need_dw: bool = True,
+    need_db: bool = True,
+    *,
+    config: BNConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """This process's per-channel sums for a distributed backward, and its ``(dw, db)`` shares.
+
+    Writes ``sums[0] = sum(dy)`` and ``sums[1] = sum(dy * xhat)`` (``xhat`` with the given, e.g.
+    global, ``mean``/``var``) into the ``[2, C]`` accumulation-dtype buffer ``sums`` (one
+    all-reduce away from the global sums), and returns ``dw = a (1 - a) sums[1] + g dR/dw`` and
+    ``db = sums[0]`` of the local positions (empty ``[0]`` when not needed). Partials + combine:
+    two launches; ``x`` must have at least one position.
+    """
+    x, dy = kernel_ready(x), kernel_ready(dy)
+    mean, var, weight = vector(mean), vector(var), vector(weight)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels
+    if n_pos == 0 or sums.shape != (2, num_channels) or not sums.is_contiguous():
+        raise ValueError("bn_backward_sums needs positions and a contiguous [2, C] sums buffer")
+    ensure_launchable(_bn_bwd_partial_kernel, x)
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    dw = _param_grad(num_channels, need_dw, acc, dev)
+    db = _param_grad(num_channels, need_db, acc, dev)
+    has_g = need_dw and penalty_grad is not None
+    dv, xv = view3(dy), view3(x)
+    flat, cfg = layout_config([xv, dv], num_channels, config)
+    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+    check_positions(n_pos, chunk)
+    part = torch.empty((2, num_chunks, num_channels), dtype=acc, device=dev)
+    acc_tl = tl_dtype(x.dtype)
+    with device_guard(x):
+        _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
+            dy, x, mean, part[0], part[1],
+            num_channels, n_pos // x.shape[0], n_pos,
+            *dv.strides(flat), *xv.strides(flat), chunk,
+            BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+            ACC=acc_tl, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
+            part[0], part[1], var,
+            weight if weight is not None else var,
+            penalty_grad if has_g else var,
+            sums[0], sums[1],
+            dw if need_dw else var, db if need_db else var,
+            num_channels, num_chunks, penalty_grad.stride(0) if has_g else 0,
+            float(eps), float(shift),
+            BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+            HAS_G=int(has_g), WRITE_DW=int(need_dw), WRITE_DB=int(need_db),
+            ACC=acc_tl, num_warps=8,
+        )  # fmt: skip
+    return dw, db
+
+
+def bn_backward_dx(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    means: Tensor,
+    eps: float,
+    *,
+    config: BNConfig | None = None,
+) -> Tensor:
+    """``dx = a invstd (dy - means[0] - xhat means[1])`` with given (e.g. global) mean gradients.
+
+    ``means`` is ``[2, C]``: ``mean(dy)`` and ``mean(dy * xhat)`` over whatever batch the
+    statistics span (all ranks, for ``SyncBoundedBatchNorm2d``). One launch.
+    """
+    x, dy = kernel_ready(x), kernel_ready(dy)
+    mean, var, weight = vector(mean), vector(var), vector(weight)
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels if num_channels else 0
+    dx = alloc_like(x)
+    if n_pos == 0:
+        return dx
+    ensure_launchable(_bn_bwd_dx_kernel, x)
+    dv, xv, gv = view3(dy), view3(x), view3(dx)
+    flat, cfg = layout_config([xv, dv, gv], num_channels, config)
+    check_positions(n_pos, cfg.block_m)
+    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    with device_guard(x):
+        _bn_bwd_dx_kernel[grid](
+            dy, x, dx, mean, var,
+            weight if weight is not None else var,
+            means[0], means[1],
+            num_channels, n_pos // x.shape[0], n_pos, float(eps),
+            *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
+            BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
+            HAS_W=int(weight is not None), TRAINING=1, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            MEANS=1,
+        )  # fmt: skip
+    return dx

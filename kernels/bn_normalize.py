@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._config import BNConfig
 from ._launch import (
+    RUNTIME_SIZES,
     check_positions,
     device_guard,
     ensure_launchable,
@@ -36,7 +37,7 @@ from ._math import position_offsets, sigmoid_parts
 __all__ = ["bn_normalize"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_normalize_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     y_ptr,  # [N, C, HW] output, strides (s_yn, s_yc, s_yhw)

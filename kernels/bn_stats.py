@@ -8,13 +8,13 @@ Per channel ``c`` over the ``n = N*H*W`` positions::
 Two kernels:
 
 1. ``_bn_partial_stats_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: each program reduces a
-   chunk of ``CHUNK`` positions for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
+   chunk of ``CHUNK`` positions (a runtime argument, like every size that changes with the batch) for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
    ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
    first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
    of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
-   0's programs write the pivot for the combine. Inside the chunk each ``[BLOCK_C, BLOCK_M]`` tile is reduced two-pass in registers
-   (its mean, then the sum of squared deviations from that mean) and merged into the running
-   triple with Chan's update::
+   0's programs write the pivot for the combine. Inside the chunk every lane of the
+   ``[BLOCK_C, BLOCK_M]`` tile keeps its own Welford ``(n, mean, M2)`` (no cross-lane reduction
+   in the loop); the lanes are merged once at the end of the chunk with Chan's formula::
 
        n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
        M2 = M2_a + M2_b + d^2 * na * nb / n
@@ -23,7 +23,8 @@ Two kernels:
    chunk order (deterministic), ``BLOCK_K`` chunks at a time: their pooled mean
    ``sum(n_k mean_k) / sum(n_k)`` and ``M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)``, merged into
    the running triple as above; writes ``mean = pivot + mean`` and ``var = M2 / n`` (both ``0``
-   when ``n == 0``) and, with ``WITH_PENALTY``, ``p_c``.
+   when ``n == 0``), with ``WITH_PENALTY`` ``p_c``, and with ``UPDATE_RUNNING`` the running
+   statistics (``_math.update_running``), so a chunked training forward is 3 launches in all.
 
 Never ``E[x^2] - E[x]^2``: each merge subtracts means, never sums of squares. All arithmetic in
 ``ACC`` (fp32, or fp64 for fp64 inputs); inputs of any float dtype are converted on load.
@@ -38,22 +39,24 @@ from torch import Tensor
 
 from ._config import BNConfig, plan_chunks
 from ._launch import (
+    RUNTIME_SIZES,
     check_positions,
     device_guard,
     ensure_launchable,
     kernel_ready,
     layout_config,
+    running_args,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype
-from ._math import position_offsets, sigmoid_parts
+from ._math import position_offsets, sigmoid_parts, update_running
 
-__all__ = ["bn_batch_stats"]
+__all__ = ["bn_batch_stats", "launch_partials", "combine_partials", "finish_stats"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_partial_stats_kernel(
     x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC), row k = chunk k
@@ -65,7 +68,7 @@ def _bn_partial_stats_kernel(
     s_xn,
     s_xc,
     s_xhw,
-    CHUNK: tl.constexpr,  # positions per chunk, a multiple of BLOCK_M
+    CHUNK,  # positions per chunk, a multiple of BLOCK_M (runtime: no recompiles per batch size)
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw
@@ -83,34 +86,36 @@ def _bn_partial_stats_kernel(
     start = pid_k * CHUNK
     end = tl.minimum(start + CHUNK, n_pos)
 
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Welford per lane: lane (c, j) sees positions start + j, start + j + BLOCK_M, ...; every
+    # lane updated in step i has seen exactly i + 1 values (only the last tile has masked lanes,
+    # which skip it), so the update divides by one scalar per step. No cross-lane work in the
+    # loop; the lanes are merged once at the end.
+    lane_n = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < end
-        mask = mask_c[:, None] & mask_m[None, :]
+        mask = mask_c[:, None] & (offs_m < end)[None, :]
         m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
         x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
-        x = tl.where(mask, x - pivot[:, None], 0.0)
-        # This tile, two-pass in registers: its mean, then squared deviations from it.
-        nb = tl.minimum(end - m0, BLOCK_M).to(ACC)
-        tile_mean = tl.sum(x, axis=1) / nb
-        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=1)
-        # Chan merge of (count, mean, m2) with (nb, tile_mean, tile_m2); count + nb >= 1.
-        total = count + nb
-        delta = tile_mean - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))
-        count = total
+        x = x - pivot[:, None]
+        inv = 1.0 / ((m0 - start) // BLOCK_M + 1).to(ACC)
+        delta = tl.where(mask, x - lane_mean, 0.0)
+        lane_mean += delta * inv
+        lane_m2 += delta * tl.where(mask, x - lane_mean, 0.0)
+        lane_n += mask.to(ACC)
+    # Merge the lanes (pooled form of Chan's merge): once per chunk.
+    count = tl.sum(lane_n, axis=1)
+    mean = tl.sum(lane_n * lane_mean, axis=1) / tl.maximum(count, 1.0)
+    dev = tl.where(lane_n > 0.0, lane_mean - mean[:, None], 0.0)
+    m2 = tl.sum(lane_m2, axis=1) + tl.sum(lane_n * dev * dev, axis=1)
 
     out = pid_k.to(tl.int64) * C + offs_c
     tl.store(mean_part_ptr + out, mean, mask=mask_c)
     tl.store(m2_part_ptr + out, m2, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_combine_stats_kernel(
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC)
     m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
@@ -119,20 +124,47 @@ def _bn_combine_stats_kernel(
     mean_ptr,  # [C] out: batch mean (ACC)
     var_ptr,  # [C] out: biased batch variance (ACC)
     pen_ptr,  # [C] out: receding penalty s * (1 - log s) (written with WITH_PENALTY)
+    rmean_ptr,  # [C] running mean, updated in place with UPDATE_RUNNING
+    rvar_ptr,  # [C] running variance, updated in place with UPDATE_RUNNING
+    nbt_ptr,  # [] num_batches_tracked: read with CUMULATIVE, incremented with COUNT
     C,
     K,  # number of chunks
     n_pos,  # N * HW
     shift,  # penalty shift: s = sigmoid(w + shift)
-    CHUNK: tl.constexpr,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
+    momentum,
+    CHUNK,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WITH_PENALTY: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr,  # needs n_pos >= 1
+    CUMULATIVE: tl.constexpr,  # f = 1 / num_batches_tracked (already incremented)
+    COUNT: tl.constexpr,  # program 0 increments num_batches_tracked
     ACC: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    if COUNT:
+        if pid_c == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
+    count, mean, m2 = combine_partials(mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos,
+                                       CHUNK, BLOCK_C, BLOCK_K, ACC)  # fmt: skip
+    finish_stats(pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                 offs_c, mask_c, count, mean, m2, shift, momentum, WITH_PENALTY, UPDATE_RUNNING,
+                 CUMULATIVE, ACC, True)  # fmt: skip
+
+
+@triton.jit
+def combine_partials(
+    mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos, CHUNK,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """``(count, mean, M2)`` of channels ``offs_c`` from the ``K`` chunk partials, in chunk order.
+
+    ``mean`` is relative to the pivot (the partials' shift). Used by the combine kernel and by
+    the fused normalise-with-combine kernel of the chunked training forward.
+    """
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -157,15 +189,31 @@ def _bn_combine_stats_kernel(
         mean = mean + delta * (nb / total)
         m2 = m2 + m2_b + delta * delta * (count * (nb / total))
         count = total
+    return count, mean, m2
 
+
+@triton.jit
+def finish_stats(
+    pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c,
+    count, mean, m2, shift, momentum, WITH_PENALTY: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, STORE: tl.constexpr,
+):  # fmt: skip
+    """``(mean, var)`` (absolute mean, biased variance; 0 for no positions); with ``STORE`` also
+    writes them, the penalty and the running statistics."""
     var = tl.where(count > 0.0, m2 / tl.maximum(count, 1.0), 0.0)
     pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
-    tl.store(mean_ptr + offs_c, pivot + mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, var, mask=mask_c)
-    if WITH_PENALTY:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        s, _, log_s = sigmoid_parts(w + shift)
-        tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+    mean = pivot + mean
+    if STORE:
+        tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+        tl.store(var_ptr + offs_c, var, mask=mask_c)
+        if WITH_PENALTY:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            s, _, log_s = sigmoid_parts(w + shift)
+            tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+        if UPDATE_RUNNING:
+            update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, count,
+                           momentum, CUMULATIVE, ACC)  # fmt: skip
+    return mean, var
 
 
 def bn_batch_stats(
@@ -174,6 +222,9 @@ def bn_batch_stats(
     shift: float = 0.0,
     with_penalty: bool = False,
     *,
+    running: tuple[Tensor, Tensor] | None = None,
+    momentum: float | None = 0.1,
+    num_batches_tracked: Tensor | None = None,
     out: tuple[Tensor, Tensor, Tensor] | None = None,
     config: BNConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,7 +234,11 @@ def bn_batch_stats(
     (``N*H*W == 0``) both are 0. ``penalty`` is ``s * (1 - log s)`` per channel,
     ``s = sigmoid(weight + shift)``, in the same dtype, when ``with_penalty`` and ``weight`` is
     given, else an empty ``[0]`` tensor. ``x`` is read in place for NCHW and channels_last.
-    ``out`` (tests) supplies pre-allocated ``[C]`` outputs.
+    ``out`` (tests) supplies pre-allocated ``[C]`` outputs. With ``running`` (the
+    ``(running_mean, running_var)`` buffers) the combine kernel also updates them in place
+    (``momentum``, or ``1 / num_batches_tracked`` when it is ``None``), and
+    ``num_batches_tracked`` (if given) is incremented; an empty batch moves no statistics but is
+    counted, as in ``nn.BatchNorm2d``.
     """
     x = kernel_ready(x)
     weight = vector(weight)
@@ -201,6 +256,34 @@ def bn_batch_stats(
         return mean, var, penalty
     ensure_launchable(_bn_partial_stats_kernel, x)
 
+    parts = launch_partials(x, config)
+    mean_part, m2_part, pivot, chunk, num_chunks, cfg = parts
+    rm, rv, nbt, mom, update, cumulative, count = running_args(
+        running, momentum, num_batches_tracked, mean, n_pos
+    )
+    with device_guard(x):
+        _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
+            mean_part, m2_part, pivot,
+            weight if penalize else mean,  # any valid pointer when unused
+            mean, var, penalty if penalize else mean,
+            rm, rv, nbt,
+            num_channels, num_chunks, n_pos, float(shift), mom, chunk,
+            BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
+            WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+            COUNT=count, ACC=tl_dtype(x.dtype), num_warps=4,
+        )  # fmt: skip
+    return mean, var, penalty
+
+
+def launch_partials(x: Tensor, config: BNConfig | None):
+    """Launch the chunk-partials kernel on ``x`` (``[N, C, *]``, ``C >= 1``, kernel-ready).
+
+    Returns ``(mean_part, m2_part, pivot, chunk, num_chunks, config)`` for a combine; with no
+    positions nothing is launched (``num_chunks == 0``, pivot zeros).
+    """
+    num_channels = x.shape[1]
+    n_pos = x.numel() // num_channels
+    acc = acc_dtype(x.dtype)
     xv = view3(x)
     flat, cfg = layout_config([xv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
@@ -212,21 +295,13 @@ def bn_batch_stats(
     # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
     pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
     hw = n_pos // x.shape[0] if x.shape[0] else 0
-    with device_guard(x):
-        if num_chunks:
+    if num_chunks:
+        with device_guard(x):
             _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
                 x, mean_part, m2_part, pivot,
                 num_channels, hw, n_pos,
-                *xv.strides(flat),
-                CHUNK=chunk, BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
+                *xv.strides(flat), chunk,
+                BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
                 ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
             )  # fmt: skip
-        _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
-            mean_part, m2_part, pivot,
-            weight if penalize else mean,  # any valid pointer when unused
-            mean, var, penalty if penalize else mean,
-            num_channels, num_chunks, n_pos, float(shift),
-            CHUNK=chunk, BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
-            WITH_PENALTY=int(penalize), ACC=tl_dtype(x.dtype), num_warps=4,
-        )  # fmt: skip
-    return mean, var, penalty
+    return mean_part, m2_part, pivot, chunk, num_chunks, cfg

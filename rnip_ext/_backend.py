@@ -77,8 +77,9 @@ def resolve_backend(x: Tensor, requested: str | None = None) -> str:
         RuntimeError: ``"triton"`` requested but Triton is not importable.
     """
     if requested is None:
-        from_env = os.environ.get(ENV_VAR, "") or "auto"
-        choice = _normalise(from_env, f"the {ENV_VAR} environment variable")
+        from_env = os.environ.get(ENV_VAR)
+        # Unset is the common case: skip the parsing (this runs on every layer forward).
+        choice = "auto" if not from_env else _normalise(from_env, f"the {ENV_VAR} environment variable")
     else:
         choice = _normalise(requested, "backend")
     if choice == "eager":

@@ -112,8 +112,11 @@ class BoundedBatchNorm2d(_NormBase):
         A record made before the weight last changed in place (an optimiser step) is stale and
         dropped: the regulariser then computes the penalty from the current weight.
         """
-        record, self._recorded_penalty = self._recorded_penalty, None
-        if record is None or record[0] != shift or record[2] != self.weight._version:
+        record = self._recorded_penalty
+        if record is None:  # the eager path's every step: no nn.Module.__setattr__ call
+            return None
+        self._recorded_penalty = None
+        if record[0] != shift or record[2] != self.weight._version:
             return None
         return record[1]
 
@@ -146,6 +149,18 @@ class BoundedBatchNorm2d(_NormBase):
             return torch.ones(self.num_features, device=device)
         return torch.sigmoid(self.weight.detach())
 
+    def _fast_attr(self, name: str):
+        """A parameter or buffer by dict lookup (nn.Module.__getattr__ costs ~1 us per read, a
+        measurable share of a small layer's CPU step); anything else, e.g. a parametrised
+        ``weight`` (``torch.nn.utils.parametrize``), through ordinary attribute access."""
+        params = self._parameters
+        if name in params:
+            return params[name]
+        buffers = self._buffers
+        if name in buffers:
+            return buffers[name]
+        return getattr(self, name, None)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"expected a Tensor input, got {type(input).__name__}")
@@ -158,7 +173,9 @@ class BoundedBatchNorm2d(_NormBase):
             )
         if not input.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {input.dtype}")
-        ref = self.weight if self.weight is not None else self.running_mean
+        ref = self._fast_attr("weight")
+        if ref is None:
+            ref = self._fast_attr("running_mean")
         if ref is not None and ref.dtype != input.dtype and not (
             ref.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
         ):
@@ -170,35 +187,37 @@ class BoundedBatchNorm2d(_NormBase):
 
     def _running_stats_factor(self) -> float:
         """Count this batch and return the running-statistics factor (``1/n`` when momentum is None)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        momentum = self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if self.training and self.track_running_stats:
+            tracked = self._fast_attr("num_batches_tracked")
+            if tracked is not None:
+                tracked.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(tracked)
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         # A record is valid only for the forward that made it: drop the previous one (and the
-        # graph it holds) whether or not this forward records.
-        self._recorded_penalty = None
+        # graph it holds) whether or not this forward records. Written only when set: the
+        # nn.Module.__setattr__ it costs is a measurable share of a small layer's CPU step.
+        if self._recorded_penalty is not None:
+            self._recorded_penalty = None
         if resolve_backend(input, self.backend) == "triton":
             return self._forward_triton(input)
         factor = self._running_stats_factor()
+        get = self._fast_attr
+        running_mean, running_var = get("running_mean"), get("running_var")
         # Batch statistics in training, and in eval when there are no running buffers.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Pass the buffers only where they are read (eval) or updated (training with tracking).
-        pass_buffers = not self.training or self.track_running_stats
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
         return RF.bounded_batch_norm(
-            input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
+            input, running_mean, running_var, get("weight"), get("bias"),
+            use_batch_stats, factor, self.eps,
+        )  # fmt: skip
 
     def _forward_triton(self, input: Tensor) -> Tensor:
         """The fused kernels; running statistics are updated here, outside the autograd op."""
@@ -215,32 +234,19 @@ class BoundedBatchNorm2d(_NormBase):
             )
         with_penalty = self._wants_penalty()
         shift = self._receding_shift if with_penalty else 0.0
-        y, mean, var, penalty = bounded_bn.bounded_batch_norm_train(
-            input, self.weight, self.bias, self.eps, shift, with_penalty
-        )
-        if self.training and self.track_running_stats:
-            self._update_running_stats(input, mean, var)
+        # Running statistics and num_batches_tracked are updated inside the op's kernels (no
+        # host sync, no per-step host-to-device copy, no extra launches).
+        track = self.training and self.track_running_stats
+        y, _, _, penalty = bounded_bn.bounded_batch_norm_train(
+            input, self.weight, self.bias, self.eps, shift, with_penalty,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.num_batches_tracked if track else None,
+            self.momentum,
+        )  # fmt: skip
         if with_penalty:
             self._record_penalty(shift, penalty)
         return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, input: Tensor, mean: Tensor, var: Tensor) -> None:
-        """``running = (1 - f) running + f batch``; unbiased variance; ``f = 1/n`` when momentum is None.
-
-        The factor stays a tensor when momentum is None, so no host synchronisation happens.
-        """
-        self.num_batches_tracked.add_(1)
-        n = input.numel() // input.shape[1]
-        if n == 0:  # as nn.BatchNorm2d: an empty batch is counted but moves no statistics
-            return
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        else:
-            factor = self.momentum
-        unbiased = var * (n / (n - 1)) if n > 1 else var
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNorm2d":

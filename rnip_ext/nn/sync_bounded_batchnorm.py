@@ -123,8 +123,9 @@ class _SyncBoundedBN(torch.autograd.Function):
         else:
             # Normalising with given statistics is the eager reference in eval form.
             y = RF.bounded_batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, mean, invstd, n)
+        ctx.save_for_backward(x, weight, mean, invstd, n, var)
         ctx.group, ctx.world_size, ctx.shift = group, world_size, shift
+        ctx.eps, ctx.use_triton = eps, use_triton
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var, n)
         if shift is None:
@@ -133,9 +134,11 @@ class _SyncBoundedBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dn, dpenalty):
-        x, weight, mean, invstd, n = ctx.saved_tensors
+        x, weight, mean, invstd, n, var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
+        if ctx.use_triton and x.numel():
+            return _triton_backward(ctx, dy, dpenalty, x, weight, mean, var, n) + (None,) * 5
         # Recompute xhat rather than save it: it is as large as x, and the recompute is one pass.
         xhat = (x.to(acc) - _channel(mean)) * _channel(invstd)
         dya = dy.to(acc)
@@ -167,6 +170,29 @@ class _SyncBoundedBN(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
+def _triton_backward(ctx, dy, dpenalty, x, weight, mean, var, n):
+    """``(dx, dw, db)`` through the Triton kernels: partial sums + combine (local ``dw``/``db``
+    with the penalty gradient fused), one ``all_reduce`` of the ``[2, C]`` sums, then ``dx``."""
+    from ..kernels.bn_backward import bn_backward_dx, bn_backward_sums
+
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    penalized = ctx.shift is not None and dpenalty is not None and dpenalty.numel() > 0
+    g = dpenalty if (need_w and penalized) else None
+    sums = torch.empty((2, x.shape[1]), dtype=mean.dtype, device=x.device)
+    dw, db = bn_backward_sums(dy, x, mean, var, weight, g, ctx.eps,
+                              0.0 if ctx.shift is None else ctx.shift, sums, need_w, need_b)  # fmt: skip
+    dx = None
+    if need_x:
+        dist.all_reduce(sums, group=ctx.group)  # global sum(dy), sum(dy * xhat)
+        sums.div_(n.clamp_min(1))
+        dx = bn_backward_dx(dy, x, mean, var, weight, sums, ctx.eps)
+    return (
+        dx,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(ctx.bias_dtype) if need_b else None,
+    )
+
+
 class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
     r""":class:`BoundedBatchNorm2d` whose training statistics span the whole distributed batch.
 
@@ -196,9 +222,10 @@ class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
     eval mode with ``track_running_stats=False`` (as ``nn.SyncBatchNorm`` does).
 
     Backends: on the Triton path the local statistics and the penalty come from the statistics
-    kernel and the output from the normalise kernel; the backward uses PyTorch reductions (the
-    fused backward kernel divides by the local count, so it cannot produce the global ``dx``) and
-    adds the receding regulariser's gradient to ``d(weight)`` in the same backward. The eager path
+    kernel and the output from the normalise kernel; the backward runs the partial-sums and
+    combine kernels (local ``dw``/``db``, the receding regulariser's gradient fused into
+    ``d(weight)``), one ``all_reduce`` of the ``[2, C]`` sums, and the ``dx`` kernel with the
+    global means (a rank with an empty local batch still joins the all-reduce, in PyTorch). The eager path
     computes everything with PyTorch and leaves the penalty to the regulariser's eager fallback.
 
     Under DDP every rank adds the full ``reg()`` to its loss: DDP averages gradients over ranks, so
@@ -275,11 +302,11 @@ class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
         """
         self.num_batches_tracked.add_(1)
         dtype = self.running_mean.dtype
+        # A tensor factor without a host-to-device copy: the momentum multiplies the mask.
         if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.to(dtype)
+            factor = (n > 0).to(dtype) / self.num_batches_tracked.to(dtype)
         else:
-            factor = torch.tensor(self.momentum, dtype=dtype, device=mean.device)
-        factor = factor * (n > 0).to(dtype)
+            factor = (n > 0).to(dtype) * self.momentum
         unbiased = var * (n / (n - 1).clamp_min(1))
         self.running_mean.lerp_(mean.to(dtype), factor)
         self.running_var.lerp_(unbiased.to(dtype), factor)

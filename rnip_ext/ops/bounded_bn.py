@@ -6,6 +6,9 @@ and the first two with an autograd formula that calls the third::
     rnip_ext::bounded_bn_train(Tensor x, Tensor? weight, Tensor? bias, float eps, float shift,
                                bool with_penalty) -> (Tensor y, Tensor mean, Tensor var,
                                                       Tensor penalty)
+    rnip_ext::bounded_bn_train_update(<the same>, Tensor(a!)? running_mean,
+                                      Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked,
+                                      float? momentum) -> <the same>
     rnip_ext::bounded_bn_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight,
                               Tensor? bias, float eps) -> Tensor
     rnip_ext::bounded_bn_backward(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight,
@@ -20,11 +23,16 @@ Contract of ``bounded_bn_train``:
 * ``y``: ``x``'s dtype, shape and memory format (NCHW and channels_last are read and written in
   place, never copied).
 * ``mean``, ``var``: the batch mean and *biased* variance, float32 ``[C]`` (float64 for a float64
-  ``x``), returned so that the caller updates its running statistics outside the op, under
-  ``torch.no_grad()``, with the unbiased ``var * n / (n - 1)``, ``n = x.numel() // C``. They are
-  marked non-differentiable: gradients flowing into them are ignored. With no positions
-  (``n == 0``) both are zeros (no NaN); ``y`` is empty and the running statistics should be left
-  alone, as ``torch.nn.functional.batch_norm`` does.
+  ``x``), marked non-differentiable: gradients flowing into them are ignored. With no positions
+  (``n == 0``) both are zeros (no NaN) and ``y`` is empty.
+* running statistics (``bounded_bn_train_update``), updated *inside the kernels* (declared with
+  ``mutates_args``; autograd through ``bounded_batch_norm_train``): with
+  ``running_mean``/``running_var`` given, ``running += f * (batch - running)`` with the unbiased
+  variance ``var * n / (n - 1)`` (``n = x.numel() // C``) and ``f = momentum``, or
+  ``f = 1 / num_batches_tracked`` when ``momentum`` is ``None`` (cumulative average); and
+  ``num_batches_tracked`` (if given) is incremented first -- exactly ``nn.BatchNorm2d``'s
+  training step, with no host synchronisation and no per-step host-to-device copy. An empty
+  batch is counted but moves no statistics.
 * ``penalty``: the per-channel receding penalty (same dtype as ``mean``) when ``with_penalty`` and
   ``weight`` is given, else an empty ``[0]`` tensor. Its gradient flows into ``weight`` through the
   fused backward (``dw += g * dR/dw``), so a loss may use ``penalty.sum()`` directly.
@@ -33,6 +41,9 @@ Contract of ``bounded_bn_train``:
 gradient). ``bounded_bn_backward`` returns empty ``[0]`` tensors for the gradients that
 ``output_mask`` (``[dx, dw, db]``) does not ask for; ``dw``/``db`` come in the statistics dtype.
 Double backward is not supported.
+
+Paths: ``rnip_ext.kernels.bn_train`` runs a training step single-pass (one launch each way) when
+a channel block's whole ``N*H*W`` slice fits on chip, else chunked (``kernels/_config.py``).
 
 The ops need Triton (imported lazily: this module imports without it, and raises a
 ``RuntimeError`` naming ``pip install triton`` only when an op actually runs). On CPU tensors they
@@ -51,6 +62,7 @@ from ..kernels._layout import FLOAT_DTYPES, acc_dtype, alloc_like
 
 __all__ = [
     "bounded_bn_train",
+    "bounded_bn_train_update",
     "bounded_bn_eval",
     "bounded_bn_backward",
     "bounded_batch_norm_train",
@@ -62,9 +74,8 @@ def _kernels():
     """The launcher modules, importing Triton on first use."""
     require_triton()
     return (
-        importlib.import_module("rnip_ext.kernels.bn_stats"),
+        importlib.import_module("rnip_ext.kernels.bn_train"),
         importlib.import_module("rnip_ext.kernels.bn_normalize"),
-        importlib.import_module("rnip_ext.kernels.bn_backward"),
     )
 
 
@@ -102,11 +113,25 @@ def _check_scalars(eps: float, shift: float = 0.0) -> None:
         raise ValueError(f"shift must be finite, got {shift}")
 
 
-def _check_train(x, weight, bias, eps, shift) -> None:
+def _check_train(x, weight, bias, eps, shift, running_mean=None, running_var=None,
+                 num_batches_tracked=None, momentum=0.1) -> None:  # fmt: skip
     _check_input(x)
     _check_channel_vector(weight, "weight", x)
     _check_channel_vector(bias, "bias", x)
     _check_scalars(eps, shift)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    _check_channel_vector(running_mean, "running_mean", x)
+    _check_channel_vector(running_var, "running_var", x)
+    if num_batches_tracked is not None and (
+        num_batches_tracked.numel() != 1 or num_batches_tracked.device != x.device
+    ):
+        raise ValueError("num_batches_tracked must be a one-element tensor on x's device")
+    if momentum is None:
+        if running_mean is not None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    elif not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
 
 
 def _check_eval(x, running_mean, running_var, weight, bias, eps) -> None:
@@ -158,10 +183,51 @@ def bounded_bn_train(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bounded BN on batch statistics: ``(y, mean, var, penalty)`` (see the module docstring)."""
     _check_train(x, weight, bias, eps, shift)
-    stats, normalize, _ = _kernels()
-    mean, var, penalty = stats.bn_batch_stats(x, weight, shift, with_penalty)
-    y = normalize.bn_normalize(x, mean, var, weight, bias, eps)
-    return y, mean, var, penalty
+    train, _ = _kernels()
+    return train.train_forward(x, weight, bias, eps, shift, with_penalty)
+
+
+@torch.library.custom_op(
+    "rnip_ext::bounded_bn_train_update",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def bounded_bn_train_update(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    shift: float,
+    with_penalty: bool,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``bounded_bn_train`` plus the running-statistics update inside its kernels (in place).
+
+    Mutating ops cannot carry an autograd formula: use it through
+    :func:`bounded_batch_norm_train`, whose ``autograd.Function`` pairs it with
+    ``bounded_bn_backward``.
+    """
+    _check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked,
+                 momentum)  # fmt: skip
+    train, _ = _kernels()
+    running = None if running_mean is None else (running_mean, running_var)
+    if running is None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        num_batches_tracked = None
+    return train.train_forward(
+        x, weight, bias, eps, shift, with_penalty, running=running, momentum=momentum,
+        num_batches_tracked=num_batches_tracked,
+    )  # fmt: skip
+
+
+@bounded_bn_train_update.register_fake
+def _bounded_bn_train_update_fake(x, weight, bias, eps, shift, with_penalty, running_mean,
+                                  running_var, num_batches_tracked, momentum):  # fmt: skip
+    _check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked,
+                 momentum)  # fmt: skip
+    return _bounded_bn_train_fake(x, weight, bias, eps, shift, with_penalty)
 
 
 @bounded_bn_train.register_fake
@@ -226,7 +292,7 @@ def bounded_bn_eval(
 ) -> Tensor:
     """Bounded BN on running statistics (constants): one elementwise pass."""
     _check_eval(x, running_mean, running_var, weight, bias, eps)
-    _, normalize, _ = _kernels()
+    _, normalize = _kernels()
     return normalize.bn_normalize(x, running_mean, running_var, weight, bias, eps)
 
 
@@ -283,8 +349,8 @@ def bounded_bn_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)`` of bounded BN, the penalty gradient ``g * dR/dw`` fused into ``dw``."""
     _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
-    _, _, backward = _kernels()
-    return backward.bn_backward(
+    train, _ = _kernels()
+    return train.train_backward(
         dy, x, mean, var, weight, penalty_grad, eps, shift, training, tuple(output_mask)
     )
 
@@ -314,16 +380,47 @@ def bounded_batch_norm_train(
     eps: float,
     shift: float = 0.0,
     with_penalty: bool = False,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    momentum: Optional[float] = 0.1,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, penalty)`` of bounded BN on batch statistics, through the Triton op.
 
-    Update running statistics from ``mean`` and ``var * n / (n - 1)`` under ``torch.no_grad()``
-    (skip it when ``n = x.numel() // C`` is 0). ``penalty`` is empty unless ``with_penalty`` and
-    ``weight`` is given.
+    With ``running_mean``/``running_var`` the op updates them in place (and increments
+    ``num_batches_tracked``) as ``nn.BatchNorm2d`` does in training, ``momentum=None`` meaning a
+    cumulative average. ``penalty`` is empty unless ``with_penalty`` and ``weight`` is given.
     """
-    return torch.ops.rnip_ext.bounded_bn_train(
-        x, weight, bias, float(eps), float(shift), bool(with_penalty)
-    )
+    if running_mean is None and num_batches_tracked is None:
+        return torch.ops.rnip_ext.bounded_bn_train(
+            x, weight, bias, float(eps), float(shift), bool(with_penalty)
+        )
+    return _TrainWithRunningStats.apply(
+        x, weight, bias, float(eps), float(shift), bool(with_penalty),
+        running_mean, running_var, num_batches_tracked,
+        None if momentum is None else float(momentum),
+    )  # fmt: skip
+
+
+class _TrainWithRunningStats(torch.autograd.Function):
+    """``bounded_bn_train_update`` (mutating, so no op-level autograd) with the same backward as
+    ``bounded_bn_train``: ``bounded_bn_backward``, the penalty gradient fused into ``dw``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, shift, with_penalty, running_mean, running_var,
+                num_batches_tracked, momentum):  # fmt: skip
+        out = torch.ops.rnip_ext.bounded_bn_train_update(
+            x, weight, bias, eps, shift, with_penalty, running_mean, running_var,
+            num_batches_tracked, momentum,
+        )  # fmt: skip
+        _train_setup_context(ctx, (x, weight, bias, eps, shift, with_penalty), out)
+        # Unused outputs' gradients stay None: no zero tensors are made for them.
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar, dpenalty):
+        return _train_backward(ctx, dy, dmean, dvar, dpenalty) + (None,) * 4
 
 
 def bounded_batch_norm_eval(

@@ -455,3 +455,24 @@ def test_non_tensor_and_integer_inputs_raise_type_error():
         BoundedBatchNorm2d(3)([[1.0]])
     with pytest.raises(TypeError, match="floating-point"):
         BoundedBatchNorm2d(3)(torch.ones(2, 3, 2, 2, dtype=torch.int64))
+
+
+def test_parametrized_weight_is_used_on_the_eager_path():
+    """The eager path reads parameters by dict lookup for speed; a parametrised ``weight``
+    (``torch.nn.utils.parametrize``) is not in that dict and must still be honoured."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = BoundedBatchNorm2d(4, backend="eager")
+    parametrize.register_parametrization(layer, "weight", Double())
+    x = torch.randn(3, 4, 2, 2)
+    original = layer.parametrizations.weight.original
+    from rnip_ext.functional import bounded_batch_norm
+
+    expected = bounded_batch_norm(x, None, None, 2 * original, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert original.grad is not None and original.grad.abs().sum() > 0

@@ -46,9 +46,12 @@ def _layer_cases():
     cases.append({"dtype": torch.float32, "split": (4, 0), "bias": False, "momentum": 0.3, "backend": "eager",
                   "channels_last": True})
     # The Triton kernels (interpreter on CPU): statistics kernel, gather, normalise kernel, and the
-    # receding penalty recorded by the forward with its gradient fused into the backward.
+    # receding penalty recorded by the forward with its gradient fused into the backward, whose
+    # partial/combine kernels feed one all-reduce before the dx kernel.
     cases.append({"dtype": torch.float32, "split": (2, 2), "bias": True, "momentum": 0.1, "backend": "triton"})
     cases.append({"dtype": torch.float64, "split": (3, 1), "bias": False, "momentum": None, "backend": "triton"})
+    cases.append({"dtype": torch.float32, "split": (3, 0), "bias": True, "momentum": 0.2, "backend": "triton",
+                  "channels_last": True})
     return cases
 
 

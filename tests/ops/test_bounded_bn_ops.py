@@ -67,6 +67,61 @@ def test_opcheck_train(channels_last, affine, with_penalty):
 
 
 @needs_triton
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 2, 64, 40)], ids=["single_pass", "chunked"])
+def test_opcheck_train_update(momentum, shape):
+    """The mutating variant: schema (mutated buffers declared), fake kernel, AOT dispatch."""
+    x, w, b = _inputs(shape=shape, requires_grad=False, channels_last=True)
+    rm, rv = _running(x.shape[1])
+    nbt = torch.tensor(4, dtype=torch.long, device=DEVICE)
+    args = (x, w, None, EPS, SHIFT, True, rm, rv, nbt, momentum)
+    torch.library.opcheck(ops.bounded_bn_train_update.default, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("momentum", [0.3, None], ids=["momentum", "cumulative"])
+def test_train_update_matches_batchnorm_running_statistics(momentum):
+    """Running statistics and num_batches_tracked as nn.BatchNorm2d leaves them, and the same
+    outputs and gradients as the functional op."""
+    x, w, b = _inputs(shape=(3, 4, 3, 5), seed=21)
+    rm, rv = _running(4)
+    nbt = torch.tensor(7, dtype=torch.long, device=DEVICE)
+    ref_bn = torch.nn.BatchNorm2d(4, momentum=momentum, affine=False).double()
+    with torch.no_grad():
+        ref_bn.running_mean.copy_(rm)
+        ref_bn.running_var.copy_(rv)
+        ref_bn.num_batches_tracked.fill_(7)
+    ref_bn(x.detach().double())
+    out = B.bounded_batch_norm_train(x, w, b, EPS, SHIFT, True, rm, rv, nbt, momentum)
+    plain = B.bounded_batch_norm_train(x, w, b, EPS, SHIFT, with_penalty=True)
+    assert nbt.item() == 8
+    torch.testing.assert_close(rm.double(), ref_bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), ref_bn.running_var, rtol=1e-5, atol=1e-6)
+    for a, e in zip(out, plain):
+        torch.testing.assert_close(a, e)
+    g = torch.randn(4, generator=_gen(22)).to(DEVICE)
+    dy = torch.randn(x.shape, generator=_gen(23)).to(DEVICE)
+    grads = torch.autograd.grad([out[0], out[3]], (x, w, b), [dy, g])
+    ref = torch.autograd.grad([plain[0], plain[3]], (x, w, b), [dy, g])
+    for a, e in zip(grads, ref):
+        torch.testing.assert_close(a, e)
+
+
+@needs_triton
+def test_train_update_rejects_bad_buffers():
+    x, w, b = _inputs(requires_grad=False)
+    rm, rv = _running(3)
+    with pytest.raises(ValueError, match="together"):
+        B.bounded_batch_norm_train(x, w, b, EPS, 0.0, False, rm, None)
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        B.bounded_batch_norm_train(x, w, b, EPS, 0.0, False, rm, rv, None, None)
+    with pytest.raises(ValueError, match="momentum must be"):
+        B.bounded_batch_norm_train(x, w, b, EPS, 0.0, False, rm, rv, None, 1.5)
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        B.bounded_batch_norm_train(x, w, b, EPS, 0.0, False, rm[:2], rv, None, 0.1)
+
+
+@needs_triton
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("affine", [(True, True), (False, True), (False, False)], ids=str)
 def test_opcheck_eval(channels_last, affine):
@@ -194,7 +249,8 @@ def test_gradcheck_eval(channels_last):
 
 
 def _train_step(x, w, b, rm, rv):
-    y, mean, var, pen = B.bounded_batch_norm_train(x, w, b, EPS, SHIFT, with_penalty=True)
+    # Training forward with the in-kernel running update (rm, rv mutated), then eval on them.
+    y, mean, var, pen = B.bounded_batch_norm_train(x, w, b, EPS, SHIFT, True, rm, rv, None, 0.2)
     z = B.bounded_batch_norm_eval(torch.relu(y), rm, rv, w, None, EPS)
     return (z * z).mean() + 0.1 * pen.sum(), mean, var
 
@@ -210,7 +266,7 @@ def test_compile_fullgraph(backend):
         fn = torch.compile(_train_step, backend=backend, fullgraph=True) if compiled else _train_step
         loss, mean, var = fn(x, w, b, rm, rv)
         grads = torch.autograd.grad(loss, (x, w, b))
-        results.append((loss, mean, var, *grads))
+        results.append((loss, mean, var, rm, rv, *grads))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 

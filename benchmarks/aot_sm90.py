@@ -1,0 +1,201 @@
+"""Ahead-of-time compile of every kernel configuration the launchers choose, for an sm_90 GPU.
+
+No GPU needed. For each layer shape of the paper's CIFAR VGG-16 (batch 128) and ResNet-50
+(batch 64), each dtype (fp32, bf16, fp16) and layout (NCHW, channels_last), the real launchers
+run a training step (forward, backward) and an eval forward on ``meta`` tensors with every
+kernel's launch intercepted: the arguments they would pass give the exact compile key (constexpr
+tiles and flags, ``num_warps``, and Triton's own specialisation of the other arguments, honouring
+``do_not_specialize``), with the chunking planned for an H200 (132 SMs). Each distinct key is
+compiled for ``GPUTarget("cuda", 90, 32)`` and ``ptxas -v`` (the one Triton ships, Triton's own
+flags) reports registers, spill bytes and shared memory.
+
+    python benchmarks/aot_sm90.py                   # all shapes -> benchmarks/results/aot_sm90.json
+    python benchmarks/aot_sm90.py --subset --out x  # the representative subset CI compiles
+
+Exit status 1 when any kernel spills registers (the JSON is written either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+VGG16_CIFAR_B128 = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4), (128, 512, 2, 2)]
+RESNET50_B64 = [
+    (64, 64, 112, 112), (64, 64, 56, 56), (64, 256, 56, 56), (64, 128, 56, 56), (64, 128, 28, 28),
+    (64, 512, 28, 28), (64, 256, 28, 28), (64, 256, 14, 14), (64, 1024, 14, 14), (64, 512, 14, 14),
+    (64, 512, 7, 7), (64, 2048, 7, 7),
+]  # fmt: skip
+SUBSET = [(128, 512, 4, 4), (128, 256, 8, 8), (128, 64, 32, 32), (64, 2048, 7, 7), (64, 256, 14, 14)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+H200_SMS = 132
+TARGET = ("cuda", 90, 32)
+
+
+def _kernels():
+    from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
+
+    return [
+        bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
+        bn_chunked._bn_normalize_combine_kernel, bn_normalize._bn_normalize_kernel,
+        bn_backward._bn_bwd_partial_kernel, bn_backward._bn_bwd_combine_kernel,
+        bn_backward._bn_bwd_dx_kernel, bn_single._bn_fwd_single_kernel,
+        bn_single._bn_bwd_single_kernel,
+    ]  # fmt: skip
+
+
+def _specialisation(kernel, args, kwargs):
+    """``(signature, constexprs, attrs, num_warps)`` exactly as a launch with these arguments."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    bound.update(kwargs)
+    dns = set(kernel.do_not_specialize or [])
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        value = bound.get(p.name, p.default)
+        if "constexpr" in str(p.annotation):
+            sig[p.name], consts[p.name] = "constexpr", value
+            continue
+        spec = p.name not in dns
+        ty, key = native_specialize_impl(BaseBackend, value, False, spec, spec)
+        if ty == "constexpr":
+            sig[p.name], consts[p.name] = "constexpr", key
+            continue
+        sig[p.name] = ty
+        if key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs, kwargs.get("num_warps", 4)
+
+
+def collect(shapes, dtypes, layouts):
+    """``{key: record}`` of every distinct launch the launchers make for these cases."""
+    import rnip_ext.kernels._config as config_mod
+    from rnip_ext.kernels import bn_normalize, bn_train
+
+    config_mod.target_programs = lambda device: 4 * H200_SMS
+    launches = []
+    for kernel in _kernels():
+        def run(*args, _kernel=kernel, grid=None, warmup=False, **kwargs):
+            launches.append((_kernel, args, kwargs))
+
+        kernel.run = run
+    found = {}
+    for shape in shapes:
+        for dname in dtypes:
+            for layout in layouts:
+                launches.clear()
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                x = torch.empty(shape, dtype=DTYPES[dname], device="meta").contiguous(memory_format=fmt)
+                c = shape[1]
+                w = torch.empty(c, device="meta")
+                rm, rv = torch.empty(c, device="meta"), torch.empty(c, device="meta")
+                nbt = torch.empty((), dtype=torch.long, device="meta")
+                # Training step as the layer runs it (momentum 0.1), plus the eval forward.
+                y, mean, var, _ = bn_train.train_forward(x, w, None, 1e-5, 3.0, True, running=(rm, rv),
+                                                         momentum=0.1, num_batches_tracked=nbt)  # fmt: skip
+                bn_train.train_backward(y, x, mean, var, w, torch.empty((), device="meta").expand(c),
+                                        1e-5, 3.0, True, (True, True, False))  # fmt: skip
+                bn_normalize.bn_normalize(x, rm, rv, w, None, 1e-5)
+                for kernel, args, kwargs in launches:
+                    sig, consts, attrs, warps = _specialisation(kernel, args, kwargs)
+                    key = json.dumps([kernel.fn.__name__, sig, {k: str(v) for k, v in consts.items()},
+                                      sorted(str(k) for k in attrs), warps], sort_keys=True)  # fmt: skip
+                    record = found.setdefault(key, {
+                        "kernel": kernel.fn.__name__, "num_warps": warps,
+                        "constexprs": {k: str(v) for k, v in consts.items()
+                                       if sig.get(k) == "constexpr"},
+                        "cases": [], "_build": (kernel, sig, consts, attrs, warps),
+                    })  # fmt: skip
+                    record["cases"].append(f"{'x'.join(map(str, shape))} {dname} {layout}")
+    return found
+
+
+def _ptxas_report(ptx: str) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(TARGET[1]).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a",
+                               src, "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    log = done.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_store_bytes": int(spill.group(1)) if spill else 0,
+        "spill_load_bytes": int(spill.group(2)) if spill else 0,
+        "stack_frame_bytes": int(stack.group(1)) if stack else 0,
+    }
+
+
+def compile_all(found) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for record in found.values():
+        kernel, sig, consts, attrs, warps = record.pop("_build")
+        src = ASTSource(kernel, sig, consts, attrs)
+        compiled = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": warps})
+        record.update(_ptxas_report(compiled.asm["ptx"]))
+        record["shared_memory_bytes"] = compiled.metadata.shared
+        rows.append(record)
+    rows.sort(key=lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True), r["num_warps"]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", action="store_true", help=f"only {len(SUBSET)} representative shapes")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/aot_sm90.json)")
+    args = parser.parse_args(argv)
+    shapes = SUBSET if args.subset else VGG16_CIFAR_B128 + RESNET50_B64
+    found = collect(shapes, args.dtypes, ["nchw", "channels_last"])
+    rows = compile_all(found)
+    import triton
+
+    payload = {
+        "target": {"backend": TARGET[0], "arch": TARGET[1], "warp_size": TARGET[2]},
+        "triton": triton.__version__, "torch": torch.__version__,
+        "shapes": [list(s) for s in shapes], "dtypes": args.dtypes, "layouts": ["nchw", "channels_last"],
+        "kernels": rows,
+    }  # fmt: skip
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot_sm90.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, out)
+    spills = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    for r in rows:
+        print(f"{r['kernel']:32s} warps={r['num_warps']:2d} regs={r['registers']:3d} "
+              f"spill={r['spill_store_bytes']}/{r['spill_load_bytes']} smem={r['shared_memory_bytes']:6d} "
+              f"{r['constexprs']}")  # fmt: skip
+    print(f"{len(rows)} configurations, {len(spills)} with spills; wrote {out}")
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

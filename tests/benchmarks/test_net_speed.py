@@ -1,0 +1,44 @@
+"""The whole-network benchmark and the GPU script run (on CPU, tiny settings; no timing asserted)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def test_net_speed_dry_run_runs_every_variant(monkeypatch):
+    """``--dry-run --model tiny``: plain, paper and ours each take a real training step."""
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.setenv("RNIP_BACKEND", "eager")  # CPU: the layer's eager path, as a user gets it
+    import net_speed
+
+    payload = net_speed.main(["--dry-run", "--model", "tiny", "--device", "cpu"])
+    (row,) = payload["rows"]
+    for variant in ("plain", "paper", "ours"):
+        assert row[f"{variant}_ms"] > 0 and row[f"{variant}_images_per_s"] > 0, row
+    assert row["batch"] == 2 and not any(key.endswith("_error") for key in row)
+
+
+def test_net_speed_rejects_a_batch_of_one():
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "net_speed.py"), "--batch", "1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "--batch must be >= 2" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_gpu_check_script_parses_and_refuses_without_a_gpu():
+    script = os.path.join(BENCH, "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    done = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage" in done.stdout.lower()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", script, "--check-only"], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    if done.returncode == 0:
+        pytest.skip(reason="a CUDA GPU is visible here: the script would run for real")
+    assert done.returncode == 2 and "error:" in done.stderr
