@@ -1,0 +1,92 @@
+"""Offline sweep of the demo's regulariser strengths, judged on the validation split only.
+
+Run once (results committed as ``docs/demo/sweep_results.json`` and ``docs/demo/sweep.md``); the
+demo itself never sweeps, it cites the values chosen here (``rnip_ext.demo.DEMO_STRENGTH``).
+
+For each (method, strength, shift) of a small grid, one seed of the demo's pipeline
+(:func:`rnip_ext.demo.run_demo` with that strength only): train with the demo's epochs, prune to
+each of the demo's FLOPs targets with the budget planner, fine-tune with the demo's epochs. The
+score of a setting is the mean over targets of the pruned-and-fine-tuned network's best
+validation accuracy (the model-selection value, never the test split); the test accuracy is not
+even read. Ties (within one validation image) go to the weaker regulariser.
+
+    python docs/demo/sweep_strengths.py [--out DIR] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from rnip_ext import demo
+from rnip_ext.rundir import read_json, write_json
+
+GRID = {
+    "rni": [(s, b) for s in (1e-2, 5e-2, 2e-1) for b in (1.0, 3.0)],
+    "l1": [(s, 0.0) for s in (1e-4, 1e-3, 1e-2)],
+}
+
+
+def score_setting(out: str, method: str, strength: float, shift: float, threads: int | None) -> dict:
+    """One seed of the demo pipeline for one setting; validation accuracies only."""
+    report = demo.run_demo(out, seeds=1, methods=(method,), strengths={method: (strength, shift)}, plots=False,
+                           progress=False, threads=threads)
+    run = report["runs"][f"{method}-s0"]
+    val = {}
+    for t in demo.DEMO_TARGETS:
+        label = f"f{round(t * 100):g}"
+        val[label] = read_json(os.path.join(out, f"prune-{method}-s0-{label}", "summary.json"))["val_accuracy"]
+    trained = read_json(os.path.join(out, f"train-{method}-s0", "summary.json"))
+    val_size = read_json(os.path.join(out, f"train-{method}-s0", "config.json"))["val_size"]
+    return {
+        "method": method, "strength": strength, "shift": shift, "val_unpruned": trained["val_accuracy"],
+        "val_size": val_size,
+        "val_finetuned": val, "score": statistics.fmean(val.values()),
+        "receded_fraction": run["receded_fraction"],
+        "layers_receded_entirely_absolute_score": [lay["layer"] for lay in run["layers"]
+                                                   if lay["receded_paper_score"] == lay["channels"]],
+        "wall_s": report["wall_s"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_results.json"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    start, rows = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, grid in GRID.items():
+            for strength, shift in grid:
+                rows.append(score_setting(os.path.join(tmp, f"{method}-{strength:g}-{shift:g}"), method, strength,
+                                          shift, args.threads))
+                r = rows[-1]
+                print(f"{method} strength {strength:g} shift {shift:g}: mean val {r['score']:.4f} "
+                      f"{r['val_finetuned']} receded {r['receded_fraction']:.0%} ({r['wall_s']:.0f} s)", flush=True)
+    chosen = {}
+    for method in GRID:
+        mine = [r for r in rows if r["method"] == method]
+        # One validation image of margin: the weaker setting wins a tie.
+        best = max(r["score"] for r in mine)
+        chosen[method] = min((r for r in mine if r["score"] >= best - 0.5 / r["val_size"]),
+                             key=lambda r: (r["strength"], r["shift"]))
+    result = {
+        "what": "one seed (0) of the demo pipeline per setting; score = mean over the FLOPs targets of the "
+                "pruned and fine-tuned network's best validation accuracy (test split never read)",
+        "settings": {"epochs": demo.DEMO_EPOCHS, "finetune_epochs": demo.DEMO_FINETUNE_EPOCHS,
+                     "targets": list(demo.DEMO_TARGETS), "seeds": [0], "threads": args.threads},
+        "machine": demo.machine(), "wall_s": time.perf_counter() - start, "grid": rows,
+        "chosen": {m: [r["strength"], r["shift"]] for m, r in chosen.items()},
+    }
+    write_json(args.out, result)
+    print(json.dumps(result["chosen"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
