@@ -62,7 +62,7 @@ def plot_importance(report: dict, path: str) -> str:
         receded = statistics.fmean(r["receded_fraction"] for r in mine)
         ax.set_xscale("log")
         ax.set_title(f"{method}: {receded:.0%} of channels receded", fontsize=9)
-        ax.set_xlabel("relative importance (score / layer max)")
+        ax.set_xlabel("relative importance (score / layer max; < 1e-6 shown at 1e-6)", fontsize=8)
         ax.set_ylabel("channels")
         ax.legend(fontsize=6)
     return _save(plt, fig, path)
@@ -84,6 +84,9 @@ def plot_accuracy_vs_flops(report: dict, path: str) -> str:
                         yerr=[100 * (p[1]["sd"] or 0.0) for p in pts], ls=style, marker="o", ms=3, capsize=3,
                         color=COLORS.get(method), label=f"{method} {name}")
     ax.set_xscale("log")
+    ticks = sorted({100 * r["target"] for r in report["rows"]})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("MACs kept (% of the unpruned network)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"mean ± sd over {len(report['settings']['seeds'])} seed(s)", fontsize=9)

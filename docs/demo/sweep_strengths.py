@@ -8,7 +8,8 @@ For each (method, strength, shift) of a small grid, one seed of the demo's pipel
 each of the demo's FLOPs targets with the budget planner, fine-tune with the demo's epochs. The
 score of a setting is the mean over targets of the pruned-and-fine-tuned network's best
 validation accuracy (the model-selection value, never the test split); the test accuracy is not
-even read. Ties (within one validation image) go to the weaker regulariser.
+even read. Near-ties (scores within half a validation image, ``0.5 / val_size``) go to the
+weaker regulariser (smaller strength, then smaller shift).
 
     python docs/demo/sweep_strengths.py [--out DIR] [--threads 1]
 """
@@ -71,7 +72,6 @@ def main(argv=None) -> int:
     chosen = {}
     for method in GRID:
         mine = [r for r in rows if r["method"] == method]
-        # One validation image of margin: the weaker setting wins a tie.
         best = max(r["score"] for r in mine)
         chosen[method] = min((r for r in mine if r["score"] >= best - 0.5 / r["val_size"]),
                              key=lambda r: (r["strength"], r["shift"]))
