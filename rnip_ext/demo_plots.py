@@ -1,7 +1,9 @@
 """The demo's figures, from the report :func:`rnip_ext.demo.run_demo` returns (matplotlib needed).
 
-* ``importance_histogram.png``: per method, every seed's prunable channel scores (the relative
-  score the planner ranks by) on a log axis, the removal threshold of each FLOPs target drawn as
+* ``importance_histogram.png``: per method, every seed's prunable channel scores (the score the
+  planner ranks by: relative to the layer's strongest channel where the next BatchNorm
+  renormalises, the absolute score elsewhere, e.g. the last layer before the pooling head) on a
+  log axis, the removal threshold of each FLOPs target drawn as
   a vertical line (seed 0's plan), and the fraction of channels that receded (score below
   :data:`rnip_ext.demo.RECEDED`, mean over seeds) in the title.
 * ``accuracy_vs_flops.png``: test accuracy against the MACs kept (fraction of the unpruned
@@ -62,7 +64,7 @@ def plot_importance(report: dict, path: str) -> str:
         receded = statistics.fmean(r["receded_fraction"] for r in mine)
         ax.set_xscale("log")
         ax.set_title(f"{method}: {receded:.0%} of channels receded", fontsize=9)
-        ax.set_xlabel("relative importance (score / layer max; < 1e-6 shown at 1e-6)", fontsize=8)
+        ax.set_xlabel("importance the planner ranks by (< 1e-6 shown at 1e-6)", fontsize=8)
         ax.set_ylabel("channels")
         ax.legend(fontsize=6)
     return _save(plt, fig, path)

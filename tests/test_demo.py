@@ -147,3 +147,32 @@ def test_demo_plots(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(tmp_path)) == sorted([f"{n}.png" for n in made] + [MANIFEST])
+
+
+def _table_cells(text):
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.strip().splitlines()]
+
+
+def test_readme_demo_table_has_the_rows_and_columns_rnip_demo_prints():
+    path = os.path.join(ROOT, "README.md")
+    if not os.path.isfile(path):
+        pytest.skip("not a source checkout (no README.md)")
+    readme = open(path, encoding="utf-8").read()
+    found = re.search(r"<!-- demo-table:start -->\n(.*?)<!-- demo-table:end -->", readme, re.S)
+    assert found, "README.md has no <!-- demo-table:start --> ... <!-- demo-table:end --> block"
+    readme_cells = _table_cells(found.group(1))
+    # What `rnip demo` prints with its defaults (numbers aside: any values give the same rows).
+    from rnip_ext.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    targets = tuple(sub.choices["demo"].get_default("target_flops"))
+    seeds = range(sub.choices["demo"].get_default("seeds"))
+    rng = np.random.default_rng(0)
+    printed = _table_cells(demo.format_table(demo.aggregate(_fake_results(rng, demo.METHODS, seeds, targets),
+                                                            targets, demo.DEMO_EPOCHS, demo.DEMO_FINETUNE_EPOCHS)))
+    assert readme_cells[0] == printed[0]  # the columns
+    assert [row[:2] for row in readme_cells[2:]] == [row[:2] for row in printed[2:]]  # the rows
+    assert [row[-1] for row in readme_cells[2:]] == [row[-1] for row in printed[2:]]  # epochs per row
+    for row in readme_cells[2:]:
+        assert all(("±" in c) for c in row[2:5] + row[6:7]), row
+    assert statistics.mode(len(r) for r in readme_cells) == len(printed[0])
