@@ -118,9 +118,12 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert manifest["kind"] == "demo" and "train-rni-s0" in manifest["files"] and "demo_log.txt" in manifest["files"]
     # The runs' own output went to the log, not the terminal.
     assert "PruningPlan" in (out / "demo_log.txt").read_text() and "PruningPlan" not in printed
-    # A rerun replaces the earlier demo's output (a one-method, one-target demo: old sub-runs go).
+    # A rerun replaces the earlier demo's output (a one-method, one-target demo: old sub-runs go),
+    # here with the terminal's progress bar: no stage lines, a tqdm bar on stderr.
     demo.run_demo(str(out), seeds=1, targets=(0.5,), epochs=1, finetune_epochs=0, methods=("none",),
-                  progress=False, plots=False, threads=1)
+                  progress="bar", plots=False, threads=1)
+    captured = capsys.readouterr()
+    assert "rnip demo" in captured.err and "2/2" in captured.err and "[1/2]" not in captured.out
     assert sorted(os.listdir(out)) == sorted(["train-none-s0", "prune-none-s0-f50", "demo_log.txt", "report.md",
                                               "report.json", MANIFEST])
 
