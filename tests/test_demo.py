@@ -84,9 +84,13 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
     out = tmp_path / "demo"
     targets = (0.5, 0.2)
+    import torch
+
+    threads = torch.get_num_threads()
     report = demo.run_demo(str(out), seeds=1, targets=targets, epochs=2, finetune_epochs=1, progress="lines",
                            plots=False, threads=1)
     printed = capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # threads=1 held only during the demo
     # Not a terminal: one line per stage (3 trainings, 6 prunings), no carriage returns.
     assert len([line for line in printed.splitlines() if line.startswith("[")]) == 9 and "\r" not in printed
     on_disk = json.loads((out / "report.json").read_text())
