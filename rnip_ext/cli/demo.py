@@ -1,92 +1,58 @@
 """``rnip demo``: the README's main job on the embedded default dataset (no download).
 
-Trains the small VGG on scikit-learn's 8x8 digits (upsampled to 16x16) with the receding
-regulariser (rni), network slimming (l1) and no regulariser (none), prunes each at 50% and 90%
-(global threshold; none uses the same fraction per layer, the paper's "uniform" baseline),
-fine-tunes briefly, prints the comparison table and writes the plots.
+Argument parsing only; the demo is :func:`rnip_ext.demo.run_demo` (several seeds, every method
+pruned to the same FLOPs targets, accuracy before and after fine-tuning, mean +- sd).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from types import SimpleNamespace
 
-from .. import rundir
+from .. import demo as demo_lib
 from ..rundir import OutputDirError
-from . import prune as prune_cmd
-from . import report as report_cmd
-from . import train as train_cmd
-from .errors import Interrupted, user_errors
+from .errors import UserError, user_errors
 from .train import check_number
-
-# Far stronger than the paper's (1e-3, shift 3 over 160 CIFAR epochs): here ~500 steps must be
-# enough to polarise the importances; shift 1 lets the regulariser reach channels near w = 0.
-DEMO_STRENGTH = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="rnip-demo",
                    help="directory for the runs, the report and the plots: new, empty or an earlier demo's "
                         "(which is replaced)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs per method")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning epochs per pruned model")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help="fractions of channels to prune, each in [0, 1) (default 0.5 0.9)")
-    budget.add_argument("--target-flops", type=float, nargs="+", default=None,
-                        help="compare at equal cost: fractions of the FLOPs to keep, each in (0, 1], e.g. 0.5 0.1")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0 .. N-1; rows are mean +- sd")
+    p.add_argument("--epochs", type=int, default=demo_lib.DEMO_EPOCHS, help="training epochs per method and seed")
+    p.add_argument("--finetune-epochs", type=int, default=demo_lib.DEMO_FINETUNE_EPOCHS,
+                   help="fine-tuning epochs per pruned model (0: none)")
+    p.add_argument("--target-flops", type=float, nargs="+", default=list(demo_lib.DEMO_TARGETS),
+                   help="fractions of the FLOPs (MACs) every method is pruned to, each in (0, 1]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch during the demo (default: torch's; 1 is often faster on a busy machine)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
-    p.add_argument("--no-progress", action="store_true", help="print nothing per epoch")
+    p.add_argument("--no-progress", action="store_true", help="print nothing per stage")
     p.add_argument("--overwrite", action="store_true",
                    help="replace any earlier rnip output in --out (only files rnip wrote are deleted)")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict:
+    check_number("seeds", args.seeds, low=1)
     check_number("epochs", args.epochs, low=1)
     check_number("finetune-epochs", args.finetune_epochs, low=0)
-    targets = getattr(args, "target_flops", None)
-    if targets:
-        for t in targets:
-            check_number("target-flops", t, low=0, low_open=True, high=1, high_open=False)
-        budgets = [(f"f{int(round(t * 100))}", None, t) for t in targets]
-    else:
-        ratios = args.ratios or [0.5, 0.9]
-        for ratio in ratios:
-            check_number("ratios", ratio, low=0, high=1)
-        budgets = [(str(int(round(r * 100))), r, None) for r in ratios]
-    # A previous demo's output is replaced; anything else is never deleted.
-    with user_errors(OutputDirError):
-        mode = rundir.check(args.out, "demo", overwrite=args.overwrite, replace_own=True)
-        created = rundir.claim(args.out, "demo", mode)
-    run_dirs = []
-    try:
-        for method, (strength, shift) in DEMO_STRENGTH.items():
-            name = f"train-{method}"
-            train_dir = os.path.join(args.out, name)
-            rundir.record(args.out, name)
-            train_cmd.run(SimpleNamespace(
-                arch="vgg_small", dataset="digits", data_dir=None, download=False, method=method,
-                strength=strength, shift=shift, epochs=args.epochs, lr=0.05, batch_size=32, weight_decay=1e-4,
-                bn_lr_scale=10.0, val_fraction=0.1, seed=args.seed, device=args.device, amp="none",
-                channels_last=False, compile=False, out=train_dir, resume=False, overwrite=False,
-                no_progress=args.no_progress))
-            run_dirs.append(train_dir)
-            for label, ratio, target_flops in budgets:
-                name = f"prune-{method}-{label}"
-                prune_dir = os.path.join(args.out, name)
-                rundir.record(args.out, name)
-                prune_cmd.run(SimpleNamespace(
-                    run_dir=train_dir, ratio=ratio, target_flops=target_flops, target_params=None, scope="local" if method == "none" else "global",
-                    min_channels=3, finetune_epochs=args.finetune_epochs, lr=None, device=None, out=prune_dir,
-                    resume=False, overwrite=False, no_progress=args.no_progress))
-                run_dirs.append(prune_dir)
-    except Interrupted:
-        # Nothing to resume: the next `rnip demo` replaces this output and starts again.
-        raise KeyboardInterrupt from None
-    finally:
-        if not run_dirs:  # failed before any run finished: leave no empty --out behind
-            rundir.release(args.out, created, keep=())
-    report_cmd.write_report(report_cmd.collect(run_dirs), args.out, plots=not args.no_plots)
+    if args.threads is not None:
+        check_number("threads", args.threads, low=1)
+    for t in args.target_flops:
+        check_number("target-flops", t, low=0, low_open=True, high=1, high_open=False)
+    if len({round(t * 100) for t in args.target_flops}) != len(args.target_flops):
+        raise UserError(f"--target-flops must differ by at least 0.01, got {args.target_flops}")
+    with user_errors(OutputDirError, ValueError):
+        report = demo_lib.run_demo(args.out, seeds=args.seeds, targets=args.target_flops, epochs=args.epochs,
+                                   finetune_epochs=args.finetune_epochs, device=args.device,
+                                   progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite,
+                                   threads=args.threads)
+    print(report["table"])
+    m = report["machine"]
+    print(f"\n{len(report['settings']['seeds'])} seed(s), {report['wall_s']:.0f} s on {m['cpu']} "
+          f"({m['torch_threads']} torch threads{', ' + m['cuda'] if m['cuda'] else ''}); full report: "
+          f"{args.out}/report.json, run logs: {args.out}/demo_log.txt")
+    for path in report.get("plots", {}).values():
+        print(f"wrote {path}")
+    return report

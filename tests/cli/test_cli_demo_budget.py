@@ -1,4 +1,4 @@
-"""`rnip demo --target-flops`: the methods compared at equal FLOPs."""
+"""`rnip demo`: the methods compared at equal FLOPs, argument errors as one line."""
 
 import json
 
@@ -7,22 +7,38 @@ import pytest
 from rnip_ext.cli import main
 
 
-def test_demo_at_equal_flops(tmp_path):
+def test_demo_at_equal_flops(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--finetune-epochs", "0", "--target-flops", "0.4",
-                 "--no-progress", "--no-plots"]) == 0
+    assert main(["demo", "--out", str(out), "--seeds", "1", "--epochs", "1", "--finetune-epochs", "0",
+                 "--target-flops", "0.4", "--threads", "1", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
     flops = {}
     for method, scope in (("rni", "global"), ("l1", "global"), ("none", "local")):
-        summary = json.loads((out / f"prune-{method}-f40" / "summary.json").read_text())
+        summary = json.loads((out / f"prune-{method}-s0-f40" / "summary.json").read_text())
         assert summary["target_flops"] == 0.4 and summary["scope"] == scope
         assert summary["flops"] <= 0.4 * summary["flops_before"]
         flops[method] = summary["achieved_flops"]
     # Equal cost up to one channel's worth: every method lands just under the same budget.
     assert max(flops.values()) - min(flops.values()) < 0.05
     text = (out / "report.md").read_text()
+    assert text.strip() in printed  # the table printed is the table written
     for method in ("rni", "l1", "none"):
-        assert f"| {method} |" in text
-    # argparse: one or the other; a refused command leaves no --out behind
-    assert main(["demo", "--out", str(tmp_path / "x"), "--ratios", "0.5", "--target-flops", "0.5"]) == 2
-    assert not (tmp_path / "x").exists()
+        assert f"| {method} | unpruned |" in text and f"| {method} | 40% |" in text
+    # Not a terminal: one line per stage, no progress bars.
+    assert sum(1 for line in printed.splitlines() if line.startswith("[")) == 6 and "\r" not in printed
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--target-flops", "0"], "--target-flops must be in"),
+    (["--target-flops", "0.5", "0.501"], "--target-flops must differ"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--ratios", "0.5"], "unrecognized arguments"),
+])
+def test_demo_argument_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, match):
+    out = tmp_path / "x"
+    assert main(["demo", "--out", str(out), "--no-plots", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+    assert not out.exists()
