@@ -50,7 +50,7 @@ class BudgetPruning:
        ``threshold``, :func:`rnip_ext.pruning.active_flops`) / the original network's MACs;
     2. the regulariser's strength for the next epoch is ``controller.update(e - 1, active,
        strength)`` (:class:`~rnip_ext.pruning.BudgetController`, schedule reaching
-       ``target_flops`` at epoch ``by_epoch = max(1, round(budget_at * epochs))``);
+       ``target_flops`` at epoch ``by_epoch = clip(round(budget_at * epochs), 1, epochs - 1)``);
     3. every ``prune_every`` epochs the receded channels are removed
        (:meth:`RecedingSchedule.step`), the optimiser rebound in place;
     4. from epoch ``by_epoch`` on, :meth:`RecedingSchedule.enforce_budget` cuts to the budget
@@ -73,15 +73,17 @@ class BudgetPruning:
     def __init__(self, example_inputs, target_flops: float, epochs: int, *, prune_every: int = 1,
                  threshold: float = 0.01, min_channels: int = 3, budget_at: float = 0.5,
                  controller: BudgetController | None = None) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 2:
+            raise ValueError(f"epochs must be an int >= 2 (the budget is enforced after an epoch and at least one "
+                             f"epoch trains the network at its budget), got {epochs!r}")
         if isinstance(prune_every, bool) or not isinstance(prune_every, int) or prune_every < 1:
             raise ValueError(f"prune_every must be an int >= 1, got {prune_every!r}")
         if isinstance(budget_at, bool) or not isinstance(budget_at, (int, float)) or not 0.0 < budget_at <= 1.0:
             raise ValueError(f"budget_at must be a fraction of the epochs in (0, 1], got {budget_at!r}")
         self.schedule = RecedingSchedule(example_inputs, threshold, min_channels, every=prune_every,
                                          start=prune_every - 1)
-        self.by_epoch = max(1, min(epochs, round(budget_at * epochs)))
+        # At least one epoch trains at the budget, so best.pt (chosen among in-budget epochs) exists.
+        self.by_epoch = max(1, min(epochs - 1, round(budget_at * epochs)))
         self.controller = controller if controller is not None else BudgetController(target_flops, self.by_epoch)
         self.target_flops = self.controller.target_flops
         self.example_inputs = example_inputs

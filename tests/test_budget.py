@@ -111,6 +111,9 @@ def test_bad_budgets_are_refused_before_anything_is_written(tmp_path, kwargs, ma
 def test_callback_arguments():
     with pytest.raises(ValueError, match="prune_every"):
         BudgetPruning(X0, 0.5, 4, prune_every=0)
+    with pytest.raises(ValueError, match="epochs must be an int >= 2"):
+        BudgetPruning(X0, 0.5, 1)
+    assert BudgetPruning(X0, 0.5, 2, budget_at=1.0).by_epoch == 1
     with pytest.raises(ValueError, match="budget_at"):
         BudgetPruning(X0, 0.5, 4, budget_at=0)
     cb = BudgetPruning(X0, 0.5, 10, prune_every=3)

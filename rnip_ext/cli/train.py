@@ -145,6 +145,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
         check_number("target-flops", target, low=0, high=1, low_open=True, high_open=False)
         every = 1 if every is None else every
         below = 0.01 if below is None else below
+        if config["epochs"] < 2:
+            raise UserError(f"--target-flops needs --epochs >= 2 (the budget is met after one epoch and at least "
+                            f"one more trains at it), got {config['epochs']}")
         check_number("prune-every", every, low=1)
         check_number("receded-below", below, low=0, high=1, low_open=True)
         if config["method"] != "rni":

@@ -101,6 +101,7 @@ def test_budget_run_interrupted_resumed_then_pruned_and_reported(tmp_path, monke
     (["--prune-every", "0"], "--prune-every must be >= 1"),
     (["--target-flops", "0.0001"], "target_flops=0.0001 cannot be met.*min_channels=3"),
     (["--method", "l1"], "needs --method rni"),
+    (["--epochs", "1"], "needs --epochs >= 2"),
 ])
 def test_bad_budget_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, match):
     out = tmp_path / "run"
