@@ -321,3 +321,22 @@ def test_old_checkpoints_without_architecture_still_resume(tmp_path):
     model = tiny_model(seed=5)
     run_fit(model, tmp_path / "run", 2, resume_from=old)
     assert int(load_checkpoint(path)["epoch"]) == 1
+
+
+def test_compiled_runner_is_rebuilt_for_the_pruned_model(tmp_path, monkeypatch):
+    """compile=True: after a prune the runner is compiled again for the narrower model (the
+    eager backend here keeps the test fast; inductor recompiles the same way)."""
+    real, compiled = torch.compile, []
+
+    def eager_compile(module, **kwargs):
+        compiled.append(module)
+        return real(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    model = tiny_model()
+    fit(model, tiny_splits(), tmp_path / "run", epochs=3, lr=0.05, batch_size=8, compile=True,
+        regularizer=make_regularizer(model, "rni", 1e-3, 3.0), progress=False, on_epoch_end=_prune_half_at(1))
+    assert len(compiled) == 2 and compiled[0] is model
+    assert compiled[1][1].num_features == 3  # the second runner wraps the pruned network
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert not any(k.startswith("_orig_mod") for k in last["model"])  # the plain module's state
