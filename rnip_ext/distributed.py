@@ -19,7 +19,7 @@ from torch import Tensor
 from .data.augment import augment_batch, normalize
 from .data.dataset import InMemoryDataset
 
-__all__ = ["DistributedContext", "ShardedDataset", "context_from_env", "setup", "teardown", "barrier",
+__all__ = ["DistributedContext", "ShardedDataset", "context_from_env", "setup", "teardown", "barrier", "check_same",
            "average_stats", "restart_count"]
 
 
@@ -97,6 +97,21 @@ def barrier() -> None:
     """Wait for every rank (a no-op outside a distributed job)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def check_same(text: str, device: torch.device, what: str) -> None:
+    """Raise ``RuntimeError`` unless every rank passes the same ``text`` (one ``all_reduce`` of a
+    56-bit hash: max of ``h`` and of ``-h`` both give back ``h`` only when all agree); a no-op
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+    t = torch.tensor([h, -h], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != h or -int(t[1]) != h:
+        raise RuntimeError(f"ranks disagree on {what}: every rank must remove the same channels")
 
 
 def average_stats(values: list[float], device: torch.device) -> list[float]:

@@ -210,10 +210,26 @@ class FitState:
     """What :func:`fit` hands its ``on_epoch_end`` callback after each epoch.
 
     ``epoch`` is the number of epochs finished (1-based), ``metrics`` that epoch's row of
-    ``metrics.jsonl``. The callback may replace ``model``, ``optimizer``, ``scheduler`` and
-    ``regularizer`` (e.g. prune channels and build a new optimiser for the smaller model); the
-    next epoch trains what it leaves there. Replacing the optimiser requires replacing the
-    scheduler too (it is bound to the optimiser).
+    ``metrics.jsonl`` (written after the callback returns, so the callback may add keys; on
+    ranks other than 0 under torchrun it holds the training statistics only). ``is_main`` is
+    whether this process writes (rank 0, or no torchrun).
+
+    The callback may replace ``model``, ``optimizer``, ``scheduler`` and ``regularizer``; the
+    next epoch trains what it leaves there. Pruning between epochs (the contract):
+
+    * set ``state.model`` to the narrower model made with
+      ``rnip_ext.pruning.apply(state.model, plan, optimizer=state.optimizer)`` (or a
+      :class:`rnip_ext.pruning.RecedingSchedule` step): the optimiser is rebound in place, so
+      the scheduler and the ``GradScaler`` keep working and nothing else needs replacing. A new
+      model whose parameters are not exactly the optimiser's is a ``ValueError`` (build a new
+      optimiser *and* scheduler and put both in the state instead);
+    * :func:`fit` then rebinds the regulariser (``regularizer.rebind(model)``, when it has one),
+      rebuilds the ``torch.compile``'d runner and the ``DistributedDataParallel`` wrapper, and
+      under torchrun checks that every rank holds the same architecture (the callback runs on
+      every rank; ranks see identical weights after DDP's all-reduce, so a decision made from
+      the weights is the same everywhere).
+
+    Replacing the optimiser requires replacing the scheduler too (it is bound to the optimiser).
     """
 
     epoch: int
@@ -223,6 +239,7 @@ class FitState:
     scheduler: object
     regularizer: object
     metrics: dict
+    is_main: bool = True
 
 
 # Settings of a run that :func:`fit` reads from a CLI config dict (see ``rnip_ext.cli.train``).
@@ -256,17 +273,29 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
         weight_decay: float = 1e-4, bn_lr_scale: float = 10.0, seed: int = 0, amp: str = "none",
         channels_last: bool = False, compile: bool = False, regularizer=None, resume_from: dict | None = None,
         progress: bool | str = True, description: str = "train", dist_ctx=None, on_epoch_end=None,
-        log_every: int = 50) -> dict:
+        log_every: int = 50, selectable=None) -> dict:
     """Train ``model`` on ``splits`` for ``epochs`` with the paper's recipe, checkpointing into ``out``.
 
     Per epoch: one pass of ``cross_entropy + regularizer()`` (:func:`train_epoch`; SGD Nesterov
     0.9 from :func:`make_optimizer`, lr / 10 at 50% and 75% of ``epochs``), top-1 accuracy on
     ``splits.val`` and ``splits.test``, one row appended to ``out/metrics.jsonl``,
-    ``out/best.pt`` when the validation accuracy improves (``{"model", "epoch"}``), then
-    ``on_epoch_end(FitState)`` if given, then ``out/last.pt`` with everything a resume needs
-    (model, optimiser, scheduler, scaler, generator and torch RNG states, best so far; all written
-    atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy", "epoch",
-    "test_accuracy"}`` of the best epoch (model selection on validation only).
+    ``out/best.pt`` when the validation accuracy improves (``{"model", "architecture", "epoch"}``),
+    then ``on_epoch_end(FitState)`` if given (it may prune the model: see :class:`FitState`),
+    then the epoch's row of ``out/metrics.jsonl`` and ``out/last.pt`` with everything a resume
+    needs (model, architecture, optimiser, scheduler, scaler, generator and torch RNG states, the
+    regulariser's ``strength``, the callback's ``state_dict()`` when it has one, best so far; all
+    written atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy",
+    "epoch", "test_accuracy"}`` of the best epoch (model selection on validation only; with
+    ``selectable``, a callable taking the model, only epochs whose model it accepts compete,
+    e.g. those within a FLOPs budget).
+
+    Checkpoints hold the model's current architecture (``"architecture"``, the JSON of
+    :func:`rnip_ext.pruning.io.architecture_json`) next to its ``state_dict``, so a model pruned
+    during training is restored by narrowing a fresh, unpruned one
+    (:func:`rnip_ext.pruning.restore`); a resumed run narrows ``model`` first, then builds the
+    optimiser and rebinds the regulariser. Checkpoints without it (older runs) load as before.
+    Pruning between epochs rebuilds the compiled runner: with ``compile=True`` each prune
+    costs one recompilation (the shapes changed), which is expected.
 
     Without ``resume_from``, ``out`` must not hold ``metrics.jsonl``, ``best.pt`` or ``last.pt``
     yet (:class:`rnip_ext.rundir.OutputDirError` otherwise): a fresh run never replaces another's.
@@ -291,9 +320,17 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     out = os.fspath(out)
+    from .pruning.io import architecture_json, restore
+
     device = splits.train.images.device
     is_main = dist_ctx is None or dist_ctx.is_main
     rank = 0 if dist_ctx is None else dist_ctx.rank
+    if resume_from is not None and resume_from.get("architecture"):
+        # A run that pruned while training: narrow the fresh model before the optimiser sees it.
+        restore(model, resume_from["model"], resume_from["architecture"])
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        _rebind(regularizer, model)
     optimizer = make_optimizer(model, lr, weight_decay, bn_lr_scale)
     scheduler = make_scheduler(optimizer, epochs)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
@@ -308,6 +345,10 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
         generator.set_state(resume_from["generator"])
         torch.set_rng_state(resume_from["torch_rng"])
         start_epoch = int(resume_from["epoch"]) + 1
+        if resume_from.get("strength") is not None and regularizer is not None:
+            regularizer.strength = float(resume_from["strength"])
+        if resume_from.get("callback") is not None and callable(getattr(on_epoch_end, "load_state_dict", None)):
+            on_epoch_end.load_state_dict(resume_from["callback"])
         best = {"val_accuracy": float(resume_from["best_val"]), "epoch": int(resume_from["best_epoch"]),
                 "test_accuracy": resume_from.get("best_test")}
 
@@ -339,6 +380,7 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     last_saved = start_epoch
     for epoch in tqdm(range(start_epoch, epochs), desc=description, disable=not bars, initial=start_epoch,
                       total=epochs):
+        epoch_start = time.perf_counter()
         try:
             stats = train_epoch(train_runner, train_data, optimizer, batch_size, regularizer, amp=amp,
                                 scaler=scaler, channels_last=channels_last, generator=generator, progress=bars,
@@ -354,44 +396,73 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
             loss, accuracy, penalty, speed = D.average_stats(
                 [stats.loss, stats.accuracy, stats.penalty, stats.images_per_second], device)
             stats = EpochStats(loss, accuracy, penalty, speed * dist_ctx.world_size)
-            if not is_main:
-                D.barrier()
-                continue
-        if not _finite_state(model):
-            raise NonFiniteLossError(f"the model's weights or running statistics became non-finite in epoch "
-                                     f"{epoch + 1}: {_kept(out, last_saved)}")
-        val = evaluate(runner, splits.val, amp=amp, channels_last=channels_last)
-        test = evaluate(runner, splits.test, amp=amp, channels_last=channels_last)
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-               "penalty": stats.penalty, "val_accuracy": val, "test_accuracy": test, "lr": lr_now,
-               "images_per_second": stats.images_per_second, "time": time.time()}
-        append_jsonl(metrics_path, row)
-        if val > best["val_accuracy"]:
-            best = {"val_accuracy": val, "epoch": epoch + 1, "test_accuracy": test}
-            save_checkpoint(os.path.join(out, "best.pt"), {"model": model.state_dict(), "epoch": epoch})
+               "penalty": stats.penalty, "lr": lr_now, "images_per_second": stats.images_per_second}
+        if is_main:
+            if not _finite_state(model):
+                raise NonFiniteLossError(f"the model's weights or running statistics became non-finite in epoch "
+                                         f"{epoch + 1}: {_kept(out, last_saved)}")
+            val = evaluate(runner, splits.val, amp=amp, channels_last=channels_last)
+            test = evaluate(runner, splits.test, amp=amp, channels_last=channels_last)
+            row.update(val_accuracy=val, test_accuracy=test)
+            if val > best["val_accuracy"] and (selectable is None or selectable(model)):
+                best = {"val_accuracy": val, "epoch": epoch + 1, "test_accuracy": test}
+                save_checkpoint(os.path.join(out, "best.pt"), {"model": model.state_dict(),
+                                                               "architecture": architecture_json(model),
+                                                               "epoch": epoch})
         if on_epoch_end is not None:
-            state = FitState(epoch + 1, epochs, model, optimizer, scheduler, regularizer, row)
+            state = FitState(epoch + 1, epochs, model, optimizer, scheduler, regularizer, row, is_main)
             on_epoch_end(state)
             if state.optimizer is not optimizer and state.scheduler is scheduler:
                 raise ValueError("on_epoch_end replaced the optimizer but not the scheduler bound to it")
             if state.model is not model:
+                _check_bound(state.model, state.optimizer)
                 model = state.model
+                if state.regularizer is regularizer:
+                    _rebind(regularizer, model)
                 runner, train_runner = wrap(model)
             optimizer, scheduler, regularizer = state.optimizer, state.scheduler, state.regularizer
-        save_checkpoint(os.path.join(out, "last.pt"), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-            "best_val": best["val_accuracy"], "best_epoch": best["epoch"], "best_test": best["test_accuracy"],
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        })
-        last_saved = epoch + 1
-        if show and not bars:
-            print(f"{description} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} acc {stats.accuracy:.4f} "
-                  f"penalty {stats.penalty:.4g} val {val:.4f} test {test:.4f} lr {lr_now:.3g} "
-                  f"({stats.images_per_second:,.0f} img/s)", flush=True)
+            row = state.metrics
+        if dist_ctx is not None:
+            D.check_same(architecture_json(model), device, "the model's architecture after on_epoch_end")
+        row["wall_seconds"] = time.perf_counter() - epoch_start  # the epoch: train, evaluate, callback
+        row["time"] = time.time()
+        if is_main:
+            append_jsonl(metrics_path, row)
+            save_checkpoint(os.path.join(out, "last.pt"), {
+                "model": model.state_dict(), "architecture": architecture_json(model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                "best_val": best["val_accuracy"], "best_epoch": best["epoch"], "best_test": best["test_accuracy"],
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "strength": float(regularizer.strength) if isinstance(getattr(regularizer, "strength", None),
+                                                                       (int, float)) else None,
+                "callback": on_epoch_end.state_dict() if callable(getattr(on_epoch_end, "state_dict", None)) else None,
+            })
+            last_saved = epoch + 1
+            if show and not bars:
+                print(f"{description} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} acc {stats.accuracy:.4f} "
+                      f"penalty {stats.penalty:.4g} val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
+                      f"lr {lr_now:.3g} ({stats.images_per_second:,.0f} img/s)", flush=True)
         if dist_ctx is not None:
             D.barrier()
     return best
+
+
+def _rebind(regularizer, model: nn.Module) -> None:
+    """Point a regulariser that can follow a pruned model (``rebind``) at ``model``'s layers."""
+    if regularizer is not None and callable(getattr(regularizer, "rebind", None)):
+        regularizer.rebind(model)
+
+
+def _check_bound(model: nn.Module, optimizer) -> None:
+    """The optimiser must serve exactly the new model's parameters (rebound by ``apply``)."""
+    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    want = {id(p) for p in model.parameters()}
+    if have != want:
+        raise ValueError("on_epoch_end replaced the model but the optimizer still serves other parameters: prune "
+                         "with rnip_ext.pruning.apply(model, plan, optimizer=state.optimizer), or put a new optimizer "
+                         "and scheduler in the state")
 
 
 def _kept(out: str, last_saved: int) -> str:

@@ -207,3 +207,136 @@ def test_a_fresh_fit_never_replaces_another_runs_files(tmp_path):
     with pytest.raises(OutputDirError, match="already holds metrics.jsonl"):
         run_fit(tiny_model(), out, 1)
     assert (out / "metrics.jsonl").read_text() == "my own log\n" and sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+# -- pruning between epochs -------------------------------------------------------------------
+
+def _prune_half_at(epoch: int, seen: list | None = None):
+    """A callback removing the lower half of the BatchNorm's channels after ``epoch``."""
+    from rnip_ext import pruning
+
+    def callback(state: FitState):
+        if seen is not None:
+            seen.append((state.epoch, id(state.optimizer), id(state.scheduler)))
+        if state.epoch == epoch:
+            p = pruning.plan(state.model, 0.5, min_channels=1, example_inputs=torch.zeros(1, 1, 8, 8))
+            state.model = pruning.apply(state.model, p, optimizer=state.optimizer)
+
+    return callback
+
+
+def test_a_callback_may_prune_and_training_goes_on_with_the_same_optimizer(tmp_path):
+    from rnip_ext import pruning
+
+    model = tiny_model()
+    reg = make_regularizer(model, "rni", 1e-3, 3.0)
+    seen = []
+    fit(model, tiny_splits(), tmp_path / "run", epochs=4, lr=0.05, batch_size=8, regularizer=reg, progress=False,
+        on_epoch_end=_prune_half_at(1, seen))
+    # One optimiser and one scheduler throughout (rebound in place); the lr milestones still fire.
+    assert len({s[1] for s in seen}) == 1 and len({s[2] for s in seen}) == 1
+    rows = [__import__("json").loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+    assert all(r["wall_seconds"] > 0 for r in rows)
+    # The regulariser follows the narrower model.
+    assert [m.num_features for m in reg.layers] == [3]
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert last["model"]["0.weight"].shape == (3, 1, 3, 3)
+    # The checkpoint restores into a fresh, unpruned model (narrowed first) and computes the same.
+    fresh = pruning.restore(tiny_model(seed=7), last["model"], last["architecture"]).eval()
+    trained = tiny_model(seed=9)
+    pruning.restore(trained, last["model"], last["architecture"])
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained.eval()(x), rtol=0, atol=0)
+    assert fresh[1].num_features == 3 and fresh[5].in_features == 3
+    best = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert "architecture" in best
+    pruning.restore(tiny_model(), best["model"], best["architecture"])
+
+
+def test_resume_of_a_run_pruned_during_training_equals_uninterrupted(tmp_path, monkeypatch):
+    full = tiny_model()
+    reg_full = make_regularizer(full, "rni", 1e-3, 3.0)
+    fit(full, tiny_splits(), tmp_path / "full", epochs=3, lr=0.05, batch_size=8, regularizer=reg_full,
+        progress=False, on_epoch_end=_prune_half_at(1))
+
+    real, calls = training.train_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_epoch", interrupted)
+    cut = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        fit(cut, tiny_splits(), tmp_path / "cut", epochs=3, lr=0.05, batch_size=8,
+            regularizer=make_regularizer(cut, "rni", 1e-3, 3.0), progress=False, on_epoch_end=_prune_half_at(1))
+    monkeypatch.setattr(training, "train_epoch", real)
+    resumed = tiny_model(seed=123)  # unpruned: the checkpoint's architecture narrows it
+    reg = make_regularizer(resumed, "rni", 1e-3, 3.0)
+    fit(resumed, tiny_splits(), tmp_path / "cut", epochs=3, lr=0.05, batch_size=8, regularizer=reg,
+        progress=False, on_epoch_end=_prune_half_at(1),
+        resume_from=load_checkpoint(str(tmp_path / "cut" / "last.pt")))
+    final = load_checkpoint(str(tmp_path / "full" / "last.pt"))["model"]
+    got = load_checkpoint(str(tmp_path / "cut" / "last.pt"))["model"]
+    assert set(got) == set(final)
+    for key, value in final.items():
+        assert torch.equal(got[key], value), key  # bitwise on CPU
+    assert [m.num_features for m in reg.layers] == [3]
+
+
+def test_a_pruned_model_without_the_rebound_optimizer_is_refused(tmp_path):
+    from rnip_ext import pruning
+
+    def forgetful(state):
+        p = pruning.plan(state.model, 0.5, min_channels=1, example_inputs=torch.zeros(1, 1, 8, 8))
+        state.model = pruning.apply(state.model, p)  # no optimizer=: its parameters are new objects
+
+    with pytest.raises(ValueError, match="optimizer still serves other parameters"):
+        run_fit(tiny_model(), tmp_path / "run", 2, on_epoch_end=forgetful)
+    # The epoch's last.pt was not written with a model the optimiser does not serve.
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_pruning_with_amp_grad_scaler_keeps_training(tmp_path):
+    model = tiny_model()
+    best = fit(model, tiny_splits(), tmp_path / "run", epochs=3, lr=0.05, batch_size=8,
+               regularizer=make_regularizer(model, "rni", 1e-3, 3.0), progress=False, amp="fp16",
+               on_epoch_end=_prune_half_at(1))
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert last["scaler"] is not None and last["scaler"]["scale"] > 0
+    assert last["model"]["1.weight"].shape == (3,)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert 0 <= best["val_accuracy"] <= 1
+
+
+def test_old_checkpoints_without_architecture_still_resume(tmp_path):
+    run_fit(tiny_model(), tmp_path / "run", 1)
+    path = str(tmp_path / "run" / "last.pt")
+    old = load_checkpoint(path)
+    del old["architecture"], old["strength"], old["callback"]  # what runs written before looked like
+    model = tiny_model(seed=5)
+    run_fit(model, tmp_path / "run", 2, resume_from=old)
+    assert int(load_checkpoint(path)["epoch"]) == 1
+
+
+def test_compiled_runner_is_rebuilt_for_the_pruned_model(tmp_path, monkeypatch):
+    """compile=True: after a prune the runner is compiled again for the narrower model (the
+    eager backend here keeps the test fast; inductor recompiles the same way)."""
+    real, compiled = torch.compile, []
+
+    def eager_compile(module, **kwargs):
+        compiled.append(module)
+        return real(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    model = tiny_model()
+    fit(model, tiny_splits(), tmp_path / "run", epochs=3, lr=0.05, batch_size=8, compile=True,
+        regularizer=make_regularizer(model, "rni", 1e-3, 3.0), progress=False, on_epoch_end=_prune_half_at(1))
+    assert len(compiled) == 2 and compiled[0] is model
+    assert compiled[1][1].num_features == 3  # the second runner wraps the pruned network
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert not any(k.startswith("_orig_mod") for k in last["model"])  # the plain module's state

@@ -33,7 +33,8 @@ def _load_model(run_dir: str, config: dict) -> torch.nn.Module:
     if os.path.exists(pruned):
         return pruning.load(pruned)
     model = build_model(config, DATASETS[config["dataset"]][0], config["in_channels"])
-    model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"))["model"])
+    state = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    pruning.restore(model, state["model"], state.get("architecture"))  # narrowed first if pruned in training
     return model
 
 

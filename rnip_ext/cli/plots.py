@@ -6,7 +6,8 @@ import os
 
 import torch
 
-__all__ = ["require_matplotlib", "plot_accuracy_vs_ratio", "plot_importance_histograms", "plot_kept_channels"]
+__all__ = ["require_matplotlib", "plot_accuracy_vs_ratio", "plot_budget_training", "plot_importance_histograms",
+           "plot_kept_channels"]
 
 
 def require_matplotlib():
@@ -83,6 +84,34 @@ def plot_kept_channels(rows: list[dict], path: str) -> str:
         ax.set_ylabel("channels kept")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_budget_training(rows: list[dict], path: str) -> str:
+    """A budget run over epochs (``metrics.jsonl`` rows of ``rnip train --target-flops``): FLOPs as a
+    fraction of the original (kept, active, and the controller's schedule), the regulariser's
+    strength (log scale) and the validation/test accuracy."""
+    plt = require_matplotlib()
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    ax = axes[0]
+    ax.plot(epochs, [r.get("flops_fraction") for r in rows], marker="o", label="network")
+    ax.plot(epochs, [r.get("active_flops_fraction") for r in rows], marker=".", label="active (not receded)")
+    ax.plot(epochs, [r.get("flops_schedule") for r in rows], "k--", label="schedule")
+    ax.set_yscale("log")
+    ax.set_ylabel("FLOPs / original")
+    ax.legend(fontsize=7)
+    axes[1].plot(epochs, [r.get("strength") for r in rows], marker="o", color="tab:red")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("regulariser strength")
+    for key in ("val_accuracy", "test_accuracy"):
+        axes[2].plot(epochs, [100 * r[key] if r.get(key) is not None else None for r in rows], marker="o",
+                     label=key.split("_")[0])
+    axes[2].set_ylabel("accuracy (%)")
+    axes[2].legend(fontsize=7)
+    for a in axes:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
     return _save(plt, fig, path)
 
 

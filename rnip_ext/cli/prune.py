@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> dict:
         splits = load_dataset(config["dataset"], config["data_dir"], config["val_fraction"], config["seed"], device,
                               image_size=config["image_size"])
     model = build_model(config, splits.num_classes, splits.in_channels).to(device)
-    with user_errors(RuntimeError, prefix=f"{args.run_dir}/best.pt does not fit the run's model: "):
-        model.load_state_dict(state["model"])
+    with user_errors(RuntimeError, ValueError, prefix=f"{args.run_dir}/best.pt does not fit the run's model: "):
+        # A run that pruned while training stores its architecture: the fresh model is narrowed first.
+        pruning.restore(model, state["model"], state.get("architecture"))
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
     before = evaluate(model, splits.test)
     with user_errors(ValueError):

@@ -9,7 +9,7 @@ import torch
 
 from .. import rundir
 from ..data import DATASETS
-from ..pruning import channel_importance
+from ..pruning import channel_importance, restore
 from ..rundir import OutputDirError
 from .errors import UserError, user_errors
 from .plots import figure_paths, plot_accuracy_vs_ratio, plot_importance_histograms, plot_kept_channels
@@ -81,7 +81,8 @@ def importance_scores(train_rows: list[dict]) -> dict[str, torch.Tensor]:
                          prefix=f"{r['run_dir']} cannot be read: "):
             config = read_json(os.path.join(r["run_dir"], "config.json"))
             model = build_model(config, DATASETS[config["dataset"]][0], config["in_channels"])
-            model.load_state_dict(load_checkpoint(os.path.join(r["run_dir"], "best.pt"))["model"])
+            state = load_checkpoint(os.path.join(r["run_dir"], "best.pt"))
+            restore(model, state["model"], state.get("architecture"))  # narrowed first if pruned in training
         label = " ".join(group_key(r)[:3])
         if label in scores:
             label = f"{label} ({r['run_dir']})"

@@ -6,6 +6,7 @@ Argument parsing and run-directory rules only; the loop is :func:`rnip_ext.train
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .. import distributed as D
 from .. import models, rundir
+from ..budget import check_budget, train_to_budget
 from ..data import CIFAR_FILES, load_dataset
 from ..nn import convert_sync_batchnorm
 from ..pruning import count_flops, count_params
@@ -23,10 +25,12 @@ from .errors import Interrupted, UserError, user_errors
 from .runs import CheckpointError, load_checkpoint, read_json, versions, write_json
 
 ARCHS = ("vgg16", "resnet56", "vgg_small")
+# Every layer of a budget run keeps at least this many channels (the planner's default).
+BUDGET_MIN_CHANNELS = 3
 # Settings that must match to resume a run (the rest, e.g. --epochs or --device, may change).
 # --epochs is one of them: the lr milestones sit at 50% and 75% of it.
 RESUME_KEYS = ("arch", "dataset", "method", "strength", "shift", "seed", "batch_size", "lr", "val_fraction",
-               "weight_decay", "bn_lr_scale", "image_size", "epochs")
+               "weight_decay", "bn_lr_scale", "image_size", "epochs", "target_flops", "prune_every", "receded_below")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--target-flops", type=float, default=None,
+                   help="train to this fraction of the network's FLOPs (MACs) in one run, in (0, 1]: receded "
+                        "channels leave between epochs, the strength adapts, the budget is met exactly from half "
+                        "the epochs on (needs --method rni)")
+    p.add_argument("--prune-every", type=int, default=None,
+                   help="with --target-flops: remove receded channels every K epochs (default 1)")
+    p.add_argument("--receded-below", type=float, default=None,
+                   help="with --target-flops: a channel is receded when its importance is below T, in (0, 1) "
+                        "(default 0.01)")
     p.add_argument("--out", required=True,
                    help="run directory: must be new, empty, or this run being resumed (required)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -124,6 +137,25 @@ def resolve_config(args: argparse.Namespace) -> dict:
     # Model selection needs a validation split (never the test set); digits use a fixed split,
     # but a value outside (0, 1) is a mistake there too.
     check_number("val-fraction", config["val_fraction"], low=0, high=1, low_open=True)
+    target = getattr(args, "target_flops", None)
+    every, below = getattr(args, "prune_every", None), getattr(args, "receded_below", None)
+    if target is None and (every is not None or below is not None):
+        raise UserError("--prune-every and --receded-below need --target-flops")
+    if target is not None:
+        check_number("target-flops", target, low=0, high=1, low_open=True, high_open=False)
+        every = 1 if every is None else every
+        below = 0.01 if below is None else below
+        if config["epochs"] < 2:
+            raise UserError(f"--target-flops needs --epochs >= 2 (the budget is met after one epoch and at least "
+                            f"one more trains at it), got {config['epochs']}")
+        check_number("prune-every", every, low=1)
+        check_number("receded-below", below, low=0, high=1, low_open=True)
+        if config["method"] != "rni":
+            raise UserError(f"--target-flops trains with the receding regulariser: it needs --method rni, "
+                            f"got {config['method']}")
+        config.update(budget="train_to_budget(cost='flops', BudgetController defaults, budget at 50% of epochs)",
+                      min_channels=BUDGET_MIN_CHANNELS)
+    config.update(target_flops=target, prune_every=every, receded_below=below)
     if config["dataset"] != "digits" and config["data_dir"] is None:
         raise UserError(f"--dataset {config['dataset']} needs --data-dir (the folder holding "
                         f"{CIFAR_FILES[config['dataset']][0]})")
@@ -177,6 +209,38 @@ def fit_settings(config: dict) -> dict:
     return {k: config[k] for k in FIT_SETTINGS}
 
 
+def budget_summary(original: nn.Module, final: nn.Module, example, target: float) -> dict:
+    """Summary keys of a budget run: the final network's counts (``params``, ``flops``), the
+    original's, the achieved fraction and ``ratio``, the fraction of prunable (BatchNorm)
+    channels removed (what ``rnip report`` sorts by)."""
+    from ..nn import BoundedBatchNorm2d
+
+    def widths(m):
+        return {n: b.num_features for n, b in m.named_modules() if isinstance(b, BoundedBatchNorm2d)}
+
+    before, after = widths(original), widths(final)
+    flops_before, flops_after = count_flops(original, example), count_flops(final, example)
+    return {"params": count_params(final), "flops": flops_after, "params_before": count_params(original),
+            "flops_before": flops_before, "target_flops": target, "achieved_flops": flops_after / flops_before,
+            "ratio": 1 - sum(after.values()) / sum(before.values()),
+            "kept_channels": [[n, before[n], after.get(n, before[n])] for n in before]}
+
+
+def _budget_plot(out: str) -> None:
+    """FLOPs, strength and accuracy over epochs (``budget_training.png``), when matplotlib is installed."""
+    from .plots import plot_budget_training
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no budget_training.png (pip install matplotlib)")
+        return
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    record(out, "budget_training.png")
+    print(f"wrote {plot_budget_training(rows, os.path.join(out, 'budget_training.png'))}")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train one run; under torchrun (``WORLD_SIZE`` > 1) as one rank of a DDP job."""
     dist_ctx = D.context_from_env()
@@ -227,16 +291,27 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
         config["world_size"] = dist_ctx.world_size
         config["elastic_run_id"] = os.environ.get("TORCHELASTIC_RUN_ID")
         model = convert_sync_batchnorm(model)
+    if config["target_flops"] is not None:
+        # Bad budgets (unreachable with min_channels) are refused before anything is written.
+        with user_errors(ValueError):
+            check_budget(model, config["target_flops"], example, threshold=config["receded_below"],
+                         min_channels=BUDGET_MIN_CHANNELS)
     created = False
     if is_main:
         with user_errors(OutputDirError):
             created = rundir.claim(out, "train", mode)
         write_run_json(out, "config.json", config)
-    regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"])
+    common = dict(epochs=config["epochs"], resume_from=resume_from, progress=is_main and not args.no_progress,
+                  description=f"train {config['method']}", dist_ctx=dist_ctx, **fit_settings(config))
     try:
-        best = fit(model, splits, out, epochs=config["epochs"], regularizer=regularizer, resume_from=resume_from,
-                   progress=is_main and not args.no_progress, description=f"train {config['method']}",
-                   dist_ctx=dist_ctx, **fit_settings(config))
+        if config["target_flops"] is not None:
+            best = train_to_budget(model, splits, out, target_flops=config["target_flops"], example_inputs=example,
+                                   strength=config["strength"], shift=config["shift"],
+                                   prune_every=config["prune_every"], threshold=config["receded_below"],
+                                   min_channels=BUDGET_MIN_CHANNELS, **common)
+        else:
+            regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"])
+            best = fit(model, splits, out, regularizer=regularizer, **common)
     except KeyboardInterrupt:
         saved = os.path.isfile(os.path.join(out, "last.pt"))
         removed = is_main and rundir.release(out, created)
@@ -248,9 +323,14 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
     summary = {"kind": "train", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
                "ratio": 0.0, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
                "test_accuracy": best["test_accuracy"], "params": config["params"], "flops": config["flops"]}
+    if config["target_flops"] is not None:
+        summary.update(budget_summary(build_model(config, splits.num_classes, splits.in_channels), best["model"],
+                                      example, config["target_flops"]))
     if not is_main:
         return summary
     write_run_json(out, "summary.json", summary)
+    if config["target_flops"] is not None:
+        _budget_plot(out)
     print(f"{config['method']}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} "
           f"test {best['test_accuracy']:.4f} -> {out}")
     return summary

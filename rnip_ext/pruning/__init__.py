@@ -15,7 +15,7 @@ from .deploy import export
 from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
-from .io import load, save
+from .io import architecture_json, load, restore, save
 from .plan import PruningPlan, plan, plan_from_keep
 from .recalibrate import recalibrate_batchnorm
 from .schedule import RecedingSchedule, ScheduleStep
@@ -29,6 +29,7 @@ __all__ = [
     "ScheduleStep",
     "active_flops",
     "apply",
+    "architecture_json",
     "channel_costs",
     "channel_importance",
     "count_flops",
@@ -40,5 +41,6 @@ __all__ = [
     "plan_from_keep",
     "prune",
     "recalibrate_batchnorm",
+    "restore",
     "save",
 ]

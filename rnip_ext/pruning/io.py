@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nn import BoundedBatchNorm2d
 
-__all__ = ["save", "load", "architecture"]
+__all__ = ["save", "load", "architecture", "architecture_json", "restore"]
 
 FORMAT = "rnip_ext.pruned/1"
 
@@ -41,6 +41,11 @@ def architecture(model: nn.Module) -> dict:
     return {"format": FORMAT, "builder": getattr(model, "rnip_builder", None), "modules": layers}
 
 
+def architecture_json(model: nn.Module) -> str:
+    """:func:`architecture` as the JSON string checkpoints store (sorted keys)."""
+    return json.dumps(architecture(model), sort_keys=True)
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (pruned or not) to ``path``: its architecture as JSON and its state_dict.
 
@@ -49,10 +54,18 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
-    payload = {"architecture": json.dumps(architecture(model), sort_keys=True), "state_dict": model.state_dict()}
+    payload = {"architecture": architecture_json(model), "state_dict": model.state_dict()}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+# A run trained under torchrun holds SyncBatchNorm variants; widths carry over to the plain layer.
+_SYNC = {"SyncBoundedBatchNorm2d": "BoundedBatchNorm2d", "SyncBatchNorm": "BatchNorm2d"}
+
+
+def _base_type(name: str) -> str:
+    return _SYNC.get(name, name)
 
 
 def _narrow(model: nn.Module, layers: dict) -> None:
@@ -62,7 +75,9 @@ def _narrow(model: nn.Module, layers: dict) -> None:
         if name not in modules:
             raise ValueError(f"checkpoint describes a layer '{name}' that the model does not have")
         m = modules[name]
-        if type(m).__name__ != spec["type"] and not (spec["type"] == "Conv2d" and isinstance(m, nn.Conv2d)):
+        if _base_type(type(m).__name__) != _base_type(spec["type"]) and not (
+            spec["type"] == "Conv2d" and isinstance(m, nn.Conv2d)
+        ):
             raise ValueError(f"checkpoint layer '{name}' is a {spec['type']}, the model's is {type(m).__name__}")
         factory = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
         if isinstance(m, nn.Conv2d):
@@ -158,3 +173,24 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="
     _narrow(model, arch["modules"])
     model.load_state_dict(state)
     return model.eval()
+
+
+def restore(model: nn.Module, state_dict: dict, architecture: str | dict | None = None) -> nn.Module:
+    """Load ``state_dict`` into ``model``, first narrowing it to ``architecture`` when given.
+
+    ``architecture`` is what :func:`architecture_json` (or :func:`architecture`) recorded for the
+    model the state came from -- a training checkpoint of a run that pruned while training holds
+    it next to the weights. ``model`` is a fresh instance of the unpruned architecture (checked as
+    in :func:`load`, ``ValueError`` when pruning cannot have produced the stored widths from it)
+    and is narrowed in place with the same code :func:`load` uses. Without ``architecture`` (older
+    checkpoints) this is ``model.load_state_dict(state_dict)``. Returns ``model``; its
+    train/eval mode is left as it was.
+    """
+    if architecture is not None:
+        arch = json.loads(architecture) if isinstance(architecture, str) else architecture
+        if not isinstance(arch, dict) or arch.get("format") != FORMAT or "modules" not in arch:
+            raise ValueError(f"not an architecture recorded by rnip_ext.pruning (format {FORMAT!r})")
+        _check_fixed_widths(model, arch["modules"])
+        _narrow(model, arch["modules"])
+    model.load_state_dict(state_dict)
+    return model

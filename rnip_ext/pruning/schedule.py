@@ -155,9 +155,8 @@ class RecedingSchedule:
                             "pass a RecedingRegularizer or none")
 
     # -- the final budget ------------------------------------------------------------------
-    # Kept apart on purpose: it relies on rnip_ext.pruning.plan(model, target_flops=...,
-    # example_inputs=...), the budget planner (one budget planner in the project, not a second
-    # one here). Not covered by this module's tests yet.
+    # Relies on rnip_ext.pruning.plan(model, target_flops=..., example_inputs=...), the budget
+    # planner (one budget planner in the project, not a second one here).
 
     def enforce_budget(self, epoch: int, model: nn.Module, target_flops: float,
                        optimizer: torch.optim.Optimizer | None = None, regularizer=None) -> ScheduleStep:
@@ -165,8 +164,12 @@ class RecedingSchedule:
         exactly, a fraction in (0, 1] of the FLOPs the model had at this schedule's first
         :meth:`step` (or of the current model's if :meth:`step` was never called).
 
-        The budget planner receives the equivalent fraction of the *current* model's FLOPs; when
-        the model already meets the budget nothing is removed.
+        The budget planner receives the equivalent fraction of the *current* model's FLOPs
+        (rounded down by ulps so that ``after <= target_flops * original`` holds in floating
+        point), so the channels go by the planner's global ranking: the shortest prefix of the
+        ascending-score order that meets the budget, each layer keeping ``min_channels``. When
+        the model already meets the budget nothing is removed. An unreachable budget raises the
+        planner's ``ValueError`` before the model, optimiser or regulariser change.
         """
         from .plan import plan
 
@@ -177,7 +180,12 @@ class RecedingSchedule:
         self._check_regularizer(regularizer)
         current = count_flops(model, self.example_inputs)
         original = self.original_flops if self.original_flops is not None else current
-        fraction = target_flops * original / current
+        budget = target_flops * original
+        fraction = budget / current
+        # The planner checks ``after <= fraction * current``; make that product not exceed the
+        # budget in floating point, so "meets the budget" holds against the original's count too.
+        while fraction * current > budget:
+            fraction = math.nextafter(fraction, 0.0)
         if fraction >= 1.0 or math.isclose(fraction, 1.0):
             return ScheduleStep(epoch, {}, model, optimizer, None)
         p = plan(model, target_flops=fraction, min_channels=self.min_channels,

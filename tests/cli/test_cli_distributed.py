@@ -119,3 +119,65 @@ def test_elastic_state_resumes_only_this_jobs_run(tmp_path, monkeypatch):
     assert elastic_state(str(run)) == "resume"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # someone else's run in the same folder
     assert elastic_state(str(run)) is None
+
+
+def test_torchrun_two_ranks_train_to_a_flops_budget(tmp_path):
+    """Both ranks remove the same channels between epochs (fit checks they agree), DDP is rebuilt
+    after each prune, and the run's checkpoint (synchronised BatchNorms) prunes and reports as a
+    single-process one does."""
+    from rnip_ext.cli import main
+    from rnip_ext.cli.train import build_model
+    from rnip_ext.pruning import count_flops, restore
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "digits", "--epochs", "3",
+           "--batch-size", "64", "--strength", "5e-2", "--shift", "1", "--lr", "0.05", "--target-flops", "0.1",
+           "--device", "cpu", "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["world_size"] == 2 and summary["flops"] <= 0.1 * config["flops"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["flops"] == summary["flops"]
+    last = load_checkpoint(str(run / "last.pt"))
+    model = restore(build_model(config, config["num_classes"], config["in_channels"]), last["model"],
+                    last["architecture"])
+    size = config["image_size_used"]
+    assert count_flops(model, torch.zeros(1, config["in_channels"], size, size)) == summary["flops"]
+    assert main(["prune", str(run), "--ratio", "0.2", "--finetune-epochs", "0", "--out", str(tmp_path / "p"),
+                 "--no-progress", "--device", "cpu"]) == 0
+
+
+def _check_same_worker(rank, port, texts, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from rnip_ext.distributed import check_same
+
+    try:
+        check_same(texts[rank], torch.device("cpu"), "the architecture")
+        results[rank] = "same"
+    except RuntimeError as exc:
+        results[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("texts, agree", [(("a", "a"), True), (("a", "b"), False)])
+def test_check_same_raises_on_every_rank_when_ranks_disagree(texts, agree):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_check_same_worker, args=(port, texts, results), nprocs=2, join=True)
+    if agree:
+        assert dict(results) == {0: "same", 1: "same"}
+    else:
+        assert all("ranks disagree on the architecture" in results[r] for r in (0, 1))

@@ -74,3 +74,25 @@ def test_load_returns_eval_mode_whatever_mode_was_saved(tmp_path):
     del small.rnip_builder
     save(small.train(), path)
     assert not any(m.training for m in load(path, model=M.resnet56_cifar()).modules())
+
+
+def test_restore_narrows_a_fresh_model_from_a_training_checkpoint_architecture():
+    from rnip_ext.pruning import architecture_json, restore
+
+    torch.manual_seed(0)
+    model = M.vgg_small(widths=(8, 12, 16)).eval()
+    x0 = torch.randn(1, 3, 16, 16)
+    small = prune(model, 0.4, example_inputs=x0).eval()
+    arch = architecture_json(small)
+    fresh = restore(M.vgg_small(widths=(8, 12, 16)), small.state_dict(), arch).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), small(x), rtol=0, atol=0)
+    # Without an architecture it is load_state_dict (older checkpoints of unpruned models).
+    plain = restore(M.vgg_small(widths=(8, 12, 16)), model.state_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not an architecture"):
+        restore(M.vgg_small(widths=(8, 12, 16)), small.state_dict(), '{"format": "other"}')
+    with pytest.raises(ValueError, match="not pruned from this model"):
+        restore(M.vgg_small(widths=(4, 4, 4)), small.state_dict(), arch)

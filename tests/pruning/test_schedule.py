@@ -118,3 +118,111 @@ def test_bad_arguments():
     model = M.vgg_small(widths=(8, 12, 16), bn="plain")
     with pytest.raises(TypeError, match="no rebind"):
         RecedingSchedule(X0).step(0, model, regularizer=L1Regularizer(model))
+
+
+# -- enforce_budget: the final cut to the FLOPs budget, by the global ranking -----------------
+
+def _trained_step_model():
+    """``_model()`` after one SGD-momentum step (so every parameter has a momentum buffer)."""
+    model = _model()
+    opt = torch.optim.SGD(param_groups(model, lr=0.01), momentum=0.9)
+    F.cross_entropy(model(torch.randn(8, 3, 16, 16)), torch.randint(10, (8,))).backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("target", [0.5, 0.2, 0.08])
+def test_enforce_budget_after_a_threshold_step_meets_the_budget_by_the_global_ranking(target):
+    from rnip_ext.pruning import plan_from_keep
+    from rnip_ext.pruning.importance import group_scores
+
+    model, opt = _trained_step_model()
+    reg = RecedingRegularizer(model, 1e-3, 1.0)
+    schedule = RecedingSchedule(X0, min_channels=2)
+    original = count_flops(model, X0)
+    first = schedule.step(0, model, opt, reg)  # removes the 4 receded channels
+    assert first.n_removed == 4 and schedule.original_flops == original
+    mid = first.model
+    assert count_flops(mid, X0) > target * original
+    old_buffers = {name: opt.state[p]["momentum_buffer"].clone() for name, p in mid.named_parameters()}
+
+    step = schedule.enforce_budget(5, mid, target, opt, reg)
+
+    new = step.model
+    after = count_flops(new, X0)
+    # The budget counts against the FLOPs at the schedule's first step, not the narrowed model's.
+    assert after <= target * original
+    assert step.plan.flops == (count_flops(mid, X0), after)
+    # Shortest prefix of the global order: the removed channels are the lowest-scored of their
+    # layers' rankings, and giving back the best removed channel breaks the budget.
+    groups = step.plan.groups
+    scores = group_scores(mid, groups)
+    removed_scores, best_back = [], None
+    for g in groups:
+        keep = step.plan.group_keep[g.name]
+        assert len(keep) >= min(2, g.channels)
+        mask = torch.ones(g.channels, dtype=torch.bool)
+        mask[keep] = False
+        if mask.any():
+            removed_scores.append(scores[g.name][mask].max().item())
+            if len(keep) > min(2, g.channels):  # not held by min_channels: kept ones outrank removed
+                assert scores[g.name][keep].min() >= scores[g.name][mask].max()
+            candidate = scores[g.name][mask].max().item()
+            if best_back is None or candidate > best_back[0]:
+                idx = mask.nonzero().flatten()[scores[g.name][mask].argmax()]
+                best_back = (candidate, g.name, int(idx))
+    assert removed_scores, "the budget must remove something"
+    _, name, idx = best_back
+    back = {g.name: step.plan.group_keep[g.name] for g in groups}
+    back[name] = torch.cat([back[name], torch.tensor([idx])])
+    assert plan_from_keep(mid, back, example_inputs=X0).flops[1] > target * original
+    # Optimiser state carried: each momentum buffer is the old one sliced with the parameter.
+    assert step.optimizer is opt
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in new.parameters()}
+    from rnip_ext.pruning.plan import module_slices
+
+    slices = module_slices(groups, step.plan.group_keep)
+    checked = 0
+    for name, p in new.named_parameters():
+        old = old_buffers.get(name)
+        if old is None:  # a bias created by folding starts with no state
+            assert "momentum_buffer" not in opt.state.get(p, {})
+            continue
+        out_idx, in_idx = slices.get(name.rsplit(".", 1)[0], [None, None])
+        if out_idx is not None:
+            old = old[out_idx]
+        if in_idx is not None and old.dim() > 1:
+            old = old[:, in_idx]
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], old, rtol=0, atol=0)
+        checked += 1
+    assert checked >= 8  # 3 convs, 3 BatchNorms, the linear weight and bias
+    assert [id(m) for m in reg.layers] == [id(new.features[i]) for i in (1, 4, 8)]
+    # Already within budget: nothing more leaves.
+    again = schedule.enforce_budget(6, new, target, opt, reg)
+    assert again.removed == {} and again.model is new and again.plan is None
+
+
+def test_enforce_budget_without_a_previous_step_uses_the_current_flops():
+    model, opt = _trained_step_model()
+    schedule = RecedingSchedule(X0, min_channels=1)
+    before = count_flops(model, X0)
+    step = schedule.enforce_budget(0, model, 0.3, opt)
+    assert count_flops(step.model, X0) <= 0.3 * before
+    assert step.plan.achieved_flops <= 0.3
+
+
+@pytest.mark.parametrize("target", [0, 1.5, -0.1, float("nan"), True])
+def test_enforce_budget_bad_target(target):
+    model, opt = _trained_step_model()
+    with pytest.raises(ValueError, match="target_flops must be a fraction"):
+        RecedingSchedule(X0).enforce_budget(0, model, target, opt)
+
+
+def test_enforce_budget_unreachable_leaves_model_and_optimizer_unchanged():
+    model, opt = _trained_step_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(ValueError, match="cannot be met"):
+        RecedingSchedule(X0, min_channels=6).enforce_budget(0, model, 0.01, opt)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert params == [id(p) for g in opt.param_groups for p in g["params"]]
