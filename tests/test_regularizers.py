@@ -349,3 +349,37 @@ def test_layout_follows_weights_dtype_and_size_changes():
     assert reg().dtype == torch.float32
     single = RecedingRegularizer(nn.Sequential(BoundedBatchNorm2d(5, dtype=torch.float64)), 1.0, 1.0, normalize=None)
     torch.testing.assert_close(single(), RF.receding_penalty(single.layers[0].weight.detach(), 1.0))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fused_records_mixed_with_stale_ones_match_the_eager_penalty():
+    """Layers with a record use it; a layer without one (here: in eval mode, so its forward
+    records nothing) is computed eagerly; together they equal the eager penalty, value and gradient."""
+    device = torch.device(os.environ.get("RNIP_TEST_DEVICE", "cpu"))
+
+    def make():
+        torch.manual_seed(99)
+        net = nn.Sequential(
+            nn.Conv2d(3, 5, 1, bias=False), BoundedBatchNorm2d(5, backend="triton"),
+            nn.Conv2d(5, 4, 1, bias=False), BoundedBatchNorm2d(4, backend="triton"),
+            nn.Conv2d(4, 6, 1, bias=False), BoundedBatchNorm2d(6, backend="triton"),
+        ).to(device)
+        net[3].eval()
+        return net
+
+    fused_net, eager_net = make(), make()
+    fused = RecedingRegularizer(fused_net, 0.1, 2.0, normalize=None)
+    eager = RecedingRegularizer(eager_net, 0.1, 2.0, normalize=None, fused=False)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    dy = torch.randn(2, 6, 4, 4, device=device)
+    out = fused_net(x)
+    assert fused_net[3]._recorded_penalty is None
+    assert all(fused_net[i]._recorded_penalty is not None for i in (1, 5))
+    value = fused()
+    assert all(fused_net[i]._recorded_penalty is None for i in (1, 3, 5))
+    torch.autograd.backward([out, value], [dy, torch.ones((), device=device)])
+    ref = eager()
+    torch.autograd.backward([eager_net(x), ref], [dy, torch.ones((), device=device)])
+    torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
