@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "bounded_batch_norm",
@@ -223,6 +224,7 @@ class _SegmentedRelativePenalty(torch.autograd.Function):
         return h.sum() if cost is None else torch.dot(h, cost)
 
     @staticmethod
+    @once_differentiable  # the saved intermediates carry no graph: no silent wrong 2nd derivative
     def backward(ctx, grad: Tensor):
         weight, layer, cost, r, one_minus_u, z = ctx.saved_tensors
         dh = -F.logsigmoid(z) * torch.sigmoid(z) / (one_minus_u + torch.exp(r + ctx.shift))

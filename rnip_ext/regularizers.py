@@ -120,6 +120,8 @@ class RecedingRegularizer:
     forward and backward together, whatever the number of layers).
     """
 
+    _layout_cache = None  # (key, channel -> layer index, per-channel k_l); see _layout
+
     def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True,
                  normalize: str | None = "layer", cost: str = "channels", example_inputs=None) -> None:
         _check_model(model)

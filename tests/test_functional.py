@@ -237,3 +237,12 @@ def test_segmented_relative_penalty_bad_arguments():
         RF._segmented_relative_receding_penalty(w[:4], layer, 2)
     with pytest.raises(ValueError, match="cost must have"):
         RF._segmented_relative_receding_penalty(w, layer, 2, 0.0, torch.ones(3, dtype=torch.float64))
+
+
+def test_segmented_relative_penalty_refuses_double_backward():
+    """Its backward is not differentiable: a second derivative raises rather than being wrong."""
+    w, layer = _segments((3, 2))
+    w.requires_grad_()
+    (g,) = torch.autograd.grad(RF._segmented_relative_receding_penalty(w, layer, 2, 1.0), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|twice"):
+        g.sum().backward()
