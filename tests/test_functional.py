@@ -166,3 +166,83 @@ def test_common_scale_direction_has_zero_gradient_only_when_normalised(shift):
     # The paper's penalty grows along the common scale: descent shrinks the whole layer.
     assert (g_paper * direction).sum() > 0.1 * (g_paper.abs() * direction).sum()
     assert g_rel[w.argmax()] <= 0  # the top channel is pulled up, never down
+
+
+def _segments(sizes, scale=3.0):
+    layer, _ = RF._segment_layout(sizes)
+    return torch.randn(sum(sizes), dtype=torch.float64) * scale, layer
+
+
+def _per_layer_reference(w, sizes, shift, costs=None):
+    """``sum_l k_l * relative_receding_penalty(w_l)``, one layer at a time (plain autograd)."""
+    costs = [1.0] * len(sizes) if costs is None else costs
+    return sum(k * RF.relative_receding_penalty(part, shift) for k, part in zip(costs, w.split(list(sizes))))
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -2.5])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "cost_weighted"])
+def test_segmented_relative_penalty_gradcheck_float64(shift, weighted):
+    sizes = (4, 1, 6, 3)
+    w, layer = _segments(sizes)
+    cost = None
+    if weighted:
+        _, cost = RF._segment_layout(sizes, dtype=torch.float64, costs=torch.rand(len(sizes)).tolist())
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: RF._segmented_relative_receding_penalty(v, layer, len(sizes), shift, cost), (w,)
+    )
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -20.0])
+def test_segmented_relative_penalty_equals_the_per_layer_formula(shift):
+    sizes = (5, 1, 7, 4, 3, 6)
+    w, layer = _segments(sizes)
+    with torch.no_grad():
+        w[:5] = torch.tensor([30.0, -30.0, 29.0, -1.0, 30.0])  # extreme logits, a tie at the top
+        w[6:13] = -760.0 + torch.randn(7, dtype=torch.float64)  # every sigmoid underflows to 0
+        w[13:17] = torch.tensor([-30.0, -30.0, -30.0, -30.0])  # all tied
+    assert (torch.sigmoid(w[6:13]) == 0).all()
+    costs = (torch.rand(len(sizes), dtype=torch.float64) * 2).tolist()
+    _, cost = RF._segment_layout(sizes, dtype=torch.float64, costs=costs)
+    for k, kc in ((None, None), (costs, cost)):
+        a = w.clone().requires_grad_()
+        b = w.clone().requires_grad_()
+        value = RF._segmented_relative_receding_penalty(a, layer, len(sizes), shift, kc)
+        ref = _per_layer_reference(b, sizes, shift, k)
+        value.backward()
+        ref.backward()
+        torch.testing.assert_close(value, ref, rtol=1e-13, atol=0.0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-300)
+        assert torch.isfinite(a.grad).all()
+
+
+def test_segmented_relative_penalty_float32_matches_float64():
+    sizes = (8, 3, 16)
+    w, layer = _segments(sizes)
+    a = w.float().requires_grad_()
+    value = RF._segmented_relative_receding_penalty(a, layer, len(sizes), 3.0)
+    value.backward()
+    b = w.clone().requires_grad_()
+    ref = _per_layer_reference(b, sizes, 3.0)
+    ref.backward()
+    torch.testing.assert_close(value.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_segmented_relative_penalty_bad_arguments():
+    w, layer = _segments((3, 2))
+    with pytest.raises(TypeError, match="floating-point"):
+        RF._segmented_relative_receding_penalty(layer, layer, 2)
+    with pytest.raises(ValueError, match="1-D of one length"):
+        RF._segmented_relative_receding_penalty(w[:4], layer, 2)
+    with pytest.raises(ValueError, match="cost must have"):
+        RF._segmented_relative_receding_penalty(w, layer, 2, 0.0, torch.ones(3, dtype=torch.float64))
+
+
+def test_segmented_relative_penalty_refuses_double_backward():
+    """Its backward is not differentiable: a second derivative raises rather than being wrong."""
+    w, layer = _segments((3, 2))
+    w.requires_grad_()
+    (g,) = torch.autograd.grad(RF._segmented_relative_receding_penalty(w, layer, 2, 1.0), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|twice"):
+        g.sum().backward()

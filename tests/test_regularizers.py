@@ -298,3 +298,88 @@ def test_cost_weighted_fused_record_matches_the_eager_penalty(cost):
     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
     for a, b in zip(fused_net.parameters(), eager_net.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def _thirteen_layer_net(widths):
+    layers = []
+    c_in = 3
+    for c in widths:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), BoundedBatchNorm2d(c), nn.ReLU()]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 2)).double()
+
+
+@pytest.mark.parametrize("normalize", ["layer", None])
+@pytest.mark.parametrize("cost", ["channels", "flops"])
+def test_thirteen_layers_match_the_per_layer_formula(normalize, cost):
+    widths = torch.randint(1, 12, (13,)).tolist()
+    model = _thirteen_layer_net(widths)
+    bns = [m for m in model if isinstance(m, BoundedBatchNorm2d)]
+    with torch.no_grad():
+        bns[0].weight[:2] = torch.tensor([30.0, -30.0])[: widths[0]]
+        bns[1].weight.fill_(-760.0)  # sigmoid underflows: u = 1 for all (tied at the top)
+        bns[2].weight[0] = 30.0
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    reg = RecedingRegularizer(model, 0.3, 2.0, normalize=normalize, cost=cost, example_inputs=x)
+    assert len(reg.layers) == 13
+    fn = RF.relative_receding_penalty if normalize == "layer" else RF.receding_penalty
+    refs = [m.weight.detach().clone().requires_grad_() for m in bns]
+    expected = 0.3 * sum(k * fn(w, 2.0) for k, w in zip(reg.weights, refs))
+    expected.backward()
+    for _ in range(2):  # the second call reuses the cached layout
+        for m in bns:
+            m.weight.grad = None
+        value = reg()
+        value.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-13, atol=0.0)
+        for m, w in zip(bns, refs):
+            torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-12, atol=1e-300)
+
+
+def test_layout_follows_weights_dtype_and_size_changes():
+    model = _thirteen_layer_net([3, 4])
+    reg = RecedingRegularizer(model, 1.0, 1.0)
+    bns = reg.layers
+    ref = sum(RF.relative_receding_penalty(m.weight.detach(), 1.0) for m in bns)
+    torch.testing.assert_close(reg(), ref)
+    reg.weights = [2.0, 0.5]  # edited in place: the per-channel weights follow
+    torch.testing.assert_close(reg(), sum(k * RF.relative_receding_penalty(m.weight.detach(), 1.0)
+                                          for k, m in zip(reg.weights, bns)))
+    model.float()
+    assert reg().dtype == torch.float32
+    single = RecedingRegularizer(nn.Sequential(BoundedBatchNorm2d(5, dtype=torch.float64)), 1.0, 1.0, normalize=None)
+    torch.testing.assert_close(single(), RF.receding_penalty(single.layers[0].weight.detach(), 1.0))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fused_records_mixed_with_stale_ones_match_the_eager_penalty():
+    """Layers with a record use it; a layer without one (here: in eval mode, so its forward
+    records nothing) is computed eagerly; together they equal the eager penalty, value and gradient."""
+    device = torch.device(os.environ.get("RNIP_TEST_DEVICE", "cpu"))
+
+    def make():
+        torch.manual_seed(99)
+        net = nn.Sequential(
+            nn.Conv2d(3, 5, 1, bias=False), BoundedBatchNorm2d(5, backend="triton"),
+            nn.Conv2d(5, 4, 1, bias=False), BoundedBatchNorm2d(4, backend="triton"),
+            nn.Conv2d(4, 6, 1, bias=False), BoundedBatchNorm2d(6, backend="triton"),
+        ).to(device)
+        net[3].eval()
+        return net
+
+    fused_net, eager_net = make(), make()
+    fused = RecedingRegularizer(fused_net, 0.1, 2.0, normalize=None)
+    eager = RecedingRegularizer(eager_net, 0.1, 2.0, normalize=None, fused=False)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    dy = torch.randn(2, 6, 4, 4, device=device)
+    out = fused_net(x)
+    assert fused_net[3]._recorded_penalty is None
+    assert all(fused_net[i]._recorded_penalty is not None for i in (1, 5))
+    value = fused()
+    assert all(fused_net[i]._recorded_penalty is None for i in (1, 3, 5))
+    torch.autograd.backward([out, value], [dy, torch.ones((), device=device)])
+    ref = eager()
+    torch.autograd.backward([eager_net(x), ref], [dy, torch.ones((), device=device)])
+    torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
