@@ -145,11 +145,11 @@ class BudgetPruning:
 def train_to_budget(model: nn.Module, splits, out, *, target_flops: float, epochs: int, example_inputs,
                     strength: float = 1e-3, shift: float = 3.0, prune_every: int = 1, threshold: float = 0.01,
                     min_channels: int = 3, budget_at: float = 0.5, resume_from: dict | None = None,
-                    **fit_kwargs) -> dict:
+                    normalize: str | None = "layer", **fit_kwargs) -> dict:
     """Train ``model`` to ``target_flops`` of its MACs in one :func:`rnip_ext.training.fit` run.
 
     The regulariser is ``RecedingRegularizer(model, strength, shift, cost="flops",
-    example_inputs=example_inputs)`` (``strength`` is where the controller starts); the callback
+    example_inputs=example_inputs, normalize=normalize)`` (``strength`` is where the controller starts); the callback
     is :class:`BudgetPruning` (see it for the schedule and the metrics); ``best.pt`` is the
     best-validation epoch among those whose network meets the budget. Bad input
     (:func:`check_budget`) raises ``ValueError`` before anything is written. ``fit_kwargs`` go
@@ -163,7 +163,8 @@ def train_to_budget(model: nn.Module, splits, out, *, target_flops: float, epoch
     from .training import fit
 
     check_budget(model, target_flops, example_inputs, threshold=threshold, min_channels=min_channels)
-    reg = RecedingRegularizer(model, strength, shift, cost="flops", example_inputs=example_inputs)
+    reg = RecedingRegularizer(model, strength, shift, cost="flops", example_inputs=example_inputs,
+                              normalize=normalize)
     callback = BudgetPruning(example_inputs, target_flops, epochs, prune_every=prune_every, threshold=threshold,
                              min_channels=min_channels, budget_at=budget_at)
     if resume_from is None:

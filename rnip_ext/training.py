@@ -69,13 +69,23 @@ def default_strength(method: str, arch: str) -> tuple[float, float]:
     return DEFAULT_STRENGTH[(method, family)]
 
 
-def make_regularizer(model: nn.Module, method: str, strength: float, shift: float = 0.0):
-    """The regulariser of ``method`` for ``model`` (``None`` for ``none`` or zero strength)."""
+PENALTIES = {"layer": "layer", "paper": None}
+
+
+def make_regularizer(model: nn.Module, method: str, strength: float, shift: float = 0.0, penalty: str = "layer"):
+    """The regulariser of ``method`` for ``model`` (``None`` for ``none`` or zero strength).
+
+    ``penalty`` (``rni`` only): ``"layer"`` for the layer-normalised receding penalty (the
+    library's default, see :class:`RecedingRegularizer`), ``"paper"`` for the paper's formulation
+    (``normalize=None``).
+    """
     bn_kind(method)
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {tuple(PENALTIES)}, got {penalty!r}")
     if method == "none" or strength == 0:
         return None
     if method == "rni":
-        return RecedingRegularizer(model, strength, shift)
+        return RecedingRegularizer(model, strength, shift, normalize=PENALTIES[penalty])
     if method == "l1":
         return L1Regularizer(model, strength)
     return PolarizationRegularizer(model, strength)

@@ -340,3 +340,13 @@ def test_compiled_runner_is_rebuilt_for_the_pruned_model(tmp_path, monkeypatch):
     assert compiled[1][1].num_features == 3  # the second runner wraps the pruned network
     last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert not any(k.startswith("_orig_mod") for k in last["model"])  # the plain module's state
+
+
+def test_make_regularizer_penalty_choice():
+    from rnip_ext import models as M
+
+    model = M.vgg_small(widths=(4, 4, 8))
+    assert make_regularizer(model, "rni", 1e-3, 3.0).normalize == "layer"
+    assert make_regularizer(model, "rni", 1e-3, 3.0, "paper").normalize is None
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        make_regularizer(model, "rni", 1e-3, 3.0, "other")

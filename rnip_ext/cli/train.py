@@ -29,7 +29,7 @@ ARCHS = ("vgg16", "resnet56", "vgg_small")
 BUDGET_MIN_CHANNELS = 3
 # Settings that must match to resume a run (the rest, e.g. --epochs or --device, may change).
 # --epochs is one of them: the lr milestones sit at 50% and 75% of it.
-RESUME_KEYS = ("arch", "dataset", "method", "strength", "shift", "seed", "batch_size", "lr", "val_fraction",
+RESUME_KEYS = ("arch", "dataset", "method", "strength", "shift", "penalty", "seed", "batch_size", "lr", "val_fraction",
                "weight_decay", "bn_lr_scale", "image_size", "epochs", "target_flops", "prune_every", "receded_below")
 
 
@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rni: receding regulariser on bounded BatchNorm; l1: network slimming; polarization; none")
     p.add_argument("--strength", type=float, default=None, help="regulariser strength (default: the paper's for --method and --arch)")
     p.add_argument("--shift", type=float, default=None, help="receding shift b (default: the paper's for --arch)")
+    p.add_argument("--penalty", choices=("layer", "paper"), default="layer",
+                   help="rni only: the receding penalty on layer-relative scales (a layer cannot recede as a "
+                        "whole behind the next BatchNorm) or the paper's formulation on sigmoid(w + shift)")
     p.add_argument("--epochs", type=int, default=160, help="training epochs (lr / 10 at 50%% and 75%%)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate, > 0")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (per process under torchrun)")
@@ -121,6 +124,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "arch": args.arch, "dataset": args.dataset, "data_dir": args.data_dir, "method": args.method,
         "strength": strength if args.strength is None else args.strength,
         "shift": shift if args.shift is None else args.shift,
+        "penalty": getattr(args, "penalty", "layer") if args.method == "rni" else None,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "bn_lr_scale": args.bn_lr_scale, "val_fraction": args.val_fraction, "seed": args.seed,
         "device": args.device, "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
@@ -307,10 +311,12 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
         if config["target_flops"] is not None:
             best = train_to_budget(model, splits, out, target_flops=config["target_flops"], example_inputs=example,
                                    strength=config["strength"], shift=config["shift"],
+                                   normalize="layer" if config["penalty"] == "layer" else None,
                                    prune_every=config["prune_every"], threshold=config["receded_below"],
                                    min_channels=BUDGET_MIN_CHANNELS, **common)
         else:
-            regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"])
+            regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"],
+                                           config["penalty"] or "layer")
             best = fit(model, splits, out, regularizer=regularizer, **common)
     except KeyboardInterrupt:
         saved = os.path.isfile(os.path.join(out, "last.pt"))

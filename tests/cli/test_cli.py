@@ -81,6 +81,7 @@ def test_train_interrupt_resume_prune_report(tmp_path, monkeypatch, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "rni" and config["bn"] == "bounded"
     assert config["strength"] == 1e-3 and config["shift"] == 3.0  # the paper's VGG settings
+    assert config["penalty"] == "layer"  # the library's default receding penalty
     assert config["versions"]["torch"] == torch.__version__
     assert config["train_size"] == 96 and config["val_size"] == 24 and config["test_size"] == 24
     rows = read_jsonl(run / "metrics.jsonl")
@@ -100,6 +101,8 @@ def test_train_interrupt_resume_prune_report(tmp_path, monkeypatch, capsys):
     changed_epochs[changed_epochs.index("--epochs") + 1] = "3"
     assert main(changed_epochs + ["--resume"]) == 2
     one_error_line(capsys, "settings differ.*epochs")
+    assert main(args + ["--penalty", "paper", "--resume"]) == 2
+    one_error_line(capsys, "settings differ.*penalty")
     assert snapshot(run) == before
     # ... with the same ones it finishes the run.
     assert main(args + ["--resume"]) == 0
