@@ -7,7 +7,8 @@ kernel's launch intercepted: the arguments they would pass give the exact compil
 tiles and flags, ``num_warps``, and Triton's own specialisation of the other arguments, honouring
 ``do_not_specialize``), with the chunking planned for an H200 (132 SMs). Each distinct key is
 compiled for ``GPUTarget("cuda", 90, 32)`` and ``ptxas -v`` (the one Triton ships, Triton's own
-flags) reports registers, spill bytes and shared memory.
+flags) reports registers, spill bytes and shared memory; the PTX gives the number of global
+load/store instructions that are vectorised (``.v2``/``.v4``) or scalar.
 
     python benchmarks/aot_sm90.py                   # all shapes -> benchmarks/results/aot_sm90.json
     python benchmarks/aot_sm90.py --subset --out x  # the representative subset CI compiles
@@ -148,6 +149,18 @@ def _ptxas_report(ptx: str) -> dict:
     }
 
 
+def _memory_ops(ptx: str) -> dict:
+    """Global loads/stores in the PTX, vectorised (``.v2``/``.v4``) or scalar (instructions,
+    not executions: a tile loop's body counts once)."""
+    counts = {}
+    for op in ("ld", "st"):
+        ins = re.findall(rf"\b{op}\.global[\w.]*", ptx)
+        vec = sum(1 for i in ins if ".v2" in i or ".v4" in i)
+        counts[f"{op}_global_vector"] = vec
+        counts[f"{op}_global_scalar"] = len(ins) - vec
+    return counts
+
+
 def compile_all(found) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -159,6 +172,7 @@ def compile_all(found) -> list[dict]:
         src = ASTSource(kernel, sig, consts, attrs)
         compiled = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": warps})
         record.update(_ptxas_report(compiled.asm["ptx"]))
+        record.update(_memory_ops(compiled.asm["ptx"]))
         record["shared_memory_bytes"] = compiled.metadata.shared
         rows.append(record)
     rows.sort(key=lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True), r["num_warps"]))
@@ -192,6 +206,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['kernel']:32s} warps={r['num_warps']:2d} regs={r['registers']:3d} "
               f"spill={r['spill_store_bytes']}/{r['spill_load_bytes']} smem={r['shared_memory_bytes']:6d} "
+              f"ld v/s={r['ld_global_vector']}/{r['ld_global_scalar']} "
               f"{r['constexprs']}")  # fmt: skip
     print(f"{len(rows)} configurations, {len(spills)} with spills; wrote {out}")
     return 1 if spills else 0

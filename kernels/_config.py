@@ -12,6 +12,12 @@ The choice depends on the layout, because a tile is ``[BLOCK_C channels x BLOCK_
 * channels contiguous (channels_last, or ``H*W == 1``): many channels per tile, fewer positions,
   so that each position's column is one coalesced run of channels.
 
+NCHW elementwise tiles (normalise, the chunked forward's normalise-with-combine, dx) and the
+single-pass tiles are 2-D over positions: images x ``BLOCK_HW`` positions of ``H*W``
+(:func:`image_tiles`), so that a row is one aligned contiguous run the compiler can load as
+vectors even when ``H*W`` is not a multiple of 16 (14x14, 2x2); a flat tile over ``N*H*W`` has
+a tail mask that forces scalar loads. The NCHW reduction partial kernels keep flat tiles.
+
 The reductions (batch statistics, backward sums) are split over (chunk of positions, channel
 block) so that even a layer with few channels and large images, e.g. ``8x16x256x256``, runs on
 hundreds of programs rather than one per channel; the chunk partials are merged by a combine
@@ -36,6 +42,7 @@ import torch
 __all__ = [
     "BNConfig",
     "bn_config",
+    "image_tiles",
     "plan_chunks",
     "single_pass_config",
     "target_programs",
@@ -168,6 +175,47 @@ SINGLE_ALWAYS_POSITIONS = 2048
 _SINGLE_MIN_PROGRAMS = 16
 # Bytes of one memory sector: a program's run of contiguous elements should fill one.
 _SECTOR_BYTES = 32
+
+
+# Image tiles (NCHW elementwise kernels): a row covers at most this many positions of H*W.
+HW_TILE_CAP = 128
+# Widest global load/store: 16 bytes (ld.global.v4.b32, v8 of 16-bit values).
+VECTOR_BYTES = 16
+
+
+def image_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, int, int]],
+                cap: int = HW_TILE_CAP):  # fmt: skip
+    """``(BLOCK_HW, ALIGN)`` for the NCHW elementwise kernels, or ``(0, 1)`` for flat tiles.
+
+    Rule (pure Python, no GPU needed): when every tensor of the launch has unit ``H*W`` stride
+    and ``H*W > 1`` (``strides`` are each tensor's ``(s_n, s_c, s_hw)``), a tile is
+    ``block_m // BLOCK_HW`` images x ``BLOCK_HW`` positions of one image, with
+
+    * ``BLOCK_HW = min(next_pow2(H*W), cap, block_m)`` (``cap = HW_TILE_CAP = 128``): one row
+      per image for small images (2x2 -> 4, 8x8 -> 64), 128-position rows (512 bytes in fp32)
+      for larger ones (14x14: two row blocks, the second 68 positions long);
+    * ``ALIGN``: the largest power of two dividing ``H*W`` and every ``s_n`` and ``s_c``, capped
+      at the vector width ``16 / elem_size``. Rows then start on ``ALIGN``-element boundaries and
+      the kernels load them ``ALIGN`` elements at a time (14x14 fp32: 4, i.e. ``v4``). A flat
+      tile over ``N*H*W`` instead has a mask ``m < N*H*W`` the compiler cannot split into
+      vectors, so flat tiles load NCHW data one element at a time for every image size.
+
+    ``ALIGN = 1`` (odd ``H*W``, e.g. 7x7 or 57x57) keeps the flat tiles: an odd-length row
+    cannot start on a vector boundary in every image, so 2-D tiles would only waste lanes.
+
+    Compiled variants: one per ``(BLOCK_HW, ALIGN)`` class, i.e. per power of two of ``H*W``
+    up to 128 and per power-of-two factor (2, 4, 8) of ``H*W`` up to the vector width; every
+    image with ``H*W > 64`` and the same factor shares one, odd ``H*W`` shares the flat one.
+    """
+    if hw <= 1 or any(s_hw != 1 for _, _, s_hw in strides):
+        return 0, 1
+    block_hw = min(_pow2_at_most(hw, cap), block_m)
+    align = 1
+    vec = max(VECTOR_BYTES // elem_size, 1)
+    values = [hw] + [s for s_n, s_c, _ in strides for s in (s_n, s_c)]
+    while align < vec and all(v % (2 * align) == 0 for v in values):
+        align *= 2
+    return (block_hw, align) if align > 1 else (0, 1)
 
 
 def single_pass_config(

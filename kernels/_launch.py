@@ -6,11 +6,12 @@ import contextlib
 import os
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._config import BNConfig, bn_config
+from ._config import BNConfig, bn_config, image_tiles
 from ._layout import View3, acc_dtype, spatial_stride, view3
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "ensure_launchable",
     "kernel_ready",
     "layout_config",
+    "position_tiles",
+    "slice_tiles",
     "running_args",
     "tl_dtype",
     "vector",
@@ -89,6 +92,41 @@ def layout_config(views: list[View3], num_channels: int, config: BNConfig | None
     if config is None:
         config = bn_config(num_channels, channels_contiguous(views[0], num_channels))
     return flat, config
+
+
+def position_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int, flat: bool,
+                   config: BNConfig):  # fmt: skip
+    """``(flat, BLOCK_HW, ALIGN, programs along positions)`` of an elementwise launch.
+
+    NCHW tiles (the config spans few channels) whose ``H*W`` shares a power-of-two factor with
+    every tensor's strides become image tiles (``_config.image_tiles``, which vectorise); the
+    others stay flat over ``N*H*W`` (``BLOCK_HW = 0``).
+    """
+    hw = n_pos // x.shape[0]
+    block_hw, align = (0, 1)
+    if not channels_contiguous(views[0], num_channels):
+        strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
+        block_hw, align = image_tiles(hw, config.block_m, x.element_size(), strides)
+    if block_hw == 0:
+        return flat, 0, 1, triton.cdiv(n_pos, config.block_m)
+    images_per_tile = config.block_m // block_hw
+    tiles = triton.cdiv(x.shape[0], images_per_tile) * triton.cdiv(hw, block_hw)
+    return False, block_hw, align, tiles
+
+
+def slice_tiles(views: list[View3], x: Tensor, n_pos: int, flat: bool, single_m: int):
+    """``(flat, BLOCK_HW, ALIGN)`` of a single-pass launch, whose one tile holds the whole slice.
+
+    Image tiles (``_config.image_tiles`` with rows as wide as an image) when every image fits
+    one row and all ``N`` rows fit ``single_m`` (``N * next_pow2(H*W) <= single_m``; true for
+    power-of-two images such as CIFAR's 2x2/4x4/8x8), else flat tiles.
+    """
+    hw = n_pos // x.shape[0]
+    strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
+    block_hw, align = image_tiles(hw, single_m, x.element_size(), strides, cap=single_m)
+    if block_hw == 0 or block_hw < hw or x.shape[0] * block_hw > single_m:
+        return flat, 0, 1
+    return False, block_hw, align
 
 
 def channels_contiguous(lead: View3, num_channels: int) -> bool:

@@ -51,6 +51,53 @@ def position_offsets(offs_m, HW, s_n, s_hw, FLAT: tl.constexpr):
 
 
 @triton.jit
+def aligned(v, ALIGN: tl.constexpr):
+    """``v`` (an integer the launcher guarantees divisible by ``ALIGN``), with that divisibility
+    visible to the compiler: ``(v // ALIGN) * ALIGN`` is two shifts, and lets it prove that rows
+    start on a vector boundary (Triton itself only specialises divisibility by 16)."""
+    return (v // ALIGN) * ALIGN
+
+
+@triton.jit
+def tile_positions(pid_m, HW, n_pos, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
+                   ALIGN: tl.constexpr):  # fmt: skip
+    """``(a, b, mask)`` locating the ``BLOCK_M`` positions of position tile ``pid_m``.
+
+    ``BLOCK_HW == 0``: flat tiles of ``N*HW`` positions; ``a = b = m`` (feed
+    :func:`position_offsets`). ``BLOCK_HW > 0`` (NCHW, unit ``H*W`` stride): a 2-D tile of
+    ``BLOCK_M // BLOCK_HW`` images x ``BLOCK_HW`` positions of ``H*W``; ``a`` is the image and
+    ``b`` the position in it, so a row is one contiguous run starting on an ``ALIGN``-element
+    boundary and its mask is constant over ``ALIGN`` lanes: the loads vectorise whatever ``H*W``
+    is (``ALIGN`` divides ``H*W``). Tiles run over ``cdiv(HW, BLOCK_HW)`` row blocks per group
+    of images.
+    """
+    if BLOCK_HW == 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        return offs_m, offs_m, offs_m < n_pos
+    else:
+        hw = aligned(HW, ALIGN)
+        num_images = n_pos // HW
+        hw_tiles = tl.cdiv(hw, BLOCK_HW)
+        n_blk = pid_m // hw_tiles
+        hw_blk = pid_m - n_blk * hw_tiles
+        j = tl.arange(0, BLOCK_M)
+        n_idx = n_blk * (BLOCK_M // BLOCK_HW) + j // BLOCK_HW
+        hw_idx = hw_blk * BLOCK_HW + j % BLOCK_HW
+        return n_idx, hw_idx, (n_idx < num_images) & (hw_idx < hw)
+
+
+@triton.jit
+def tile_offsets(a, b, HW, s_n, s_hw, FLAT: tl.constexpr, BLOCK_HW: tl.constexpr,
+                 ALIGN: tl.constexpr):  # fmt: skip
+    """int64 element offsets (channel term excluded) of the positions :func:`tile_positions`
+    gave; with ``BLOCK_HW > 0`` the ``H*W`` stride is 1 and ``ALIGN`` divides ``s_n``."""
+    if BLOCK_HW == 0:
+        return position_offsets(a, HW, s_n, s_hw, FLAT)
+    else:
+        return a.to(tl.int64) * aligned(s_n, ALIGN) + b
+
+
+@triton.jit
 def update_running(
     rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, n, momentum,
     CUMULATIVE: tl.constexpr, ACC: tl.constexpr,

@@ -18,7 +18,8 @@ Three kernels:
 2. ``_bn_bwd_combine_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: sums the partials in chunk order
    (deterministic), writes ``sum_dy``/``sum_dyxhat`` for the dx kernel and ``dw`` (including the
    penalty term, fused here rather than through a second autograd graph) and ``db``.
-3. ``_bn_bwd_dx_kernel``, grid ``(cdiv(n, BLOCK_M), cdiv(C, BLOCK_C))``: the elementwise ``dx``.
+3. ``_bn_bwd_dx_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))``: the elementwise ``dx``
+   (flat or, for NCHW, image tiles: ``_launch.position_tiles``).
 
 In eval mode without ``dw``/``db`` only the dx kernel runs; with no positions (``n == 0``) only
 the combine runs (``db = 0``, ``dw = g * dR/dw``).
@@ -39,12 +40,13 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     layout_config,
+    position_tiles,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import position_offsets, sigmoid_parts
+from ._math import aligned, position_offsets, sigmoid_parts, tile_offsets, tile_positions
 
 __all__ = ["bn_backward", "bn_backward_sums", "bn_backward_dx"]
 
@@ -182,13 +184,15 @@ def _bn_bwd_dx_kernel(
     TRAINING: tl.constexpr,  # 1: batch statistics (full formula), 0: running (dx = A * dy)
     ACC: tl.constexpr,
     MEANS: tl.constexpr = 0,  # 1: the sum_* buffers already hold means (sums over another count)
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = mask_c[:, None] & (offs_m < n_pos)[None, :]
+    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+    mask = mask_c[:, None] & mask_m[None, :]
     c_off = offs_c.to(tl.int64)
 
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
@@ -199,7 +203,8 @@ def _bn_bwd_dx_kernel(
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
 
-    d_off = c_off[:, None] * s_dc + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+    d_off = c_off[:, None] * aligned(s_dc, ALIGN) + tile_offsets(
+        pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
     if TRAINING:
         # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
@@ -209,13 +214,15 @@ def _bn_bwd_dx_kernel(
         if not MEANS:
             mean_dy = mean_dy / n_pos
             mean_dyxhat = mean_dyxhat / n_pos
-        x_off = c_off[:, None] * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+        x_off = c_off[:, None] * aligned(s_xc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         xhat = (x - mean[:, None]) * invstd[:, None]
         dx = scale[:, None] * (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None])
     else:
         dx = scale[:, None] * dy
-    g_off = c_off[:, None] * s_gc + position_offsets(offs_m, HW, s_gn, s_ghw, FLAT)[None, :]
+    g_off = c_off[:, None] * aligned(s_gc, ALIGN) + tile_offsets(
+        pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -312,16 +319,17 @@ def bn_backward(
             sum_dy = sum_dyxhat = var  # unread in eval mode
         if need_dx and n_pos:
             check_positions(n_pos, cfg.block_m)
-            grid = (triton.cdiv(n_pos, cfg.block_m), num_cblocks)
-            _bn_bwd_dx_kernel[grid](
+            dx_flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels,
+                                                               n_pos, flat, cfg)  # fmt: skip
+            _bn_bwd_dx_kernel[(tiles_m, num_cblocks)](
                 dy, x, dx, mean, var,
                 weight if weight is not None else var,
                 sum_dy, sum_dyxhat,
                 num_channels, hw, n_pos, float(eps),
-                *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
-                BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
+                *dv.strides(dx_flat), *xv.strides(dx_flat), *gv.strides(dx_flat),
+                BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(dx_flat),
                 HAS_W=int(weight is not None), TRAINING=int(bool(training)),
-                ACC=acc_tl, num_warps=cfg.num_warps,
+                ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
             )  # fmt: skip
     return dx, dw, db
 
@@ -418,7 +426,8 @@ def bn_backward_dx(
     dv, xv, gv = view3(dy), view3(x), view3(dx)
     flat, cfg = layout_config([xv, dv, gv], num_channels, config)
     check_positions(n_pos, cfg.block_m)
-    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels, n_pos, flat, cfg)
+    grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_bwd_dx_kernel[grid](
             dy, x, dx, mean, var,
@@ -428,6 +437,6 @@ def bn_backward_dx(
             *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
             HAS_W=int(weight is not None), TRAINING=1, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
-            MEANS=1,
+            MEANS=1, BLOCK_HW=block_hw, ALIGN=align,
         )  # fmt: skip
     return dx

@@ -2,7 +2,8 @@
 
 For slices too large for the single-pass path. Launch 1 is ``bn_stats``' partial kernel (per
 chunk of positions and channel block: pivot-shifted mean and ``M2``). Launch 2,
-``_bn_normalize_combine_kernel``, grid ``(cdiv(N*HW, BLOCK_M), cdiv(C, BLOCK_C))``: every
+``_bn_normalize_combine_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))`` (flat or image
+tiles, see ``_launch.position_tiles``): every
 program merges its channels' ``K`` chunk partials (``bn_stats.combine_partials``, chunk order,
 Chan merges: deterministic and identical in every program) and normalises its tile::
 
@@ -29,13 +30,14 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     layout_config,
+    position_tiles,
     running_args,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import position_offsets, sigmoid_parts
+from ._math import aligned, sigmoid_parts, tile_offsets, tile_positions
 from .bn_stats import bn_batch_stats, combine_partials, finish_stats, launch_partials
 
 __all__ = ["bn_forward_chunked"]
@@ -81,6 +83,8 @@ def _bn_normalize_combine_kernel(
     CUMULATIVE: tl.constexpr,
     COUNT: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -105,16 +109,18 @@ def _bn_normalize_combine_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = mask_c[:, None] & (offs_m < n_pos)[None, :]
+    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+    mask = mask_c[:, None] & mask_m[None, :]
     c_off = offs_c.to(tl.int64)[:, None]
-    x_off = c_off * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+    x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
     y = (x - mean[:, None]) * scale[:, None]
     if HAS_B:
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         y = y + b[:, None]
-    y_off = c_off * s_yc + position_offsets(offs_m, HW, s_yn, s_yhw, FLAT)[None, :]
+    y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -159,7 +165,8 @@ def bn_forward_chunked(
     mean_part, m2_part, pivot, chunk, num_chunks, cfg = launch_partials(x, config)
     xv, yv = view3(x), view3(y)
     flat, _ = layout_config([xv, yv], num_channels, cfg)
-    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    flat, block_hw, align, tiles_m = position_tiles([xv, yv], x, num_channels, n_pos, flat, cfg)
+    grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_normalize_combine_kernel[grid](
             x, y, mean_part, m2_part, pivot,
@@ -173,6 +180,7 @@ def bn_forward_chunked(
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, BLOCK_K=cfg.comb_block_k, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_B=int(bias is not None),
             WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            COUNT=count, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     return y, mean, var, penalty

@@ -7,8 +7,9 @@ Per channel ``c``, with ``a_c = sigmoid(w_c)`` (1 without weight) and ``b_c`` (0
 which is ``y = x * A + B`` with ``B = b - mean * A``, written so that a large ``|mean|`` does not
 cancel in low precision. Backward (elsewhere, ``bn_backward``) in eval mode: ``dx = dy * A``.
 
-``_bn_normalize_kernel``, grid ``(cdiv(N*HW, BLOCK_M), cdiv(C, BLOCK_C))``: one
-``[BLOCK_C, BLOCK_M]`` tile per program; the per-channel ``A``/``b`` are recomputed per program
+``_bn_normalize_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))``: one
+``[BLOCK_C, BLOCK_M]`` tile per program (``BLOCK_M`` flat positions, or images x ``BLOCK_HW`` for
+NCHW, see ``_launch.position_tiles``); the per-channel ``A``/``b`` are recomputed per program
 from ``mean``, ``var``, ``w``, ``b`` (``BLOCK_C`` values, negligible against the tile), which keeps
 one launch for the whole eval forward. ``x`` and ``y`` may have different strides.
 """
@@ -27,12 +28,13 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     layout_config,
+    position_tiles,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import alloc_like
-from ._math import position_offsets, sigmoid_parts
+from ._math import aligned, sigmoid_parts, tile_offsets, tile_positions
 
 __all__ = ["bn_normalize"]
 
@@ -61,13 +63,14 @@ def _bn_normalize_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_pos
+    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
     mask = mask_c[:, None] & mask_m[None, :]
 
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -79,13 +82,15 @@ def _bn_normalize_kernel(
         scale = scale * a
 
     c_off = offs_c.to(tl.int64)[:, None]
-    x_off = c_off * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+    x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
     y = (x - mean[:, None]) * scale[:, None]
     if HAS_B:
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         y = y + b[:, None]
-    y_off = c_off * s_yc + position_offsets(offs_m, HW, s_yn, s_yhw, FLAT)[None, :]
+    y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -117,7 +122,8 @@ def bn_normalize(
     xv, yv = view3(x), view3(y)
     flat, cfg = layout_config([xv, yv], num_channels, config)
     check_positions(n_pos, cfg.block_m)
-    grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(num_channels, cfg.block_c))
+    flat, block_hw, align, tiles_m = position_tiles([xv, yv], x, num_channels, n_pos, flat, cfg)
+    grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_normalize_kernel[grid](
             x, y, mean, var,
@@ -127,6 +133,6 @@ def bn_normalize(
             *xv.strides(flat), *yv.strides(flat),
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_B=int(bias is not None),
-            ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
         )  # fmt: skip
     return y

@@ -27,7 +27,9 @@ incremented first (by program 0 with ``COUNT``; by the launcher for ``momentum=N
 
 All arithmetic in ``ACC`` (fp32, fp64 for fp64 input). ``SLICE_M`` is a power of two >= ``n``
 (a tile shape; the batch size itself is a runtime argument, so a new batch size recompiles only
-when its slice crosses a power of two).
+when its slice crosses a power of two). NCHW slices whose images each fit one power-of-two row
+(``N * next_pow2(H*W) <= SLICE_M``, e.g. CIFAR's 2x2/4x4/8x8) hold the tile as images x
+``BLOCK_HW`` positions so the loads vectorise (``_launch.slice_tiles``); others stay flat.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     running_args,
+    slice_tiles,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import position_offsets, sigmoid_parts, update_running
+from ._math import aligned, sigmoid_parts, tile_offsets, tile_positions, update_running
 
 __all__ = ["bn_forward_single", "bn_backward_single", "single_config_for"]
 
@@ -89,17 +92,20 @@ def _bn_fwd_single_kernel(
     CUMULATIVE: tl.constexpr,  # f = 1 / num_batches_tracked (already incremented)
     COUNT: tl.constexpr,  # program 0 increments num_batches_tracked
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    offs_m = tl.arange(0, SLICE_M)
-    mask = mask_c[:, None] & (offs_m < n_pos)[None, :]
+    pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+    mask = mask_c[:, None] & mask_m[None, :]
     c_off = offs_c.to(tl.int64)[:, None]
     if COUNT:
         if pid_c == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
-    x_off = c_off * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+    x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
 
     n = n_pos.to(ACC)
@@ -115,7 +121,8 @@ def _bn_fwd_single_kernel(
     if HAS_B:
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         y = y + b[:, None]
-    y_off = c_off * s_yc + position_offsets(offs_m, HW, s_yn, s_yhw, FLAT)[None, :]
+    y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
@@ -164,12 +171,14 @@ def _bn_bwd_single_kernel(
     WRITE_DB: tl.constexpr,
     TRAINING: tl.constexpr,  # 1: batch statistics, 0: running statistics (constants)
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    offs_m = tl.arange(0, SLICE_M)
-    mask = mask_c[:, None] & (offs_m < n_pos)[None, :]
+    pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+    mask = mask_c[:, None] & mask_m[None, :]
     c_off = offs_c.to(tl.int64)[:, None]
 
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
@@ -179,12 +188,14 @@ def _bn_bwd_single_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, one_minus_a, _ = sigmoid_parts(w)
         scale = scale * a
-    d_off = c_off * s_dc + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+    d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_dn, s_dhw, FLAT,
+                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
     sum_dy = tl.sum(dy, axis=1)
     if TRAINING or WRITE_DW:
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        x_off = c_off * s_xc + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, x - mean[:, None], 0.0) * invstd[:, None]
         sum_dyxhat = tl.sum(dy * xhat, axis=1)
@@ -194,7 +205,8 @@ def _bn_bwd_single_kernel(
             dx = scale[:, None] * (dy - (sum_dy / n)[:, None] - xhat * (sum_dyxhat / n)[:, None])
         else:
             dx = scale[:, None] * dy
-        g_off = c_off * s_gc + position_offsets(offs_m, HW, s_gn, s_ghw, FLAT)[None, :]
+        g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
         tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_DW:
         dw = a * one_minus_a * sum_dyxhat
@@ -276,6 +288,7 @@ def bn_forward_single(
     )
     xv, yv = view3(x), view3(y)
     flat = xv.s_m is not None and yv.s_m is not None
+    flat, block_hw, align = slice_tiles([xv, yv], x, n_pos, flat, cfg.single_m)
     with device_guard(x):
         _bn_fwd_single_kernel[(triton.cdiv(num_channels, cfg.block_c),)](
             x, y,
@@ -289,7 +302,8 @@ def bn_forward_single(
             BLOCK_C=cfg.block_c, SLICE_M=cfg.single_m, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_B=int(bias is not None),
             WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            COUNT=count, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     return y, mean, var, penalty
 
@@ -338,6 +352,7 @@ def bn_backward_single(
     dv, xv = view3(dy), view3(x)
     gv = view3(dx) if need_dx else xv
     flat = all(v.s_m is not None for v in (dv, xv, gv))
+    flat, block_hw, align = slice_tiles([xv, dv, gv], x, n_pos, flat, cfg.single_m)
     with device_guard(x):
         _bn_bwd_single_kernel[(triton.cdiv(num_channels, cfg.block_c),)](
             dy, x, dx if need_dx else x, mean, var,
@@ -351,6 +366,6 @@ def bn_backward_single(
             BLOCK_C=cfg.block_c, SLICE_M=cfg.single_m, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_G=int(has_g), WRITE_DX=int(need_dx),
             WRITE_DW=int(need_dw), WRITE_DB=int(need_db), TRAINING=int(bool(training)),
-            ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+            ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
         )  # fmt: skip
     return dx, dw, db

@@ -50,6 +50,14 @@ def test_every_chosen_configuration_compiles_for_sm90_without_spills(tmp_path):
         # One program must fit an SM: 64K registers, 227 KB of shared memory on sm_90.
         assert r["registers"] * r["num_warps"] * 32 <= 65536, r
         assert r["shared_memory_bytes"] <= 227 * 1024, r
+    # NCHW image tiles vectorise: at 14x14 (H*W = 4 * 49) every global load and store of the
+    # elementwise kernels is a v2/v4 (they were all scalar with flat tiles over N*H*W).
+    for r in rows:
+        if r["kernel"] in ("_bn_normalize_kernel", "_bn_bwd_dx_kernel") and any(
+            c.startswith("64x256x14x14") and c.endswith("nchw") for c in r["cases"]
+        ):
+            assert r["ld_global_scalar"] == 0 and r["st_global_scalar"] == 0, r
+            assert r["ld_global_vector"] > 0 and r["st_global_vector"] > 0, r
     committed = json.loads(open(COMMITTED).read())
     recorded = {_config_key(r) for r in committed["kernels"]}
     missing = [k for k in map(_config_key, rows) if k not in recorded]

@@ -512,6 +512,77 @@ def test_config_parallelises_few_channels_large_images(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# NCHW image tiles: images x BLOCK_HW positions of H*W, so rows vectorise (ResNet's 7x7/14x14).
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "slice"])
+def test_image_tiles_match_reference(layout, training, dtype):
+    """7x7 (odd: flat tiles), 14x14 (rows of 128 + a masked second row block), 2x2 (many images
+    per tile, image mask), 4x6 (H*W factor 2) through the elementwise kernels (normalise, the
+    chunked forward's normalise-with-combine, dx) against the float64 reference; the forced
+    configs put one or several images in a tile and split a row over several row blocks."""
+    mid = BNConfig(block_c=2, block_m=64, red_block_m=32, chunk_tiles=2, comb_block_c=2,
+                   comb_block_k=2)  # fmt: skip
+    shapes = [(2, 3, 7, 7), (2, 2, 14, 14), (5, 3, 2, 2), (3, 2, 4, 6)]
+    for shape in shapes if dtype == torch.float32 else shapes[1:3]:
+        # TINY (8-position tiles) on 14x14 would run hundreds of interpreted programs.
+        configs = (None, mid) if shape[2] == 14 else (None, TINY, mid)
+        for config in configs + (SINGLE,):
+            _run_case(shape, layout, dtype, (True, True), training, True, config, seed_extra="img")
+        if training:  # the chunked forward's second launch tiles like bn_normalize
+            for config in configs:
+                gen = _seed("img-chunked", shape, layout, dtype, str(config))
+                x = _layout(_randn(shape, gen, 3.0, 2.0, dtype), layout)
+                w, b = _randn((shape[1],), gen, 1.5), _randn((shape[1],), gen)
+                y, mean, var, _ = bn_forward_chunked(x, w, b, EPS, SHIFT, True, config=config)
+                ref_y, ref_mean, ref_var, *_ = _reference(x, w, b, torch.zeros_like(x), None, True)
+                _close(mean, ref_mean, torch.float32, "mean")
+                _close(var, ref_var, torch.float32, "var")
+                if dtype in LOW_PRECISION:
+                    eager_y = _eager_low_precision(x, w, b, torch.zeros_like(x), None, True)[0]
+                    _within_eager_error(y, ref_y, eager_y, dtype, "y")
+                else:
+                    _close(y, ref_y, dtype, "y")
+
+
+def test_image_tile_rule():
+    """BLOCK_HW covers H*W up to 128; ALIGN divides H*W and the strides, up to 16 bytes."""
+    from rnip_ext.kernels._config import image_tiles
+
+    def nchw(c, hw):
+        return [(c * hw, hw, 1)]
+
+    assert image_tiles(49, 1024, 4, nchw(2048, 49)) == (0, 1)  # 7x7: odd rows stay flat
+    assert image_tiles(196, 1024, 4, nchw(256, 196)) == (128, 4)  # 14x14 fp32: v4
+    assert image_tiles(196, 1024, 2, nchw(256, 196)) == (128, 4)  # 14x14 fp16: H*W = 4 * 49
+    assert image_tiles(4, 1024, 4, nchw(512, 4)) == (4, 4)  # 2x2
+    assert image_tiles(3136, 1024, 2, nchw(64, 3136)) == (128, 8)  # 56x56 fp16: 16 bytes
+    assert image_tiles(3136, 1024, 8, nchw(64, 3136)) == (128, 2)  # fp64: 16 bytes
+    assert image_tiles(196, 8, 4, nchw(3, 196)) == (8, 4)  # never wider than the tile
+    assert image_tiles(6, 1024, 4, [(5 * 6, 6, 1), (3 * 6, 6, 1)]) == (8, 2)  # slice + dense
+    assert image_tiles(16, 1024, 4, [(48, 1, 3)]) == (0, 1)  # channels_last: unchanged
+    assert image_tiles(1, 1024, 4, nchw(8, 1)) == (0, 1)  # one position per image
+    assert image_tiles(16, 1024, 4, [(16 * 3 + 1, 16, 1)]) == (0, 1)  # odd batch stride
+
+
+def test_single_pass_image_tile_rule():
+    """A single-pass tile takes image rows only when all N rows fit its SLICE_M positions."""
+    from rnip_ext.kernels._launch import slice_tiles
+    from rnip_ext.kernels._layout import view3
+
+    x = torch.empty(5, 3, 2, 2)  # 20 positions, SLICE_M 32: 5 rows of 4
+    assert slice_tiles([view3(x)], x, 20, True, 32) == (False, 4, 4)
+    x = torch.empty(5, 3, 2, 3)  # 30 positions, SLICE_M 32: 5 rows of 8 would not fit
+    assert slice_tiles([view3(x)], x, 30, True, 32) == (True, 0, 1)
+    x = torch.empty(2, 3, 14, 14)  # 392 positions, SLICE_M 512: 2 rows of 256
+    assert slice_tiles([view3(x)], x, 392, True, 512) == (False, 256, 4)
+    x = torch.empty(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert slice_tiles([view3(x)], x, 64, True, 64) == (True, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running statistics updated inside the kernels (the statistics combine, the single-pass kernel).
 
 

@@ -109,7 +109,9 @@ def test_chunked_path_compiles_once_across_batch_sizes(recorder, channels_last):
 def test_chunked_path_image_sizes_compile_at_most_two_variants(recorder, channels_last):
     """Image sizes: channels_last compiles once; NCHW once per class of the channel stride
     ``H*W`` (divisible by 16 or not), which stays specialised because the channels_last
-    kernels need their unit channel stride known at compile time."""
+    kernels need their unit channel stride known at compile time. (The NCHW elementwise
+    kernels' image tiles add no class here: 64x64 and 48x48 are the 16-divisible ones and take
+    the same 128-position, 4-aligned tiles; the odd sizes keep flat tiles.)"""
     shapes = [(4, 2, 64, 64), (3, 2, 57, 57), (2, 2, 45, 47), (5, 2, 33, 31), (2, 2, 48, 48)]
     _train_steps(shapes, 2, channels_last)
     for name, keys in recorder.items():
@@ -126,3 +128,27 @@ def test_single_pass_compiles_once_per_power_of_two_slice(recorder, channels_las
     _train_steps([(8, 8, 4, 4)], 8, channels_last)
     assert len(recorder["_bn_fwd_single_kernel"]) == 2
     assert len(recorder["_bn_bwd_single_kernel"]) == 2
+
+
+def test_nchw_image_tiles_compile_once_per_class(recorder):
+    """NCHW elementwise kernels tile images x ``BLOCK_HW`` positions (``_config.image_tiles``):
+    every image with ``H*W > 64`` and the same power-of-two factor shares one variant (10x10,
+    14x14, 18x18, 13x20: factor 4, 128-position rows), odd ``H*W`` (7x7, 9x11) the flat one.
+    ``H*W`` itself stays a runtime argument; smaller images add one variant per power of two."""
+    from rnip_ext.kernels.bn_backward import bn_backward
+    from rnip_ext.kernels.bn_normalize import bn_normalize
+
+    def run(sizes):
+        for h, w in sizes:
+            x = torch.randn(3, 2, h, w, device=DEVICE)
+            mean, var = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+            bn_normalize(x, mean, var, None, None, 1e-5)
+            bn_backward(torch.randn_like(x), x, mean, var, None, None, 1e-5, 0.0, False,
+                        (True, False, False))  # fmt: skip
+
+    run([(10, 10), (14, 14), (18, 18), (13, 20)])
+    assert len(recorder["_bn_normalize_kernel"]) == 1
+    assert len(recorder["_bn_bwd_dx_kernel"]) == 1
+    run([(7, 7), (9, 11)])
+    assert len(recorder["_bn_normalize_kernel"]) == 2
+    assert len(recorder["_bn_bwd_dx_kernel"]) == 2
