@@ -189,6 +189,21 @@ def _protected(directory: str) -> bool:
     return target == cwd or cwd.startswith(target.rstrip(os.sep) + os.sep) or target == os.path.dirname(target)
 
 
+# The files a run directory gets from rnip (what a run from before the manifest can be credited with).
+RUN_FILES = frozenset({"config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "pruned.pt",
+                       "budget_training.png"})
+
+
+def refuse_overlap(directory: str, inputs) -> None:
+    """:class:`OutputDirError` when ``directory`` is one of the run directories ``inputs`` a command
+    reads, or contains one: replacing the output would delete the command's own input."""
+    out = os.path.realpath(directory)
+    for source in inputs:
+        src = os.path.realpath(source)
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            raise OutputDirError(f"--out {directory} is (or contains) the input run {source}: choose another --out")
+
+
 def check(directory: str, kind: str, *, resume: bool = False, overwrite: bool = False,
           replace_own: bool = False, hint: str = "") -> str:
     """Decide, without writing anything, how ``directory`` may be used by a command of ``kind``.
@@ -246,7 +261,9 @@ def claim(directory: str, kind: str, mode: str) -> bool:
                 os.remove(path)
     os.makedirs(directory, exist_ok=True)
     if mode != "resume" or read_manifest(directory) is None:
-        files = [] if mode != "resume" else [e for e in os.listdir(directory) if not e.endswith(".tmp")]
+        # A run written before manifests existed: record only the files rnip itself writes, never
+        # the user's own files beside them (a later --overwrite deletes what is recorded).
+        files = [] if mode != "resume" else [e for e in os.listdir(directory) if e in RUN_FILES]
         write_json(os.path.join(directory, MANIFEST), {"format": FORMAT, "kind": kind, "files": files})
     return created
 

@@ -98,3 +98,33 @@ def test_runs_from_before_manifests_can_be_resumed_but_not_overwritten(tmp_path)
         rundir.check(str(run), "train", overwrite=True)
     rundir.claim(str(run), "train", "resume")  # from now on, its files are recorded
     assert set(json.loads((run / MANIFEST).read_text())["files"]) == {"config.json", "last.pt"}
+
+
+def test_resuming_an_old_run_never_credits_the_users_own_files(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "last.pt").write_bytes(b"x")
+    (run / "notes.txt").write_text("mine")
+    rundir.claim(str(run), "train", rundir.check(str(run), "train", resume=True))
+    assert set(json.loads((run / MANIFEST).read_text())["files"]) == {"config.json", "last.pt"}
+    with pytest.raises(OutputDirError, match="notes.txt"):
+        rundir.check(str(run), "train", overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_output_that_is_or_contains_an_input_run_is_refused(tmp_path):
+    run = tmp_path / "runs" / "a"
+    make_run(run, "train")
+    for out in (run, tmp_path / "runs", tmp_path):
+        with pytest.raises(OutputDirError, match="input run"):
+            rundir.refuse_overlap(str(out), [str(run)])
+    rundir.refuse_overlap(str(tmp_path / "runs" / "b"), [str(run)])  # a sibling is fine
+    rundir.refuse_overlap(str(run / "pruned"), [str(run)])  # a new folder inside the run too
+
+
+def test_resume_hint_drops_overwrite():
+    from rnip_ext.cli import resume_command
+
+    assert resume_command(["train", "--out", "r", "--overwrite"]) == "rnip train --out r --resume"
+    assert resume_command(["prune", "a", "--out", "b", "--resume"]) == "rnip prune a --out b --resume"

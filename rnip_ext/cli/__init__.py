@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted run: the same one, plus ``--resume``."""
-    args = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    # --overwrite would delete the run being resumed (and is refused together with --resume).
+    args = [a for a in argv if a != "--overwrite"]
+    args += [] if "--resume" in args else ["--resume"]
     return "rnip " + shlex.join(args)
 
 

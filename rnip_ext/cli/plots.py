@@ -25,8 +25,11 @@ def require_matplotlib():
 
 
 def _save(plt, fig, path: str) -> str:
+    from ..rundir import _atomic
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Atomic, like every file rnip writes; the format is named because the temporary name hides it.
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png"))
     plt.close(fig)
     return path
 

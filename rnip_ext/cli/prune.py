@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.run_dir}/config.json is not an `rnip train` run's config")
     resume = getattr(args, "resume", False)
     with user_errors(OutputDirError):
+        rundir.refuse_overlap(args.out, [args.run_dir])
         mode = rundir.check(args.out, "prune", resume=resume, overwrite=getattr(args, "overwrite", False),
                             hint="pass --resume to continue its fine-tuning, --overwrite to start over, "
                                  "or choose another --out")

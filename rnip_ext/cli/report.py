@@ -12,7 +12,7 @@ from ..data import DATASETS
 from ..pruning import channel_importance, restore
 from ..rundir import OutputDirError
 from .errors import UserError, user_errors
-from .plots import figure_paths, plot_accuracy_vs_ratio, plot_importance_histograms, plot_kept_channels
+from .plots import figure_paths, plot_accuracy_vs_ratio, plot_importance_histograms, plot_kept_channels, require_matplotlib
 from .runs import CheckpointError, load_checkpoint, read_json, write_json
 from .train import build_model
 
@@ -98,8 +98,11 @@ def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, st
     os.makedirs(out, exist_ok=True)
     text = table(rows)
     rundir.record(out, "report.md", "report.json")
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text + "\n")
+    def write_md(tmp):
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    rundir._atomic(os.path.join(out, "report.md"), write_md)
     write_json(os.path.join(out, "report.json"), rows)
     print(text)
     if not plots:
@@ -121,7 +124,11 @@ def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, st
 
 def run(args: argparse.Namespace) -> None:
     rows = collect(args.runs)
+    if not args.no_plots:
+        with user_errors(ImportError):
+            require_matplotlib()  # before --out is touched
     with user_errors(OutputDirError):
+        rundir.refuse_overlap(args.out, args.runs)
         mode = rundir.check(args.out, "report", overwrite=getattr(args, "overwrite", False), replace_own=True)
         rundir.claim(args.out, "report", mode)
     write_report(rows, args.out, plots=not args.no_plots)

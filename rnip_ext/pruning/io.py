@@ -154,8 +154,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="
         raise
     except Exception as exc:
         raise ValueError(f"{os.fspath(path)} is not a checkpoint written by rnip_ext.pruning.save ({exc})") from exc
-    if arch.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)} has format {arch.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        found = arch.get("format") if isinstance(arch, dict) else type(arch).__name__
+        raise ValueError(f"{os.fspath(path)} has format {found!r}, expected {FORMAT!r}")
     if model is None:
         builder = arch.get("builder")
         if not builder:
@@ -167,7 +168,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location="
             )
         from .. import models
 
-        model = getattr(models, builder["name"])(**builder["kwargs"])
+        name = builder.get("name") if isinstance(builder, dict) else None
+        if name not in models.__all__ or not callable(getattr(models, name, None)) or not isinstance(
+            builder.get("kwargs"), dict
+        ):
+            raise ValueError(f"{os.fspath(path)} names an unknown model builder {name!r} (not in rnip_ext.models)")
+        model = getattr(models, name)(**builder["kwargs"])
     else:
         _check_fixed_widths(model, arch["modules"])
     _narrow(model, arch["modules"])

@@ -96,3 +96,24 @@ def test_restore_narrows_a_fresh_model_from_a_training_checkpoint_architecture()
         restore(M.vgg_small(widths=(8, 12, 16)), small.state_dict(), '{"format": "other"}')
     with pytest.raises(ValueError, match="not pruned from this model"):
         restore(M.vgg_small(widths=(4, 4, 4)), small.state_dict(), arch)
+
+
+@pytest.mark.parametrize("builder", [{"name": "os", "kwargs": {}}, {"name": "vgg", "kwargs": {}},
+                                     {"name": "vgg16_cifar", "kwargs": []}, "vgg16_cifar"])
+def test_load_refuses_an_unknown_builder(tmp_path, builder):
+    path = tmp_path / "m.pt"
+    save(M.vgg_small(widths=(4, 4, 8)), path)
+    payload = torch.load(path, weights_only=True)
+    arch = json.loads(payload["architecture"])
+    arch["builder"] = builder
+    payload["architecture"] = json.dumps(arch)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="unknown model builder"):
+        load(path)
+
+
+def test_load_refuses_a_non_dict_architecture(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"architecture": json.dumps([1, 2]), "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="has format"):
+        load(path)
