@@ -163,7 +163,7 @@ def _table_cells(text):
 def test_readme_demo_table_has_the_rows_and_columns_rnip_demo_prints():
     path = os.path.join(ROOT, "README.md")
     if not os.path.isfile(path):
-        pytest.skip("not a source checkout (no README.md)")
+        pytest.skip(reason="not a source checkout (no README.md)")
     readme = open(path, encoding="utf-8").read()
     found = re.search(r"<!-- demo-table:start -->\n(.*?)<!-- demo-table:end -->", readme, re.S)
     assert found, "README.md has no <!-- demo-table:start --> ... <!-- demo-table:end --> block"

@@ -422,7 +422,7 @@ def test_demo_output_is_ignored_by_git():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(root, ".gitignore")
     if not os.path.isfile(path):
-        pytest.skip("not a source checkout (no .gitignore)")
+        pytest.skip(reason="not a source checkout (no .gitignore)")
     from rnip_ext.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
