@@ -118,6 +118,12 @@ class RecedingRegularizer:
     ``normalize="layer"`` layers record nothing and the penalty goes through one autograd node
     over all layers' logits concatenated (a segment maximum per layer; about 40 ATen ops
     forward and backward together, whatever the number of layers).
+
+    Focus (:meth:`focus`): ``reg.focus({name: mask})`` restricts the penalty to the channels a
+    boolean mask per layer selects (``k_c`` times 0 or 1; a layer not named gets no penalty),
+    ``reg.focus(None)`` penalises every channel again (the default). Budget-aware training
+    (:class:`rnip_ext.budget.BudgetPruning`) uses it to make only the channels the budget
+    planner would remove next recede, so the channels that stay are not shrunk with them.
     """
 
     _layout_cache = None  # (key, channel -> layer index, per-channel k_l); see _layout
@@ -138,7 +144,10 @@ class RecedingRegularizer:
         self.example_inputs = example_inputs
         self.fused = bool(fused)
         self.layers: list[BoundedBatchNorm2d] = []
+        self.names: list[str] = []
         self.weights: list[float] = []
+        self._focus: dict[str, Tensor] | None = None
+        self._focus_version = 0
         self.rebind(model)
 
     @property
@@ -149,7 +158,10 @@ class RecedingRegularizer:
     def rebind(self, model: nn.Module) -> "RecedingRegularizer":
         """Bind the bounded layers of ``model`` (e.g. after pruning) and recompute the cost weights.
 
-        The previously bound layers are detached (they record nothing any more). Returns ``self``.
+        The previously bound layers are detached (they record nothing any more). A :meth:`focus`
+        stays only if every layer it names exists in ``model`` with the same number of channels
+        (so a focus chosen on the pruned model survives binding it); otherwise it is cleared
+        and every channel is penalised again. Returns ``self``.
         """
         _check_model(model)
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d) and m.weight is not None]
@@ -163,12 +175,60 @@ class RecedingRegularizer:
             m._receding_shift = None
             m._recorded_penalty = None
         self.layers = [m for _, m in named]
+        self.names = [n for n, _ in named]
         self.weights = weights
+        if self._focus is not None:
+            widths = dict(zip(self.names, (m.num_features for m in self.layers)))
+            if any(widths.get(n) != len(mask) for n, mask in self._focus.items()):
+                self._focus = None
+                self._focus_version += 1
         self._layout_cache = None
         for m in self.layers:
             m._receding_shift = self.shift if self.uses_fused_record else None
             m._recorded_penalty = None
         return self
+
+    def focus(self, masks: dict[str, Tensor] | None) -> "RecedingRegularizer":
+        """Penalise only the channels ``masks`` selects: ``{layer name: bool mask}`` (names as in
+        :attr:`names`, i.e. ``model.named_modules()``; one entry per channel). Channel ``c``'s
+        term is weighted by ``k_c * mask_c``; layers not named get no penalty. ``None`` clears
+        the focus (every channel penalised). ``ValueError`` for an unknown layer or a mask of the
+        wrong length or kind, before anything changes. Returns ``self``."""
+        if masks is None:
+            self._focus = None
+            self._focus_version += 1
+            return self
+        if not isinstance(masks, dict):
+            raise TypeError(f"focus takes a dict {{layer name: bool mask}} or None, got {type(masks).__name__}")
+        widths = dict(zip(self.names, (m.num_features for m in self.layers)))
+        checked = {}
+        for name, mask in masks.items():
+            if name not in widths:
+                raise ValueError(f"focus: {name!r} is not a regularised layer (known: {', '.join(self.names)})")
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or mask.dim() != 1 or mask.numel() != widths[name]:
+                raise ValueError(f"focus: the mask of {name!r} must be a 1-D bool tensor of {widths[name]} "
+                                 f"entries, got {mask.dtype} of shape {tuple(mask.shape)}")
+            checked[name] = mask.detach().cpu().clone()
+        self._focus = checked
+        self._focus_version += 1
+        return self
+
+    @property
+    def focused(self) -> dict[str, Tensor] | None:
+        """The current focus (``{layer name: bool mask}``, copies) or ``None`` (every channel)."""
+        return None if self._focus is None else {n: m.clone() for n, m in self._focus.items()}
+
+    def state_dict(self) -> dict:
+        """Plain values for a checkpoint (``weights_only=True``): strength and focus."""
+        focus = None if self._focus is None else {n: m.tolist() for n, m in self._focus.items()}
+        return {"strength": self.strength, "focus": focus}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (bind the model, e.g. the narrowed one on resume, first)."""
+        self.strength = _check_strength(state["strength"])
+        focus = state.get("focus")
+        self.focus(None if focus is None else {n: torch.tensor(m, dtype=torch.bool) for n, m in focus.items()})
 
     def _cost_weights(self, model: nn.Module, named) -> list[float]:
         if self.cost == "channels":
@@ -223,10 +283,14 @@ class RecedingRegularizer:
         """Each channel's layer index and cost weight ``k_l`` (None when all are 1), built once
         per device, dtype, layer sizes and ``weights`` (all re-read each call: cheap, and a layer
         may be resized or ``weights`` edited in place)."""
-        key = (flat.device, flat.dtype, tuple(w.shape[0] for w in logits), tuple(self.weights))
+        key = (flat.device, flat.dtype, tuple(w.shape[0] for w in logits), tuple(self.weights), self._focus_version)
         if self._layout_cache is None or self._layout_cache[0] != key:
             costs = None if all(k == 1.0 for k in self.weights) else self.weights
             layer, cost = RF._segment_layout(key[2], flat.device, flat.dtype, costs)
+            if self._focus is not None:
+                mask = torch.cat([self._focus[n] if n in self._focus else torch.zeros(len(w), dtype=torch.bool)
+                                  for n, w in zip(self.names, logits)]).to(flat.device, flat.dtype)
+                cost = mask if cost is None else cost * mask
             self._layout_cache = (key, layer, cost)
         return self._layout_cache[1], self._layout_cache[2]
 

@@ -293,7 +293,8 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
     then ``on_epoch_end(FitState)`` if given (it may prune the model: see :class:`FitState`),
     then the epoch's row of ``out/metrics.jsonl`` and ``out/last.pt`` with everything a resume
     needs (model, architecture, optimiser, scheduler, scaler, generator and torch RNG states, the
-    regulariser's ``strength``, the callback's ``state_dict()`` when it has one, best so far; all
+    regulariser's ``strength`` (and its ``state_dict()`` when it has one, e.g. a focus), the
+    callback's ``state_dict()`` when it has one, best so far; all
     written atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy",
     "epoch", "test_accuracy"}`` of the best epoch (model selection on validation only; with
     ``selectable``, a callable taking the model, only epochs whose model it accepts compete,
@@ -357,6 +358,8 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
         start_epoch = int(resume_from["epoch"]) + 1
         if resume_from.get("strength") is not None and regularizer is not None:
             regularizer.strength = float(resume_from["strength"])
+        if resume_from.get("regularizer") is not None and callable(getattr(regularizer, "load_state_dict", None)):
+            regularizer.load_state_dict(resume_from["regularizer"])  # e.g. a RecedingRegularizer's focus
         if resume_from.get("callback") is not None and callable(getattr(on_epoch_end, "load_state_dict", None)):
             on_epoch_end.load_state_dict(resume_from["callback"])
         best = {"val_accuracy": float(resume_from["best_val"]), "epoch": int(resume_from["best_epoch"]),
@@ -448,6 +451,7 @@ def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: fl
                 "strength": float(regularizer.strength) if isinstance(getattr(regularizer, "strength", None),
                                                                        (int, float)) else None,
                 "callback": on_epoch_end.state_dict() if callable(getattr(on_epoch_end, "state_dict", None)) else None,
+                "regularizer": regularizer.state_dict() if callable(getattr(regularizer, "state_dict", None)) else None,
             })
             last_saved = epoch + 1
             if show and not bars:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed as D
 from .. import models, rundir
-from ..budget import check_budget, train_to_budget
+from ..budget import BUDGET_SHIFT, BUDGET_START_STRENGTH, check_budget, train_to_budget
 from ..data import CIFAR_FILES, load_dataset
 from ..nn import convert_sync_batchnorm
 from ..pruning import count_flops, count_params
@@ -60,8 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--target-flops", type=float, default=None,
                    help="train to this fraction of the network's FLOPs (MACs) in one run, in (0, 1]: receded "
-                        "channels leave between epochs, the strength adapts, the budget is met exactly from half "
-                        "the epochs on (needs --method rni)")
+                        "channels leave between epochs (the penalty focused on the channels the planner would "
+                        "remove next, its strength adapted, default start 2.0, shift 1), the budget is met exactly "
+                        "from a third of the epochs on (needs --method rni)")
     p.add_argument("--prune-every", type=int, default=None,
                    help="with --target-flops: remove receded channels every K epochs (default 1)")
     p.add_argument("--receded-below", type=float, default=None,
@@ -120,6 +121,9 @@ def check_number(name: str, value: float, *, low: float | None = None, high: flo
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run, resolved (the paper's defaults filled in) and validated."""
     strength, shift = default_strength(args.method, args.arch)
+    if getattr(args, "target_flops", None) is not None and args.method == "rni":
+        # A budget run starts its controller at the focused penalty's strength (see rnip_ext.budget).
+        strength, shift = BUDGET_START_STRENGTH, BUDGET_SHIFT
     config = {
         "arch": args.arch, "dataset": args.dataset, "data_dir": args.data_dir, "method": args.method,
         "strength": strength if args.strength is None else args.strength,
@@ -157,7 +161,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if config["method"] != "rni":
             raise UserError(f"--target-flops trains with the receding regulariser: it needs --method rni, "
                             f"got {config['method']}")
-        config.update(budget="train_to_budget(cost='flops', BudgetController defaults, budget at 50% of epochs)",
+        config.update(budget="train_to_budget(focused, scope='local', geometric schedule after 2 epochs, "
+                             "budget at 1/3 of epochs)",
                       min_channels=BUDGET_MIN_CHANNELS)
     config.update(target_flops=target, prune_every=every, receded_below=below)
     if config["dataset"] != "digits" and config["data_dir"] is None:

@@ -22,6 +22,8 @@ from .plan import plan_from_keep
 
 __all__ = ["BudgetController", "ControllerRecord", "active_flops"]
 
+CURVES = ("linear", "geometric")
+
 
 def active_flops(model: nn.Module, example_inputs, threshold: float = 0.01, min_channels: int = 3,
                  score: str = "relative") -> int:
@@ -49,7 +51,10 @@ class BudgetController:
     r"""Adapts the receding regulariser's strength once per epoch so that the active FLOPs
     fraction ``f`` follows a linear schedule to ``target_flops`` by ``by_epoch``.
 
-    Schedule: ``f*(e) = 1 - (1 - target) * clip((e - start_epoch) / (by_epoch - start_epoch), 0, 1)``.
+    Schedule, with ``p = clip((e - start_epoch) / (by_epoch - start_epoch), 0, 1)``:
+    ``curve="linear"`` (default) ``f*(e) = 1 - (1 - target) * p``; ``curve="geometric"``
+    ``f*(e) = target ** p`` (the same *fraction* of the remaining FLOPs every epoch: a linear
+    curve to 5% asks the last epoch to remove two thirds of what is left).
 
     Rule: the strength sets how fast channels recede (receding is hard to undo), so the
     controller matches the *rate*: what must still recede by the next epoch's target against
@@ -71,7 +76,7 @@ class BudgetController:
 
     def __init__(self, target_flops: float, by_epoch: int, *, start_epoch: int = 0, max_increase: float = 1.5,
                  max_decrease: float = 0.25, max_drop: float = 0.1, brake: float = 0.5, eps: float = 1e-3,
-                 min_strength: float = 1e-6, max_strength: float = 1.0) -> None:
+                 min_strength: float = 1e-6, max_strength: float = 1.0, curve: str = "linear") -> None:
         if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not (
             0.0 < target_flops <= 1.0
         ):
@@ -88,6 +93,9 @@ class BudgetController:
         for name, value, ok in checks:
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
                 raise ValueError(f"{name} is out of range: {value!r}")
+        if curve not in CURVES:
+            raise ValueError(f"curve must be one of {CURVES}, got {curve!r}")
+        self.curve = curve
         self.target_flops = float(target_flops)
         self.by_epoch = by_epoch
         self.start_epoch = start_epoch
@@ -98,8 +106,10 @@ class BudgetController:
 
     def target_at(self, epoch: int) -> float:
         """``f*(epoch)``: the active FLOPs fraction the schedule asks for after ``epoch``."""
-        progress = (epoch - self.start_epoch) / (self.by_epoch - self.start_epoch)
-        return 1.0 - (1.0 - self.target_flops) * min(1.0, max(0.0, progress))
+        progress = min(1.0, max(0.0, (epoch - self.start_epoch) / (self.by_epoch - self.start_epoch)))
+        if self.curve == "geometric":
+            return self.target_flops ** progress
+        return 1.0 - (1.0 - self.target_flops) * progress
 
     def update(self, epoch: int, active: float, strength: float) -> float:
         """The strength for the next epoch, given the active FLOPs fraction measured after ``epoch``."""
@@ -123,4 +133,4 @@ class BudgetController:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(target_flops={self.target_flops}, by_epoch={self.by_epoch}, "
                 f"start_epoch={self.start_epoch}, max_increase={self.max_increase}, "
-                f"max_decrease={self.max_decrease}, max_drop={self.max_drop})")
+                f"max_decrease={self.max_decrease}, max_drop={self.max_drop}, curve={self.curve!r})")

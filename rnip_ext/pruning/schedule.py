@@ -158,8 +158,34 @@ class RecedingSchedule:
     # Relies on rnip_ext.pruning.plan(model, target_flops=..., example_inputs=...), the budget
     # planner (one budget planner in the project, not a second one here).
 
+    def budget_plan(self, model: nn.Module, target_flops: float, scope: str = "global") -> PruningPlan | None:
+        """The budget planner's plan that brings ``model`` to ``target_flops`` (a fraction of the
+        FLOPs at this schedule's first :meth:`step`, or of the current model's), or ``None`` when
+        the model already meets it. ``scope="global"`` removes the shortest prefix of the global
+        ascending-importance order; ``"local"`` the smallest uniform per-layer fraction (see
+        :func:`rnip_ext.pruning.plan`). Nothing is changed."""
+        from .plan import plan
+
+        if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not (
+            0.0 < target_flops <= 1.0
+        ):
+            raise ValueError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
+        current = count_flops(model, self.example_inputs)
+        original = self.original_flops if self.original_flops is not None else current
+        budget = target_flops * original
+        fraction = budget / current
+        # The planner checks ``after <= fraction * current``; make that product not exceed the
+        # budget in floating point, so "meets the budget" holds against the original's count too.
+        while fraction * current > budget:
+            fraction = math.nextafter(fraction, 0.0)
+        if fraction >= 1.0 or math.isclose(fraction, 1.0):
+            return None
+        return plan(model, target_flops=fraction, scope=scope, min_channels=self.min_channels,
+                    example_inputs=self.example_inputs)
+
     def enforce_budget(self, epoch: int, model: nn.Module, target_flops: float,
-                       optimizer: torch.optim.Optimizer | None = None, regularizer=None) -> ScheduleStep:
+                       optimizer: torch.optim.Optimizer | None = None, regularizer=None, *,
+                       scope: str = "global") -> ScheduleStep:
         """Remove the lowest-ranked remaining channels so that the model meets ``target_flops``
         exactly, a fraction in (0, 1] of the FLOPs the model had at this schedule's first
         :meth:`step` (or of the current model's if :meth:`step` was never called).
@@ -170,26 +196,13 @@ class RecedingSchedule:
         ascending-score order that meets the budget, each layer keeping ``min_channels``. When
         the model already meets the budget nothing is removed. An unreachable budget raises the
         planner's ``ValueError`` before the model, optimiser or regulariser change.
+        ``scope="local"`` cuts by the smallest uniform per-layer fraction instead (see
+        :meth:`budget_plan`).
         """
-        from .plan import plan
-
-        if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not (
-            0.0 < target_flops <= 1.0
-        ):
-            raise ValueError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
         self._check_regularizer(regularizer)
-        current = count_flops(model, self.example_inputs)
-        original = self.original_flops if self.original_flops is not None else current
-        budget = target_flops * original
-        fraction = budget / current
-        # The planner checks ``after <= fraction * current``; make that product not exceed the
-        # budget in floating point, so "meets the budget" holds against the original's count too.
-        while fraction * current > budget:
-            fraction = math.nextafter(fraction, 0.0)
-        if fraction >= 1.0 or math.isclose(fraction, 1.0):
+        p = self.budget_plan(model, target_flops, scope)
+        if p is None:
             return ScheduleStep(epoch, {}, model, optimizer, None)
-        p = plan(model, target_flops=fraction, min_channels=self.min_channels,
-                 example_inputs=self.example_inputs)
         return self._apply(epoch, model, p, optimizer, regularizer)
 
     def __repr__(self) -> str:
