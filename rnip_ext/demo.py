@@ -223,13 +223,20 @@ def _epoch_macs(directory: str, original: int, epochs: int) -> list[int]:
     return [original] + [after[e] for e in range(1, epochs)]
 
 
+def _load(seed: int, device: torch.device):
+    from .data import load_dataset
+    from .pipeline import image_size_for
+
+    return load_dataset(DATASET, None, RECIPE["val_fraction"], seed, device, image_size=image_size_for(ARCH, DATASET))
+
+
 class _Demo:
     """The state of one :func:`run_demo`: data per seed, output directory, log, progress."""
 
-    def __init__(self, out, device, epochs, finetune_epochs, log, progress, bar, stages):
+    def __init__(self, out, device, epochs, finetune_epochs, log, progress, bar, stages, splits):
         self.out, self.device, self.epochs, self.finetune_epochs = out, device, epochs, finetune_epochs
         self.log, self.progress, self.bar, self.stages, self.done = log, progress, bar, stages, 0
-        self.splits: dict = {}
+        self.splits: dict = splits
 
     def stage(self, line: str) -> None:
         self.done += 1
@@ -241,12 +248,8 @@ class _Demo:
             self.bar.update()
 
     def data(self, seed: int):
-        from .data import load_dataset
-        from .pipeline import image_size_for
-
         if seed not in self.splits:  # the seeded split is the same for every method
-            self.splits[seed] = load_dataset(DATASET, None, RECIPE["val_fraction"], seed, self.device,
-                                             image_size=image_size_for(ARCH, DATASET))
+            self.splits[seed] = _load(seed, self.device)
         splits = self.splits[seed]
         return splits, torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=self.device)
 
@@ -359,7 +362,8 @@ class _Demo:
         summary = {"kind": "train", "arch": ARCH, "dataset": DATASET, "method": "rni", "best_epoch": best["epoch"],
                    "val_accuracy": best["val_accuracy"], "test_accuracy": evaluate(chosen, splits.test),
                    **budget_summary(original, chosen, example, target)}
-        summary["images_per_s"] = measure_throughput(chosen, self.speed_batch(example), warmup=2, repeats=5).images_per_s
+        speed = measure_throughput(chosen, self.speed_batch(example), warmup=2, repeats=5)
+        summary["images_per_s"] = speed.images_per_s
         summary["training_compute"] = training_compute(_epoch_macs(directory, summary["flops_before"], self.epochs),
                                                        summary["flops_before"], self.epochs)
         _finish_run(directory, summary)
@@ -370,7 +374,7 @@ class _Demo:
 
 
 def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DEMO_EPOCHS,
-             finetune_epochs: int = DEMO_FINETUNE_EPOCHS, methods=METHODS, strengths=None, budget=None,
+             finetune_epochs: int = DEMO_FINETUNE_EPOCHS, methods=None, strengths=None, budget=None,
              device: str = "auto", progress: bool | str = True, plots: bool = True, overwrite: bool = False,
              log_name: str = "demo_log.txt", threads: int | None = None) -> dict:
     """Run the demo into ``out`` and return its report (also written as ``out/report.json``).
@@ -381,8 +385,10 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     :data:`DEMO_STRENGTH`) and seed ``0 .. seeds-1``: train (:func:`rnip_ext.training.fit`) into
     ``out/train-<method>-s<seed>``, then for each FLOPs target ``t`` prune
     (:func:`rnip_ext.pipeline.prune_and_measure`, ``scope="local"`` for ``none``) and fine-tune
-    ``finetune_epochs`` into ``out/prune-<method>-s<seed>-f<100 t>``. For ``rni-budget`` (when in
-    ``methods``; needs ``epochs >= 2``), per seed and target one
+    ``finetune_epochs`` into ``out/prune-<method>-s<seed>-f<100 t>``. ``methods`` defaults to
+    :data:`METHODS`, without ``rni-budget`` when ``epochs`` is 1 (a budget run needs 2: one to
+    reach the budget, one at it; a note says it was left out, so a 1-epoch smoke run still works;
+    naming it explicitly with 1 epoch is a ``ValueError``). For ``rni-budget``, per seed and target one
     :func:`rnip_ext.budget.train_to_budget` run of ``epochs`` into
     ``out/train-rni-budget-s<seed>-f<100 t>`` with ``budget`` (keyword arguments of
     ``train_to_budget`` among :data:`BUDGET_KEYS`, over :data:`DEMO_BUDGET`). Every sub-run is
@@ -393,7 +399,8 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     torch's setting). On a shared machine 1 thread can be several times faster than 2: the tiny
     network gains little from intra-op parallelism, and spinning OpenMP threads lose badly to
     other processes for the cores. Bad settings (and a target ``min_channels=3`` makes
-    unreachable) raise ``ValueError`` before anything is written.
+    unreachable) raise ``ValueError``, a missing scikit-learn ``ImportError``, before anything
+    is written.
 
     Returns ``{"settings", "machine", "rows", "runs", "budget_runs", "table", "wall_s"}``:
     ``rows`` from :func:`aggregate` (mean, sd and per-seed values per method and target, target
@@ -408,7 +415,8 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     strengths = dict(DEMO_STRENGTH if strengths is None else strengths)
     budget = dict(DEMO_BUDGET, **(budget or {}))
     targets = tuple(float(t) for t in targets)
-    methods = tuple(methods)
+    left_out = methods is None and epochs == 1
+    methods = tuple(m for m in METHODS if not (left_out and m == BUDGET_METHOD)) if methods is None else tuple(methods)
     _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
@@ -419,10 +427,13 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
         from .cli.plots import require_matplotlib
 
         require_matplotlib()  # fail before hours of training, not after
+    splits = {0: _load(0, dev)}  # a missing scikit-learn fails here, before anything is written
     mode = rundir.check(out, "demo", overwrite=overwrite, replace_own=True)
     created = rundir.claim(out, "demo", mode)
     rundir.record(out, log_name)
     tpf = [m for m in methods if m != BUDGET_METHOD]
+    if left_out and progress:
+        print(f"note: {BUDGET_METHOD} left out (its runs need --epochs >= 2)", flush=True)
     stages = len(tpf) * seeds * (1 + len(targets)) + (seeds * len(targets) if BUDGET_METHOD in methods else 0)
     use_bar = progress == "bar" or (progress is True and sys.stdout.isatty() and sys.stderr.isatty())
     bar = None
@@ -436,7 +447,7 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     if threads is not None:
         torch.set_num_threads(threads)
     log = open(os.path.join(out, log_name), "w")
-    demo = _Demo(out, dev, epochs, finetune_epochs, log, progress, bar, stages)
+    demo = _Demo(out, dev, epochs, finetune_epochs, log, progress, bar, stages, splits)
     try:
         for method in methods:
             for seed in range(seeds):

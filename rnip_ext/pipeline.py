@@ -124,5 +124,6 @@ def prune_summary(outcome: PruneOutcome, best: dict, *, config: dict, ratio: flo
         "accuracy_before_pruning": outcome.acc_before, "accuracy_after_pruning": outcome.acc_pruned,
         "test_accuracy": best["test_accuracy"], "val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
         "params": p.params[1], "params_before": p.params[0], "flops": p.flops[1],
-        "flops_before": p.flops[0], "kept_channels": [[g.name, g.channels, len(p.group_keep[g.name])] for g in p.groups],
+        "flops_before": p.flops[0],
+        "kept_channels": [[g.name, g.channels, len(p.group_keep[g.name])] for g in p.groups],
     }

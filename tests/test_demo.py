@@ -53,7 +53,8 @@ def test_aggregate_is_mean_and_sample_sd_over_seeds():
         per_seed = [results[(r["method"], s)] for s in (0, 1, 2)]
         if r["budget_run"]:
             bs = [p[f"f{round(r['target'] * 100)}"] for _, p in per_seed]
-            expect = {"acc_pruned": [b["test_accuracy"] for b in bs], "training_compute": [b["training_compute"] for b in bs],
+            expect = {"acc_pruned": [b["test_accuracy"] for b in bs],
+                      "training_compute": [b["training_compute"] for b in bs],
                       "macs_fraction": [b["flops"] / b["flops_before"] for b in bs]}
             assert r["acc_finetuned"] is None and r["train_epochs"] == 7
         elif r["pruned"]:
@@ -94,7 +95,7 @@ def test_aggregate_is_mean_and_sample_sd_over_seeds():
 
 @pytest.mark.parametrize("bad", [dict(seeds=0), dict(targets=()), dict(targets=(0.5, 1.5)), dict(epochs=0),
                                  dict(targets=(0.5, 0.501)), dict(methods=("rni", "slimming")),
-                                 dict(epochs=1),  # the budget-aware runs need 2
+                                 dict(epochs=1, methods=demo.METHODS),  # the budget-aware runs need 2
                                  dict(budget={"strenght": 1e-2}), dict(targets=(0.5, 1e-4)),  # unreachable
                                  dict(device="tpu")])
 def test_run_demo_refuses_bad_settings_before_writing(tmp_path, bad):

@@ -38,7 +38,6 @@ def test_demo_at_equal_flops(tmp_path, capsys):
     (["--target-flops", "0"], "--target-flops must be in"),
     (["--target-flops", "0.5", "0.501"], "--target-flops must differ"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--epochs", "1"], "rni-budget needs epochs >= 2"),
     (["--ratios", "0.5"], "unrecognized arguments"),
 ])
 def test_demo_argument_errors_are_one_line_and_write_nothing(tmp_path, capsys, args, match):
