@@ -7,17 +7,29 @@ planner (:func:`rnip_ext.pruning.plan` with ``target_flops``): ``rni`` and ``l1`
 threshold on the relative score (the paper's method), ``none`` with ``scope="local"``, the
 smallest uniform per-layer fraction that meets the same budget (the paper's "uniform" baseline at
 equal cost, not at an equal channel fraction). Each pruned network is then fine-tuned without the
-regulariser. Every row of the table is ``mean +- sd`` over the seeds (sample standard deviation,
-``n - 1``; ``n/a`` with one seed); ``report.json`` keeps every seed's value.
+regulariser. The fourth method, ``rni-budget``, is the budget-aware receding run
+(:func:`rnip_ext.budget.train_to_budget`): one training run per seed and target, same recipe,
+data and epochs, in which receded channels leave during training and the budget is met exactly
+from a third of the epochs on (the library's defaults, :data:`DEMO_BUDGET`); no fine-tuning phase follows. Every row
+of the table is ``mean +- sd`` over the seeds (sample standard deviation, ``n - 1``; ``n/a`` with
+one seed); ``report.json`` keeps every seed's value.
 
-Per method and target: test accuracy right after pruning (no fine-tuning) and after fine-tuning,
-parameters, MACs (as a fraction of the unpruned network's) and inference images/s measured on
-the run's device (rough: median of 5 batches of 32, see :func:`rnip_ext.benchmarking.measure_throughput`),
-plus each method's unpruned row. Per trained run it also records, per prunable layer, how many
-channels receded (relative score ``< RECEDED``, and the paper's absolute score ``< RECEDED``) and
-how many each budget kept: a method that "wins" by whole layers receding (the next BatchNorm
-renormalising them) shows as layers whose absolute scores are all below ``RECEDED`` while the
-relative ones are not.
+Per method and target: test accuracy right after pruning (no fine-tuning; for ``rni-budget`` the
+accuracy of the run's network, which had no fine-tuning phase) and after fine-tuning (``-`` where
+there is none), parameters, MACs (as a fraction of the unpruned network's), inference images/s
+measured on the run's device (rough: median of 5 batches of 32, see
+:func:`rnip_ext.benchmarking.measure_throughput`) and the total training compute
+(:func:`training_compute`), plus each method's unpruned row. Per trained run it also records,
+per prunable layer, how many channels receded (relative score ``< RECEDED``, and the paper's
+absolute score ``< RECEDED``) and how many each budget kept: a method that "wins" by whole layers
+receding (the next BatchNorm renormalising them) shows as layers whose absolute scores are all
+below ``RECEDED`` while the relative ones are not. For ``rni-budget`` it records each run's final
+width per layer.
+
+Every step is a library call (:func:`rnip_ext.training.fit`, :func:`rnip_ext.budget.train_to_budget`,
+:func:`rnip_ext.pipeline.prune_and_measure`); each sub-run directory still holds what ``rnip
+train`` / ``rnip prune`` would write (``config.json``, ``metrics.jsonl``, checkpoints,
+``summary.json``, ``pruned.pt``), so ``rnip prune``, ``report`` and ``export`` work on them.
 
 The demo does not tune anything: its strengths come from an offline sweep judged on the
 validation split (``docs/demo/sweep_strengths.py``, results in ``docs/demo/sweep_results.json``).
@@ -26,13 +38,13 @@ validation split (``docs/demo/sweep_strengths.py``, results in ``docs/demo/sweep
 from __future__ import annotations
 
 import contextlib
-import io
+import copy
+import json
 import os
 import platform
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -40,6 +52,8 @@ from . import rundir
 from .data import DATASETS
 
 __all__ = [
+    "BUDGET_METHOD",
+    "DEMO_BUDGET",
     "DEMO_EPOCHS",
     "DEMO_FINETUNE_EPOCHS",
     "DEMO_STRENGTH",
@@ -50,21 +64,35 @@ __all__ = [
     "format_table",
     "run_demo",
     "table_header",
+    "training_compute",
 ]
 
-METHODS = ("rni", "l1", "none")
-# (strength, shift) per method. Chosen once, offline, by docs/demo/sweep_strengths.py on the
+# The budget-aware receding run's method name in the report and the table.
+BUDGET_METHOD = "rni-budget"
+METHODS = ("rni", "l1", "none", BUDGET_METHOD)
+# (strength, shift) per train-prune-fine-tune method. Chosen once, offline, by docs/demo/sweep_strengths.py on the
 # validation split (never test) over rni strength {1e-2, 5e-2, 2e-1} x shift {1, 3} and l1
 # strength {1e-4, 1e-3, 1e-2}, one seed, the demo's epochs and targets: rni 5e-2 / shift 1 scored
 # 0.987 (next best 0.826), l1 1e-3 scored 0.817 (next 0.719); see docs/demo/sweep_results.json
 # and docs/demo/sweep.md. Far stronger than the paper's (1e-3, shift 3 over 160 CIFAR epochs):
 # here ~500 steps must polarise the importances.
 DEMO_STRENGTH = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
+# The budget-aware run's settings: keyword arguments of rnip_ext.budget.train_to_budget (any of
+# BUDGET_KEYS) over the library's defaults, which the demo uses unchanged: the penalty focused on
+# the channels the planner would remove next, its strength starting at 2.0 (shift 1) and adapted
+# by the controller, a geometric FLOPs schedule after 2 full-width epochs, the budget met at a
+# third of the epochs, leaving the rest to train the network at its final width. Those defaults
+# were chosen on the validation split of benchmarks/budget_training.py (digits, 30 epochs).
+DEMO_BUDGET: dict = {}
+BUDGET_KEYS = ("strength", "shift", "budget_at", "prune_every", "threshold", "normalize", "scope", "focus")
 # Fractions of the unpruned network's FLOPs (MACs) every method is pruned to.
 DEMO_TARGETS = (0.5, 0.2, 0.1)
-# Sized for the 5-minute budget on 2 CPU cores: the default demo is 3 seeds x 3 methods x
-# (15 training + 3 x 4 fine-tuning epochs) = 243 epochs over ~1,100 images (the paper trains
-# 160 + 160 epochs on CIFAR). Measured wall time: docs/demo/demo_output.txt.
+# Sized for the 5-minute budget on 2 CPU cores: the default demo is 3 seeds x (3 methods x
+# (15 training + 3 x 4 fine-tuning epochs) + 3 budget-aware runs x 15 epochs) = 378 epochs over
+# ~1,100 images (the paper trains 160 + 160 epochs on CIFAR). Measured: 5 min 16 s wall with
+# --threads 1 on a 2-core machine shared with other jobs (load average 3-6, the demo got 76% of a
+# core: 242 s of CPU time, so about 4 min on an idle machine; docs/demo/demo_output.txt). The
+# budget-aware runs added ~110 s of the 308 s there (their networks narrow from the first epochs).
 DEMO_EPOCHS = 15
 DEMO_FINETUNE_EPOCHS = 4
 # A channel "receded" when its score is below this (relative score: under 1% of the layer's
@@ -72,13 +100,32 @@ DEMO_FINETUNE_EPOCHS = 4
 RECEDED = 0.01
 # The demo's fixed training recipe (the paper's, with a lower lr and batch for ~1,400 images).
 RECIPE = {"lr": 0.05, "batch_size": 32, "weight_decay": 1e-4, "bn_lr_scale": 10.0, "val_fraction": 0.1}
+ARCH, DATASET, MIN_CHANNELS = "vgg_small", "digits", 3
 
 
 def _label(target: float) -> str:
     return f"f{round(target * 100):g}"
 
 
-def _check(seeds, targets, epochs, finetune_epochs, methods, strengths) -> None:
+def training_compute(macs_per_epoch, full_macs: float, epochs: int) -> float:
+    """Total training compute as a fraction of full-width training for ``epochs`` epochs.
+
+    ``sum_e macs_e * n / (epochs * full_macs * n) = sum_e macs_e / (epochs * full_macs)``, where
+    ``macs_e`` is the MACs (per image, forward) of the network trained in epoch ``e`` (every
+    epoch, training and fine-tuning, sees the same ``n`` training images) and ``full_macs`` the
+    unpruned network's. One definition for every row of the demo: the unpruned network is
+    ``1``; train ``E`` epochs, prune, fine-tune ``F`` epochs is ``(E * full + F * pruned) /
+    (E * full) = 1 + (F / E) * macs_fraction`` (above 1); a budget-aware run sums its network's
+    MACs at the start of each epoch (it narrows between epochs) and stays below 1.
+    """
+    macs = [float(m) for m in macs_per_epoch]
+    if epochs < 1 or full_macs <= 0 or not macs:
+        raise ValueError(f"training_compute needs epochs >= 1, full_macs > 0 and at least one epoch, got "
+                         f"{epochs}, {full_macs}, {len(macs)} epochs")
+    return sum(macs) / (epochs * float(full_macs))
+
+
+def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) -> None:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     if not targets:
@@ -92,30 +139,44 @@ def _check(seeds, targets, epochs, finetune_epochs, methods, strengths) -> None:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
-    unknown = [m for m in methods if m not in strengths]
-    if not methods or unknown:
-        raise ValueError(f"methods must be a non-empty subset of {tuple(strengths)}, got {list(methods)}")
+    known = tuple(strengths) + (BUDGET_METHOD,)
+    unknown = [m for m in methods if m not in known]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be a non-empty subset of {known}, got {list(methods)}")
+    if BUDGET_METHOD in methods:
+        if epochs < 2:
+            raise ValueError(f"{BUDGET_METHOD} needs epochs >= 2 (the budget is met after an epoch and at least one "
+                             f"more trains at it), got {epochs}; leave {BUDGET_METHOD} out of methods to train 1 epoch")
+        bad = [k for k in budget if k not in BUDGET_KEYS]
+        if bad:
+            raise ValueError(f"budget settings must be among {BUDGET_KEYS}, got {bad}")
 
 
-def _layer_analysis(run_dir: str, targets, prunes: dict) -> dict:
-    """Per prunable layer of a trained run: channels, receded (relative and absolute score), kept
-    per target; the scores and the removal threshold per target (for the histogram)."""
+def _check_reachable(targets, in_channels: int, num_classes: int, size: int) -> None:
+    """The planner's ``ValueError`` for a target ``MIN_CHANNELS`` makes unreachable, before anything is written."""
     from . import pruning
-    from .cli.runs import load_checkpoint, read_json
-    from .cli.train import build_model
+    from .pipeline import build_model
+
+    model = build_model({"arch": ARCH, "method": "rni"}, num_classes, in_channels)
+    for t in targets:
+        pruning.plan(model, min_channels=MIN_CHANNELS, example_inputs=torch.zeros(1, in_channels, size, size),
+                     target_flops=t)
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _layer_analysis(model, plans: dict, prunes: dict) -> dict:
+    """Per prunable layer of a trained network: channels, receded (relative and absolute score),
+    kept per target; the scores and the removal threshold per target (for the histogram)."""
     from .pruning.importance import group_scores
 
-    config = read_json(os.path.join(run_dir, "config.json"))
-    model = build_model(config, DATASETS[config["dataset"]][0], config["in_channels"])
-    model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"))["model"])
-    size = config["image_size_used"]
-    example = torch.zeros(1, config["in_channels"], size, size)
-    scope = "local" if config["method"] == "none" else "global"
-    thresholds, plan = {}, None
-    for t in targets:
-        # The same plan `rnip prune` made (deterministic): only its threshold is not in summary.json.
-        plan = pruning.plan(model, scope=scope, example_inputs=example, target_flops=t, min_channels=3)
-        thresholds[_label(t)] = plan.threshold
+    plan = next(iter(plans.values()))  # scores and groups do not depend on the target
     paper = group_scores(model, plan.groups, "paper")
     layers = []
     for g in plan.groups:
@@ -125,7 +186,7 @@ def _layer_analysis(run_dir: str, targets, prunes: dict) -> dict:
                        "kept": {lab: dict((k[0], k[2]) for k in s["kept_channels"])[g.name]
                                 for lab, s in prunes.items()}})
     scores = torch.cat([plan.scores[g.name] for g in plan.groups])
-    return {"layers": layers, "thresholds": thresholds, "scores": scores.tolist(),
+    return {"layers": layers, "thresholds": {lab: p.threshold for lab, p in plans.items()}, "scores": scores.tolist(),
             "receded_fraction": float((scores < RECEDED).float().mean())}
 
 
@@ -136,51 +197,247 @@ def _stage(progress, bar, line: str) -> None:
         print(line, flush=True)
 
 
+def _start_run(parent: str, name: str, config: dict) -> str:
+    """A new sub-run directory of the demo, recorded in the demo's manifest, with its ``config.json``."""
+    from .rundir import write_json
+
+    directory = os.path.join(parent, name)
+    rundir.record(parent, name)
+    rundir.claim(directory, "prune" if "source_run" in config else "train", "new")
+    rundir.record(directory, "config.json")
+    write_json(os.path.join(directory, "config.json"), config)
+    return directory
+
+
+def _finish_run(directory: str, summary: dict) -> None:
+    from .rundir import write_json
+
+    rundir.record(directory, "summary.json")
+    write_json(os.path.join(directory, "summary.json"), summary)
+
+
+def _epoch_macs(directory: str, original: int, epochs: int) -> list[int]:
+    """MACs of the network each epoch of a budget run trained: the original in the first, then
+    the width the previous epoch left (``metrics.jsonl``'s ``flops``, measured after the epoch)."""
+    with open(os.path.join(directory, "metrics.jsonl")) as f:
+        rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["epoch"])
+    after = {r["epoch"]: int(r["flops"]) for r in rows}
+    return [original] + [after[e] for e in range(1, epochs)]
+
+
+def _load(seed: int, device: torch.device):
+    from .data import load_dataset
+    from .pipeline import image_size_for
+
+    return load_dataset(DATASET, None, RECIPE["val_fraction"], seed, device, image_size=image_size_for(ARCH, DATASET))
+
+
+class _Demo:
+    """The state of one :func:`run_demo`: data per seed, output directory, log, progress."""
+
+    def __init__(self, out, device, epochs, finetune_epochs, log, progress, bar, stages, splits):
+        self.out, self.device, self.epochs, self.finetune_epochs = out, device, epochs, finetune_epochs
+        self.log, self.progress, self.bar, self.stages, self.done = log, progress, bar, stages, 0
+        self.splits: dict = splits
+
+    def stage(self, line: str) -> None:
+        self.done += 1
+        _stage(self.progress, self.bar, f"[{self.done}/{self.stages}] {line}")
+        print(f"== {line}", file=self.log, flush=True)
+
+    def stage_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def data(self, seed: int):
+        if seed not in self.splits:  # the seeded split is the same for every method
+            self.splits[seed] = _load(seed, self.device)
+        splits = self.splits[seed]
+        return splits, torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=self.device)
+
+    def config(self, method: str, strength: float, shift: float, seed: int, model, example, splits) -> dict:
+        """What ``rnip train`` records in ``config.json`` for these settings (what the other commands read)."""
+        from .pipeline import image_size_for
+        from .pruning import count_flops, count_params
+        from .training import bn_kind
+
+        return {"arch": ARCH, "dataset": DATASET, "data_dir": None, "method": method, "strength": strength,
+                "shift": shift, "penalty": "layer" if method == "rni" else None, "epochs": self.epochs, **RECIPE,
+                "seed": seed, "device": str(self.device.type), "amp": "none", "channels_last": False,
+                "compile": False, "image_size": image_size_for(ARCH, DATASET), "bn": bn_kind(method),
+                "optimizer": "SGD(momentum=0.9, nesterov=True)", "schedule": "lr/10 at 50% and 75% of epochs",
+                "num_classes": splits.num_classes, "in_channels": splits.in_channels,
+                "image_size_used": splits.image_size, "resolved_device": str(self.device),
+                "params": count_params(model), "flops": count_flops(model, example), "train_size": len(splits.train),
+                "val_size": len(splits.val), "test_size": len(splits.test), "target_flops": None,
+                "prune_every": None, "receded_below": None, "made_by": "rnip demo"}
+
+    def fit_kwargs(self, seed: int) -> dict:
+        return {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "weight_decay": RECIPE["weight_decay"],
+                "bn_lr_scale": RECIPE["bn_lr_scale"], "seed": seed, "progress": False}
+
+    def speed_batch(self, example) -> torch.Tensor:
+        return torch.randn(min(RECIPE["batch_size"], 256), *example.shape[1:], device=self.device)
+
+    def train(self, method: str, strength: float, shift: float, seed: int):
+        """``rnip train`` for one method and seed: the trained network (best validation epoch) and its summary."""
+        from .pipeline import build_model
+        from .pruning import count_flops, count_params, restore
+        from .rundir import load_checkpoint
+        from .training import fit, make_regularizer
+
+        splits, example = self.data(seed)
+        torch.manual_seed(seed)
+        model = build_model({"arch": ARCH, "method": method}, splits.num_classes, splits.in_channels).to(self.device)
+        directory = _start_run(self.out, f"train-{method}-s{seed}",
+                               self.config(method, strength, shift, seed, model, example, splits))
+        best = fit(model, splits, directory, epochs=self.epochs, description=f"train {method}",
+                   regularizer=make_regularizer(model, method, strength, shift), **self.fit_kwargs(seed))
+        restore(model, load_checkpoint(os.path.join(directory, "best.pt"))["model"])
+        summary = {"kind": "train", "arch": ARCH, "dataset": DATASET, "method": method, "ratio": 0.0,
+                   "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
+                   "test_accuracy": best["test_accuracy"], "params": count_params(model),
+                   "flops": count_flops(model, example)}
+        _finish_run(directory, summary)
+        print(f"{method}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} test {best['test_accuracy']:.4f}"
+              f" -> {directory}", file=self.log, flush=True)
+        return model, summary
+
+    def prune(self, model, config: dict, method: str, seed: int, target: float):
+        """``rnip prune --target-flops target`` with fine-tuning: the plan and the prune run's summary."""
+        from . import pruning
+        from .pipeline import prune_and_measure, prune_summary
+        from .rundir import load_checkpoint
+        from .training import fit
+
+        splits, example = self.data(seed)
+        scope = "local" if method == "none" else "global"
+        torch.manual_seed(seed)
+        outcome = prune_and_measure(model, splits, example, target_flops=target, scope=scope,
+                                    min_channels=MIN_CHANNELS, speed_batch_size=min(RECIPE["batch_size"], 256))
+        print(outcome.plan, file=self.log, flush=True)
+        name = f"train-{method}-s{seed}"
+        directory = _start_run(self.out, f"prune-{method}-s{seed}-{_label(target)}", dict(
+            config, source_run=os.path.abspath(os.path.join(self.out, name)), ratio=None, target_flops=target,
+            target_params=None, scope=scope, min_channels=MIN_CHANNELS, finetune_epochs=self.finetune_epochs))
+        small = outcome.small
+        best = {"test_accuracy": outcome.acc_pruned, "val_accuracy": outcome.val_pruned, "epoch": 0}
+        if self.finetune_epochs > 0:
+            best = fit(small, splits, directory, epochs=self.finetune_epochs, regularizer=None,
+                       description="fine-tune", **self.fit_kwargs(seed))
+            small.load_state_dict(load_checkpoint(os.path.join(directory, "best.pt"))["model"])
+        rundir.record(directory, "pruned.pt")
+        pruning.save(small, os.path.join(directory, "pruned.pt"))
+        summary = prune_summary(outcome, best, config=config, ratio=None, scope=scope, target_flops=target)
+        _finish_run(directory, summary)
+        print(f"{method} pruned to {outcome.plan.achieved_flops:.1%} of the FLOPs ({scope}): test accuracy "
+              f"{outcome.acc_before:.4f} -> {outcome.acc_pruned:.4f} pruned -> {best['test_accuracy']:.4f} "
+              f"fine-tuned", file=self.log, flush=True)
+        return outcome.plan, summary
+
+    def budget_run(self, seed: int, target: float, budget: dict) -> dict:
+        """``rnip train --target-flops target``: one budget-aware receding run, no fine-tuning; its summary."""
+        from .benchmarking import measure_throughput
+        from .budget import BUDGET_SHIFT, BUDGET_START_STRENGTH, train_to_budget
+        from .pipeline import budget_summary, build_model
+        from .pruning import restore
+        from .rundir import load_checkpoint
+        from .training import evaluate
+
+        splits, example = self.data(seed)
+        torch.manual_seed(seed)
+        model = build_model({"arch": ARCH, "method": "rni"}, splits.num_classes, splits.in_channels).to(self.device)
+        original = copy.deepcopy(model)
+        config = self.config("rni", budget.get("strength", BUDGET_START_STRENGTH), budget.get("shift", BUDGET_SHIFT),
+                             seed, model, example, splits)
+        config.update(target_flops=target, prune_every=budget.get("prune_every", 1),
+                      receded_below=budget.get("threshold", 0.01), min_channels=MIN_CHANNELS,
+                      budget=f"train_to_budget({', '.join(f'{k}={v!r}' for k, v in budget.items()) or 'defaults'})")
+        directory = _start_run(self.out, f"train-{BUDGET_METHOD}-s{seed}-{_label(target)}", config)
+        best = train_to_budget(model, splits, directory, target_flops=target, epochs=self.epochs,
+                               example_inputs=example, min_channels=MIN_CHANNELS, description=f"train {BUDGET_METHOD}",
+                               **budget, **self.fit_kwargs(seed))
+        # The run's network: best.pt, the best validation epoch among those within the budget
+        # (model selection as in every other row), not necessarily the last epoch's width.
+        state = load_checkpoint(os.path.join(directory, "best.pt"))
+        chosen = restore(build_model({"arch": ARCH, "method": "rni"}, splits.num_classes, splits.in_channels),
+                         state["model"], state.get("architecture")).to(self.device)
+        summary = {"kind": "train", "arch": ARCH, "dataset": DATASET, "method": "rni", "best_epoch": best["epoch"],
+                   "val_accuracy": best["val_accuracy"], "test_accuracy": evaluate(chosen, splits.test),
+                   **budget_summary(original, chosen, example, target)}
+        speed = measure_throughput(chosen, self.speed_batch(example), warmup=2, repeats=5)
+        summary["images_per_s"] = speed.images_per_s
+        summary["training_compute"] = training_compute(_epoch_macs(directory, summary["flops_before"], self.epochs),
+                                                       summary["flops_before"], self.epochs)
+        _finish_run(directory, summary)
+        print(f"{BUDGET_METHOD} to {target:.0%} of the FLOPs: best epoch {best['epoch']} at "
+              f"{summary['achieved_flops']:.1%} of the FLOPs, test {summary['test_accuracy']:.4f}, training compute "
+              f"{summary['training_compute']:.2f} of full width -> {directory}", file=self.log, flush=True)
+        return summary
+
+
 def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DEMO_EPOCHS,
-             finetune_epochs: int = DEMO_FINETUNE_EPOCHS, methods=METHODS, strengths=None, device: str = "auto",
-             progress: bool | str = True, plots: bool = True, overwrite: bool = False,
+             finetune_epochs: int = DEMO_FINETUNE_EPOCHS, methods=None, strengths=None, budget=None,
+             device: str = "auto", progress: bool | str = True, plots: bool = True, overwrite: bool = False,
              log_name: str = "demo_log.txt", threads: int | None = None) -> dict:
     """Run the demo into ``out`` and return its report (also written as ``out/report.json``).
 
     ``out`` must be new, empty, or an earlier demo's output (replaced; with ``overwrite`` any
-    earlier rnip output, never files rnip did not write: :mod:`rnip_ext.rundir`). For each method
-    (``strengths[method] = (strength, shift)``, default :data:`DEMO_STRENGTH`) and seed
-    ``0 .. seeds-1``: ``rnip train`` into ``out/train-<method>-s<seed>``, then for each FLOPs
-    target ``t`` ``rnip prune --target-flops t`` (``scope="local"`` for ``none``) with
-    ``finetune_epochs`` of fine-tuning into ``out/prune-<method>-s<seed>-f<100 t>``. Everything
-    those runs print goes to ``out/<log_name>``; ``progress`` shows one tqdm bar over the stages
-    on a terminal (``"bar"`` forces it), one printed line per stage otherwise (``"lines"``), or
-    nothing (``False``). ``threads``: CPU threads torch uses during the demo (restored
-    afterwards; ``None`` keeps torch's setting). On a shared machine 1 thread can be several
-    times faster than 2: the tiny network gains little from intra-op parallelism, and spinning
-    OpenMP threads lose badly to other processes for the cores.
+    earlier rnip output, never files rnip did not write: :mod:`rnip_ext.rundir`). For each
+    train-prune-fine-tune method (``strengths[method] = (strength, shift)``, default
+    :data:`DEMO_STRENGTH`) and seed ``0 .. seeds-1``: train (:func:`rnip_ext.training.fit`) into
+    ``out/train-<method>-s<seed>``, then for each FLOPs target ``t`` prune
+    (:func:`rnip_ext.pipeline.prune_and_measure`, ``scope="local"`` for ``none``) and fine-tune
+    ``finetune_epochs`` into ``out/prune-<method>-s<seed>-f<100 t>``. ``methods`` defaults to
+    :data:`METHODS`, without ``rni-budget`` when ``epochs`` is 1 (a budget run needs 2: one to
+    reach the budget, one at it; a note says it was left out, so a 1-epoch smoke run still works;
+    naming it explicitly with 1 epoch is a ``ValueError``). For ``rni-budget``, per seed and target one
+    :func:`rnip_ext.budget.train_to_budget` run of ``epochs`` into
+    ``out/train-rni-budget-s<seed>-f<100 t>`` with ``budget`` (keyword arguments of
+    ``train_to_budget`` among :data:`BUDGET_KEYS`, over :data:`DEMO_BUDGET`). Every sub-run is
+    written as ``rnip train`` / ``rnip prune`` would write it. A log of the runs goes to
+    ``out/<log_name>``; ``progress`` shows one tqdm bar over the stages on a terminal (``"bar"``
+    forces it), one printed line per stage otherwise (``"lines"``), or nothing (``False``).
+    ``threads``: CPU threads torch uses during the demo (restored afterwards; ``None`` keeps
+    torch's setting). On a shared machine 1 thread can be several times faster than 2: the tiny
+    network gains little from intra-op parallelism, and spinning OpenMP threads lose badly to
+    other processes for the cores. Bad settings (and a target ``min_channels=3`` makes
+    unreachable) raise ``ValueError``, a missing scikit-learn ``ImportError``, before anything
+    is written.
 
-    Returns ``{"settings", "machine", "rows", "runs", "table", "wall_s"}``: ``rows`` from
-    :func:`aggregate` (mean, sd and per-seed values per method and target, target ``1.0`` the
-    unpruned network), ``runs`` per (method, seed) the per-layer analysis (channels, receded,
-    kept per target), the scores and the removal thresholds; ``table`` the markdown of
+    Returns ``{"settings", "machine", "rows", "runs", "budget_runs", "table", "wall_s"}``:
+    ``rows`` from :func:`aggregate` (mean, sd and per-seed values per method and target, target
+    ``1.0`` the unpruned network), ``runs`` per (method, seed) the per-layer analysis (channels,
+    receded, kept per target), the scores and the removal thresholds, ``budget_runs`` per seed of
+    ``rni-budget`` the final width of every layer per target; ``table`` the markdown of
     :func:`format_table`. With ``plots`` (needs matplotlib) the figures of
     :mod:`rnip_ext.demo_plots` are written too.
     """
-    from .cli import prune as prune_cmd
-    from .cli import train as train_cmd
-    from .cli.errors import Interrupted
-    from .cli.runs import write_json
+    from .rundir import write_json
 
     strengths = dict(DEMO_STRENGTH if strengths is None else strengths)
+    budget = dict(DEMO_BUDGET, **(budget or {}))
     targets = tuple(float(t) for t in targets)
-    methods = tuple(methods)
-    _check(seeds, targets, epochs, finetune_epochs, methods, strengths)
+    left_out = methods is None and epochs == 1
+    methods = tuple(m for m in METHODS if not (left_out and m == BUDGET_METHOD)) if methods is None else tuple(methods)
+    _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    dev = _device(device)
+    num_classes, in_channels = DATASETS[DATASET][0], 1
+    _check_reachable(targets, in_channels, num_classes, 16)
     if plots:
         from .cli.plots import require_matplotlib
 
         require_matplotlib()  # fail before hours of training, not after
+    splits = {0: _load(0, dev)}  # a missing scikit-learn fails here, before anything is written
     mode = rundir.check(out, "demo", overwrite=overwrite, replace_own=True)
     created = rundir.claim(out, "demo", mode)
     rundir.record(out, log_name)
-    stages = len(methods) * seeds * (1 + len(targets))
+    tpf = [m for m in methods if m != BUDGET_METHOD]
+    if left_out and progress:
+        print(f"note: {BUDGET_METHOD} left out (its runs need --epochs >= 2)", flush=True)
+    stages = len(tpf) * seeds * (1 + len(targets)) + (seeds * len(targets) if BUDGET_METHOD in methods else 0)
     use_bar = progress == "bar" or (progress is True and sys.stdout.isatty() and sys.stderr.isatty())
     bar = None
     if use_bar:
@@ -188,58 +445,50 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
 
         bar = tqdm(total=stages, desc="rnip demo", unit="run")
     start = time.perf_counter()
-    results, runs, done = {}, {}, 0
+    results, runs, budget_runs = {}, {}, {}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     log = open(os.path.join(out, log_name), "w")
+    demo = _Demo(out, dev, epochs, finetune_epochs, log, progress, bar, stages, splits)
     try:
         for method in methods:
-            strength, shift = strengths[method]
             for seed in range(seeds):
-                name = f"train-{method}-s{seed}"
-                train_dir = os.path.join(out, name)
-                rundir.record(out, name)
-                done += 1
-                _stage(progress, bar, f"[{done}/{stages}] train {method} seed {seed} ({epochs} epochs)")
+                if method == BUDGET_METHOD:
+                    # One training run to each budget, no fine-tuning phase: its own row per target.
+                    summaries = {}
+                    for t in targets:
+                        demo.stage(f"train {method} seed {seed} to {t:.0%} of the FLOPs ({epochs} epochs, "
+                                   f"no fine-tuning)")
+                        t0 = time.perf_counter()
+                        summaries[_label(t)] = dict(demo.budget_run(seed, t, budget), wall_s=time.perf_counter() - t0)
+                        demo.stage_done()
+                    results[(method, seed)] = (None, summaries)
+                    budget_runs[f"{method}-s{seed}"] = {
+                        "method": method, "seed": seed,
+                        "layers": [{"layer": layer, "channels": channels,
+                                    "kept": {lab: next(k[2] for k in s["kept_channels"] if k[0] == layer)
+                                             for lab, s in summaries.items()}}
+                                   for layer, channels, _ in next(iter(summaries.values()))["kept_channels"]]}
+                    continue
+                strength, shift = strengths[method]
+                demo.stage(f"train {method} seed {seed} ({epochs} epochs)")
                 t0 = time.perf_counter()
-                with contextlib.redirect_stdout(log):
-                    trained = train_cmd.run(SimpleNamespace(
-                        arch="vgg_small", dataset="digits", data_dir=None, download=False, method=method,
-                        strength=strength, shift=shift, epochs=epochs, seed=seed, device=device, amp="none",
-                        channels_last=False, compile=False, out=train_dir, resume=False, overwrite=False,
-                        no_progress=True, **RECIPE))
+                model, trained = demo.train(method, strength, shift, seed)
                 trained["wall_s"] = time.perf_counter() - t0
-                if bar is not None:
-                    bar.update()
-                prunes = {}
+                demo.stage_done()
+                config = rundir.read_json(os.path.join(out, f"train-{method}-s{seed}", "config.json"))
+                prunes, plans = {}, {}
                 for t in targets:
-                    name = f"prune-{method}-s{seed}-{_label(t)}"
-                    rundir.record(out, name)
-                    done += 1
-                    _stage(progress, bar, f"[{done}/{stages}] prune {method} seed {seed} to {t:.0%} of the FLOPs, "
-                                          f"fine-tune {finetune_epochs} epochs")
+                    demo.stage(f"prune {method} seed {seed} to {t:.0%} of the FLOPs, fine-tune {finetune_epochs} "
+                               f"epochs")
                     t0 = time.perf_counter()
-                    with contextlib.redirect_stdout(log):
-                        pruned = prune_cmd.run(SimpleNamespace(
-                            run_dir=train_dir, ratio=None, target_flops=t, target_params=None,
-                            scope="local" if method == "none" else "global", min_channels=3,
-                            finetune_epochs=finetune_epochs, lr=None, device=None, out=os.path.join(out, name),
-                            resume=False, overwrite=False, no_progress=True))
-                    pruned["wall_s"] = time.perf_counter() - t0
-                    prunes[_label(t)] = pruned
-                    if bar is not None:
-                        bar.update()
+                    plans[_label(t)], prunes[_label(t)] = demo.prune(model, config, method, seed, t)
+                    prunes[_label(t)]["wall_s"] = time.perf_counter() - t0
+                    demo.stage_done()
                 results[(method, seed)] = (trained, prunes)
-                runs[f"{method}-s{seed}"] = dict(_layer_analysis(train_dir, targets, prunes), method=method, seed=seed,
+                runs[f"{method}-s{seed}"] = dict(_layer_analysis(model, plans, prunes), method=method, seed=seed,
                                                  strength=strength, shift=shift)
-        # --- budget-aware RNI run (`rnip train --target-flops`, issue 14) ---
-        # One training run to each budget, no fine-tuning phase, as its own method row
-        # ("rni-budget") with its total training epochs next to the others'. Added here once
-        # `rnip train --target-flops` lands: append its per-seed rows to `results` under that method.
-    except Interrupted:
-        # Nothing to resume: the next `rnip demo` replaces this output and starts again.
-        raise KeyboardInterrupt from None
     finally:
         torch.set_num_threads(old_threads)
         log.close()
@@ -252,9 +501,11 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     report = {
         "settings": {"seeds": list(range(seeds)), "targets": list(targets), "epochs": epochs,
                      "finetune_epochs": finetune_epochs, "methods": list(methods),
-                     "strengths": {m: list(strengths[m]) for m in methods}, "arch": "vgg_small", "dataset": "digits",
-                     "recipe": RECIPE, "receded_below": RECEDED},
-        "machine": dict(machine(), torch_threads=threads or old_threads), "wall_s": wall, "rows": rows, "runs": runs, "table": format_table(rows),
+                     "strengths": {m: list(strengths[m]) for m in tpf},
+                     "budget": budget if BUDGET_METHOD in methods else None, "arch": ARCH, "dataset": DATASET,
+                     "recipe": RECIPE, "receded_below": RECEDED, "min_channels": MIN_CHANNELS},
+        "machine": dict(machine(), torch_threads=threads or old_threads), "wall_s": wall, "rows": rows, "runs": runs,
+        "budget_runs": budget_runs, "table": format_table(rows),
     }
     rundir.record(out, "report.md", "report.json")
     with open(os.path.join(out, "report.md.tmp"), "w") as f:
@@ -289,37 +540,60 @@ def _stats(values: list[float]) -> dict:
 
 
 def aggregate(results: dict, targets, epochs: int, finetune_epochs: int) -> list[dict]:
-    """Rows of the table from ``{(method, seed): (train summary, {label: prune summary})}``.
+    """Rows of the table from ``{(method, seed): (train summary, {label: prune summary})}``
+    (for ``rni-budget``: ``(None, {label: budget run summary})``).
 
-    Per method one unpruned row (``pruned`` False, ``target`` 1.0; ``acc_pruned`` is the trained network's test
-    accuracy, ``acc_finetuned`` ``None``) and one row per target. Each measured column is
-    ``{"mean", "sd", "values"}`` over the seeds (``values`` in seed order; ``sd`` the sample
-    standard deviation, ``None`` for one seed): ``acc_pruned``, ``acc_finetuned`` (fractions),
-    ``params``, ``macs``, ``macs_fraction`` (``macs / unpruned macs``), ``images_per_s``.
-    ``train_epochs`` is the total training compute in epochs over the training set
-    (training + fine-tuning).
+    Per train-prune-fine-tune method one unpruned row (``pruned`` False, ``target`` 1.0;
+    ``acc_pruned`` is the trained network's test accuracy, ``acc_finetuned`` ``None``) and one
+    row per target; per target one ``rni-budget`` row (``pruned`` True, ``budget_run`` True,
+    ``acc_pruned`` the run's network's test accuracy, ``acc_finetuned`` ``None``: there is no
+    fine-tuning phase). Each measured column is ``{"mean", "sd", "values"}`` over the seeds
+    (``values`` in seed order; ``sd`` the sample standard deviation, ``None`` for one seed):
+    ``acc_pruned``, ``acc_finetuned`` (fractions), ``params``, ``macs``, ``macs_fraction`` (``macs
+    / unpruned macs``), ``images_per_s``, ``training_compute`` (:func:`training_compute`: 1 for
+    the unpruned rows, ``1 + finetune_epochs / epochs * macs_fraction`` after pruning and
+    fine-tuning, the sum over a budget run's epochs of its network's MACs for ``rni-budget``).
+    ``train_epochs`` is the number of training epochs (training + fine-tuning).
     """
     rows = []
     for method in dict.fromkeys(m for m, _ in results):
         seeds = sorted(s for m, s in results if m == method)
         per_seed = [results[(method, s)] for s in seeds]
+        if method == BUDGET_METHOD:
+            for t in targets:
+                bs = [p[_label(t)] for _, p in per_seed]
+                rows.append({
+                    "method": method, "pruned": True, "budget_run": True, "target": t, "seeds": seeds,
+                    "train_epochs": epochs, "acc_pruned": _stats([b["test_accuracy"] for b in bs]),
+                    "acc_finetuned": None, "params": _stats([b["params"] for b in bs]),
+                    "macs": _stats([b["flops"] for b in bs]),
+                    "macs_fraction": _stats([b["flops"] / b["flops_before"] for b in bs]),
+                    "images_per_s": _stats([b["images_per_s"] for b in bs]),
+                    "training_compute": _stats([b["training_compute"] for b in bs]),
+                })
+            continue
         rows.append({
-            "method": method, "pruned": False, "target": 1.0, "seeds": seeds, "train_epochs": epochs,
-            "acc_pruned": _stats([t["test_accuracy"] for t, _ in per_seed]), "acc_finetuned": None,
-            "params": _stats([t["params"] for t, _ in per_seed]), "macs": _stats([t["flops"] for t, _ in per_seed]),
-            "macs_fraction": _stats([1.0 for _ in per_seed]),
+            "method": method, "pruned": False, "budget_run": False, "target": 1.0, "seeds": seeds,
+            "train_epochs": epochs, "acc_pruned": _stats([t["test_accuracy"] for t, _ in per_seed]),
+            "acc_finetuned": None, "params": _stats([t["params"] for t, _ in per_seed]),
+            "macs": _stats([t["flops"] for t, _ in per_seed]), "macs_fraction": _stats([1.0 for _ in per_seed]),
             "images_per_s": _stats([p[_label(targets[0])]["images_per_s_before"] for _, p in per_seed]),
+            "training_compute": _stats([training_compute([t["flops"]] * epochs, t["flops"], epochs)
+                                        for t, _ in per_seed]),
         })
         for t in targets:
             ps = [p[_label(t)] for _, p in per_seed]
             rows.append({
-                "method": method, "pruned": True, "target": t, "seeds": seeds,
+                "method": method, "pruned": True, "budget_run": False, "target": t, "seeds": seeds,
                 "train_epochs": epochs + finetune_epochs,
                 "acc_pruned": _stats([p["accuracy_after_pruning"] for p in ps]),
                 "acc_finetuned": _stats([p["test_accuracy"] for p in ps]) if finetune_epochs else None,
                 "params": _stats([p["params"] for p in ps]), "macs": _stats([p["flops"] for p in ps]),
                 "macs_fraction": _stats([p["flops"] / p["flops_before"] for p in ps]),
                 "images_per_s": _stats([p["images_per_s_after"] for p in ps]),
+                "training_compute": _stats([
+                    training_compute([p["flops_before"]] * epochs + [p["flops"]] * finetune_epochs, p["flops_before"],
+                                     epochs) for p in ps]),
             })
     return rows
 
@@ -327,7 +601,7 @@ def aggregate(results: dict, targets, epochs: int, finetune_epochs: int) -> list
 def table_header() -> list[str]:
     """The columns of :func:`format_table` (the README's table must have the same)."""
     return ["method", "FLOPs target", "MACs (% of unpruned)", "params", "test acc pruned, no fine-tune (%)",
-            "test acc fine-tuned (%)", "images/s", "training epochs"]
+            "test acc fine-tuned (%)", "images/s", "training compute (x full-width training)", "training epochs"]
 
 
 def _pm(stats: dict | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -343,7 +617,8 @@ def _pm_count(stats: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one line per (method, target), every measured column ``mean ± sd`` over seeds."""
+    """Markdown: one line per (method, target), every measured column ``mean ± sd`` over seeds
+    (``-``: not applicable, e.g. the fine-tuned accuracy of a network that had no fine-tuning)."""
     head = table_header()
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -351,6 +626,6 @@ def format_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["method"], target, _pm(r["macs_fraction"], 100, 1), _pm_count(r["params"]),
             _pm(r["acc_pruned"], 100), _pm(r["acc_finetuned"], 100), _pm_count(r["images_per_s"]),
-            str(r["train_epochs"]),
+            _pm(r["training_compute"]), str(r["train_epochs"]),
         ]) + " |")
     return "\n".join(lines)

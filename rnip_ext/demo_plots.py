@@ -8,10 +8,12 @@
   :data:`rnip_ext.demo.RECEDED`, mean over seeds) in the title.
 * ``accuracy_vs_flops.png``: test accuracy against the MACs kept (fraction of the unpruned
   network's), mean with ``sd`` error bars over seeds, right after pruning (dashed) and after
-  fine-tuning (solid), one colour per method.
+  fine-tuning (solid), one colour per method; the budget-aware runs (``rni-budget``, no
+  fine-tuning) as squares on a solid line.
 * ``layers.png``: per method and prunable layer, channels, channels that receded (relative score,
   and the paper's absolute score, whose whole-layer receding the next BatchNorm undoes) and the
-  channels each FLOPs target kept, means over seeds.
+  channels each FLOPs target kept, means over seeds; for ``rni-budget`` the final width of each
+  layer per target (one run per target).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .cli.plots import require_matplotlib
 
 __all__ = ["plot_accuracy_vs_flops", "plot_importance", "plot_layers", "write_plots"]
 
-COLORS = {"rni": "tab:blue", "l1": "tab:orange", "none": "tab:green"}
+COLORS = {"rni": "tab:blue", "l1": "tab:orange", "none": "tab:green", "rni-budget": "tab:purple"}
 FIGURES = ("importance_histogram", "accuracy_vs_flops", "layers")
 
 
@@ -35,9 +37,9 @@ def _save(plt, fig, path: str) -> str:
     return path
 
 
-def _by_method(report: dict) -> dict[str, list[dict]]:
+def _by_method(report: dict, key: str = "runs") -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
-    for run in report["runs"].values():
+    for run in report.get(key, {}).values():
         runs.setdefault(run["method"], []).append(run)
     return {m: sorted(r, key=lambda r: r["seed"]) for m, r in runs.items()}
 
@@ -78,12 +80,16 @@ def plot_accuracy_vs_flops(report: dict, path: str) -> str:
     for method in methods:
         rows = sorted((r for r in report["rows"] if r["method"] == method), key=lambda r: r["macs_fraction"]["mean"])
         x = [100 * r["macs_fraction"]["mean"] for r in rows]
-        for key, style, name in (("acc_pruned", "--", "pruned, no fine-tune"), ("acc_finetuned", "-", "fine-tuned")):
+        budget_run = any(r.get("budget_run") for r in rows)
+        curves = ((("acc_pruned", "-", "trained to the budget, no fine-tune"),) if budget_run else
+                  (("acc_pruned", "--", "pruned, no fine-tune"), ("acc_finetuned", "-", "fine-tuned")))
+        for key, style, name in curves:
             pts = [(xi, r[key] if r[key] is not None else r["acc_pruned"]) for xi, r in zip(x, rows)]
             if key == "acc_finetuned" and all(r[key] is None for r in rows):
                 continue
             ax.errorbar([p[0] for p in pts], [100 * p[1]["mean"] for p in pts],
-                        yerr=[100 * (p[1]["sd"] or 0.0) for p in pts], ls=style, marker="o", ms=3, capsize=3,
+                        yerr=[100 * (p[1]["sd"] or 0.0) for p in pts], ls=style, marker="s" if budget_run else "o",
+                        ms=4 if budget_run else 3, capsize=3,
                         color=COLORS.get(method), label=f"{method} {name}")
     ax.set_xscale("log")
     ticks = sorted({100 * r["target"] for r in report["rows"]})
@@ -98,23 +104,31 @@ def plot_accuracy_vs_flops(report: dict, path: str) -> str:
 
 
 def plot_layers(report: dict, path: str) -> str:
-    """Per method, per prunable layer: channels, receded (relative / absolute score), kept per target."""
+    """Per method, per prunable layer: channels, receded (relative / absolute score), kept per target
+    (for ``rni-budget``: each target's run's final width)."""
     import numpy as np
 
     plt = require_matplotlib()
-    runs = _by_method(report)
+    runs = dict(_by_method(report), **_by_method(report, "budget_runs"))
     fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.6), squeeze=False)
     for ax, (method, mine) in zip(axes[0], runs.items()):
         layers = [lay["layer"] for lay in mine[0]["layers"]]
-        labels = list(mine[0]["thresholds"])
-        series = [("channels", lambda lay: lay["channels"]),
-                  ("receded (relative < 0.01)", lambda lay: lay["receded"]),
-                  ("receded (absolute < 0.01)", lambda lay: lay["receded_paper_score"])]
-        series += [(f"kept at {lab[1:]}% FLOPs", lambda lay, lab=lab: lay["kept"][lab]) for lab in labels]
+        labels = list(mine[0]["layers"][0]["kept"])
+        # (label, value, colour): the same colour for a target's kept channels in every panel.
+        series = [("channels", lambda lay: lay["channels"], "C0")]
+        if "receded" in mine[0]["layers"][0]:  # trained at full width, then pruned
+            series += [("receded (relative < 0.01)", lambda lay: lay["receded"], "C1"),
+                       ("receded (absolute < 0.01)", lambda lay: lay["receded_paper_score"], "C2")]
+            name = "kept at {}% FLOPs"
+        else:  # one budget-aware run per target: its final widths
+            name = "final width, run to {}% FLOPs"
+        series += [(name.format(lab[1:]), lambda lay, lab=lab: lay["kept"][lab], f"C{3 + i}")
+                   for i, lab in enumerate(labels)]
         width = 0.8 / len(series)
-        for i, (name, get) in enumerate(series):
+        for i, (label, get, colour) in enumerate(series):
             means = [statistics.fmean(get(run["layers"][j]) for run in mine) for j in range(len(layers))]
-            ax.bar(np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width, means, width, label=name)
+            ax.bar(np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width, means, width, label=label,
+                   color=colour)
         ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{method} (mean over {len(mine)} seed(s))", fontsize=9)
         ax.set_ylabel("channels")

@@ -9,17 +9,25 @@ import numpy as np
 import pytest
 
 from rnip_ext import demo
+from rnip_ext.budget import BUDGET_START_STRENGTH
 from rnip_ext.rundir import MANIFEST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_results(rng, methods, seeds, targets):
-    """Summaries shaped like `rnip train` / `rnip prune`'s, with random numbers."""
+    """Summaries shaped like `rnip train` / `rnip prune`'s (and the budget runs'), with random numbers."""
     results = {}
     for method in methods:
         for seed in seeds:
             flops0 = int(rng.integers(10**6, 10**7))
+            if method == demo.BUDGET_METHOD:
+                results[(method, seed)] = (None, {f"f{round(t * 100):g}": {
+                    "test_accuracy": float(rng.random()), "params": int(rng.integers(100, 1000)),
+                    "flops": int(t * flops0 * rng.uniform(0.8, 1.0)), "flops_before": flops0,
+                    "images_per_s": float(rng.uniform(1e3, 1e5)), "training_compute": float(rng.uniform(0.3, 1)),
+                } for t in targets})
+                continue
             train = {"test_accuracy": float(rng.random()), "params": int(rng.integers(1000, 10**5)), "flops": flops0}
             prunes = {}
             for t in targets:
@@ -36,25 +44,36 @@ def _fake_results(rng, methods, seeds, targets):
 def test_aggregate_is_mean_and_sample_sd_over_seeds():
     rng = np.random.default_rng(int(np.random.randint(2**31)))
     targets = (0.5, 0.1)
-    results = _fake_results(rng, ("rni", "none"), (0, 1, 2), targets)
+    results = _fake_results(rng, ("rni", "none", demo.BUDGET_METHOD), (0, 1, 2), targets)
     rows = demo.aggregate(results, targets, epochs=7, finetune_epochs=3)
     assert [(r["method"], r["pruned"], r["target"]) for r in rows] == [
         ("rni", False, 1.0), ("rni", True, 0.5), ("rni", True, 0.1),
-        ("none", False, 1.0), ("none", True, 0.5), ("none", True, 0.1)]
+        ("none", False, 1.0), ("none", True, 0.5), ("none", True, 0.1),
+        (demo.BUDGET_METHOD, True, 0.5), (demo.BUDGET_METHOD, True, 0.1)]
     for r in rows:
         per_seed = [results[(r["method"], s)] for s in (0, 1, 2)]
-        if r["pruned"]:
+        if r["budget_run"]:
+            bs = [p[f"f{round(r['target'] * 100)}"] for _, p in per_seed]
+            expect = {"acc_pruned": [b["test_accuracy"] for b in bs],
+                      "training_compute": [b["training_compute"] for b in bs],
+                      "macs_fraction": [b["flops"] / b["flops_before"] for b in bs]}
+            assert r["acc_finetuned"] is None and r["train_epochs"] == 7
+        elif r["pruned"]:
             ps = [p[f"f{round(r['target'] * 100)}"] for _, p in per_seed]
+            frac = [p["flops"] / p["flops_before"] for p in ps]
+            # (7 epochs x full MACs + 3 fine-tuning epochs x pruned MACs) / (7 x full MACs)
             expect = {"acc_pruned": [p["accuracy_after_pruning"] for p in ps],
-                      "acc_finetuned": [p["test_accuracy"] for p in ps],
-                      "macs_fraction": [p["flops"] / p["flops_before"] for p in ps]}
+                      "acc_finetuned": [p["test_accuracy"] for p in ps], "macs_fraction": frac,
+                      "training_compute": [(7 * p["flops_before"] + 3 * p["flops"]) / (7 * p["flops_before"])
+                                           for p in ps]}
             assert r["train_epochs"] == 10
         else:
             expect = {"acc_pruned": [t["test_accuracy"] for t, _ in per_seed]}
             assert r["acc_finetuned"] is None and r["train_epochs"] == 7
+            assert r["training_compute"]["values"] == [1.0, 1.0, 1.0]
         for key, values in expect.items():
             v = np.asarray(values, dtype=np.float64)
-            assert r[key]["values"] == values
+            assert r[key]["values"] == pytest.approx(values, rel=1e-12)
             assert r[key]["mean"] == pytest.approx(v.mean(), rel=1e-12)
             assert r[key]["sd"] == pytest.approx(v.std(ddof=1), rel=1e-12)
     table = demo.format_table(rows)
@@ -65,13 +84,21 @@ def test_aggregate_is_mean_and_sample_sd_over_seeds():
     assert first[:2] == ["rni", "unpruned"]
     assert first[4] == f"{100 * acc['mean']:.2f} ± {100 * acc['sd']:.2f}"
     assert first[5] == "-"
+    assert first[7] == "1.00 ± 0.00"
+    budget = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert budget[:2] == [demo.BUDGET_METHOD, "10%"] and budget[5] == "-" and budget[8] == "7"
+    tc = rows[-1]["training_compute"]
+    assert budget[7] == f"{tc['mean']:.2f} ± {tc['sd']:.2f}"
     # One seed: the sd is not defined, and the table says so.
     one = demo.aggregate({k: v for k, v in results.items() if k[1] == 0}, targets, 7, 3)
     assert one[1]["acc_pruned"]["sd"] is None and "± n/a" in demo.format_table(one)
 
 
 @pytest.mark.parametrize("bad", [dict(seeds=0), dict(targets=()), dict(targets=(0.5, 1.5)), dict(epochs=0),
-                                 dict(targets=(0.5, 0.501)), dict(methods=("rni", "slimming"))])
+                                 dict(targets=(0.5, 0.501)), dict(methods=("rni", "slimming")),
+                                 dict(epochs=1, methods=demo.METHODS),  # the budget-aware runs need 2
+                                 dict(budget={"strenght": 1e-2}), dict(targets=(0.5, 1e-4)),  # unreachable
+                                 dict(device="tpu")])
 def test_run_demo_refuses_bad_settings_before_writing(tmp_path, bad):
     with pytest.raises(ValueError):
         demo.run_demo(str(tmp_path / "d"), plots=False, progress=False, **bad)
@@ -80,8 +107,13 @@ def test_run_demo_refuses_bad_settings_before_writing(tmp_path, bad):
 
 def test_demo_pipeline_tiny(tmp_path, capsys):
     """1 seed, 2 epochs: every method and budget has a row, before and after fine-tuning, every
-    pruned network meets its FLOPs budget, and report.json keeps per-seed values."""
+    pruned network (and every budget-aware run's network) meets its FLOPs budget, the training
+    compute follows its definition, and report.json keeps per-seed values."""
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
+    from rnip_ext import pruning
+    from rnip_ext.pipeline import build_model
+    from rnip_ext.rundir import load_checkpoint
+
     out = tmp_path / "demo"
     targets = (0.5, 0.2)
     import torch
@@ -91,19 +123,30 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
                            plots=False, threads=1)
     printed = capsys.readouterr().out
     assert torch.get_num_threads() == threads  # threads=1 held only during the demo
-    # Not a terminal: one line per stage (3 trainings, 6 prunings), no carriage returns.
-    assert len([line for line in printed.splitlines() if line.startswith("[")]) == 9 and "\r" not in printed
+    # Not a terminal: one line per stage (3 trainings, 6 prunings, 2 budget runs), no carriage returns.
+    assert len([line for line in printed.splitlines() if line.startswith("[")]) == 11 and "\r" not in printed
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
     keys = [(r["method"], r["pruned"], r["target"]) for r in report["rows"]]
-    assert keys == [(m, p, t) for m in demo.METHODS for p, t in [(False, 1.0)] + [(True, t) for t in targets]]
+    tpf = [m for m in demo.METHODS if m != demo.BUDGET_METHOD]
+    assert keys == [(m, p, t) for m in tpf for p, t in [(False, 1.0)] + [(True, t) for t in targets]] + [
+        (demo.BUDGET_METHOD, True, t) for t in targets]
+    unpruned_compute = {r["method"]: r["training_compute"]["mean"] for r in report["rows"] if not r["pruned"]}
+    assert unpruned_compute == {m: 1.0 for m in tpf}
     for r in report["rows"]:
         assert r["seeds"] == [0]
         assert len(r["acc_pruned"]["values"]) == 1 and 0 <= r["acc_pruned"]["mean"] <= 1
-        if r["pruned"]:
+        compute = r["training_compute"]["values"][0]
+        if r["budget_run"]:
+            assert r["acc_finetuned"] is None and r["train_epochs"] == 2
+            # Narrowed during training: less than the full-width runs' compute, never nothing.
+            assert 0 < compute < min(unpruned_compute.values()) and compute <= 1
+        elif r["pruned"]:
             assert 0 <= r["acc_finetuned"]["mean"] <= 1
+            assert compute == pytest.approx(1 + r["macs_fraction"]["values"][0] / 2, rel=1e-12)
+        if r["pruned"]:
             assert r["macs_fraction"]["values"][0] <= r["target"] + 1e-12
-    for method in demo.METHODS:
+    for method in tpf:
         for t in targets:
             summary = json.loads((out / f"prune-{method}-s0-f{round(t * 100)}" / "summary.json").read_text())
             assert summary["flops"] <= t * summary["flops_before"]
@@ -113,10 +156,29 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
         for layer in run["layers"]:
             assert 0 <= layer["receded"] <= layer["channels"] and 1 <= layer["kept"]["f20"] <= layer["kept"]["f50"]
         assert len(run["scores"]) == sum(layer["channels"] for layer in run["layers"])
+    x = torch.zeros(1, 1, 16, 16)
+    for t in targets:
+        # The budget-aware run's network as saved (best.pt, narrowed during training) meets the budget.
+        run_dir = out / f"train-{demo.BUDGET_METHOD}-s0-f{round(t * 100)}"
+        config = json.loads((run_dir / "config.json").read_text())
+        state = load_checkpoint(str(run_dir / "best.pt"))
+        net = pruning.restore(build_model(config, config["num_classes"], config["in_channels"]), state["model"],
+                              state["architecture"])
+        full = pruning.count_flops(build_model(config, config["num_classes"], config["in_channels"]), x)
+        assert pruning.count_flops(net, x) <= t * full
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["flops"] == pruning.count_flops(net, x) and summary["flops_before"] == full
+        assert config["target_flops"] == t and config["strength"] == demo.DEMO_BUDGET.get("strength", BUDGET_START_STRENGTH)
+        # Its compute from its metrics: epoch 1 at full width, epoch 2 at the width epoch 1 left.
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert summary["training_compute"] == pytest.approx((full + rows[0]["flops"]) / (2 * full), rel=1e-12)
+    budget_run = report["budget_runs"][f"{demo.BUDGET_METHOD}-s0"]
+    for layer in budget_run["layers"]:
+        assert 1 <= layer["kept"]["f20"] <= layer["channels"] and 1 <= layer["kept"]["f50"] <= layer["channels"]
     header = [c.strip() for c in report["table"].splitlines()[0].strip("|").split("|")]
     assert header == demo.table_header()
     for line, r in zip(report["table"].splitlines()[2:], report["rows"]):
-        assert line.count("± n/a") == (5 if r["pruned"] else 4), line
+        assert line.count("± n/a") == (6 if r["pruned"] and not r["budget_run"] else 5), line
     assert (out / "report.md").read_text().strip() == report["table"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["kind"] == "demo" and "train-rni-s0" in manifest["files"] and "demo_log.txt" in manifest["files"]
@@ -140,13 +202,16 @@ def test_demo_plots(tmp_path):
     targets = (0.5, 0.1)
     results = _fake_results(rng, demo.METHODS, (0, 1), targets)
     runs = {}
-    for m in demo.METHODS:
+    for m in [m for m in demo.METHODS if m != demo.BUDGET_METHOD]:
         for s in (0, 1):
             layers = [{"layer": f"bn{i}", "channels": 8, "receded": int(rng.integers(0, 8)),
                        "receded_paper_score": int(rng.integers(0, 8)), "kept": {"f50": 5, "f10": 3}} for i in range(3)]
             runs[f"{m}-s{s}"] = {"method": m, "seed": s, "layers": layers, "thresholds": {"f50": 0.1, "f10": None},
                                  "scores": rng.random(24).tolist(), "receded_fraction": 0.25}
-    report = {"rows": demo.aggregate(results, targets, 2, 1), "runs": runs,
+    budget_runs = {f"{demo.BUDGET_METHOD}-s{s}": {
+        "method": demo.BUDGET_METHOD, "seed": s,
+        "layers": [{"layer": f"bn{i}", "channels": 8, "kept": {"f50": 6, "f10": 2}} for i in range(3)]} for s in (0, 1)}
+    report = {"rows": demo.aggregate(results, targets, 2, 1), "runs": runs, "budget_runs": budget_runs,
               "settings": {"seeds": [0, 1], "receded_below": demo.RECEDED}}
     made = write_plots(report, str(tmp_path))
     assert sorted(made) == ["accuracy_vs_flops", "importance_histogram", "layers"]
@@ -180,6 +245,8 @@ def test_readme_demo_table_has_the_rows_and_columns_rnip_demo_prints():
     assert readme_cells[0] == printed[0]  # the columns
     assert [row[:2] for row in readme_cells[2:]] == [row[:2] for row in printed[2:]]  # the rows
     assert [row[-1] for row in readme_cells[2:]] == [row[-1] for row in printed[2:]]  # epochs per row
+    # "-" (no fine-tuning) exactly where rnip demo prints it
+    assert [row[5] == "-" for row in readme_cells[2:]] == [row[5] == "-" for row in printed[2:]]
     for row in readme_cells[2:]:
-        assert all(("±" in c) for c in row[2:5] + row[6:7]), row
+        assert all(("±" in c) for c in row[2:5] + row[6:8]), row
     assert statistics.mode(len(r) for r in readme_cells) == len(printed[0])

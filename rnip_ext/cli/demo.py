@@ -1,7 +1,8 @@
 """``rnip demo``: the README's main job on the embedded default dataset (no download).
 
 Argument parsing only; the demo is :func:`rnip_ext.demo.run_demo` (several seeds, every method
-pruned to the same FLOPs targets, accuracy before and after fine-tuning, mean +- sd).
+pruned to the same FLOPs targets, accuracy before and after fine-tuning, the budget-aware
+receding run per target, training compute, mean +- sd).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 
 from .. import demo as demo_lib
 from ..rundir import OutputDirError
+from ..training import NonFiniteLossError
 from .errors import UserError, user_errors
 from .train import check_number
 
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for the runs, the report and the plots: new, empty or an earlier demo's "
                         "(which is replaced)")
     p.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0 .. N-1; rows are mean +- sd")
-    p.add_argument("--epochs", type=int, default=demo_lib.DEMO_EPOCHS, help="training epochs per method and seed")
+    p.add_argument("--epochs", type=int, default=demo_lib.DEMO_EPOCHS, help="training epochs per method and seed (with 1 the budget-aware rni-budget runs, which need 2, are left out)")
     p.add_argument("--finetune-epochs", type=int, default=demo_lib.DEMO_FINETUNE_EPOCHS,
                    help="fine-tuning epochs per pruned model (0: none)")
     p.add_argument("--target-flops", type=float, nargs="+", default=list(demo_lib.DEMO_TARGETS),
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
         check_number("target-flops", t, low=0, low_open=True, high=1, high_open=False)
     if len({round(t * 100) for t in args.target_flops}) != len(args.target_flops):
         raise UserError(f"--target-flops must differ by at least 0.01, got {args.target_flops}")
-    with user_errors(OutputDirError, ValueError):
+    with user_errors(OutputDirError, ValueError, NonFiniteLossError, ImportError):
         report = demo_lib.run_demo(args.out, seeds=args.seeds, targets=args.target_flops, epochs=args.epochs,
                                    finetune_epochs=args.finetune_epochs, device=args.device,
                                    progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite,

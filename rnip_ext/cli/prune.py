@@ -1,4 +1,8 @@
-"""``rnip prune``: one-shot prune a trained run, fine-tune without the regulariser, report."""
+"""``rnip prune``: one-shot prune a trained run, fine-tune without the regulariser, report.
+
+Argument parsing and run-directory rules only; pruning and measuring is
+:func:`rnip_ext.pipeline.prune_and_measure`, fine-tuning :func:`rnip_ext.training.fit`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ import os
 import torch
 
 from .. import pruning, rundir
-from ..benchmarking import measure_throughput
 from ..data import load_dataset
+from ..pipeline import build_model, prune_and_measure, prune_summary
 from ..rundir import OutputDirError
-from ..training import NonFiniteLossError, evaluate, fit
+from ..training import NonFiniteLossError, fit
 from .errors import Interrupted, UserError, user_errors
 from .runs import CheckpointError, load_checkpoint, read_json
-from .train import build_model, check_number, fit_settings, read_resume, resolve_device, write_run_json
+from .train import check_number, fit_settings, read_resume, resolve_device, write_run_json
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
 RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "scope", "min_channels", "finetune_epochs", "lr")
@@ -96,20 +100,18 @@ def run(args: argparse.Namespace) -> dict:
         # A run that pruned while training stores its architecture: the fresh model is narrowed first.
         pruning.restore(model, state["model"], state.get("architecture"))
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
-    before = evaluate(model, splits.test)
-    with user_errors(ValueError):
-        plan = pruning.plan(model, args.ratio, args.scope, args.min_channels, example_inputs=example,
-                            target_flops=args.target_flops, target_params=args.target_params)
-    print(plan)
-    small = pruning.apply(model, plan)
     # A rough speed figure next to the FLOPs, on the run's device: FLOPs alone overstate speed-ups.
-    speed_batch = torch.randn(min(config["batch_size"], 256), *example.shape[1:], device=device)
-    speed = [measure_throughput(m, speed_batch, warmup=2, repeats=5) for m in (model, small)]
+    with user_errors(ValueError):
+        outcome = prune_and_measure(model, splits, example, ratio=args.ratio, target_flops=args.target_flops,
+                                    target_params=args.target_params, scope=args.scope,
+                                    min_channels=args.min_channels, speed_batch_size=min(config["batch_size"], 256))
+    plan, small, speed = outcome.plan, outcome.small, (outcome.speed_before, outcome.speed_after)
+    before, pruned_acc = outcome.acc_before, outcome.acc_pruned
+    print(plan)
     print(f"measured speed (rough: median of {speed[0].timed_batches} batches of {speed[0].batch_size} after "
           f"{speed[0].warmup} warm-up, eval, {device}, {speed[0].threads} threads): {speed[0]} -> {speed[1]} "
           f"({speed[1].images_per_s / speed[0].images_per_s:.2f}x); FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,} "
           f"({plan.flops[0] / max(plan.flops[1], 1):.2f}x fewer)")
-    pruned_acc = evaluate(small, splits.test)
     ft_config = dict(config, lr=args.lr or config["lr"], device=args.device or config["device"], compile=False)
     ft_config.update(source_run=os.path.abspath(args.run_dir), ratio=args.ratio, target_flops=args.target_flops,
                      target_params=args.target_params, scope=args.scope,
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     with user_errors(OutputDirError):
         created = rundir.claim(args.out, "prune", mode)
     write_run_json(args.out, "config.json", ft_config)
-    best = {"test_accuracy": pruned_acc, "val_accuracy": evaluate(small, splits.val), "epoch": 0}
+    best = {"test_accuracy": pruned_acc, "val_accuracy": outcome.val_pruned, "epoch": 0}
     if args.finetune_epochs > 0:
         # Fine-tuning: the paper's schedule again from the run's lr, without the regulariser.
         try:
@@ -137,22 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         small.load_state_dict(load_checkpoint(os.path.join(args.out, "best.pt"))["model"])
     rundir.record(args.out, "pruned.pt")
     pruning.save(small, os.path.join(args.out, "pruned.pt"))
-    # A list, in graph order (JSON objects are written with sorted keys).
-    kept = [[g.name, g.channels, len(plan.group_keep[g.name])] for g in plan.groups]
-    summary = {
-        "kind": "prune", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
-        # ``ratio`` is the channel ratio asked for, or the one a budget led to (tables sort by it).
-        "ratio": args.ratio if args.ratio is not None else plan.achieved_ratio,
-        "achieved_ratio": plan.achieved_ratio, "scope": args.scope,
-        "target_flops": args.target_flops, "target_params": args.target_params,
-        "achieved_flops": plan.achieved_flops, "achieved_params": plan.achieved_params,
-        "images_per_s_before": speed[0].images_per_s, "images_per_s_after": speed[1].images_per_s,
-        "speed_batch_size": speed[0].batch_size, "speed_device": str(device),
-        "accuracy_before_pruning": before, "accuracy_after_pruning": pruned_acc,
-        "test_accuracy": best["test_accuracy"], "val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
-        "params": plan.params[1], "params_before": plan.params[0], "flops": plan.flops[1],
-        "flops_before": plan.flops[0], "kept_channels": kept,
-    }
+    summary = prune_summary(outcome, best, config=config, ratio=args.ratio, scope=args.scope,
+                            target_flops=args.target_flops, target_params=args.target_params)
     write_run_json(args.out, "summary.json", summary)
     print(f"{config['method']} pruned {_describe(args, plan)} ({args.scope}): test accuracy {before:.4f} -> "
           f"{pruned_acc:.4f} pruned -> {best['test_accuracy']:.4f} fine-tuned; params {plan.params[0]:,} -> "

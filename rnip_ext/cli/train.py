@@ -11,20 +11,19 @@ import math
 import os
 
 import torch
-from torch import nn
 
 from .. import distributed as D
-from .. import models, rundir
+from .. import rundir
 from ..budget import BUDGET_SHIFT, BUDGET_START_STRENGTH, check_budget, train_to_budget
 from ..data import CIFAR_FILES, load_dataset
 from ..nn import convert_sync_batchnorm
+from ..pipeline import ARCHS, budget_summary, build_model, image_size_for  # noqa: F401 (imported from here)
 from ..pruning import count_flops, count_params
 from ..rundir import OutputDirError, record
 from ..training import FIT_SETTINGS, METHODS, NonFiniteLossError, bn_kind, default_strength, fit, make_regularizer
 from .errors import Interrupted, UserError, user_errors
 from .runs import CheckpointError, load_checkpoint, read_json, versions, write_json
 
-ARCHS = ("vgg16", "resnet56", "vgg_small")
 # Every layer of a budget run keeps at least this many channels (the planner's default).
 BUDGET_MIN_CHANNELS = 3
 # Settings that must match to resume a run (the rest, e.g. --epochs or --device, may change).
@@ -83,23 +82,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def build_model(config: dict, num_classes: int, in_channels: int) -> nn.Module:
-    """The model a run config describes (same builder for training, pruning and reporting)."""
-    bn = bn_kind(config["method"])
-    if config["arch"] == "vgg16":
-        return models.vgg16_cifar(num_classes, bn, in_channels)
-    if config["arch"] == "resnet56":
-        return models.resnet56_cifar(num_classes, bn, in_channels)
-    return models.vgg_small(num_classes, bn, in_channels=in_channels)
-
-
-def image_size_for(arch: str, dataset: str) -> int | None:
-    """Digits are upsampled to 32x32 for the CIFAR networks, 16x16 for the small VGG."""
-    if dataset != "digits":
-        return None
-    return 16 if arch == "vgg_small" else 32
 
 
 def check_number(name: str, value: float, *, low: float | None = None, high: float | None = None,
@@ -216,23 +198,6 @@ def write_run_json(out: str, name: str, obj) -> None:
 def fit_settings(config: dict) -> dict:
     """The keyword arguments of :func:`rnip_ext.training.fit` a run config fixes."""
     return {k: config[k] for k in FIT_SETTINGS}
-
-
-def budget_summary(original: nn.Module, final: nn.Module, example, target: float) -> dict:
-    """Summary keys of a budget run: the final network's counts (``params``, ``flops``), the
-    original's, the achieved fraction and ``ratio``, the fraction of prunable (BatchNorm)
-    channels removed (what ``rnip report`` sorts by)."""
-    from ..nn import BoundedBatchNorm2d
-
-    def widths(m):
-        return {n: b.num_features for n, b in m.named_modules() if isinstance(b, BoundedBatchNorm2d)}
-
-    before, after = widths(original), widths(final)
-    flops_before, flops_after = count_flops(original, example), count_flops(final, example)
-    return {"params": count_params(final), "flops": flops_after, "params_before": count_params(original),
-            "flops_before": flops_before, "target_flops": target, "achieved_flops": flops_after / flops_before,
-            "ratio": 1 - sum(after.values()) / sum(before.values()),
-            "kept_channels": [[n, before[n], after.get(n, before[n])] for n in before]}
 
 
 def _budget_plot(out: str) -> None:

@@ -1,4 +1,4 @@
-"""`rnip demo`: the methods compared at equal FLOPs, argument errors as one line."""
+"""`rnip demo`: the methods compared at equal FLOPs (and the budget-aware run), argument errors as one line."""
 
 import json
 
@@ -10,7 +10,7 @@ from rnip_ext.cli import main
 def test_demo_at_equal_flops(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seeds", "1", "--epochs", "1", "--finetune-epochs", "0",
+    assert main(["demo", "--out", str(out), "--seeds", "1", "--epochs", "2", "--finetune-epochs", "0",
                  "--target-flops", "0.4", "--threads", "1", "--no-plots"]) == 0
     printed = capsys.readouterr().out
     flops = {}
@@ -25,8 +25,12 @@ def test_demo_at_equal_flops(tmp_path, capsys):
     assert text.strip() in printed  # the table printed is the table written
     for method in ("rni", "l1", "none"):
         assert f"| {method} | unpruned |" in text and f"| {method} | 40% |" in text
+    # The budget-aware run: one training run to the budget, its own row, no fine-tuning.
+    budget = json.loads((out / "train-rni-budget-s0-f40" / "summary.json").read_text())
+    assert budget["flops"] <= 0.4 * budget["flops_before"] and 0 < budget["training_compute"] < 1
+    assert "| rni-budget | 40% |" in text and "| rni-budget | unpruned |" not in text
     # Not a terminal: one line per stage, no progress bars.
-    assert sum(1 for line in printed.splitlines() if line.startswith("[")) == 6 and "\r" not in printed
+    assert sum(1 for line in printed.splitlines() if line.startswith("[")) == 7 and "\r" not in printed
 
 
 @pytest.mark.parametrize("args, match", [
