@@ -226,3 +226,25 @@ def test_enforce_budget_unreachable_leaves_model_and_optimizer_unchanged():
         RecedingSchedule(X0, min_channels=6).enforce_budget(0, model, 0.01, opt)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert params == [id(p) for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("target", [0.45, 0.15])
+def test_enforce_budget_local_scope_is_the_planners_uniform_cut_against_the_original_flops(target):
+    from rnip_ext.pruning import plan
+
+    model, opt = _trained_step_model()
+    schedule = RecedingSchedule(X0, min_channels=2)
+    original = count_flops(model, X0)
+    mid = schedule.step(0, model, opt).model  # narrower: the budget still counts against `original`
+    current = count_flops(mid, X0)
+    step = schedule.enforce_budget(3, mid, target, opt, scope="local")
+    assert count_flops(step.model, X0) <= target * original
+    # The same channels as the planner's local plan to the equivalent fraction of the current FLOPs.
+    want = plan(mid, target_flops=target * original / current * (1 - 1e-12), scope="local", min_channels=2,
+                example_inputs=X0)
+    assert step.plan.scope == "local"
+    assert {k: v.tolist() for k, v in step.plan.group_keep.items()} == {k: v.tolist() for k, v in want.group_keep.items()}
+    # budget_plan changes nothing and says None once the model meets the budget.
+    assert schedule.budget_plan(step.model, target, "local") is None
+    with pytest.raises(ValueError, match="target_flops must be a fraction"):
+        schedule.budget_plan(mid, 0.0)
