@@ -52,9 +52,11 @@ def run(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, KeyError, ValueError, CheckpointError) as exc:
         _fail(f"{args.run_dir} is not a finished `rnip train` or `rnip prune` run ({type(exc).__name__}: {exc})")
     try:
-        pruning.export(model, args.out, example, format=fmt)
+        pruning.export(model, args.out, example, format=fmt, overwrite=False)
     except ImportError as exc:
         _fail(str(exc))
+    except FileExistsError:
+        _fail(f"{args.out} was created by something else while exporting; it was left as it is")
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({fmt}, {params:,} parameters, input (N, {config['in_channels']}, {size}, {size}) "
           f"normalised as in training, any batch size N); load it with "

@@ -156,8 +156,11 @@ def _trace_program(model: nn.Module, inputs: tuple[Tensor, ...]):
     return torch.export.export(model, inputs), False
 
 
-def _atomic_write(path: str, write, suffix: str) -> None:
-    """``write(tmp)`` to a temporary file in the target's folder, then rename: no half-written file."""
+def _atomic_write(path: str, write, suffix: str, overwrite: bool = True) -> None:
+    """``write(tmp)`` to a temporary file in the target's folder, then rename: no half-written file.
+
+    ``overwrite=False`` publishes with a hard link instead, which fails (``FileExistsError``)
+    if ``path`` appeared meanwhile: a file created by someone else is never replaced."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}")
     os.close(fd)
@@ -166,7 +169,11 @@ def _atomic_write(path: str, write, suffix: str) -> None:
         umask = os.umask(0)  # mkstemp makes the file private; give it the permissions a new file gets
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -174,7 +181,8 @@ def _atomic_write(path: str, write, suffix: str) -> None:
 
 
 @torch.no_grad()
-def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format: str = "pt2"):
+def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format: str = "pt2",
+           overwrite: bool = True):
     """Write ``model`` in eval mode as a self-contained program of standard ATen operations.
 
     ``format="pt2"`` (default) writes a ``torch.export`` program: load it with
@@ -193,7 +201,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format:
 
     ``example_inputs``: a tensor or tuple of tensors the model accepts, on its device. The file
     is written to a temporary name and renamed (an existing file at ``path`` is replaced only
-    by a complete one). ``model`` is left as it was (mode and parameters). Returns the
+    by a complete one; with ``overwrite=False`` an existing file raises ``FileExistsError``, even
+    one created while the export ran). ``model`` is left as it was (mode and parameters). Returns the
     ``torch.export.ExportedProgram``.
     """
     if not isinstance(model, nn.Module):
@@ -220,13 +229,13 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format:
     got = program.module()(*inputs)
     _check_same(expected, got)
     if format == "pt2":
-        _atomic_write(os.fspath(path), lambda tmp: torch.export.save(program, tmp), ".pt2")
+        _atomic_write(os.fspath(path), lambda tmp: torch.export.save(program, tmp), ".pt2", overwrite)
     else:
         def write_onnx(tmp):
             onnx_program = torch.onnx.export(program, args=inputs, dynamo=True, verbose=False)
             onnx_program.save(tmp)
 
-        _atomic_write(os.fspath(path), write_onnx, ".onnx")
+        _atomic_write(os.fspath(path), write_onnx, ".onnx", overwrite)
     return program
 
 

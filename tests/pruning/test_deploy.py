@@ -138,6 +138,27 @@ def test_model_untouched_and_atomic_write(tmp_path, monkeypatch):
         assert torch.equal(v, state[k]), k  # running statistics not updated by the export's forwards
 
 
+def test_no_overwrite_never_replaces_a_file_that_appears_during_the_export(tmp_path, monkeypatch):
+    model = warmed_up(M.vgg_small(widths=(8, 12, 16)), (2, 3, 16, 16))
+    path = tmp_path / "m.pt2"
+    real_save = torch.export.save
+
+    def save_while_someone_writes(program, f, *args, **kwargs):
+        path.write_bytes(b"someone else's file")  # appears after any existence check
+        return real_save(program, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", save_while_someone_writes)
+    with pytest.raises(FileExistsError):
+        export(model, path, torch.randn(1, 3, 16, 16), overwrite=False)
+    assert path.read_bytes() == b"someone else's file"
+    assert sorted(os.listdir(tmp_path)) == ["m.pt2"]  # no temporary file left behind
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh.pt2"
+    export(model, fresh, torch.randn(1, 3, 16, 16), overwrite=False)
+    assert torch.export.load(str(fresh)).module()(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert sorted(os.listdir(tmp_path)) == ["fresh.pt2", "m.pt2"]
+
+
 @pytest.mark.parametrize("inputs,match", [
     (torch.randn(1, 4, 16, 16), "do not fit the model"),
     (torch.randn(1, 3), "do not fit the model"),
