@@ -135,9 +135,10 @@ def _check_args(scope, min_channels, fold) -> None:
 def _check_min_channels(groups: list[ChannelGroup], min_channels: int, ratio: float) -> None:
     """``min_channels`` against the layers' widths. Larger than some layers: those keep all their
     channels (a ``UserWarning`` naming them; the rest are still pruned). At least every layer's
-    width while removal is asked for (``ratio > 0``, or ``ratio=None`` with a budget): nothing could
-    be removed, so a ``ValueError`` instead of a silent 0%."""
-    if (ratio is None or ratio > 0) and all(g.channels <= min_channels for g in groups):
+    width while a ratio asks for removal (``ratio > 0``): nothing could be removed, so a
+    ``ValueError`` instead of a silent 0%. A budget passes ``ratio=0``: whether it can be met is
+    the budget search's to say (a budget of 1 needs no removal)."""
+    if ratio > 0 and all(g.channels <= min_channels for g in groups):
         widest = max(g.channels for g in groups)
         raise ValueError(f"min_channels={min_channels} is at least the width of every prunable layer (the widest "
                          f"has {widest} channels): nothing can be removed; lower min_channels")
