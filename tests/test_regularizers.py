@@ -168,6 +168,7 @@ from rnip_ext import models as M  # noqa: E402
 from rnip_ext._backend import triton_available  # noqa: E402
 from rnip_ext.pruning import apply, plan  # noqa: E402
 from rnip_ext.pruning.flops import channel_costs  # noqa: E402
+from regularizer_helpers import assert_fused_step_matches_eager  # noqa: E402
 
 
 def test_default_is_layer_normalised_and_matches_the_functional_formula():
@@ -288,16 +289,7 @@ def test_cost_weighted_fused_record_matches_the_eager_penalty(cost):
     eager = RecedingRegularizer(eager_net, 0.05, 1.0, normalize=None, cost=cost, example_inputs=x0, fused=False)
     assert fused.uses_fused_record and fused.weights == eager.weights and fused.weights[0] != 1.0
     x, y = torch.randn(4, 3, 5, 5, device=device), torch.randint(3, (4,), device=device)
-    out = fused_net(x)
-    assert fused_net[1]._recorded_penalty is not None
-    value = fused()
-    assert fused_net[1]._recorded_penalty is None  # consumed: the record was used
-    (F.cross_entropy(out, y) + value).backward()
-    ref_value = eager()
-    (F.cross_entropy(eager_net(x), y) + ref_value).backward()
-    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
-    for a, b in zip(fused_net.parameters(), eager_net.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert_fused_step_matches_eager(fused_net, fused, eager_net, eager, x, y)
 
 
 def _thirteen_layer_net(widths):

@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnip_ext import BoundedBatchNorm2d, RecedingRegularizer
 from rnip_ext import functional as RF
 from rnip_ext._backend import triton_available
 from rnip_ext.pruning import apply, plan
+from regularizer_helpers import assert_fused_step_matches_eager
 
 
 def net(dtype=torch.float64, backend=None) -> nn.Module:
@@ -135,12 +135,4 @@ def test_focused_fused_record_matches_the_eager_penalty():
     fused.focus(masks)
     eager.focus(masks)
     x, y = torch.randn(4, 3, 5, 5, device=device), torch.randint(2, (4,), device=device)
-    out = fused_net(x)
-    value = fused()
-    assert fused_net[1]._recorded_penalty is None  # the record was used
-    (F.cross_entropy(out, y) + value).backward()
-    ref = eager()
-    (F.cross_entropy(eager_net(x), y) + ref).backward()
-    torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-7)
-    for a, b in zip(fused_net.parameters(), eager_net.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert_fused_step_matches_eager(fused_net, fused, eager_net, eager, x, y)
