@@ -44,6 +44,7 @@ __all__ = [
     "bn_config",
     "image_tiles",
     "plan_chunks",
+    "split_tiles",
     "single_pass_config",
     "target_programs",
 ]
@@ -216,6 +217,51 @@ def image_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, 
     while align < vec and all(v % (2 * align) == 0 for v in values):
         align *= 2
     return (block_hw, align) if align > 1 else (0, 1)
+
+
+# Split tiles (odd H*W): a plane must hold at least this many vectors to be split into an
+# aligned body and scalar edges; smaller planes would spend most lanes on the edges.
+SPLIT_MIN_VECTORS = 4
+
+
+def split_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, int, int]],
+                cap: int = HW_TILE_CAP):  # fmt: skip
+    """``(BLOCK_HW, ALIGN)`` of NCHW split tiles, or ``(0, 1)``: for ``H*W`` that
+    :func:`image_tiles` leaves flat (odd ``H*W`` such as 7x7, 5x5, 57x57).
+
+    An odd-length plane ``(n, c)`` starts at ``o = n*s_n + c*s_c``, which lands on a different
+    residue modulo the vector width in every plane, so no row of a 2-D tile can start on a vector
+    boundary in all of them. A split tile cuts each plane at the vector boundaries instead::
+
+        head = (-o) mod ALIGN           (positions [0, head): scalar)
+        body = ALIGN * floor((H*W - head) / ALIGN)
+                                        (positions [head, head + body): starts at an address
+                                         divisible by ALIGN, vector loads/stores)
+        tail = H*W - head - body < ALIGN  (scalar)
+
+    The kernels hold the body as ``[BLOCK_C, images, BLOCK_HW]`` (the row limit ``body`` is then
+    constant along the vector axis, which the compiler needs to keep masked vectors) and the
+    head and tail as ``[BLOCK_C, images, 2 * ALIGN]`` lanes (at most ``2 (ALIGN - 1)`` used).
+    Rule (pure Python, no GPU needed):
+
+    * unit ``H*W`` stride in every tensor, and every tensor's ``(s_n, s_c)`` congruent modulo
+      ``ALIGN`` (so one split serves all of them: a dense NCHW ``y``/``dx`` like ``x``);
+    * ``ALIGN = 16 / elem_size`` (the vector width: 4 fp32, 8 fp16/bf16, 2 fp64);
+    * ``H*W >= SPLIT_MIN_VECTORS * ALIGN`` (16 fp32, 32 fp16/bf16 positions): at least half of
+      each plane in the body, about 90% at 7x7 (fp32: 44 or 48 of 49);
+    * ``BLOCK_HW = min(next_pow2(ALIGN * floor(H*W / ALIGN)), cap, block_m)`` (7x7: 64).
+
+    Only when :func:`image_tiles` gives flat tiles; its aligned rows need no edges.
+    """
+    vec = max(VECTOR_BYTES // elem_size, 1)
+    if hw <= 1 or vec < 2 or any(s_hw != 1 for _, _, s_hw in strides):
+        return 0, 1
+    if image_tiles(hw, block_m, elem_size, strides, cap)[0]:
+        return 0, 1
+    residues = {(s_n % vec, s_c % vec) for s_n, s_c, _ in strides}
+    if len(residues) != 1 or hw < SPLIT_MIN_VECTORS * vec:
+        return 0, 1
+    return min(_pow2_at_most(hw - hw % vec, cap), block_m), vec
 
 
 def single_pass_config(

@@ -46,7 +46,15 @@ from ._launch import (
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import aligned, position_offsets, sigmoid_parts, tile_offsets, tile_positions
+from ._math import (
+    aligned,
+    position_offsets,
+    sigmoid_parts,
+    split_offsets,
+    split_rows,
+    tile_offsets,
+    tile_positions,
+)
 
 __all__ = ["bn_backward", "bn_backward_sums", "bn_backward_dx"]
 
@@ -185,15 +193,13 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr,
     MEANS: tl.constexpr = 0,  # 1: the sum_* buffers already hold means (sums over another count)
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
-    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles); vector width (SPLIT)
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
-    mask = mask_c[:, None] & mask_m[None, :]
-    c_off = offs_c.to(tl.int64)
 
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
     invstd = tl.rsqrt(var + eps)
@@ -202,10 +208,6 @@ def _bn_bwd_dx_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
-
-    d_off = c_off[:, None] * aligned(s_dc, ALIGN) + tile_offsets(
-        pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
     if TRAINING:
         # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -214,15 +216,51 @@ def _bn_bwd_dx_kernel(
         if not MEANS:
             mean_dy = mean_dy / n_pos
             mean_dyxhat = mean_dyxhat / n_pos
-        x_off = c_off[:, None] * aligned(s_xc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        xhat = (x - mean[:, None]) * invstd[:, None]
-        dx = scale[:, None] * (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None])
     else:
-        dx = scale[:, None] * dy
-    g_off = c_off[:, None] * aligned(s_gc, ALIGN) + tile_offsets(
-        pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        mean = tl.zeros_like(scale)  # unused in eval mode
+        mean_dy = mean
+        mean_dyxhat = mean
+    if SPLIT:
+        n_idx, q, e, mask_n, edge_hw = split_rows(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        db_, mb, de, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_dn,
+                                        s_dc, ALIGN)  # fmt: skip
+        xb, _, xe, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_xn, s_xc,
+                                     ALIGN)  # fmt: skip
+        gb, _, ge, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_gn, s_gc,
+                                     ALIGN)  # fmt: skip
+        mean3, invstd3, scale3 = mean[:, None, None], invstd[:, None, None], scale[:, None, None]
+        mdy3, mdx3 = mean_dy[:, None, None], mean_dyxhat[:, None, None]
+        _dx_part(dy_ptr, x_ptr, dx_ptr, db_, xb, gb, mb, mean3, invstd3, scale3, mdy3, mdx3,
+                 TRAINING, ACC)  # fmt: skip
+        _dx_part(dy_ptr, x_ptr, dx_ptr, de, xe, ge, me, mean3, invstd3, scale3, mdy3, mdx3,
+                 TRAINING, ACC)  # fmt: skip
+    else:
+        pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        mask = mask_c[:, None] & mask_m[None, :]
+        c_off = offs_c.to(tl.int64)[:, None]
+        d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        _dx_part(dy_ptr, x_ptr, dx_ptr, d_off, x_off, g_off, mask, mean[:, None],
+                 invstd[:, None], scale[:, None], mean_dy[:, None], mean_dyxhat[:, None],
+                 TRAINING, ACC)  # fmt: skip
+
+
+@triton.jit
+def _dx_part(dy_ptr, x_ptr, dx_ptr, d_off, x_off, g_off, mask, mean, invstd, scale, mean_dy,
+             mean_dyxhat, TRAINING: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """``dx`` on a 2-D tile or one part (body or edges) of a split tile; the per-channel values
+    come broadcastable to the tile."""
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+    if TRAINING:
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        xhat = (x - mean) * invstd
+        dx = scale * (dy - mean_dy - xhat * mean_dyxhat)
+    else:
+        dx = scale * dy
     tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -319,8 +357,8 @@ def bn_backward(
             sum_dy = sum_dyxhat = var  # unread in eval mode
         if need_dx and n_pos:
             check_positions(n_pos, cfg.block_m)
-            dx_flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels,
-                                                               n_pos, flat, cfg)  # fmt: skip
+            dx_flat, block_hw, align, split, tiles_m = position_tiles(
+                [xv, dv, gv], x, num_channels, n_pos, flat, cfg)  # fmt: skip
             _bn_bwd_dx_kernel[(tiles_m, num_cblocks)](
                 dy, x, dx, mean, var,
                 weight if weight is not None else var,
@@ -329,7 +367,7 @@ def bn_backward(
                 *dv.strides(dx_flat), *xv.strides(dx_flat), *gv.strides(dx_flat),
                 BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(dx_flat),
                 HAS_W=int(weight is not None), TRAINING=int(bool(training)),
-                ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
+                ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split, num_warps=cfg.num_warps,
             )  # fmt: skip
     return dx, dw, db
 
@@ -426,7 +464,8 @@ def bn_backward_dx(
     dv, xv, gv = view3(dy), view3(x), view3(dx)
     flat, cfg = layout_config([xv, dv, gv], num_channels, config)
     check_positions(n_pos, cfg.block_m)
-    flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels, n_pos, flat, cfg)
+    flat, block_hw, align, split, tiles_m = position_tiles([xv, dv, gv], x, num_channels, n_pos,
+                                                           flat, cfg)  # fmt: skip
     grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_bwd_dx_kernel[grid](
@@ -437,6 +476,6 @@ def bn_backward_dx(
             *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
             HAS_W=int(weight is not None), TRAINING=1, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
-            MEANS=1, BLOCK_HW=block_hw, ALIGN=align,
+            MEANS=1, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split,
         )  # fmt: skip
     return dx
