@@ -11,7 +11,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._config import BNConfig, bn_config, image_tiles, split_tiles
+from ._config import (
+    BNConfig,
+    bn_config,
+    image_tiles,
+    plan_chunks,
+    plan_image_chunks,
+    split_tiles,
+)
 from ._layout import View3, acc_dtype, spatial_stride, view3
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "kernel_ready",
     "layout_config",
     "position_tiles",
+    "reduction_tiles",
     "slice_tiles",
     "running_args",
     "tl_dtype",
@@ -117,6 +125,29 @@ def position_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int,
     row = hw - hw % align if split else hw  # split tiles: row blocks cover the widest body
     tiles = triton.cdiv(x.shape[0], images_per_tile) * triton.cdiv(row, block_hw)
     return False, block_hw, align, split, tiles
+
+
+def reduction_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int, flat: bool,
+                    config: BNConfig, num_cblocks: int):  # fmt: skip
+    """``(flat, BLOCK_HW, ALIGN, chunk, num_chunks)`` of a reduction-partials launch.
+
+    NCHW launches whose ``H*W`` gets image tiles (``_config.image_tiles`` with the reduction
+    tile ``red_block_m``) loop over image tiles, in chunks of whole images
+    (``_config.plan_image_chunks``); the others over flat tiles of ``N*H*W`` positions
+    (``_config.plan_chunks``). Odd ``H*W`` stays flat here: a split tile's body length varies
+    from plane to plane, which the statistics kernel's per-lane Welford counts cannot follow
+    without a division per element.
+    """
+    if n_pos > 0 and not channels_contiguous(views[0], num_channels):
+        hw = n_pos // x.shape[0]
+        strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
+        block_hw, align = image_tiles(hw, config.red_block_m, x.element_size(), strides)
+        if block_hw:
+            chunk, num_chunks = plan_image_chunks(x.shape[0], hw, block_hw, num_cblocks, config,
+                                                  x.device)  # fmt: skip
+            return False, block_hw, align, chunk, num_chunks
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, config, x.device)
+    return flat, 0, 1, chunk, num_chunks
 
 
 def slice_tiles(views: list[View3], x: Tensor, n_pos: int, flat: bool, single_m: int):

@@ -14,12 +14,13 @@ Three kernels:
 
 1. ``_bn_bwd_partial_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: per chunk of positions,
    fp32 (fp64) partials ``sum(dy)`` and ``sum(dy * (x - mean))`` into ``[K, C]`` buffers, summed
-   lane-wise over the chunk's tiles and reduced once at the end. No atomics.
+   lane-wise over the chunk's tiles and reduced once at the end. No atomics. Flat or, for
+   NCHW, image tiles over chunks of whole images (``_launch.reduction_tiles``).
 2. ``_bn_bwd_combine_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: sums the partials in chunk order
    (deterministic), writes ``sum_dy``/``sum_dyxhat`` for the dx kernel and ``dw`` (including the
    penalty term, fused here rather than through a second autograd graph) and ``db``.
 3. ``_bn_bwd_dx_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))``: the elementwise ``dx``
-   (flat or, for NCHW, image tiles: ``_launch.position_tiles``).
+   (flat or, for NCHW, image or split tiles: ``_launch.position_tiles``).
 
 In eval mode without ``dw``/``db`` only the dx kernel runs; with no positions (``n == 0``) only
 the combine runs (``db = 0``, ``dw = g * dR/dw``).
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import BNConfig, plan_chunks
+from ._config import BNConfig
 from ._launch import (
     RUNTIME_SIZES,
     check_positions,
@@ -41,6 +42,7 @@ from ._launch import (
     kernel_ready,
     layout_config,
     position_tiles,
+    reduction_tiles,
     tl_dtype,
     vector,
     view3,
@@ -80,28 +82,57 @@ def _bn_bwd_partial_kernel(
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles, chunks of whole images (unit H*W stride)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_dn, s_dc, s_xn, s_xc (image tiles)
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    dc_off = offs_c.to(tl.int64) * s_dc
-    xc_off = offs_c.to(tl.int64) * s_xc
+    dc_off = offs_c.to(tl.int64) * aligned(s_dc, ALIGN)
+    xc_off = offs_c.to(tl.int64) * aligned(s_xc, ALIGN)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    start = pid_k * CHUNK
-    end = tl.minimum(start + CHUNK, n_pos)
 
     acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = mask_c[:, None] & (offs_m < end)[None, :]
-        d_off = dc_off[:, None] + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
-        x_off = xc_off[:, None] + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
-        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        acc_dy += dy  # masked lanes load dy = 0 and add nothing
-        acc_dyxmu += dy * (x - mean[:, None])
+    if BLOCK_HW == 0:
+        start = pid_k * CHUNK
+        end = tl.minimum(start + CHUNK, n_pos)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_c[:, None] & (offs_m < end)[None, :]
+            d_off = dc_off[:, None] + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+            x_off = xc_off[:, None] + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+            dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+            acc_dy += dy  # masked lanes load dy = 0 and add nothing
+            acc_dyxmu += dy * (x - mean[:, None])
+    else:
+        # Image tiles over the chunk's whole images (as the statistics partial kernel): images
+        # [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb; rows start on ALIGN boundaries.
+        hw = aligned(HW, ALIGN)
+        row_blocks = tl.cdiv(hw, BLOCK_HW)
+        per_chunk = CHUNK // hw
+        n_start = pid_k * per_chunk
+        n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
+        j = tl.arange(0, BLOCK_M)
+        j_n = j // BLOCK_HW
+        j_hw = j % BLOCK_HW
+        s_dn_al = aligned(s_dn, ALIGN)
+        s_xn_al = aligned(s_xn, ALIGN)
+        for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
+            n_idx = n0 + j_n
+            dn_off = n_idx.to(tl.int64) * s_dn_al
+            xn_off = n_idx.to(tl.int64) * s_xn_al
+            for hb in range(0, row_blocks):
+                hw_idx = hb * BLOCK_HW + j_hw
+                mask = mask_c[:, None] & ((n_idx < n_end) & (hw_idx < hw))[None, :]
+                dy = tl.load(dy_ptr + dc_off[:, None] + (dn_off + hw_idx)[None, :], mask=mask,
+                             other=0.0).to(ACC)  # fmt: skip
+                x = tl.load(x_ptr + xc_off[:, None] + (xn_off + hw_idx)[None, :], mask=mask,
+                            other=0.0).to(ACC)  # fmt: skip
+                acc_dy += dy
+                acc_dyxmu += dy * (x - mean[:, None])
 
     out = pid_k.to(tl.int64) * C + offs_c
     tl.store(sum_dy_part_ptr + out, tl.sum(acc_dy, axis=1), mask=mask_c)
@@ -324,7 +355,8 @@ def bn_backward(
     acc_tl = tl_dtype(x.dtype)
     with device_guard(x):
         if need_sums:
-            chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+            red_flat, red_hw, red_align, chunk, num_chunks = reduction_tiles(
+                [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks)  # fmt: skip
             check_positions(n_pos, chunk)
             rows = max(num_chunks, 1)  # never a zero-size buffer
             sum_dy_part = torch.empty((rows, num_channels), dtype=acc, device=dev)
@@ -335,9 +367,9 @@ def bn_backward(
                 _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
                     dy, x, mean, sum_dy_part, sum_dyxmu_part,
                     num_channels, hw, n_pos,
-                    *dv.strides(flat), *xv.strides(flat), chunk,
-                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-                    ACC=acc_tl, num_warps=cfg.num_warps,
+                    *dv.strides(red_flat), *xv.strides(red_flat), chunk,
+                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(red_flat),
+                    ACC=acc_tl, BLOCK_HW=red_hw, ALIGN=red_align, num_warps=cfg.num_warps,
                 )  # fmt: skip
             _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
                 sum_dy_part, sum_dyxmu_part, var,
@@ -410,7 +442,8 @@ def bn_backward_sums(
     dv, xv = view3(dy), view3(x)
     flat, cfg = layout_config([xv, dv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+    flat, block_hw, align, chunk, num_chunks = reduction_tiles([xv, dv], x, num_channels, n_pos,
+                                                               flat, cfg, num_cblocks)  # fmt: skip
     check_positions(n_pos, chunk)
     part = torch.empty((2, num_chunks, num_channels), dtype=acc, device=dev)
     acc_tl = tl_dtype(x.dtype)
@@ -420,7 +453,7 @@ def bn_backward_sums(
             num_channels, n_pos // x.shape[0], n_pos,
             *dv.strides(flat), *xv.strides(flat), chunk,
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-            ACC=acc_tl, num_warps=cfg.num_warps,
+            ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
             part[0], part[1], var,

@@ -9,7 +9,8 @@ cancel in low precision. Backward (elsewhere, ``bn_backward``) in eval mode: ``d
 
 ``_bn_normalize_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))``: one
 ``[BLOCK_C, BLOCK_M]`` tile per program (``BLOCK_M`` flat positions, or images x ``BLOCK_HW`` for
-NCHW, see ``_launch.position_tiles``); the per-channel ``A``/``b`` are recomputed per program
+NCHW, or for odd ``H*W`` a split tile: vector body plus scalar edges per plane, see
+``_launch.position_tiles``); the per-channel ``A``/``b`` are recomputed per program
 from ``mean``, ``var``, ``w``, ``b`` (``BLOCK_C`` values, negligible against the tile), which keeps
 one launch for the whole eval forward. ``x`` and ``y`` may have different strides.
 """
@@ -114,7 +115,8 @@ def _bn_normalize_kernel(
 @triton.jit
 def normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean, scale, b, HAS_B: tl.constexpr,
                     ACC: tl.constexpr):  # fmt: skip
-    """``y = (x - mean) * scale (+ b)`` on one part (body or edges) of a split tile."""
+    """``y = (x - mean) * scale (+ b)`` on a 2-D tile or one part (body or edges) of a split
+    tile; the per-channel values come broadcastable to it."""
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
     y = (x - mean) * scale
     if HAS_B:

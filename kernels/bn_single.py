@@ -29,7 +29,9 @@ All arithmetic in ``ACC`` (fp32, fp64 for fp64 input). ``SLICE_M`` is a power of
 (a tile shape; the batch size itself is a runtime argument, so a new batch size recompiles only
 when its slice crosses a power of two). NCHW slices whose images each fit one power-of-two row
 (``N * next_pow2(H*W) <= SLICE_M``, e.g. CIFAR's 2x2/4x4/8x8) hold the tile as images x
-``BLOCK_HW`` positions so the loads vectorise (``_launch.slice_tiles``); others stay flat.
+``BLOCK_HW`` positions so the loads vectorise (``_launch.slice_tiles``); odd ``H*W`` (7x7) as
+split tiles (``[BLOCK_C, images, BLOCK_HW]`` aligned bodies loaded as vectors plus
+``[BLOCK_C, images, 2 ALIGN]`` scalar head/tail lanes, ``_math.split_offsets``); others stay flat.
 """
 
 from __future__ import annotations

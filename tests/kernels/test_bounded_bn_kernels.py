@@ -680,6 +680,66 @@ def test_split_tiles_match_reference(dtype, training):
                 _close(y, ref_y, dtype, "y")
 
 
+def test_reduction_image_tile_rule():
+    """NCHW reduction partials take image tiles where the elementwise kernels do (not for odd
+    H*W), in chunks of whole images whose count the combine derives from the chunk index."""
+    from rnip_ext.kernels._config import plan_image_chunks
+    from rnip_ext.kernels._launch import reduction_tiles
+    from rnip_ext.kernels._layout import view3
+
+    cpu = torch.device("cpu")
+    cfg = bn_config(256, channels_contiguous=False)  # 4 channels x 512 positions
+    x = torch.empty(64, 256, 14, 14)
+    flat, block_hw, align, chunk, num_chunks = reduction_tiles([view3(x)], x, 256, 64 * 196,
+                                                               False, cfg, 64)  # fmt: skip
+    assert (flat, block_hw, align) == (False, 128, 4)  # 4 images x 128 per tile, 2 row blocks
+    assert chunk % 196 == 0 and (chunk // 196) % 4 == 0 and num_chunks == -(-64 * 196 // chunk)
+    # Chunk sizes: chunk_tiles tiles rounded up to whole image groups, or >= 4 tiles each.
+    many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20)
+    assert plan_image_chunks(5, 196, 32, 1, many, cpu) == (3 * 196, 2)  # 7 row blocks: 3 images
+    two = BNConfig(block_c=2, block_m=64, red_block_m=64, chunk_tiles=2)
+    assert plan_image_chunks(6, 24, 32, 1, two, cpu) == (4 * 24, 2)  # 2 images per tile
+    assert plan_image_chunks(0, 24, 32, 1, two, cpu)[1] == 0
+    monkey_target = plan_image_chunks(64, 196, 128, 64, cfg, cpu)  # CPU: 4 programs wanted
+    assert monkey_target[1] * 64 >= 4
+    # Flat where image tiles are not taken: odd H*W, channels_last, a strided dy.
+    x7 = torch.empty(8, 4, 7, 7)
+    assert reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1)[:3] == (False, 0, 1)
+    xl = torch.empty(8, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    cl = bn_config(4, channels_contiguous=True)
+    assert reduction_tiles([view3(xl)], xl, 4, 128, True, cl, 1)[:3] == (True, 0, 1)
+    x4 = torch.empty(8, 4, 4, 4)
+    assert reduction_tiles([view3(x4), view3(xl)], x4, 4, 128, False, cfg, 1)[:3] == (False, 0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_reduction_image_tiles_match_reference(dtype):
+    """Statistics and backward sums over image tiles against the float64 reference: chunks of
+    several image groups with short lanes in the last row block (14x14 in 32-position rows:
+    the per-lane Welford counts), a group with a missing image (6 images, 2 per tile, 4 per
+    chunk), row blocks shorter than the vector width, and a mean of 1e4 (Chan merges)."""
+    many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20, comb_block_c=2,
+                    comb_block_k=2)  # fmt: skip
+    two = BNConfig(block_c=2, block_m=64, red_block_m=64, chunk_tiles=2, comb_block_c=2,
+                   comb_block_k=2)  # fmt: skip
+    cases = [((5, 2, 14, 14), many), ((6, 3, 4, 6), two), ((6, 3, 4, 6), TINY)]
+    if dtype != torch.float32:
+        cases = cases[1:2]
+    for shape, config in cases:
+        for training in (True, False):
+            _run_case(shape, "nchw", dtype, (True, True), training, True, config,
+                      seed_extra="red")  # fmt: skip
+    if dtype == torch.float32:
+        gen = _seed("red-large-mean")
+        x = _randn((5, 3, 14, 14), gen, 1.0, 1e4)
+        ref = x.double()
+        for config in (many, two, None):
+            mean, var, _ = bn_batch_stats(x, config=config)
+            torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=0)
+            torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False),
+                                       rtol=1e-4, atol=0)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Running statistics updated inside the kernels (the statistics combine, the single-pass kernel).
 
@@ -966,7 +1026,7 @@ count = 0
 for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")):
     ACC = tl.float64 if acc == "fp64" else tl.float32
     for flat, ones in ((0, False), (1, True)):
-        red = dict(BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC)
+        red = dict(BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1)
         ew = dict(BLOCK_C=64, BLOCK_M=64, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
         single = dict(BLOCK_C=2, SLICE_M=2048, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
         jobs = [
@@ -996,7 +1056,10 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
         if not flat:  # split tiles (odd H*W): 64-wide bodies, vector-width edges
             vec = 16 // {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[x_dtype]
             split = dict(BLOCK_HW=64, ALIGN=vec, SPLIT=1)
+            image = dict(red, BLOCK_HW=128, ALIGN=vec)  # reductions over image tiles
             jobs += [
+                (bn_stats._bn_partial_stats_kernel, image, 8),
+                (bn_backward._bn_bwd_partial_kernel, image, 8),
                 (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1, **split), 8),
                 (bn_chunked._bn_normalize_combine_kernel,
                  dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
@@ -1030,4 +1093,4 @@ def test_kernels_compile_for_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 124" in done.stdout
+    assert "compiled 132" in done.stdout
