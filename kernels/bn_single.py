@@ -114,11 +114,6 @@ def _bn_fwd_single_kernel(
         if pid_c == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     n = n_pos.to(ACC)
-    if HAS_W:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        a, _, _ = sigmoid_parts(w)
-    if HAS_B:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
     if SPLIT:
         # Body [BLOCK_C, images, BLOCK_HW] (vector loads) and edges [BLOCK_C, images, 2 ALIGN].
         n_idx, q, e, mask_n, edge_hw = split_rows(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
@@ -134,7 +129,11 @@ def _bn_fwd_single_kernel(
         var = (channel_sum(xmu_b * xmu_b) + channel_sum(xmu_e * xmu_e)) / n
         scale = tl.rsqrt(var + eps)
         if HAS_W:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            a, _, _ = sigmoid_parts(w)
             scale = scale * a
+        if HAS_B:
+            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         yb = xmu_b * scale[:, None, None]
         ye = xmu_e * scale[:, None, None]
         if HAS_B:
@@ -154,7 +153,11 @@ def _bn_fwd_single_kernel(
         var = tl.sum(xmu * xmu, axis=1) / n
         scale = tl.rsqrt(var + eps)
         if HAS_W:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            a, _, _ = sigmoid_parts(w)
             scale = scale * a
+        if HAS_B:
+            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         y = xmu * scale[:, None]
         if HAS_B:
             y = y + b[:, None]
