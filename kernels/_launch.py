@@ -128,26 +128,31 @@ def position_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int,
 
 
 def reduction_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int, flat: bool,
-                    config: BNConfig, num_cblocks: int):  # fmt: skip
-    """``(flat, BLOCK_HW, ALIGN, chunk, num_chunks)`` of a reduction-partials launch.
+                    config: BNConfig, num_cblocks: int, split: bool = False):  # fmt: skip
+    """``(flat, BLOCK_HW, ALIGN, SPLIT, chunk, num_chunks)`` of a reduction-partials launch.
 
     NCHW launches whose ``H*W`` gets image tiles (``_config.image_tiles`` with the reduction
     tile ``red_block_m``) loop over image tiles, in chunks of whole images
-    (``_config.plan_image_chunks``); the others over flat tiles of ``N*H*W`` positions
-    (``_config.plan_chunks``). Odd ``H*W`` stays flat here: a split tile's body length varies
-    from plane to plane, which the statistics kernel's per-lane Welford counts cannot follow
-    without a division per element.
+    (``_config.plan_image_chunks``); with ``split`` (the backward sums) odd ``H*W`` likewise over
+    split tiles (``_config.split_tiles``, ``SPLIT = 1``); the others over flat tiles of ``N*H*W``
+    positions (``_config.plan_chunks``). The statistics kernel does not take split tiles: a
+    split tile's body length varies from plane to plane, which its per-lane Welford counts
+    cannot follow without a division per element.
     """
     if n_pos > 0 and not channels_contiguous(views[0], num_channels):
         hw = n_pos // x.shape[0]
         strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
         block_hw, align = image_tiles(hw, config.red_block_m, x.element_size(), strides)
+        is_split = 0
+        if block_hw == 0 and split:
+            block_hw, align = split_tiles(hw, config.red_block_m, x.element_size(), strides)
+            is_split = int(block_hw > 0)
         if block_hw:
             chunk, num_chunks = plan_image_chunks(x.shape[0], hw, block_hw, num_cblocks, config,
                                                   x.device)  # fmt: skip
-            return False, block_hw, align, chunk, num_chunks
+            return False, block_hw, align, is_split, chunk, num_chunks
     chunk, num_chunks = plan_chunks(n_pos, num_cblocks, config, x.device)
-    return flat, 0, 1, chunk, num_chunks
+    return flat, 0, 1, 0, chunk, num_chunks
 
 
 def slice_tiles(views: list[View3], x: Tensor, n_pos: int, flat: bool, single_m: int):

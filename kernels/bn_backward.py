@@ -50,6 +50,7 @@ from ._launch import (
 from ._layout import acc_dtype, alloc_like
 from ._math import (
     aligned,
+    channel_sum,
     position_offsets,
     sigmoid_parts,
     split_offsets,
@@ -83,7 +84,8 @@ def _bn_bwd_partial_kernel(
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
     ACC: tl.constexpr,
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles, chunks of whole images (unit H*W stride)
-    ALIGN: tl.constexpr = 1,  # divides HW, s_dn, s_dc, s_xn, s_xc (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_dn, s_dc, s_xn, s_xc (image tiles); SPLIT: vectors
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -93,9 +95,9 @@ def _bn_bwd_partial_kernel(
     xc_off = offs_c.to(tl.int64) * aligned(s_xc, ALIGN)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
 
-    acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
-    acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     if BLOCK_HW == 0:
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
         start = pid_k * CHUNK
         end = tl.minimum(start + CHUNK, n_pos)
         for m0 in range(start, end, BLOCK_M):
@@ -107,6 +109,43 @@ def _bn_bwd_partial_kernel(
             x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
             acc_dy += dy  # masked lanes load dy = 0 and add nothing
             acc_dyxmu += dy * (x - mean[:, None])
+        sum_dy = tl.sum(acc_dy, axis=1)
+        sum_dyxmu = tl.sum(acc_dyxmu, axis=1)
+    elif SPLIT:
+        # Split tiles (odd H*W) over the chunk's whole images: per plane an aligned body
+        # [BLOCK_C, images, BLOCK_HW] (vector loads) and head/tail edges [BLOCK_C, images,
+        # 2 ALIGN] (scalar, first row block only), summed lane-wise like the other tiles.
+        IMGS: tl.constexpr = BLOCK_M // BLOCK_HW
+        row_blocks = tl.maximum(tl.cdiv(aligned(HW, ALIGN), BLOCK_HW), 1)
+        per_chunk = CHUNK // HW
+        n_start = pid_k * per_chunk
+        n_end = tl.minimum(n_start + per_chunk, n_pos // HW)
+        e = tl.arange(0, 2 * ALIGN)
+        mean3 = mean[:, None, None]
+        acc_dy_b = tl.zeros([BLOCK_C, IMGS, BLOCK_HW], dtype=ACC)
+        acc_dyxmu_b = tl.zeros([BLOCK_C, IMGS, BLOCK_HW], dtype=ACC)
+        acc_dy_e = tl.zeros([BLOCK_C, IMGS, 2 * ALIGN], dtype=ACC)
+        acc_dyxmu_e = tl.zeros([BLOCK_C, IMGS, 2 * ALIGN], dtype=ACC)
+        for n0 in range(n_start, n_end, IMGS):
+            n_idx = n0 + tl.arange(0, IMGS)
+            mask_n = n_idx < n_end
+            for hb in range(0, row_blocks):
+                q = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+                edge_hw = HW - HW * tl.minimum(hb, 1)
+                db_off, mb, de_off, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e,
+                                                       edge_hw, HW, s_dn, s_dc, ALIGN)  # fmt: skip
+                xb_off, _, xe_off, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e,
+                                                     edge_hw, HW, s_xn, s_xc, ALIGN)  # fmt: skip
+                dyb = tl.load(dy_ptr + db_off, mask=mb, other=0.0).to(ACC)
+                xb = tl.load(x_ptr + xb_off, mask=mb, other=0.0).to(ACC)
+                acc_dy_b += dyb
+                acc_dyxmu_b += dyb * (xb - mean3)
+                dye = tl.load(dy_ptr + de_off, mask=me, other=0.0).to(ACC)
+                xe = tl.load(x_ptr + xe_off, mask=me, other=0.0).to(ACC)
+                acc_dy_e += dye
+                acc_dyxmu_e += dye * (xe - mean3)
+        sum_dy = channel_sum(acc_dy_b) + channel_sum(acc_dy_e)
+        sum_dyxmu = channel_sum(acc_dyxmu_b) + channel_sum(acc_dyxmu_e)
     else:
         # Image tiles over the chunk's whole images (as the statistics partial kernel): images
         # [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb; rows start on ALIGN boundaries.
@@ -120,6 +159,8 @@ def _bn_bwd_partial_kernel(
         j_hw = j % BLOCK_HW
         s_dn_al = aligned(s_dn, ALIGN)
         s_xn_al = aligned(s_xn, ALIGN)
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
         for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
             n_idx = n0 + j_n
             dn_off = n_idx.to(tl.int64) * s_dn_al
@@ -133,10 +174,12 @@ def _bn_bwd_partial_kernel(
                             other=0.0).to(ACC)  # fmt: skip
                 acc_dy += dy
                 acc_dyxmu += dy * (x - mean[:, None])
+        sum_dy = tl.sum(acc_dy, axis=1)
+        sum_dyxmu = tl.sum(acc_dyxmu, axis=1)
 
     out = pid_k.to(tl.int64) * C + offs_c
-    tl.store(sum_dy_part_ptr + out, tl.sum(acc_dy, axis=1), mask=mask_c)
-    tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
+    tl.store(sum_dy_part_ptr + out, sum_dy, mask=mask_c)
+    tl.store(sum_dyxmu_part_ptr + out, sum_dyxmu, mask=mask_c)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -355,8 +398,8 @@ def bn_backward(
     acc_tl = tl_dtype(x.dtype)
     with device_guard(x):
         if need_sums:
-            red_flat, red_hw, red_align, chunk, num_chunks = reduction_tiles(
-                [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks)  # fmt: skip
+            red_flat, red_hw, red_align, red_split, chunk, num_chunks = reduction_tiles(
+                [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks, split=True)  # fmt: skip
             check_positions(n_pos, chunk)
             rows = max(num_chunks, 1)  # never a zero-size buffer
             sum_dy_part = torch.empty((rows, num_channels), dtype=acc, device=dev)
@@ -369,7 +412,8 @@ def bn_backward(
                     num_channels, hw, n_pos,
                     *dv.strides(red_flat), *xv.strides(red_flat), chunk,
                     BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(red_flat),
-                    ACC=acc_tl, BLOCK_HW=red_hw, ALIGN=red_align, num_warps=cfg.num_warps,
+                    ACC=acc_tl, BLOCK_HW=red_hw, ALIGN=red_align, SPLIT=red_split,
+                    num_warps=cfg.num_warps,
                 )  # fmt: skip
             _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
                 sum_dy_part, sum_dyxmu_part, var,
@@ -442,8 +486,8 @@ def bn_backward_sums(
     dv, xv = view3(dy), view3(x)
     flat, cfg = layout_config([xv, dv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    flat, block_hw, align, chunk, num_chunks = reduction_tiles([xv, dv], x, num_channels, n_pos,
-                                                               flat, cfg, num_cblocks)  # fmt: skip
+    flat, block_hw, align, split, chunk, num_chunks = reduction_tiles(
+        [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks, split=True)  # fmt: skip
     check_positions(n_pos, chunk)
     part = torch.empty((2, num_chunks, num_channels), dtype=acc, device=dev)
     acc_tl = tl_dtype(x.dtype)
@@ -453,7 +497,7 @@ def bn_backward_sums(
             num_channels, n_pos // x.shape[0], n_pos,
             *dv.strides(flat), *xv.strides(flat), chunk,
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-            ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
+            ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
             part[0], part[1], var,

@@ -690,9 +690,9 @@ def test_reduction_image_tile_rule():
     cpu = torch.device("cpu")
     cfg = bn_config(256, channels_contiguous=False)  # 4 channels x 512 positions
     x = torch.empty(64, 256, 14, 14)
-    flat, block_hw, align, chunk, num_chunks = reduction_tiles([view3(x)], x, 256, 64 * 196,
-                                                               False, cfg, 64)  # fmt: skip
-    assert (flat, block_hw, align) == (False, 128, 4)  # 4 images x 128 per tile, 2 row blocks
+    flat, block_hw, align, split, chunk, num_chunks = reduction_tiles(
+        [view3(x)], x, 256, 64 * 196, False, cfg, 64)  # fmt: skip
+    assert (flat, block_hw, align, split) == (False, 128, 4, 0)  # 4 images x 128 per tile, 2 row blocks
     assert chunk % 196 == 0 and (chunk // 196) % 4 == 0 and num_chunks == -(-64 * 196 // chunk)
     # Chunk sizes: chunk_tiles tiles rounded up to whole image groups, or >= 4 tiles each.
     many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20)
@@ -702,14 +702,18 @@ def test_reduction_image_tile_rule():
     assert plan_image_chunks(0, 24, 32, 1, two, cpu)[1] == 0
     monkey_target = plan_image_chunks(64, 196, 128, 64, cfg, cpu)  # CPU: 4 programs wanted
     assert monkey_target[1] * 64 >= 4
-    # Flat where image tiles are not taken: odd H*W, channels_last, a strided dy.
+    # Odd H*W: split tiles for the backward sums only (split=True); the statistics stay flat.
     x7 = torch.empty(8, 4, 7, 7)
-    assert reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1)[:3] == (False, 0, 1)
+    assert reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1)[:4] == (False, 0, 1, 0)
+    tiles7 = reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1, split=True)
+    assert tiles7[:4] == (False, 64, 4, 1) and tiles7[4] % 49 == 0
+    # Flat where neither is taken: channels_last, a channels_last dy.
     xl = torch.empty(8, 4, 4, 4).contiguous(memory_format=torch.channels_last)
     cl = bn_config(4, channels_contiguous=True)
-    assert reduction_tiles([view3(xl)], xl, 4, 128, True, cl, 1)[:3] == (True, 0, 1)
+    assert reduction_tiles([view3(xl)], xl, 4, 128, True, cl, 1, split=True)[:4] == (True, 0, 1, 0)
     x4 = torch.empty(8, 4, 4, 4)
-    assert reduction_tiles([view3(x4), view3(xl)], x4, 4, 128, False, cfg, 1)[:3] == (False, 0, 1)
+    assert reduction_tiles([view3(x4), view3(xl)], x4, 4, 128, False, cfg, 1,
+                           split=True)[:4] == (False, 0, 1, 0)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -1060,6 +1064,7 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
             jobs += [
                 (bn_stats._bn_partial_stats_kernel, image, 8),
                 (bn_backward._bn_bwd_partial_kernel, image, 8),
+                (bn_backward._bn_bwd_partial_kernel, dict(red, **split), 8),
                 (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1, **split), 8),
                 (bn_chunked._bn_normalize_combine_kernel,
                  dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
@@ -1093,4 +1098,4 @@ def test_kernels_compile_for_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 132" in done.stdout
+    assert "compiled 136" in done.stdout
