@@ -142,7 +142,9 @@ def split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_n, s_c,
     e3 = e[None, None, :]
     is_head = e3 < ALIGN
     pos = tl.where(is_head, e3, head + body + (e3 - ALIGN))
-    edge_mask = rows & ((is_head & (e3 < head) & (e3 < edge_hw)) | ((e3 >= ALIGN) & (pos < edge_hw)))
+    in_head = is_head & (e3 < head) & (e3 < edge_hw)
+    in_tail = (e3 >= ALIGN) & (pos < edge_hw)
+    edge_mask = rows & (in_head | in_tail)
     return body_off, body_mask, plane + pos, edge_mask
 
 

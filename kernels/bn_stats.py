@@ -328,8 +328,8 @@ def launch_partials(x: Tensor, config: BNConfig | None):
     xv = view3(x)
     flat, cfg = layout_config([xv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    flat, block_hw, align, _, chunk, num_chunks = reduction_tiles([xv], x, num_channels, n_pos,
-                                                                  flat, cfg, num_cblocks)  # fmt: skip
+    flat, block_hw, align, _, chunk, num_chunks = reduction_tiles(
+        [xv], x, num_channels, n_pos, flat, cfg, num_cblocks)  # fmt: skip
     check_positions(n_pos, chunk)
     # At least one row, so that the combine kernel never gets a zero-size buffer.
     mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
