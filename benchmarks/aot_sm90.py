@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every kernel configuration the launchers choose, for an sm_90 GPU.
 
 No GPU needed. For each layer shape of the paper's CIFAR VGG-16 (batch 128) and ResNet-50
-(batch 64), each dtype (fp32, bf16, fp16) and layout (NCHW, channels_last), the real launchers
+(batch 64), plus ResNet-50's 7x7 at batch 256 (the chunked path with odd ``H*W``), each dtype (fp32, bf16, fp16) and layout (NCHW, channels_last), the real launchers
 run a training step (forward, backward) and an eval forward on ``meta`` tensors with every
 kernel's launch intercepted: the arguments they would pass give the exact compile key (constexpr
 tiles and flags, ``num_warps``, and Triton's own specialisation of the other arguments, honouring
@@ -39,6 +39,9 @@ RESNET50_B64 = [
     (64, 512, 28, 28), (64, 256, 28, 28), (64, 256, 14, 14), (64, 1024, 14, 14), (64, 512, 14, 14),
     (64, 512, 7, 7), (64, 2048, 7, 7),
 ]  # fmt: skip
+# ResNet-50's 7x7 layers at batch 256 take the chunked path (N*H*W = 12544 > 8192): the only way
+# the launchers reach the chunked kernels' split tiles (odd H*W), so they are recorded too.
+CHUNKED_ODD_HW = [(256, 512, 7, 7)]
 SUBSET = [(128, 512, 4, 4), (128, 256, 8, 8), (128, 64, 32, 32), (64, 2048, 7, 7), (64, 256, 14, 14)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H200_SMS = 132
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/aot_sm90.json)")
     args = parser.parse_args(argv)
-    shapes = SUBSET if args.subset else VGG16_CIFAR_B128 + RESNET50_B64
+    shapes = SUBSET if args.subset else VGG16_CIFAR_B128 + RESNET50_B64 + CHUNKED_ODD_HW
     found = collect(shapes, args.dtypes, ["nchw", "channels_last"])
     rows = compile_all(found)
     import triton

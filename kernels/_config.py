@@ -12,11 +12,15 @@ The choice depends on the layout, because a tile is ``[BLOCK_C channels x BLOCK_
 * channels contiguous (channels_last, or ``H*W == 1``): many channels per tile, fewer positions,
   so that each position's column is one coalesced run of channels.
 
-NCHW elementwise tiles (normalise, the chunked forward's normalise-with-combine, dx) and the
-single-pass tiles are 2-D over positions: images x ``BLOCK_HW`` positions of ``H*W``
-(:func:`image_tiles`), so that a row is one aligned contiguous run the compiler can load as
-vectors even when ``H*W`` is not a multiple of 16 (14x14, 2x2); a flat tile over ``N*H*W`` has
-a tail mask that forces scalar loads. The NCHW reduction partial kernels keep flat tiles.
+NCHW elementwise tiles (normalise, the chunked forward's normalise-with-combine, dx), the
+single-pass tiles and the reduction partials' tiles are 2-D over positions: images x
+``BLOCK_HW`` positions of ``H*W`` (:func:`image_tiles`), so that a row is one aligned contiguous
+run the compiler can load as vectors even when ``H*W`` is not a multiple of 16 (14x14, 2x2); a
+flat tile over ``N*H*W`` has a tail mask that forces scalar loads. Odd ``H*W`` (7x7, 5x5), whose
+planes start on every residue modulo the vector width, takes split tiles in the elementwise and
+single-pass kernels (:func:`split_tiles`: each plane's aligned body as vectors, its head and tail
+one element at a time); the reduction partials keep flat tiles there. The reduction partials'
+image tiles run over chunks of whole images (:func:`plan_image_chunks`).
 
 The reductions (batch statistics, backward sums) are split over (chunk of positions, channel
 block) so that even a layer with few channels and large images, e.g. ``8x16x256x256``, runs on
@@ -44,6 +48,8 @@ __all__ = [
     "bn_config",
     "image_tiles",
     "plan_chunks",
+    "plan_image_chunks",
+    "split_tiles",
     "single_pass_config",
     "target_programs",
 ]
@@ -161,6 +167,36 @@ def plan_chunks(
     return chunk, -(-n_pos // chunk)
 
 
+def plan_image_chunks(
+    num_images: int, hw: int, block_hw: int, num_cblocks: int, config: BNConfig,
+    device: torch.device,
+) -> tuple[int, int]:  # fmt: skip
+    """Chunks of whole images for the NCHW reduction kernels' image tiles: ``(chunk_positions,
+    num_chunks)``.
+
+    A reduction tile is ``red_block_m // block_hw`` images x ``block_hw`` positions and an image
+    takes ``cdiv(H*W, block_hw)`` row blocks, so a group of images is a whole number of tiles.
+    A chunk is ``g`` such groups (``chunk_positions = g * images_per_tile * H*W``, so the combine
+    kernels' count ``min(chunk, n - k * chunk)`` still holds), with ``g`` chosen as
+    :func:`plan_chunks` chooses its tiles per chunk (``config.chunk_tiles`` tiles, rounded up to
+    whole groups, or enough chunks for :func:`target_programs` with at least 4 tiles each).
+    """
+    images_per_tile = max(config.red_block_m // block_hw, 1)
+    if num_images <= 0 or hw <= 0:
+        return images_per_tile * max(hw, 1), 0
+    row_blocks = -(-hw // block_hw)
+    groups = -(-num_images // images_per_tile)
+    tiles = groups * row_blocks
+    if config.chunk_tiles:
+        tiles_per_chunk = config.chunk_tiles
+    else:
+        want_chunks = max(1, -(-target_programs(device) // max(num_cblocks, 1)))
+        tiles_per_chunk = max(-(-tiles // want_chunks), min(4, tiles))
+    groups_per_chunk = -(-tiles_per_chunk // row_blocks)
+    chunk_images = groups_per_chunk * images_per_tile
+    return chunk_images * hw, -(-num_images // chunk_images)
+
+
 # Single-pass budget: elements of one tensor a program holds on chip. The backward holds two
 # (x and dy), so at 16 warps (512 threads, at most 128 registers each so that one program fits an
 # SM's 64K-register file) that is 2 x 16 fp32 values per thread plus their addresses: no spills
@@ -200,12 +236,13 @@ def image_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, 
       tile over ``N*H*W`` instead has a mask ``m < N*H*W`` the compiler cannot split into
       vectors, so flat tiles load NCHW data one element at a time for every image size.
 
-    ``ALIGN = 1`` (odd ``H*W``, e.g. 7x7 or 57x57) keeps the flat tiles: an odd-length row
-    cannot start on a vector boundary in every image, so 2-D tiles would only waste lanes.
+    ``ALIGN = 1`` (odd ``H*W``, e.g. 7x7 or 57x57) gives ``(0, 1)``: an odd-length row cannot
+    start on a vector boundary in every image; :func:`split_tiles` handles those.
 
     Compiled variants: one per ``(BLOCK_HW, ALIGN)`` class, i.e. per power of two of ``H*W``
     up to 128 and per power-of-two factor (2, 4, 8) of ``H*W`` up to the vector width; every
-    image with ``H*W > 64`` and the same factor shares one, odd ``H*W`` shares the flat one.
+    image with ``H*W > 64`` and the same factor shares one. The reduction partials take the same
+    rule with their tile ``red_block_m``.
     """
     if hw <= 1 or any(s_hw != 1 for _, _, s_hw in strides):
         return 0, 1
@@ -216,6 +253,51 @@ def image_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, 
     while align < vec and all(v % (2 * align) == 0 for v in values):
         align *= 2
     return (block_hw, align) if align > 1 else (0, 1)
+
+
+# Split tiles (odd H*W): a plane must hold at least this many vectors to be split into an
+# aligned body and scalar edges; smaller planes would spend most lanes on the edges.
+SPLIT_MIN_VECTORS = 4
+
+
+def split_tiles(hw: int, block_m: int, elem_size: int, strides: list[tuple[int, int, int]],
+                cap: int = HW_TILE_CAP):  # fmt: skip
+    """``(BLOCK_HW, ALIGN)`` of NCHW split tiles, or ``(0, 1)``: for ``H*W`` that
+    :func:`image_tiles` leaves flat (odd ``H*W`` such as 7x7, 5x5, 57x57).
+
+    An odd-length plane ``(n, c)`` starts at ``o = n*s_n + c*s_c``, which lands on a different
+    residue modulo the vector width in every plane, so no row of a 2-D tile can start on a vector
+    boundary in all of them. A split tile cuts each plane at the vector boundaries instead::
+
+        head = (-o) mod ALIGN           (positions [0, head): scalar)
+        body = ALIGN * floor((H*W - head) / ALIGN)
+                                        (positions [head, head + body): starts at an address
+                                         divisible by ALIGN, vector loads/stores)
+        tail = H*W - head - body < ALIGN  (scalar)
+
+    The kernels hold the body as ``[BLOCK_C, images, BLOCK_HW]`` (the row limit ``body`` is then
+    constant along the vector axis, which the compiler needs to keep masked vectors) and the
+    head and tail as ``[BLOCK_C, images, 2 * ALIGN]`` lanes (at most ``2 (ALIGN - 1)`` used).
+    Rule (pure Python, no GPU needed):
+
+    * unit ``H*W`` stride in every tensor, and every tensor's ``(s_n, s_c)`` congruent modulo
+      ``ALIGN`` (so one split serves all of them: a dense NCHW ``y``/``dx`` like ``x``);
+    * ``ALIGN = 16 / elem_size`` (the vector width: 4 fp32, 8 fp16/bf16, 2 fp64);
+    * ``H*W >= SPLIT_MIN_VECTORS * ALIGN`` (16 fp32, 32 fp16/bf16 positions): at least half of
+      each plane in the body, about 90% at 7x7 (fp32: 44 or 48 of 49);
+    * ``BLOCK_HW = min(next_pow2(ALIGN * floor(H*W / ALIGN)), cap, block_m)`` (7x7: 64).
+
+    Only when :func:`image_tiles` gives flat tiles; its aligned rows need no edges.
+    """
+    vec = max(VECTOR_BYTES // elem_size, 1)
+    if hw <= 1 or vec < 2 or any(s_hw != 1 for _, _, s_hw in strides):
+        return 0, 1
+    if image_tiles(hw, block_m, elem_size, strides, cap)[0]:
+        return 0, 1
+    residues = {(s_n % vec, s_c % vec) for s_n, s_c, _ in strides}
+    if len(residues) != 1 or hw < SPLIT_MIN_VECTORS * vec:
+        return 0, 1
+    return min(_pow2_at_most(hw - hw % vec, cap), block_m), vec
 
 
 def single_pass_config(

@@ -11,7 +11,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._config import BNConfig, bn_config, image_tiles
+from ._config import (
+    BNConfig,
+    bn_config,
+    image_tiles,
+    plan_chunks,
+    plan_image_chunks,
+    split_tiles,
+)
 from ._layout import View3, acc_dtype, spatial_stride, view3
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "kernel_ready",
     "layout_config",
     "position_tiles",
+    "reduction_tiles",
     "slice_tiles",
     "running_args",
     "tl_dtype",
@@ -96,37 +104,76 @@ def layout_config(views: list[View3], num_channels: int, config: BNConfig | None
 
 def position_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int, flat: bool,
                    config: BNConfig):  # fmt: skip
-    """``(flat, BLOCK_HW, ALIGN, programs along positions)`` of an elementwise launch.
+    """``(flat, BLOCK_HW, ALIGN, SPLIT, programs along positions)`` of an elementwise launch.
 
     NCHW tiles (the config spans few channels) whose ``H*W`` shares a power-of-two factor with
-    every tensor's strides become image tiles (``_config.image_tiles``, which vectorise); the
-    others stay flat over ``N*H*W`` (``BLOCK_HW = 0``).
+    every tensor's strides become image tiles (``_config.image_tiles``, which vectorise); those
+    with odd ``H*W`` become split tiles (``_config.split_tiles``: a vector body and scalar edges
+    per plane, ``SPLIT = 1``); the others stay flat over ``N*H*W`` (``BLOCK_HW = 0``).
     """
     hw = n_pos // x.shape[0]
-    block_hw, align = (0, 1)
+    block_hw, align, split = 0, 1, 0
     if not channels_contiguous(views[0], num_channels):
         strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
         block_hw, align = image_tiles(hw, config.block_m, x.element_size(), strides)
+        if block_hw == 0:
+            block_hw, align = split_tiles(hw, config.block_m, x.element_size(), strides)
+            split = int(block_hw > 0)
     if block_hw == 0:
-        return flat, 0, 1, triton.cdiv(n_pos, config.block_m)
+        return flat, 0, 1, 0, triton.cdiv(n_pos, config.block_m)
     images_per_tile = config.block_m // block_hw
-    tiles = triton.cdiv(x.shape[0], images_per_tile) * triton.cdiv(hw, block_hw)
-    return False, block_hw, align, tiles
+    row = hw - hw % align if split else hw  # split tiles: row blocks cover the widest body
+    tiles = triton.cdiv(x.shape[0], images_per_tile) * triton.cdiv(row, block_hw)
+    return False, block_hw, align, split, tiles
+
+
+def reduction_tiles(views: list[View3], x: Tensor, num_channels: int, n_pos: int, flat: bool,
+                    config: BNConfig, num_cblocks: int, split: bool = False):  # fmt: skip
+    """``(flat, BLOCK_HW, ALIGN, SPLIT, chunk, num_chunks)`` of a reduction-partials launch.
+
+    NCHW launches whose ``H*W`` gets image tiles (``_config.image_tiles`` with the reduction
+    tile ``red_block_m``) loop over image tiles, in chunks of whole images
+    (``_config.plan_image_chunks``); with ``split`` (the backward sums) odd ``H*W`` likewise over
+    split tiles (``_config.split_tiles``, ``SPLIT = 1``); the others over flat tiles of ``N*H*W``
+    positions (``_config.plan_chunks``). The statistics kernel does not take split tiles: a
+    split tile's body length varies from plane to plane, which its per-lane Welford counts
+    cannot follow without a division per element.
+    """
+    if n_pos > 0 and not channels_contiguous(views[0], num_channels):
+        hw = n_pos // x.shape[0]
+        strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
+        block_hw, align = image_tiles(hw, config.red_block_m, x.element_size(), strides)
+        is_split = 0
+        if block_hw == 0 and split:
+            block_hw, align = split_tiles(hw, config.red_block_m, x.element_size(), strides)
+            is_split = int(block_hw > 0)
+        if block_hw:
+            chunk, num_chunks = plan_image_chunks(x.shape[0], hw, block_hw, num_cblocks, config,
+                                                  x.device)  # fmt: skip
+            return False, block_hw, align, is_split, chunk, num_chunks
+    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, config, x.device)
+    return flat, 0, 1, 0, chunk, num_chunks
 
 
 def slice_tiles(views: list[View3], x: Tensor, n_pos: int, flat: bool, single_m: int):
-    """``(flat, BLOCK_HW, ALIGN)`` of a single-pass launch, whose one tile holds the whole slice.
+    """``(flat, BLOCK_HW, ALIGN, SPLIT)`` of a single-pass launch, whose one tile holds the slice.
 
     Image tiles (``_config.image_tiles`` with rows as wide as an image) when every image fits
     one row and all ``N`` rows fit ``single_m`` (``N * next_pow2(H*W) <= single_m``; true for
-    power-of-two images such as CIFAR's 2x2/4x4/8x8), else flat tiles.
+    power-of-two images such as CIFAR's 2x2/4x4/8x8); for odd ``H*W`` (7x7) split tiles
+    (``_config.split_tiles``) under the same condition on the body row
+    (``N * next_pow2(ALIGN floor(H*W / ALIGN)) <= single_m``; the edge lanes come on top); else
+    flat tiles.
     """
     hw = n_pos // x.shape[0]
     strides = [(v.s_n, v.s_c, v.s_hw) for v in views]
     block_hw, align = image_tiles(hw, single_m, x.element_size(), strides, cap=single_m)
-    if block_hw == 0 or block_hw < hw or x.shape[0] * block_hw > single_m:
-        return flat, 0, 1
-    return False, block_hw, align
+    if block_hw and block_hw >= hw and x.shape[0] * block_hw <= single_m:
+        return False, block_hw, align, 0
+    block_hw, align = split_tiles(hw, single_m, x.element_size(), strides, cap=single_m)
+    if block_hw and block_hw >= hw - hw % align and x.shape[0] * block_hw <= single_m:
+        return False, block_hw, align, 1
+    return flat, 0, 1, 0
 
 
 def channels_contiguous(lead: View3, num_channels: int) -> bool:

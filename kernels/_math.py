@@ -98,6 +98,63 @@ def tile_offsets(a, b, HW, s_n, s_hw, FLAT: tl.constexpr, BLOCK_HW: tl.constexpr
 
 
 @triton.jit
+def split_rows(pid_m, HW, n_pos, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
+               ALIGN: tl.constexpr):  # fmt: skip
+    """``(n_idx, q, e, mask_n, edge_hw)`` of split tile ``pid_m`` (``_config.split_tiles``).
+
+    The tile spans ``BLOCK_M // BLOCK_HW`` images ``n_idx`` (valid where ``mask_n``), body
+    positions ``q`` (``BLOCK_HW`` of them, row block ``pid_m mod cdiv(ALIGN floor(HW / ALIGN),
+    BLOCK_HW)``) and ``2 * ALIGN`` edge lanes ``e``; only the first row block does the edges
+    (``edge_hw`` is ``HW`` there, 0 elsewhere: an integer, as the interpreter cannot mask with a
+    scalar boolean). Feed :func:`split_offsets`.
+    """
+    num_images = n_pos // HW
+    hw_tiles = tl.maximum(tl.cdiv(aligned(HW, ALIGN), BLOCK_HW), 1)
+    n_blk = pid_m // hw_tiles
+    hw_blk = pid_m - n_blk * hw_tiles
+    n_idx = n_blk * (BLOCK_M // BLOCK_HW) + tl.arange(0, BLOCK_M // BLOCK_HW)
+    q = hw_blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    e = tl.arange(0, 2 * ALIGN)
+    return n_idx, q, e, n_idx < num_images, HW - HW * tl.minimum(hw_blk, 1)
+
+
+@triton.jit
+def split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_n, s_c,
+                  ALIGN: tl.constexpr):  # fmt: skip
+    """``(body_off, body_mask, edge_off, edge_mask)`` of one tensor in a split tile.
+
+    ``body_off`` is ``[BLOCK_C, images, BLOCK_HW]``, ``edge_off`` ``[BLOCK_C, images, 2 ALIGN]``
+    (int64 element offsets). Plane ``(n, c)`` starts at ``o = n s_n + c s_c``; its positions
+    ``[0, head)`` (``head = (-o) mod ALIGN``) go to edge lanes ``e < ALIGN``, ``[head, head +
+    body)`` (``body = ALIGN floor((HW - head) / ALIGN)``) to the body, which starts at an address
+    divisible by ``ALIGN`` and whose row limit is constant along the last axis (so the loads stay
+    vectors), and the tail ``[head + body, HW)`` to edge lanes ``e >= ALIGN``. Every tensor of a
+    launch has ``(s_n, s_c)`` congruent modulo ``ALIGN`` (the launcher checks), so they all split
+    at the same positions.
+    """
+    plane = offs_c.to(tl.int64)[:, None, None] * s_c + n_idx.to(tl.int64)[None, :, None] * s_n
+    head = tl.minimum((ALIGN - plane % ALIGN) % ALIGN, HW)
+    body = aligned(HW - head, ALIGN)
+    rows = mask_c[:, None, None] & mask_n[None, :, None]
+    q3 = q[None, None, :]
+    body_off = aligned(plane + head, ALIGN) + q3
+    body_mask = rows & (q3 < body)
+    e3 = e[None, None, :]
+    is_head = e3 < ALIGN
+    pos = tl.where(is_head, e3, head + body + (e3 - ALIGN))
+    in_head = is_head & (e3 < head) & (e3 < edge_hw)
+    in_tail = (e3 >= ALIGN) & (pos < edge_hw)
+    edge_mask = rows & (in_head | in_tail)
+    return body_off, body_mask, plane + pos, edge_mask
+
+
+@triton.jit
+def channel_sum(t):
+    """Per-channel sum of a ``[BLOCK_C, images, width]`` split-tile part."""
+    return tl.sum(tl.sum(t, axis=2), axis=1)
+
+
+@triton.jit
 def update_running(
     rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, n, momentum,
     CUMULATIVE: tl.constexpr, ACC: tl.constexpr,

@@ -14,12 +14,13 @@ Three kernels:
 
 1. ``_bn_bwd_partial_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: per chunk of positions,
    fp32 (fp64) partials ``sum(dy)`` and ``sum(dy * (x - mean))`` into ``[K, C]`` buffers, summed
-   lane-wise over the chunk's tiles and reduced once at the end. No atomics.
+   lane-wise over the chunk's tiles and reduced once at the end. No atomics. Flat or, for
+   NCHW, image tiles over chunks of whole images (``_launch.reduction_tiles``).
 2. ``_bn_bwd_combine_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: sums the partials in chunk order
    (deterministic), writes ``sum_dy``/``sum_dyxhat`` for the dx kernel and ``dw`` (including the
    penalty term, fused here rather than through a second autograd graph) and ``db``.
 3. ``_bn_bwd_dx_kernel``, grid ``(position tiles, cdiv(C, BLOCK_C))``: the elementwise ``dx``
-   (flat or, for NCHW, image tiles: ``_launch.position_tiles``).
+   (flat or, for NCHW, image or split tiles: ``_launch.position_tiles``).
 
 In eval mode without ``dw``/``db`` only the dx kernel runs; with no positions (``n == 0``) only
 the combine runs (``db = 0``, ``dw = g * dR/dw``).
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import BNConfig, plan_chunks
+from ._config import BNConfig
 from ._launch import (
     RUNTIME_SIZES,
     check_positions,
@@ -41,12 +42,22 @@ from ._launch import (
     kernel_ready,
     layout_config,
     position_tiles,
+    reduction_tiles,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import aligned, position_offsets, sigmoid_parts, tile_offsets, tile_positions
+from ._math import (
+    aligned,
+    channel_sum,
+    position_offsets,
+    sigmoid_parts,
+    split_offsets,
+    split_rows,
+    tile_offsets,
+    tile_positions,
+)
 
 __all__ = ["bn_backward", "bn_backward_sums", "bn_backward_dx"]
 
@@ -72,32 +83,103 @@ def _bn_bwd_partial_kernel(
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_dhw / s_xhw
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles, chunks of whole images (unit H*W stride)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_dn, s_dc, s_xn, s_xc (image tiles); SPLIT: vectors
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    dc_off = offs_c.to(tl.int64) * s_dc
-    xc_off = offs_c.to(tl.int64) * s_xc
+    dc_off = offs_c.to(tl.int64) * aligned(s_dc, ALIGN)
+    xc_off = offs_c.to(tl.int64) * aligned(s_xc, ALIGN)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    start = pid_k * CHUNK
-    end = tl.minimum(start + CHUNK, n_pos)
 
-    acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
-    acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = mask_c[:, None] & (offs_m < end)[None, :]
-        d_off = dc_off[:, None] + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
-        x_off = xc_off[:, None] + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
-        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        acc_dy += dy  # masked lanes load dy = 0 and add nothing
-        acc_dyxmu += dy * (x - mean[:, None])
+    if BLOCK_HW == 0:
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        start = pid_k * CHUNK
+        end = tl.minimum(start + CHUNK, n_pos)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_c[:, None] & (offs_m < end)[None, :]
+            d_off = dc_off[:, None] + position_offsets(offs_m, HW, s_dn, s_dhw, FLAT)[None, :]
+            x_off = xc_off[:, None] + position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)[None, :]
+            dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+            acc_dy += dy  # masked lanes load dy = 0 and add nothing
+            acc_dyxmu += dy * (x - mean[:, None])
+        sum_dy = tl.sum(acc_dy, axis=1)
+        sum_dyxmu = tl.sum(acc_dyxmu, axis=1)
+    elif SPLIT:
+        # Split tiles (odd H*W) over the chunk's whole images: per plane an aligned body
+        # [BLOCK_C, images, BLOCK_HW] (vector loads) and head/tail edges [BLOCK_C, images,
+        # 2 ALIGN] (scalar, first row block only), summed lane-wise like the other tiles.
+        IMGS: tl.constexpr = BLOCK_M // BLOCK_HW
+        row_blocks = tl.maximum(tl.cdiv(aligned(HW, ALIGN), BLOCK_HW), 1)
+        per_chunk = CHUNK // HW
+        n_start = pid_k * per_chunk
+        n_end = tl.minimum(n_start + per_chunk, n_pos // HW)
+        e = tl.arange(0, 2 * ALIGN)
+        mean3 = mean[:, None, None]
+        acc_dy_b = tl.zeros([BLOCK_C, IMGS, BLOCK_HW], dtype=ACC)
+        acc_dyxmu_b = tl.zeros([BLOCK_C, IMGS, BLOCK_HW], dtype=ACC)
+        acc_dy_e = tl.zeros([BLOCK_C, IMGS, 2 * ALIGN], dtype=ACC)
+        acc_dyxmu_e = tl.zeros([BLOCK_C, IMGS, 2 * ALIGN], dtype=ACC)
+        for n0 in range(n_start, n_end, IMGS):
+            n_idx = n0 + tl.arange(0, IMGS)
+            mask_n = n_idx < n_end
+            for hb in range(0, row_blocks):
+                q = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+                edge_hw = HW - HW * tl.minimum(hb, 1)
+                db_off, mb, de_off, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e,
+                                                       edge_hw, HW, s_dn, s_dc, ALIGN)  # fmt: skip
+                xb_off, _, xe_off, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e,
+                                                     edge_hw, HW, s_xn, s_xc, ALIGN)  # fmt: skip
+                dyb = tl.load(dy_ptr + db_off, mask=mb, other=0.0).to(ACC)
+                xb = tl.load(x_ptr + xb_off, mask=mb, other=0.0).to(ACC)
+                acc_dy_b += dyb
+                acc_dyxmu_b += dyb * (xb - mean3)
+                dye = tl.load(dy_ptr + de_off, mask=me, other=0.0).to(ACC)
+                xe = tl.load(x_ptr + xe_off, mask=me, other=0.0).to(ACC)
+                acc_dy_e += dye
+                acc_dyxmu_e += dye * (xe - mean3)
+        sum_dy = channel_sum(acc_dy_b) + channel_sum(acc_dy_e)
+        sum_dyxmu = channel_sum(acc_dyxmu_b) + channel_sum(acc_dyxmu_e)
+    else:
+        # Image tiles over the chunk's whole images (as the statistics partial kernel): images
+        # [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb; rows start on ALIGN boundaries.
+        hw = aligned(HW, ALIGN)
+        row_blocks = tl.cdiv(hw, BLOCK_HW)
+        per_chunk = CHUNK // hw
+        n_start = pid_k * per_chunk
+        n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
+        j = tl.arange(0, BLOCK_M)
+        j_n = j // BLOCK_HW
+        j_hw = j % BLOCK_HW
+        s_dn_al = aligned(s_dn, ALIGN)
+        s_xn_al = aligned(s_xn, ALIGN)
+        acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        acc_dyxmu = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
+        for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
+            n_idx = n0 + j_n
+            dn_off = n_idx.to(tl.int64) * s_dn_al
+            xn_off = n_idx.to(tl.int64) * s_xn_al
+            for hb in range(0, row_blocks):
+                hw_idx = hb * BLOCK_HW + j_hw
+                mask = mask_c[:, None] & ((n_idx < n_end) & (hw_idx < hw))[None, :]
+                dy = tl.load(dy_ptr + dc_off[:, None] + (dn_off + hw_idx)[None, :], mask=mask,
+                             other=0.0).to(ACC)  # fmt: skip
+                x = tl.load(x_ptr + xc_off[:, None] + (xn_off + hw_idx)[None, :], mask=mask,
+                            other=0.0).to(ACC)  # fmt: skip
+                acc_dy += dy
+                acc_dyxmu += dy * (x - mean[:, None])
+        sum_dy = tl.sum(acc_dy, axis=1)
+        sum_dyxmu = tl.sum(acc_dyxmu, axis=1)
 
     out = pid_k.to(tl.int64) * C + offs_c
-    tl.store(sum_dy_part_ptr + out, tl.sum(acc_dy, axis=1), mask=mask_c)
-    tl.store(sum_dyxmu_part_ptr + out, tl.sum(acc_dyxmu, axis=1), mask=mask_c)
+    tl.store(sum_dy_part_ptr + out, sum_dy, mask=mask_c)
+    tl.store(sum_dyxmu_part_ptr + out, sum_dyxmu, mask=mask_c)
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -185,15 +267,13 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr,
     MEANS: tl.constexpr = 0,  # 1: the sum_* buffers already hold means (sums over another count)
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
-    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles); vector width (SPLIT)
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
-    mask = mask_c[:, None] & mask_m[None, :]
-    c_off = offs_c.to(tl.int64)
 
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
     invstd = tl.rsqrt(var + eps)
@@ -202,10 +282,6 @@ def _bn_bwd_dx_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
-
-    d_off = c_off[:, None] * aligned(s_dc, ALIGN) + tile_offsets(
-        pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
     if TRAINING:
         # n_pos promotes to ACC here (no .to(): Triton may specialise n_pos == 1 to a constexpr).
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -214,15 +290,51 @@ def _bn_bwd_dx_kernel(
         if not MEANS:
             mean_dy = mean_dy / n_pos
             mean_dyxhat = mean_dyxhat / n_pos
-        x_off = c_off[:, None] * aligned(s_xc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        xhat = (x - mean[:, None]) * invstd[:, None]
-        dx = scale[:, None] * (dy - mean_dy[:, None] - xhat * mean_dyxhat[:, None])
     else:
-        dx = scale[:, None] * dy
-    g_off = c_off[:, None] * aligned(s_gc, ALIGN) + tile_offsets(
-        pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        mean = tl.zeros_like(scale)  # unused in eval mode
+        mean_dy = mean
+        mean_dyxhat = mean
+    if SPLIT:
+        n_idx, q, e, mask_n, edge_hw = split_rows(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        db_, mb, de, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_dn,
+                                        s_dc, ALIGN)  # fmt: skip
+        xb, _, xe, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_xn, s_xc,
+                                     ALIGN)  # fmt: skip
+        gb, _, ge, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_gn, s_gc,
+                                     ALIGN)  # fmt: skip
+        mean3, invstd3, scale3 = mean[:, None, None], invstd[:, None, None], scale[:, None, None]
+        mdy3, mdx3 = mean_dy[:, None, None], mean_dyxhat[:, None, None]
+        _dx_part(dy_ptr, x_ptr, dx_ptr, db_, xb, gb, mb, mean3, invstd3, scale3, mdy3, mdx3,
+                 TRAINING, ACC)  # fmt: skip
+        _dx_part(dy_ptr, x_ptr, dx_ptr, de, xe, ge, me, mean3, invstd3, scale3, mdy3, mdx3,
+                 TRAINING, ACC)  # fmt: skip
+    else:
+        pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        mask = mask_c[:, None] & mask_m[None, :]
+        c_off = offs_c.to(tl.int64)[:, None]
+        d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
+            pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        _dx_part(dy_ptr, x_ptr, dx_ptr, d_off, x_off, g_off, mask, mean[:, None],
+                 invstd[:, None], scale[:, None], mean_dy[:, None], mean_dyxhat[:, None],
+                 TRAINING, ACC)  # fmt: skip
+
+
+@triton.jit
+def _dx_part(dy_ptr, x_ptr, dx_ptr, d_off, x_off, g_off, mask, mean, invstd, scale, mean_dy,
+             mean_dyxhat, TRAINING: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """``dx`` on a 2-D tile or one part (body or edges) of a split tile; the per-channel values
+    come broadcastable to the tile."""
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+    if TRAINING:
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        xhat = (x - mean) * invstd
+        dx = scale * (dy - mean_dy - xhat * mean_dyxhat)
+    else:
+        dx = scale * dy
     tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -286,7 +398,8 @@ def bn_backward(
     acc_tl = tl_dtype(x.dtype)
     with device_guard(x):
         if need_sums:
-            chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+            red_flat, red_hw, red_align, red_split, chunk, num_chunks = reduction_tiles(
+                [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks, split=True)  # fmt: skip
             check_positions(n_pos, chunk)
             rows = max(num_chunks, 1)  # never a zero-size buffer
             sum_dy_part = torch.empty((rows, num_channels), dtype=acc, device=dev)
@@ -297,9 +410,10 @@ def bn_backward(
                 _bn_bwd_partial_kernel[(num_chunks, num_cblocks)](
                     dy, x, mean, sum_dy_part, sum_dyxmu_part,
                     num_channels, hw, n_pos,
-                    *dv.strides(flat), *xv.strides(flat), chunk,
-                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-                    ACC=acc_tl, num_warps=cfg.num_warps,
+                    *dv.strides(red_flat), *xv.strides(red_flat), chunk,
+                    BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(red_flat),
+                    ACC=acc_tl, BLOCK_HW=red_hw, ALIGN=red_align, SPLIT=red_split,
+                    num_warps=cfg.num_warps,
                 )  # fmt: skip
             _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
                 sum_dy_part, sum_dyxmu_part, var,
@@ -319,8 +433,8 @@ def bn_backward(
             sum_dy = sum_dyxhat = var  # unread in eval mode
         if need_dx and n_pos:
             check_positions(n_pos, cfg.block_m)
-            dx_flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels,
-                                                               n_pos, flat, cfg)  # fmt: skip
+            dx_flat, block_hw, align, split, tiles_m = position_tiles(
+                [xv, dv, gv], x, num_channels, n_pos, flat, cfg)  # fmt: skip
             _bn_bwd_dx_kernel[(tiles_m, num_cblocks)](
                 dy, x, dx, mean, var,
                 weight if weight is not None else var,
@@ -329,7 +443,7 @@ def bn_backward(
                 *dv.strides(dx_flat), *xv.strides(dx_flat), *gv.strides(dx_flat),
                 BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(dx_flat),
                 HAS_W=int(weight is not None), TRAINING=int(bool(training)),
-                ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
+                ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split, num_warps=cfg.num_warps,
             )  # fmt: skip
     return dx, dw, db
 
@@ -372,7 +486,8 @@ def bn_backward_sums(
     dv, xv = view3(dy), view3(x)
     flat, cfg = layout_config([xv, dv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, dev)
+    flat, block_hw, align, split, chunk, num_chunks = reduction_tiles(
+        [xv, dv], x, num_channels, n_pos, flat, cfg, num_cblocks, split=True)  # fmt: skip
     check_positions(n_pos, chunk)
     part = torch.empty((2, num_chunks, num_channels), dtype=acc, device=dev)
     acc_tl = tl_dtype(x.dtype)
@@ -382,7 +497,7 @@ def bn_backward_sums(
             num_channels, n_pos // x.shape[0], n_pos,
             *dv.strides(flat), *xv.strides(flat), chunk,
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-            ACC=acc_tl, num_warps=cfg.num_warps,
+            ACC=acc_tl, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bn_bwd_combine_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
             part[0], part[1], var,
@@ -426,7 +541,8 @@ def bn_backward_dx(
     dv, xv, gv = view3(dy), view3(x), view3(dx)
     flat, cfg = layout_config([xv, dv, gv], num_channels, config)
     check_positions(n_pos, cfg.block_m)
-    flat, block_hw, align, tiles_m = position_tiles([xv, dv, gv], x, num_channels, n_pos, flat, cfg)
+    flat, block_hw, align, split, tiles_m = position_tiles([xv, dv, gv], x, num_channels, n_pos,
+                                                           flat, cfg)  # fmt: skip
     grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_bwd_dx_kernel[grid](
@@ -437,6 +553,6 @@ def bn_backward_dx(
             *dv.strides(flat), *xv.strides(flat), *gv.strides(flat),
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, FLAT=int(flat),
             HAS_W=int(weight is not None), TRAINING=1, ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
-            MEANS=1, BLOCK_HW=block_hw, ALIGN=align,
+            MEANS=1, BLOCK_HW=block_hw, ALIGN=align, SPLIT=split,
         )  # fmt: skip
     return dx

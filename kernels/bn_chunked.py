@@ -37,7 +37,15 @@ from ._launch import (
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import aligned, sigmoid_parts, tile_offsets, tile_positions
+from ._math import (
+    aligned,
+    sigmoid_parts,
+    split_offsets,
+    split_rows,
+    tile_offsets,
+    tile_positions,
+)
+from .bn_normalize import normalize_part
 from .bn_stats import bn_batch_stats, combine_partials, finish_stats, launch_partials
 
 __all__ = ["bn_forward_chunked"]
@@ -84,7 +92,8 @@ def _bn_normalize_combine_kernel(
     COUNT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
-    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles); vector width (SPLIT)
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -109,19 +118,29 @@ def _bn_normalize_combine_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
-    pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
-    mask = mask_c[:, None] & mask_m[None, :]
-    c_off = offs_c.to(tl.int64)[:, None]
-    x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
-                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    y = (x - mean[:, None]) * scale[:, None]
     if HAS_B:
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        y = y + b[:, None]
-    y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
-                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        b = tl.zeros_like(scale)
+    if SPLIT:
+        n_idx, q, e, mask_n, edge_hw = split_rows(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        xb, mb, xe, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_xn,
+                                       s_xc, ALIGN)  # fmt: skip
+        yb, _, ye, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_yn, s_yc,
+                                     ALIGN)  # fmt: skip
+        mean3, scale3, b3 = mean[:, None, None], scale[:, None, None], b[:, None, None]
+        normalize_part(x_ptr, y_ptr, xb, yb, mb, mean3, scale3, b3, HAS_B, ACC)
+        normalize_part(x_ptr, y_ptr, xe, ye, me, mean3, scale3, b3, HAS_B, ACC)
+    else:
+        pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
+        mask = mask_c[:, None] & mask_m[None, :]
+        c_off = offs_c.to(tl.int64)[:, None]
+        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
+                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
+                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean[:, None], scale[:, None],
+                        b[:, None], HAS_B, ACC)  # fmt: skip
 
 
 def bn_forward_chunked(
@@ -165,7 +184,8 @@ def bn_forward_chunked(
     mean_part, m2_part, pivot, chunk, num_chunks, cfg = launch_partials(x, config)
     xv, yv = view3(x), view3(y)
     flat, _ = layout_config([xv, yv], num_channels, cfg)
-    flat, block_hw, align, tiles_m = position_tiles([xv, yv], x, num_channels, n_pos, flat, cfg)
+    flat, block_hw, align, split, tiles_m = position_tiles([xv, yv], x, num_channels, n_pos,
+                                                           flat, cfg)  # fmt: skip
     grid = (tiles_m, triton.cdiv(num_channels, cfg.block_c))
     with device_guard(x):
         _bn_normalize_combine_kernel[grid](
@@ -180,7 +200,7 @@ def bn_forward_chunked(
             BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m, BLOCK_K=cfg.comb_block_k, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_B=int(bias is not None),
             WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align,
+            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, SPLIT=split,
             num_warps=cfg.num_warps,
         )  # fmt: skip
     return y, mean, var, penalty

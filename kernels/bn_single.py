@@ -29,7 +29,9 @@ All arithmetic in ``ACC`` (fp32, fp64 for fp64 input). ``SLICE_M`` is a power of
 (a tile shape; the batch size itself is a runtime argument, so a new batch size recompiles only
 when its slice crosses a power of two). NCHW slices whose images each fit one power-of-two row
 (``N * next_pow2(H*W) <= SLICE_M``, e.g. CIFAR's 2x2/4x4/8x8) hold the tile as images x
-``BLOCK_HW`` positions so the loads vectorise (``_launch.slice_tiles``); others stay flat.
+``BLOCK_HW`` positions so the loads vectorise (``_launch.slice_tiles``); odd ``H*W`` (7x7) as
+split tiles (``[BLOCK_C, images, BLOCK_HW]`` aligned bodies loaded as vectors plus
+``[BLOCK_C, images, 2 ALIGN]`` scalar head/tail lanes, ``_math.split_offsets``); others stay flat.
 """
 
 from __future__ import annotations
@@ -54,7 +56,16 @@ from ._launch import (
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import aligned, sigmoid_parts, tile_offsets, tile_positions, update_running
+from ._math import (
+    aligned,
+    channel_sum,
+    sigmoid_parts,
+    split_offsets,
+    split_rows,
+    tile_offsets,
+    tile_positions,
+    update_running,
+)
 
 __all__ = ["bn_forward_single", "bn_backward_single", "single_config_for"]
 
@@ -93,37 +104,66 @@ def _bn_fwd_single_kernel(
     COUNT: tl.constexpr,  # program 0 increments num_batches_tracked
     ACC: tl.constexpr,
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
-    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles); vector width (SPLIT)
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
-    mask = mask_c[:, None] & mask_m[None, :]
-    c_off = offs_c.to(tl.int64)[:, None]
     if COUNT:
         if pid_c == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
-    x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
-                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-
     n = n_pos.to(ACC)
-    mean = tl.sum(x, axis=1) / n
-    xmu = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xmu * xmu, axis=1) / n
-    scale = tl.rsqrt(var + eps)
-    if HAS_W:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        a, _, _ = sigmoid_parts(w)
-        scale = scale * a
-    y = xmu * scale[:, None]
-    if HAS_B:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        y = y + b[:, None]
-    y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
-                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT:
+        # Body [BLOCK_C, images, BLOCK_HW] (vector loads) and edges [BLOCK_C, images, 2 ALIGN].
+        n_idx, q, e, mask_n, edge_hw = split_rows(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+        xb_off, mb, xe_off, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW,
+                                               s_xn, s_xc, ALIGN)  # fmt: skip
+        yb_off, _, ye_off, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW,
+                                             s_yn, s_yc, ALIGN)  # fmt: skip
+        xb = tl.load(x_ptr + xb_off, mask=mb, other=0.0).to(ACC)
+        xe = tl.load(x_ptr + xe_off, mask=me, other=0.0).to(ACC)
+        mean = (channel_sum(xb) + channel_sum(xe)) / n
+        xmu_b = tl.where(mb, xb - mean[:, None, None], 0.0)
+        xmu_e = tl.where(me, xe - mean[:, None, None], 0.0)
+        var = (channel_sum(xmu_b * xmu_b) + channel_sum(xmu_e * xmu_e)) / n
+        scale = tl.rsqrt(var + eps)
+        if HAS_W:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            a, _, _ = sigmoid_parts(w)
+            scale = scale * a
+        if HAS_B:
+            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        yb = xmu_b * scale[:, None, None]
+        ye = xmu_e * scale[:, None, None]
+        if HAS_B:
+            yb = yb + b[:, None, None]
+            ye = ye + b[:, None, None]
+        tl.store(y_ptr + yb_off, yb.to(y_ptr.dtype.element_ty), mask=mb)
+        tl.store(y_ptr + ye_off, ye.to(y_ptr.dtype.element_ty), mask=me)
+    else:
+        pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+        mask = mask_c[:, None] & mask_m[None, :]
+        c_off = offs_c.to(tl.int64)[:, None]
+        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
+                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / n
+        xmu = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xmu * xmu, axis=1) / n
+        scale = tl.rsqrt(var + eps)
+        if HAS_W:
+            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            a, _, _ = sigmoid_parts(w)
+            scale = scale * a
+        if HAS_B:
+            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        y = xmu * scale[:, None]
+        if HAS_B:
+            y = y + b[:, None]
+        y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
+                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, var, mask=mask_c)
@@ -172,14 +212,12 @@ def _bn_bwd_single_kernel(
     TRAINING: tl.constexpr,  # 1: batch statistics, 0: running statistics (constants)
     ACC: tl.constexpr,
     BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles (_math.tile_positions), unit H*W stride
-    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_*n, s_*c (image tiles); vector width (SPLIT)
+    SPLIT: tl.constexpr = 0,  # 1: split tiles (_math.split_offsets), BLOCK_HW the body width
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
-    mask = mask_c[:, None] & mask_m[None, :]
-    c_off = offs_c.to(tl.int64)[:, None]
 
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
     invstd = tl.rsqrt(var + eps)
@@ -188,26 +226,62 @@ def _bn_bwd_single_kernel(
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, one_minus_a, _ = sigmoid_parts(w)
         scale = scale * a
-    d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_dn, s_dhw, FLAT,
-                                                         BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
-    sum_dy = tl.sum(dy, axis=1)
-    if TRAINING or WRITE_DW:
-        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        xhat = tl.where(mask, x - mean[:, None], 0.0) * invstd[:, None]
-        sum_dyxhat = tl.sum(dy * xhat, axis=1)
-    if WRITE_DX:
-        if TRAINING:
-            n = n_pos.to(ACC)
-            dx = scale[:, None] * (dy - (sum_dy / n)[:, None] - xhat * (sum_dyxhat / n)[:, None])
-        else:
-            dx = scale[:, None] * dy
-        g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    n = n_pos.to(ACC)
+    if SPLIT:
+        # Body [BLOCK_C, images, BLOCK_HW] (vector loads) and edges [BLOCK_C, images, 2 ALIGN].
+        n_idx, q, e, mask_n, edge_hw = split_rows(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+        db_off, mb, de_off, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW,
+                                               s_dn, s_dc, ALIGN)  # fmt: skip
+        dyb = tl.load(dy_ptr + db_off, mask=mb, other=0.0).to(ACC)
+        dye = tl.load(dy_ptr + de_off, mask=me, other=0.0).to(ACC)
+        sum_dy = channel_sum(dyb) + channel_sum(dye)
+        if TRAINING or WRITE_DW:
+            mean3 = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[:, None, None]
+            xb_off, _, xe_off, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW,
+                                                 s_xn, s_xc, ALIGN)  # fmt: skip
+            xb = tl.load(x_ptr + xb_off, mask=mb, other=0.0).to(ACC)
+            xe = tl.load(x_ptr + xe_off, mask=me, other=0.0).to(ACC)
+            xhat_b = tl.where(mb, xb - mean3, 0.0) * invstd[:, None, None]
+            xhat_e = tl.where(me, xe - mean3, 0.0) * invstd[:, None, None]
+            sum_dyxhat = channel_sum(dyb * xhat_b) + channel_sum(dye * xhat_e)
+        if WRITE_DX:
+            scale3 = scale[:, None, None]
+            if TRAINING:
+                mdy3 = (sum_dy / n)[:, None, None]
+                mdx3 = (sum_dyxhat / n)[:, None, None]
+                dxb = scale3 * (dyb - mdy3 - xhat_b * mdx3)
+                dxe = scale3 * (dye - mdy3 - xhat_e * mdx3)
+            else:
+                dxb = scale3 * dyb
+                dxe = scale3 * dye
+            gb_off, _, ge_off, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW,
+                                                 s_gn, s_gc, ALIGN)  # fmt: skip
+            tl.store(dx_ptr + gb_off, dxb.to(dx_ptr.dtype.element_ty), mask=mb)
+            tl.store(dx_ptr + ge_off, dxe.to(dx_ptr.dtype.element_ty), mask=me)
+    else:
+        pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
+        mask = mask_c[:, None] & mask_m[None, :]
+        c_off = offs_c.to(tl.int64)[:, None]
+        d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_dn, s_dhw, FLAT,
+                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+        sum_dy = tl.sum(dy, axis=1)
+        if TRAINING or WRITE_DW:
+            mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+            x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
+                pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+            x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+            xhat = tl.where(mask, x - mean[:, None], 0.0) * invstd[:, None]
+            sum_dyxhat = tl.sum(dy * xhat, axis=1)
+        if WRITE_DX:
+            if TRAINING:
+                dx = scale[:, None] * (dy - (sum_dy / n)[:, None]
+                                       - xhat * (sum_dyxhat / n)[:, None])  # fmt: skip
+            else:
+                dx = scale[:, None] * dy
+            g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
+                pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+            tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_DW:
         dw = a * one_minus_a * sum_dyxhat
         if HAS_G:
@@ -288,7 +362,7 @@ def bn_forward_single(
     )
     xv, yv = view3(x), view3(y)
     flat = xv.s_m is not None and yv.s_m is not None
-    flat, block_hw, align = slice_tiles([xv, yv], x, n_pos, flat, cfg.single_m)
+    flat, block_hw, align, split = slice_tiles([xv, yv], x, n_pos, flat, cfg.single_m)
     with device_guard(x):
         _bn_fwd_single_kernel[(triton.cdiv(num_channels, cfg.block_c),)](
             x, y,
@@ -302,7 +376,7 @@ def bn_forward_single(
             BLOCK_C=cfg.block_c, SLICE_M=cfg.single_m, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_B=int(bias is not None),
             WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align,
+            COUNT=count, ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, SPLIT=split,
             num_warps=cfg.num_warps,
         )  # fmt: skip
     return y, mean, var, penalty
@@ -352,7 +426,7 @@ def bn_backward_single(
     dv, xv = view3(dy), view3(x)
     gv = view3(dx) if need_dx else xv
     flat = all(v.s_m is not None for v in (dv, xv, gv))
-    flat, block_hw, align = slice_tiles([xv, dv, gv], x, n_pos, flat, cfg.single_m)
+    flat, block_hw, align, split = slice_tiles([xv, dv, gv], x, n_pos, flat, cfg.single_m)
     with device_guard(x):
         _bn_bwd_single_kernel[(triton.cdiv(num_channels, cfg.block_c),)](
             dy, x, dx if need_dx else x, mean, var,
@@ -366,6 +440,7 @@ def bn_backward_single(
             BLOCK_C=cfg.block_c, SLICE_M=cfg.single_m, FLAT=int(flat),
             HAS_W=int(weight is not None), HAS_G=int(has_g), WRITE_DX=int(need_dx),
             WRITE_DW=int(need_dw), WRITE_DB=int(need_db), TRAINING=int(bool(training)),
-            ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
+            ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, SPLIT=split,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     return dx, dw, db

@@ -12,7 +12,10 @@ Two kernels:
    ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
    first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
    of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
-   0's programs write the pivot for the combine. Inside the chunk every lane of the
+   0's programs write the pivot for the combine. NCHW launches whose ``H*W`` shares a
+   power-of-two factor with the strides tile images x rows of ``H*W`` (vector loads) over chunks
+   of whole images (``_launch.reduction_tiles``); the others flat positions. Inside the chunk
+   every lane of the
    ``[BLOCK_C, BLOCK_M]`` tile keeps its own Welford ``(n, mean, M2)`` (no cross-lane reduction
    in the loop); the lanes are merged once at the end of the chunk with Chan's formula::
 
@@ -37,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import BNConfig, plan_chunks
+from ._config import BNConfig
 from ._launch import (
     RUNTIME_SIZES,
     check_positions,
@@ -45,13 +48,14 @@ from ._launch import (
     ensure_launchable,
     kernel_ready,
     layout_config,
+    reduction_tiles,
     running_args,
     tl_dtype,
     vector,
     view3,
 )
 from ._layout import acc_dtype
-from ._math import position_offsets, sigmoid_parts, update_running
+from ._math import aligned, position_offsets, sigmoid_parts, update_running
 
 __all__ = ["bn_batch_stats", "launch_partials", "combine_partials", "finish_stats"]
 
@@ -73,37 +77,74 @@ def _bn_partial_stats_kernel(
     BLOCK_M: tl.constexpr,
     FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw
     ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles, chunks of whole images (unit H*W stride)
+    ALIGN: tl.constexpr = 1,  # divides HW, s_xn, s_xc (image tiles)
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    c_off = offs_c.to(tl.int64) * s_xc
+    c_off = offs_c.to(tl.int64) * aligned(s_xc, ALIGN)
     # Every program shifts by the same value, the channel's first element.
     pivot = tl.load(x_ptr + c_off, mask=mask_c, other=0.0).to(ACC)
     if pid_k == 0:
         tl.store(pivot_ptr + offs_c, pivot, mask=mask_c)
-    start = pid_k * CHUNK
-    end = tl.minimum(start + CHUNK, n_pos)
 
-    # Welford per lane: lane (c, j) sees positions start + j, start + j + BLOCK_M, ...; every
-    # lane updated in step i has seen exactly i + 1 values (only the last tile has masked lanes,
-    # which skip it), so the update divides by one scalar per step. No cross-lane work in the
-    # loop; the lanes are merged once at the end.
     lane_n = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     lane_mean = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = mask_c[:, None] & (offs_m < end)[None, :]
-        m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
-        x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
-        x = x - pivot[:, None]
-        inv = 1.0 / ((m0 - start) // BLOCK_M + 1).to(ACC)
-        delta = tl.where(mask, x - lane_mean, 0.0)
-        lane_mean += delta * inv
-        lane_m2 += delta * tl.where(mask, x - lane_mean, 0.0)
-        lane_n += mask.to(ACC)
+    if BLOCK_HW == 0:
+        start = pid_k * CHUNK
+        end = tl.minimum(start + CHUNK, n_pos)
+        # Welford per lane: lane (c, j) sees positions start + j, start + j + BLOCK_M, ...;
+        # every lane updated in step i has seen exactly i + 1 values (only the last tile has
+        # masked lanes, which skip it), so the update divides by one scalar per step. No
+        # cross-lane work in the loop; the lanes are merged once at the end.
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = mask_c[:, None] & (offs_m < end)[None, :]
+            m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
+            x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
+            x = x - pivot[:, None]
+            inv = 1.0 / ((m0 - start) // BLOCK_M + 1).to(ACC)
+            delta = tl.where(mask, x - lane_mean, 0.0)
+            lane_mean += delta * inv
+            lane_m2 += delta * tl.where(mask, x - lane_mean, 0.0)
+            lane_n += mask.to(ACC)
+    else:
+        # Image tiles: images [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb of BLOCK_HW
+        # positions, over the chunk's whole images. Lanes past H*W in the last row block
+        # ("short" lanes) skip it, so before step (g, hb) (g-th image group of the chunk) a
+        # lane has seen g * row_blocks + hb values, a short lane g * (row_blocks - 1) + hb:
+        # two scalar divisions per step, still none per element. Lanes of missing images in the
+        # chunk's last group skip all of its steps and are never updated again.
+        hw = aligned(HW, ALIGN)
+        row_blocks = tl.cdiv(hw, BLOCK_HW)
+        per_chunk = CHUNK // hw
+        n_start = pid_k * per_chunk
+        n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
+        j = tl.arange(0, BLOCK_M)
+        j_n = j // BLOCK_HW
+        j_hw = j % BLOCK_HW
+        full = (row_blocks - 1) * BLOCK_HW + j_hw < hw
+        s_n = aligned(s_xn, ALIGN)
+        for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
+            n_idx = n0 + j_n
+            a_off = n_idx.to(tl.int64) * s_n
+            group = (n0 - n_start) // (BLOCK_M // BLOCK_HW)
+            for hb in range(0, row_blocks):
+                hw_idx = hb * BLOCK_HW + j_hw
+                mask = mask_c[:, None] & ((n_idx < n_end) & (hw_idx < hw))[None, :]
+                x = tl.load(x_ptr + c_off[:, None] + (a_off + hw_idx)[None, :], mask=mask,
+                            other=0.0).to(ACC)  # fmt: skip
+                x = x - pivot[:, None]
+                inv_full = 1.0 / (group * row_blocks + hb + 1).to(ACC)
+                inv_short = 1.0 / (group * (row_blocks - 1) + hb + 1).to(ACC)
+                inv = tl.where(full, inv_full, inv_short)
+                delta = tl.where(mask, x - lane_mean, 0.0)
+                lane_mean += delta * inv[None, :]
+                lane_m2 += delta * tl.where(mask, x - lane_mean, 0.0)
+                lane_n += mask.to(ACC)
     # Merge the lanes (pooled form of Chan's merge): once per chunk.
     count = tl.sum(lane_n, axis=1)
     mean = tl.sum(lane_n * lane_mean, axis=1) / tl.maximum(count, 1.0)
@@ -287,7 +328,8 @@ def launch_partials(x: Tensor, config: BNConfig | None):
     xv = view3(x)
     flat, cfg = layout_config([xv], num_channels, config)
     num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    chunk, num_chunks = plan_chunks(n_pos, num_cblocks, cfg, x.device)
+    flat, block_hw, align, _, chunk, num_chunks = reduction_tiles(
+        [xv], x, num_channels, n_pos, flat, cfg, num_cblocks)  # fmt: skip
     check_positions(n_pos, chunk)
     # At least one row, so that the combine kernel never gets a zero-size buffer.
     mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
@@ -302,6 +344,6 @@ def launch_partials(x: Tensor, config: BNConfig | None):
                 num_channels, hw, n_pos,
                 *xv.strides(flat), chunk,
                 BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-                ACC=tl_dtype(x.dtype), num_warps=cfg.num_warps,
+                ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
             )  # fmt: skip
     return mean_part, m2_part, pivot, chunk, num_chunks, cfg

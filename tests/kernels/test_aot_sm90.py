@@ -58,8 +58,26 @@ def test_every_chosen_configuration_compiles_for_sm90_without_spills(tmp_path):
         ):
             assert r["ld_global_scalar"] == 0 and r["st_global_scalar"] == 0, r
             assert r["ld_global_vector"] > 0 and r["st_global_vector"] > 0, r
+    # Odd H*W (ResNet-50's 7x7) takes split tiles: each plane's aligned body loads and stores as
+    # vectors, only its head and tail (at most 2 x 3 fp32 / 2 x 7 fp16 positions of 49) do not.
+    for r in rows:
+        if any(c.startswith("64x2048x7x7") and c.endswith("nchw") for c in r["cases"]) and r[
+            "kernel"
+        ] in ("_bn_normalize_kernel", "_bn_fwd_single_kernel", "_bn_bwd_single_kernel"):
+            assert r["constexprs"].get("SPLIT") == "1", r
+            assert r["ld_global_vector"] > 0 and r["st_global_vector"] > 0, r
     committed = json.loads(open(COMMITTED).read())
     recorded = {_config_key(r) for r in committed["kernels"]}
     missing = [k for k in map(_config_key, rows) if k not in recorded]
     assert not missing, f"re-run benchmarks/aot_sm90.py: {len(missing)} configurations unrecorded"
     assert all(r["spill_store_bytes"] == 0 for r in committed["kernels"])
+    # The committed full record: the chunked path at 7x7 (batch 256) splits the backward
+    # partials too, and the NCHW statistics partials at 14x14 take image tiles; all vectorise.
+    chunked_7x7 = [r for r in committed["kernels"] if r["kernel"] == "_bn_bwd_partial_kernel"
+                   and any(c.startswith("256x512x7x7") and c.endswith("nchw") for c in r["cases"])]
+    assert chunked_7x7 and all(r["constexprs"]["SPLIT"] == "1" and r["ld_global_vector"] > 0
+                               for r in chunked_7x7)  # fmt: skip
+    stats_14 = [r for r in committed["kernels"] if r["kernel"] == "_bn_partial_stats_kernel"
+                and any(c.startswith("64x256x14x14") and c.endswith("nchw") for c in r["cases"])]
+    assert stats_14 and all(r["constexprs"]["BLOCK_HW"] == "128" and r["ld_global_vector"] > 0
+                            for r in stats_14)  # fmt: skip

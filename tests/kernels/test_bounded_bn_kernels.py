@@ -83,6 +83,11 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         big = torch.full((n, c + 3, h, w), float("nan"), dtype=t.dtype, device=t.device)
         big[:, 2 : c + 2] = t
         return big[:, 2 : c + 2]
+    if layout == "slice4":  # strides congruent mod 4 with a dense copy, base off by H*W elements
+        n, c, h, w = t.shape
+        big = torch.full((n, c + 4, h, w), float("nan"), dtype=t.dtype, device=t.device)
+        big[:, 1 : c + 1] = t
+        return big[:, 1 : c + 1]
     raise ValueError(layout)
 
 
@@ -568,18 +573,175 @@ def test_image_tile_rule():
 
 
 def test_single_pass_image_tile_rule():
-    """A single-pass tile takes image rows only when all N rows fit its SLICE_M positions."""
+    """A single-pass tile takes image rows (or split rows, for odd H*W) only when all N rows fit
+    its SLICE_M positions."""
     from rnip_ext.kernels._launch import slice_tiles
     from rnip_ext.kernels._layout import view3
 
     x = torch.empty(5, 3, 2, 2)  # 20 positions, SLICE_M 32: 5 rows of 4
-    assert slice_tiles([view3(x)], x, 20, True, 32) == (False, 4, 4)
+    assert slice_tiles([view3(x)], x, 20, True, 32) == (False, 4, 4, 0)
     x = torch.empty(5, 3, 2, 3)  # 30 positions, SLICE_M 32: 5 rows of 8 would not fit
-    assert slice_tiles([view3(x)], x, 30, True, 32) == (True, 0, 1)
+    assert slice_tiles([view3(x)], x, 30, True, 32) == (True, 0, 1, 0)
     x = torch.empty(2, 3, 14, 14)  # 392 positions, SLICE_M 512: 2 rows of 256
-    assert slice_tiles([view3(x)], x, 392, True, 512) == (False, 256, 4)
+    assert slice_tiles([view3(x)], x, 392, True, 512) == (False, 256, 4, 0)
     x = torch.empty(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert slice_tiles([view3(x)], x, 64, True, 64) == (True, 0, 1)
+    assert slice_tiles([view3(x)], x, 64, True, 64) == (True, 0, 1, 0)
+    x = torch.empty(64, 8, 7, 7)  # ResNet-50's 7x7 at batch 64: 64 split rows, bodies of <= 48
+    assert slice_tiles([view3(x)], x, 64 * 49, True, 4096) == (False, 64, 4, 1)
+    x = torch.empty(64, 8, 7, 7, dtype=torch.float16)
+    assert slice_tiles([view3(x)], x, 64 * 49, True, 4096) == (False, 64, 8, 1)
+    x = torch.empty(65, 8, 7, 7)  # 65 rows of 64 do not fit 4096 (the flat slice would, in 8192)
+    assert slice_tiles([view3(x)], x, 65 * 49, True, 4096) == (True, 0, 1, 0)
+
+
+def test_split_tile_rule():
+    """Odd H*W: an aligned vector body per plane plus scalar edges, when the plane holds at
+    least 4 vectors and every tensor splits at the same positions."""
+    from rnip_ext.kernels._config import image_tiles, split_tiles
+
+    def nchw(c, hw):
+        return [(c * hw, hw, 1)]
+
+    assert split_tiles(49, 1024, 4, nchw(2048, 49)) == (64, 4)  # 7x7 fp32: v4 body <= 48
+    assert split_tiles(49, 1024, 2, nchw(2048, 49)) == (64, 8)  # fp16/bf16: 8 per vector
+    assert split_tiles(9, 1024, 8, nchw(64, 9)) == (8, 2)  # 3x3 fp64: v2 body <= 8
+    assert split_tiles(9, 1024, 4, nchw(64, 9)) == (0, 1)  # 3x3 fp32: under 4 vectors
+    assert split_tiles(25, 1024, 4, nchw(64, 25)) == (32, 4)  # 5x5 fp32: body <= 24
+    assert split_tiles(3249, 1024, 4, nchw(64, 3249)) == (128, 4)  # 57x57: 128-wide row blocks
+    assert split_tiles(49, 16, 4, nchw(8, 49)) == (16, 4)  # never wider than the tile
+    assert split_tiles(49, 4096, 4, nchw(8, 49), cap=4096) == (64, 4)  # single-pass rows
+    # Every tensor must split at the same positions: (s_n, s_c) congruent mod the vector width.
+    assert split_tiles(49, 1024, 4, [(8 * 49, 49, 1), (8 * 49, 49, 1)]) == (64, 4)
+    assert split_tiles(49, 1024, 4, [(11 * 49, 49, 1), (8 * 49, 49, 1)]) == (0, 1)  # a slice
+    assert split_tiles(49, 1024, 4, [(11 * 49, 49, 1), (7 * 49, 49, 1)]) == (64, 4)  # 11 = 7 mod 4
+    assert split_tiles(49, 1024, 4, [(49 * 8, 1, 8)]) == (0, 1)  # channels_last
+    assert split_tiles(1, 1024, 4, nchw(8, 1)) == (0, 1)
+    # Only where image tiles stay flat.
+    assert image_tiles(196, 1024, 4, nchw(256, 196)) == (128, 4)
+    assert split_tiles(196, 1024, 4, nchw(256, 196)) == (0, 1)
+    assert split_tiles(6, 1024, 4, nchw(5, 6)) == (0, 1)  # image tiles with ALIGN 2
+
+
+def test_split_tile_programs():
+    """Split tiles' position programs: row blocks cover the widest body, edges ride on the first."""
+    from rnip_ext.kernels._config import bn_config
+    from rnip_ext.kernels._launch import position_tiles
+    from rnip_ext.kernels._layout import view3
+
+    x = torch.empty(64, 8, 7, 7)
+    cfg = bn_config(8, channels_contiguous=False)  # block_m 1024: 16 images x 64
+    assert position_tiles([view3(x)], x, 8, 64 * 49, False, cfg) == (False, 64, 4, 1, 4)
+    small = BNConfig(block_c=2, block_m=16, red_block_m=16)  # 1 image x 3 row blocks of 16
+    assert position_tiles([view3(x)], x, 8, 64 * 49, False, small) == (False, 16, 4, 1, 64 * 3)
+    xs = torch.empty(4, 10, 7, 7)[:, 2:9]  # slice vs a dense output: 490 != 343 mod 4, flat
+    y = torch.empty(4, 7, 7, 7)
+    assert position_tiles([view3(xs), view3(y)], xs, 7, 4 * 49, False, cfg)[:4] == (False, 0, 1, 0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)  # fmt: skip
+def test_split_tiles_match_reference(dtype, training):
+    """Odd H*W (7x7, 5x5, 5x7, 3x3, 9x7) through every split-tile kernel (normalise, dx, the
+    chunked forward's normalise-with-combine, both single-pass kernels) against the float64
+    reference: planes start on every residue modulo the vector width (odd H*W, 3 channels), one
+    or several images per tile, a row split over several row blocks (16-position bodies), and
+    the single-pass tile's extra image rows masked."""
+    rows16 = BNConfig(block_c=2, block_m=16, red_block_m=16, chunk_tiles=2, comb_block_c=2,
+                      comb_block_k=2)  # fmt: skip
+    mid = BNConfig(block_c=2, block_m=64, red_block_m=32, chunk_tiles=2, comb_block_c=2,
+                   comb_block_k=2)  # fmt: skip
+    shapes = {
+        torch.float32: [(3, 3, 7, 7), (2, 3, 5, 5)],
+        torch.float16: [(2, 3, 7, 7)],
+        torch.bfloat16: [(3, 2, 5, 7)],
+        torch.float64: [(3, 3, 3, 3), (2, 2, 9, 7)],
+    }[dtype]
+    for shape in shapes:
+        for config in (None, mid, rows16, SINGLE):
+            _run_case(shape, "nchw", dtype, (True, True), training, True, config,
+                      seed_extra="split")  # fmt: skip
+        if dtype == torch.float32:  # a channel slice splits like its dense outputs
+            for config in (None, rows16):
+                _run_case(shape, "slice4", dtype, (True, False), training, True, config,
+                          seed_extra="split")  # fmt: skip
+        if training:
+            gen = _seed("split-chunked", shape, dtype)
+            x = _randn(shape, gen, 3.0, 2.0, dtype)
+            w, b = _randn((shape[1],), gen, 1.5), _randn((shape[1],), gen)
+            y, mean, var, _ = bn_forward_chunked(x, w, b, EPS, SHIFT, True, config=rows16)
+            ref_y, ref_mean, ref_var, *_ = _reference(x, w, b, torch.zeros_like(x), None, True)
+            _close(mean, ref_mean, torch.float64 if dtype == torch.float64 else torch.float32,
+                   "mean")  # fmt: skip
+            if dtype in LOW_PRECISION:
+                eager_y = _eager_low_precision(x, w, b, torch.zeros_like(x), None, True)[0]
+                _within_eager_error(y, ref_y, eager_y, dtype, "y")
+            else:
+                _close(y, ref_y, dtype, "y")
+
+
+def test_reduction_image_tile_rule():
+    """NCHW reduction partials take image tiles where the elementwise kernels do (not for odd
+    H*W), in chunks of whole images whose count the combine derives from the chunk index."""
+    from rnip_ext.kernels._config import plan_image_chunks
+    from rnip_ext.kernels._launch import reduction_tiles
+    from rnip_ext.kernels._layout import view3
+
+    cpu = torch.device("cpu")
+    cfg = bn_config(256, channels_contiguous=False)  # 4 channels x 512 positions
+    x = torch.empty(64, 256, 14, 14)
+    flat, block_hw, align, split, chunk, num_chunks = reduction_tiles(
+        [view3(x)], x, 256, 64 * 196, False, cfg, 64)  # fmt: skip
+    assert (flat, block_hw, align, split) == (False, 128, 4, 0)  # 4 images x 128 per tile, 2 row blocks
+    assert chunk % 196 == 0 and (chunk // 196) % 4 == 0 and num_chunks == -(-64 * 196 // chunk)
+    # Chunk sizes: chunk_tiles tiles rounded up to whole image groups, or >= 4 tiles each.
+    many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20)
+    assert plan_image_chunks(5, 196, 32, 1, many, cpu) == (3 * 196, 2)  # 7 row blocks: 3 images
+    two = BNConfig(block_c=2, block_m=64, red_block_m=64, chunk_tiles=2)
+    assert plan_image_chunks(6, 24, 32, 1, two, cpu) == (4 * 24, 2)  # 2 images per tile
+    assert plan_image_chunks(0, 24, 32, 1, two, cpu)[1] == 0
+    monkey_target = plan_image_chunks(64, 196, 128, 64, cfg, cpu)  # CPU: 4 programs wanted
+    assert monkey_target[1] * 64 >= 4
+    # Odd H*W: split tiles for the backward sums only (split=True); the statistics stay flat.
+    x7 = torch.empty(8, 4, 7, 7)
+    assert reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1)[:4] == (False, 0, 1, 0)
+    tiles7 = reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1, split=True)
+    assert tiles7[:4] == (False, 64, 4, 1) and tiles7[4] % 49 == 0
+    # Flat where neither is taken: channels_last, a channels_last dy.
+    xl = torch.empty(8, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    cl = bn_config(4, channels_contiguous=True)
+    assert reduction_tiles([view3(xl)], xl, 4, 128, True, cl, 1, split=True)[:4] == (True, 0, 1, 0)
+    x4 = torch.empty(8, 4, 4, 4)
+    assert reduction_tiles([view3(x4), view3(xl)], x4, 4, 128, False, cfg, 1,
+                           split=True)[:4] == (False, 0, 1, 0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_reduction_image_tiles_match_reference(dtype):
+    """Statistics and backward sums over image tiles against the float64 reference: chunks of
+    several image groups with short lanes in the last row block (14x14 in 32-position rows:
+    the per-lane Welford counts), a group with a missing image (6 images, 2 per tile, 4 per
+    chunk), row blocks shorter than the vector width, and a mean of 1e4 (Chan merges)."""
+    many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20, comb_block_c=2,
+                    comb_block_k=2)  # fmt: skip
+    two = BNConfig(block_c=2, block_m=64, red_block_m=64, chunk_tiles=2, comb_block_c=2,
+                   comb_block_k=2)  # fmt: skip
+    cases = [((5, 2, 14, 14), many), ((6, 3, 4, 6), two), ((6, 3, 4, 6), TINY)]
+    if dtype != torch.float32:
+        cases = cases[1:2]
+    for shape, config in cases:
+        for training in (True, False):
+            _run_case(shape, "nchw", dtype, (True, True), training, True, config,
+                      seed_extra="red")  # fmt: skip
+    if dtype == torch.float32:
+        gen = _seed("red-large-mean")
+        x = _randn((5, 3, 14, 14), gen, 1.0, 1e4)
+        ref = x.double()
+        for config in (many, two, None):
+            mean, var, _ = bn_batch_stats(x, config=config)
+            torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=0)
+            torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False),
+                                       rtol=1e-4, atol=0)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,9 +1030,9 @@ count = 0
 for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")):
     ACC = tl.float64 if acc == "fp64" else tl.float32
     for flat, ones in ((0, False), (1, True)):
-        red = dict(BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC)
-        ew = dict(BLOCK_C=64, BLOCK_M=64, FLAT=flat, ACC=ACC)
-        single = dict(BLOCK_C=2, SLICE_M=2048, FLAT=flat, ACC=ACC)
+        red = dict(BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1)
+        ew = dict(BLOCK_C=64, BLOCK_M=64, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
+        single = dict(BLOCK_C=2, SLICE_M=2048, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
         jobs = [
             (bn_stats._bn_partial_stats_kernel, red, 8),
             (bn_stats._bn_combine_stats_kernel,
@@ -895,6 +1057,26 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
             (bn_single._bn_bwd_single_kernel,
              dict(single, HAS_W=0, HAS_G=0, WRITE_DX=1, WRITE_DW=0, WRITE_DB=0, TRAINING=0), 8),
         ]
+        if not flat:  # split tiles (odd H*W): 64-wide bodies, vector-width edges
+            vec = 16 // {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[x_dtype]
+            split = dict(BLOCK_HW=64, ALIGN=vec, SPLIT=1)
+            image = dict(red, BLOCK_HW=128, ALIGN=vec)  # reductions over image tiles
+            jobs += [
+                (bn_stats._bn_partial_stats_kernel, image, 8),
+                (bn_backward._bn_bwd_partial_kernel, image, 8),
+                (bn_backward._bn_bwd_partial_kernel, dict(red, **split), 8),
+                (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1, **split), 8),
+                (bn_chunked._bn_normalize_combine_kernel,
+                 dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
+                      CUMULATIVE=0, COUNT=1, **split), 8),
+                (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1, MEANS=0, **split), 8),
+                (bn_single._bn_fwd_single_kernel,
+                 dict(single, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1, CUMULATIVE=0,
+                      COUNT=1, **split), 8),
+                (bn_single._bn_bwd_single_kernel,
+                 dict(single, HAS_W=1, HAS_G=1, WRITE_DX=1, WRITE_DW=1, WRITE_DB=1, TRAINING=1,
+                      **split), 8),
+            ]
         for kernel, consts, warps in jobs:
             build(kernel, consts, x_dtype, acc, ones, warps)
             count += 1
@@ -916,4 +1098,4 @@ def test_kernels_compile_for_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 104" in done.stdout
+    assert "compiled 136" in done.stdout

@@ -133,7 +133,9 @@ def test_single_pass_compiles_once_per_power_of_two_slice(recorder, channels_las
 def test_nchw_image_tiles_compile_once_per_class(recorder):
     """NCHW elementwise kernels tile images x ``BLOCK_HW`` positions (``_config.image_tiles``):
     every image with ``H*W > 64`` and the same power-of-two factor shares one variant (10x10,
-    14x14, 18x18, 13x20: factor 4, 128-position rows), odd ``H*W`` (7x7, 9x11) the flat one.
+    14x14, 18x18, 13x20: factor 4, 128-position rows), odd ``H*W`` whose bodies round to the
+    same power of two one split variant (7x7, 5x11: bodies of at most 48 and 52 in 64-wide rows,
+    ``_config.split_tiles``).
     ``H*W`` itself stays a runtime argument; smaller images add one variant per power of two."""
     from rnip_ext.kernels.bn_backward import bn_backward
     from rnip_ext.kernels.bn_normalize import bn_normalize
@@ -149,6 +151,6 @@ def test_nchw_image_tiles_compile_once_per_class(recorder):
     run([(10, 10), (14, 14), (18, 18), (13, 20)])
     assert len(recorder["_bn_normalize_kernel"]) == 1
     assert len(recorder["_bn_bwd_dx_kernel"]) == 1
-    run([(7, 7), (9, 11)])
+    run([(7, 7), (5, 11)])
     assert len(recorder["_bn_normalize_kernel"]) == 2
     assert len(recorder["_bn_bwd_dx_kernel"]) == 2
