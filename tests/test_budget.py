@@ -44,8 +44,9 @@ def test_a_short_budget_run_ends_within_budget_and_its_checkpoints_hold_the_arch
     for key in ("params", "flops", "flops_fraction", "channels", "strength", "next_strength",
                 "active_flops_fraction", "flops_schedule", "removed", "focused", "wall_seconds", "val_accuracy"):
         assert all(key in r for r in rows), key
-    # From epoch 1 (= budget_at 1/3 of 4, rounded) the budget is enforced; the strength moved under the controller.
-    assert all(r["flops_fraction"] <= 0.25 for r in rows[1:])
+    # The schedule ends at epoch 1 (budget_at 1/3 of 4, rounded); the exact cut comes after the
+    # settling epochs, capped at the last-but-one epoch (3); the strength moved under the controller.
+    assert all(r["flops_fraction"] <= 0.25 for r in rows[2:])
     assert rows[0]["strength"] == pytest.approx(5e-2) and rows[0]["next_strength"] != rows[0]["strength"]
     assert rows[-1]["flops"] == result["flops"]
     assert rows[-1]["channels"] == {n: m.num_features for n, m in final.named_modules()
@@ -119,7 +120,9 @@ def test_callback_arguments():
     with pytest.raises(ValueError, match="budget_at"):
         BudgetPruning(X0, 0.5, 4, budget_at=0)
     cb = BudgetPruning(X0, 0.5, 10, prune_every=3)
-    assert cb.by_epoch == 3 and [cb.schedule.due(e) for e in range(6)] == [False, False, True, False, False, True]
+    assert cb.by_epoch == 3 and cb.cut_epoch == 5 and BudgetPruning(X0, 0.5, 4).cut_epoch == 3
+    assert BudgetPruning(X0, 0.5, 10, settle=0).cut_epoch == 3
+    assert [cb.schedule.due(e) for e in range(6)] == [False, False, True, False, False, True]
     # Focused (default): geometric schedule after the warm-up, no brake; unfocused: the controller's defaults.
     c = BudgetPruning(X0, 0.04, 30).controller
     assert (c.curve, c.start_epoch, c.by_epoch, c.max_drop, c.max_increase, c.max_decrease) == ("geometric", 2, 10, 1.0, 2.0, 0.5)
@@ -127,7 +130,8 @@ def test_callback_arguments():
     assert BudgetPruning(X0, 0.04, 3).controller.start_epoch == 0  # the warm-up never reaches the budget epoch
     c = BudgetPruning(X0, 0.04, 30, focus=False).controller
     assert (c.curve, c.start_epoch, c.max_drop) == ("linear", 0, 0.1)
-    for kwargs, match in (({"scope": "layer"}, "scope must be one of"), ({"warmup": -1}, "warmup must be an int")):
+    for kwargs, match in (({"scope": "layer"}, "scope must be one of"), ({"warmup": -1}, "warmup must be an int"),
+                          ({"settle": 1.5}, "settle must be an int")):
         with pytest.raises(ValueError, match=match):
             BudgetPruning(X0, 0.5, 4, **kwargs)
     with pytest.raises(TypeError, match="callback must be a BudgetPruning"):
