@@ -89,10 +89,9 @@ BUDGET_KEYS = ("strength", "shift", "budget_at", "prune_every", "threshold", "no
 DEMO_TARGETS = (0.5, 0.2, 0.1)
 # Sized for the 5-minute budget on 2 CPU cores: the default demo is 3 seeds x (3 methods x
 # (15 training + 3 x 4 fine-tuning epochs) + 3 budget-aware runs x 15 epochs) = 378 epochs over
-# ~1,100 images (the paper trains 160 + 160 epochs on CIFAR). Measured: 5 min 16 s wall with
-# --threads 1 on a 2-core machine shared with other jobs (load average 3-6, the demo got 76% of a
-# core: 242 s of CPU time, so about 4 min on an idle machine; docs/demo/demo_output.txt). The
-# budget-aware runs added ~110 s of the 308 s there (their networks narrow from the first epochs).
+# ~1,100 images (the paper trains 160 + 160 epochs on CIFAR). Measured: 4 min 6 s wall with
+# --threads 1 on an idle 2-core machine (244 s of CPU time; docs/demo/demo_output.txt), the
+# budget-aware runs 77 s of it (the sum of their epochs' wall times).
 DEMO_EPOCHS = 15
 DEMO_FINETUNE_EPOCHS = 4
 # A channel "receded" when its score is below this (relative score: under 1% of the layer's
