@@ -1,6 +1,6 @@
 """Train to a FLOPs budget in one run vs. one-run cut vs. train-prune-fine-tune, on the digits (CPU).
 
-    python benchmarks/budget_training.py                        # the issue's settings (~15 min, 2 cores)
+    python benchmarks/budget_training.py                        # the issue's settings (~7 min, idle 2 cores)
     python benchmarks/budget_training.py --epochs 12 --seeds 0 --budgets 0.05 --methods budget   # quick
 
 Methods (small VGG, digits at 16x16, the paper's SGD recipe, lr 0.05, batch 64, ``--epochs`` 30):
