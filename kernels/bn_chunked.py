@@ -37,15 +37,7 @@ from ._launch import (
     view3,
 )
 from ._layout import acc_dtype, alloc_like
-from ._math import (
-    aligned,
-    sigmoid_parts,
-    split_offsets,
-    split_rows,
-    tile_offsets,
-    tile_positions,
-)
-from .bn_normalize import normalize_part
+from .bn_normalize import normalize_tile
 from .bn_stats import bn_batch_stats, combine_partials, finish_stats, launch_partials
 
 __all__ = ["bn_forward_chunked"]
@@ -113,34 +105,9 @@ def _bn_normalize_combine_kernel(
                                  nbt_ptr, offs_c, mask_c, count, mean_rel, m2, shift, momentum,
                                  WITH_PENALTY, UPDATE_RUNNING, CUMULATIVE, ACC, False)  # fmt: skip
 
-    scale = tl.rsqrt(var + eps)
-    if HAS_W:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        a, _, _ = sigmoid_parts(w)
-        scale = scale * a
-    if HAS_B:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    else:
-        b = tl.zeros_like(scale)
-    if SPLIT:
-        n_idx, q, e, mask_n, edge_hw = split_rows(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
-        xb, mb, xe, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_xn,
-                                       s_xc, ALIGN)  # fmt: skip
-        yb, _, ye, _ = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_yn, s_yc,
-                                     ALIGN)  # fmt: skip
-        mean3, scale3, b3 = mean[:, None, None], scale[:, None, None], b[:, None, None]
-        normalize_part(x_ptr, y_ptr, xb, yb, mb, mean3, scale3, b3, HAS_B, ACC)
-        normalize_part(x_ptr, y_ptr, xe, ye, me, mean3, scale3, b3, HAS_B, ACC)
-    else:
-        pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
-        mask = mask_c[:, None] & mask_m[None, :]
-        c_off = offs_c.to(tl.int64)[:, None]
-        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean[:, None], scale[:, None],
-                        b[:, None], HAS_B, ACC)  # fmt: skip
+    normalize_tile(x_ptr, y_ptr, w_ptr, b_ptr, mean, var, eps, offs_c, mask_c, pid_m, HW, n_pos, s_xn, s_xc,
+                   s_xhw, s_yn, s_yc, s_yhw, BLOCK_M, FLAT, HAS_W, HAS_B, ACC, BLOCK_HW, ALIGN,
+                   SPLIT)  # fmt: skip
 
 
 def bn_forward_chunked(

@@ -82,6 +82,31 @@ def _bn_normalize_kernel(
 
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
     var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(ACC)
+    normalize_tile(x_ptr, y_ptr, w_ptr, b_ptr, mean, var, eps, offs_c, mask_c, pid_m, HW, n_pos, s_xn, s_xc,
+                   s_xhw, s_yn, s_yc, s_yhw, BLOCK_M, FLAT, HAS_W, HAS_B, ACC, BLOCK_HW, ALIGN,
+                   SPLIT)  # fmt: skip
+
+
+@triton.jit
+def normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean, scale, b, HAS_B: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """``y = (x - mean) * scale (+ b)`` on a 2-D tile or one part (body or edges) of a split
+    tile; the per-channel values come broadcastable to it."""
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+    y = (x - mean) * scale
+    if HAS_B:
+        y = y + b
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def normalize_tile(x_ptr, y_ptr, w_ptr, b_ptr, mean, var, eps, offs_c, mask_c, pid_m, HW, n_pos, s_xn, s_xc,
+                   s_xhw, s_yn, s_yc, s_yhw, BLOCK_M: tl.constexpr, FLAT: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr,
+                   SPLIT: tl.constexpr):  # fmt: skip
+    """Program ``pid_m``'s tile of ``y = (x - mean) * rsqrt(var + eps) * sigmoid(w) (+ b)`` for the
+    channels ``offs_c``: the normalise step shared by the eval/normalise kernel and the
+    normalise-with-combine kernel (tiles as in :func:`_bn_normalize_kernel`)."""
     scale = tl.rsqrt(var + eps)
     if HAS_W:
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
@@ -110,18 +135,6 @@ def _bn_normalize_kernel(
                                                              BLOCK_HW, ALIGN)[None, :]  # fmt: skip
         normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean[:, None], scale[:, None],
                         b[:, None], HAS_B, ACC)  # fmt: skip
-
-
-@triton.jit
-def normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean, scale, b, HAS_B: tl.constexpr,
-                    ACC: tl.constexpr):  # fmt: skip
-    """``y = (x - mean) * scale (+ b)`` on a 2-D tile or one part (body or edges) of a split
-    tile; the per-channel values come broadcastable to it."""
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    y = (x - mean) * scale
-    if HAS_B:
-        y = y + b
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def bn_normalize(
