@@ -98,6 +98,51 @@ def tile_offsets(a, b, HW, s_n, s_hw, FLAT: tl.constexpr, BLOCK_HW: tl.constexpr
 
 
 @triton.jit
+def channel_tile_offsets(offs_c, a, b, HW, s_n, s_c, s_hw, FLAT: tl.constexpr, BLOCK_HW: tl.constexpr,
+                         ALIGN: tl.constexpr):  # fmt: skip
+    """int64 element offsets of the ``[channels, positions]`` tile of channels ``offs_c`` at the
+    positions :func:`tile_positions` gave, in a tensor of strides ``(s_n, s_c, s_hw)``."""
+    return offs_c.to(tl.int64)[:, None] * aligned(s_c, ALIGN) + tile_offsets(a, b, HW, s_n, s_hw, FLAT, BLOCK_HW,
+                                                                              ALIGN)[None, :]  # fmt: skip
+
+
+@triton.jit
+def scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    ACC: tl.constexpr):  # fmt: skip
+    """Per channel ``scale = rsqrt(var + eps) * sigmoid(w)`` (no ``sigmoid(w)`` without
+    ``HAS_W``), the shift ``b`` (zeros without ``HAS_B``), ``y = (x - mean) * scale + b``, and
+    the logits ``w`` it loaded (zeros without ``HAS_W``; e.g. for the receding penalty)."""
+    scale = tl.rsqrt(var + eps)
+    if HAS_W:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        a, _, _ = sigmoid_parts(w)
+        scale = scale * a
+    else:
+        w = tl.zeros_like(scale)
+    if HAS_B:
+        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    else:
+        b = tl.zeros_like(scale)
+    return scale, b, w
+
+
+@triton.jit
+def chunk_image_lanes(pid_k, HW, n_pos, CHUNK, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
+                      ALIGN: tl.constexpr):  # fmt: skip
+    """Image tiles over chunk ``pid_k``'s whole images (the reduction partial kernels): the
+    padded image size ``hw``, its row blocks of ``BLOCK_HW``, the chunk's images
+    ``[n_start, n_end)`` and each of the ``BLOCK_M`` lanes' image (``j_n``) and position in
+    the row block (``j_hw``)."""
+    hw = aligned(HW, ALIGN)
+    row_blocks = tl.cdiv(hw, BLOCK_HW)
+    per_chunk = CHUNK // hw
+    n_start = pid_k * per_chunk
+    n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
+    j = tl.arange(0, BLOCK_M)
+    return hw, row_blocks, n_start, n_end, j // BLOCK_HW, j % BLOCK_HW
+
+
+@triton.jit
 def split_rows(pid_m, HW, n_pos, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
                ALIGN: tl.constexpr):  # fmt: skip
     """``(n_idx, q, e, mask_n, edge_hw)`` of split tile ``pid_m`` (``_config.split_tiles``).

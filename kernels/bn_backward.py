@@ -51,11 +51,12 @@ from ._layout import acc_dtype, alloc_like
 from ._math import (
     aligned,
     channel_sum,
+    channel_tile_offsets,
+    chunk_image_lanes,
     position_offsets,
     sigmoid_parts,
     split_offsets,
     split_rows,
-    tile_offsets,
     tile_positions,
 )
 
@@ -149,14 +150,8 @@ def _bn_bwd_partial_kernel(
     else:
         # Image tiles over the chunk's whole images (as the statistics partial kernel): images
         # [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb; rows start on ALIGN boundaries.
-        hw = aligned(HW, ALIGN)
-        row_blocks = tl.cdiv(hw, BLOCK_HW)
-        per_chunk = CHUNK // hw
-        n_start = pid_k * per_chunk
-        n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
-        j = tl.arange(0, BLOCK_M)
-        j_n = j // BLOCK_HW
-        j_hw = j % BLOCK_HW
+        hw, row_blocks, n_start, n_end, j_n, j_hw = chunk_image_lanes(pid_k, HW, n_pos, CHUNK, BLOCK_M, BLOCK_HW,
+                                                                            ALIGN)  # fmt: skip
         s_dn_al = aligned(s_dn, ALIGN)
         s_xn_al = aligned(s_xn, ALIGN)
         acc_dy = tl.zeros([BLOCK_C, BLOCK_M], dtype=ACC)
@@ -311,13 +306,9 @@ def _bn_bwd_dx_kernel(
     else:
         pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
         mask = mask_c[:, None] & mask_m[None, :]
-        c_off = offs_c.to(tl.int64)[:, None]
-        d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_dn, s_dhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
-            pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        d_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_dn, s_dc, s_dhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
+        x_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_xn, s_xc, s_xhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
+        g_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_gn, s_gc, s_ghw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
         _dx_part(dy_ptr, x_ptr, dx_ptr, d_off, x_off, g_off, mask, mean[:, None],
                  invstd[:, None], scale[:, None], mean_dy[:, None], mean_dyxhat[:, None],
                  TRAINING, ACC)  # fmt: skip

@@ -36,11 +36,10 @@ from ._launch import (
 )
 from ._layout import alloc_like
 from ._math import (
-    aligned,
-    sigmoid_parts,
+    channel_tile_offsets,
+    scale_and_shift,
     split_offsets,
     split_rows,
-    tile_offsets,
     tile_positions,
 )
 
@@ -107,15 +106,7 @@ def normalize_tile(x_ptr, y_ptr, w_ptr, b_ptr, mean, var, eps, offs_c, mask_c, p
     """Program ``pid_m``'s tile of ``y = (x - mean) * rsqrt(var + eps) * sigmoid(w) (+ b)`` for the
     channels ``offs_c``: the normalise step shared by the eval/normalise kernel and the
     normalise-with-combine kernel (tiles as in :func:`_bn_normalize_kernel`)."""
-    scale = tl.rsqrt(var + eps)
-    if HAS_W:
-        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        a, _, _ = sigmoid_parts(w)
-        scale = scale * a
-    if HAS_B:
-        b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-    else:
-        b = tl.zeros_like(scale)
+    scale, b, w = scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W, HAS_B, ACC)
     if SPLIT:
         n_idx, q, e, mask_n, edge_hw = split_rows(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
         xb, mb, xe, me = split_offsets(offs_c, mask_c, n_idx, mask_n, q, e, edge_hw, HW, s_xn,
@@ -128,11 +119,8 @@ def normalize_tile(x_ptr, y_ptr, w_ptr, b_ptr, mean, var, eps, offs_c, mask_c, p
     else:
         pos_a, pos_b, mask_m = tile_positions(pid_m, HW, n_pos, BLOCK_M, BLOCK_HW, ALIGN)
         mask = mask_c[:, None] & mask_m[None, :]
-        c_off = offs_c.to(tl.int64)[:, None]
-        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
-        y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        x_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_xn, s_xc, s_xhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
+        y_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_yn, s_yc, s_yhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
         normalize_part(x_ptr, y_ptr, x_off, y_off, mask, mean[:, None], scale[:, None],
                         b[:, None], HAS_B, ACC)  # fmt: skip
 

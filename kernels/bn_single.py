@@ -59,10 +59,11 @@ from ._layout import acc_dtype, alloc_like
 from ._math import (
     aligned,
     channel_sum,
+    channel_tile_offsets,
+    scale_and_shift,
     sigmoid_parts,
     split_offsets,
     split_rows,
-    tile_offsets,
     tile_positions,
     update_running,
 )
@@ -127,13 +128,7 @@ def _bn_fwd_single_kernel(
         xmu_b = tl.where(mb, xb - mean[:, None, None], 0.0)
         xmu_e = tl.where(me, xe - mean[:, None, None], 0.0)
         var = (channel_sum(xmu_b * xmu_b) + channel_sum(xmu_e * xmu_e)) / n
-        scale = tl.rsqrt(var + eps)
-        if HAS_W:
-            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-            a, _, _ = sigmoid_parts(w)
-            scale = scale * a
-        if HAS_B:
-            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        scale, b, w = scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W, HAS_B, ACC)
         yb = xmu_b * scale[:, None, None]
         ye = xmu_e * scale[:, None, None]
         if HAS_B:
@@ -144,30 +139,21 @@ def _bn_fwd_single_kernel(
     else:
         pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
         mask = mask_c[:, None] & mask_m[None, :]
-        c_off = offs_c.to(tl.int64)[:, None]
-        x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_xn, s_xhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        x_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_xn, s_xc, s_xhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         mean = tl.sum(x, axis=1) / n
         xmu = tl.where(mask, x - mean[:, None], 0.0)
         var = tl.sum(xmu * xmu, axis=1) / n
-        scale = tl.rsqrt(var + eps)
-        if HAS_W:
-            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-            a, _, _ = sigmoid_parts(w)
-            scale = scale * a
-        if HAS_B:
-            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        scale, b, w = scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W, HAS_B, ACC)
         y = xmu * scale[:, None]
         if HAS_B:
             y = y + b[:, None]
-        y_off = c_off * aligned(s_yc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_yn, s_yhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        y_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_yn, s_yc, s_yhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
         tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, var, mask=mask_c)
-    if WITH_PENALTY:
+    if WITH_PENALTY:  # (HAS_W is implied)
         s, _, log_s = sigmoid_parts(w + shift)
         tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
     if UPDATE_RUNNING:
@@ -261,15 +247,12 @@ def _bn_bwd_single_kernel(
     else:
         pos_a, pos_b, mask_m = tile_positions(0, HW, n_pos, SLICE_M, BLOCK_HW, ALIGN)
         mask = mask_c[:, None] & mask_m[None, :]
-        c_off = offs_c.to(tl.int64)[:, None]
-        d_off = c_off * aligned(s_dc, ALIGN) + tile_offsets(pos_a, pos_b, HW, s_dn, s_dhw, FLAT,
-                                                             BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+        d_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_dn, s_dc, s_dhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
         dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
         sum_dy = tl.sum(dy, axis=1)
         if TRAINING or WRITE_DW:
             mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-            x_off = c_off * aligned(s_xc, ALIGN) + tile_offsets(
-                pos_a, pos_b, HW, s_xn, s_xhw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+            x_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_xn, s_xc, s_xhw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
             x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
             xhat = tl.where(mask, x - mean[:, None], 0.0) * invstd[:, None]
             sum_dyxhat = tl.sum(dy * xhat, axis=1)
@@ -279,8 +262,7 @@ def _bn_bwd_single_kernel(
                                        - xhat * (sum_dyxhat / n)[:, None])  # fmt: skip
             else:
                 dx = scale[:, None] * dy
-            g_off = c_off * aligned(s_gc, ALIGN) + tile_offsets(
-                pos_a, pos_b, HW, s_gn, s_ghw, FLAT, BLOCK_HW, ALIGN)[None, :]  # fmt: skip
+            g_off = channel_tile_offsets(offs_c, pos_a, pos_b, HW, s_gn, s_gc, s_ghw, FLAT, BLOCK_HW, ALIGN)  # fmt: skip
             tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_DW:
         dw = a * one_minus_a * sum_dyxhat

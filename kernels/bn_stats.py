@@ -55,7 +55,7 @@ from ._launch import (
     view3,
 )
 from ._layout import acc_dtype
-from ._math import aligned, position_offsets, sigmoid_parts, update_running
+from ._math import aligned, chunk_image_lanes, position_offsets, sigmoid_parts, update_running
 
 __all__ = ["bn_batch_stats", "launch_partials", "combine_partials", "finish_stats"]
 
@@ -118,14 +118,8 @@ def _bn_partial_stats_kernel(
         # lane has seen g * row_blocks + hb values, a short lane g * (row_blocks - 1) + hb:
         # two scalar divisions per step, still none per element. Lanes of missing images in the
         # chunk's last group skip all of its steps and are never updated again.
-        hw = aligned(HW, ALIGN)
-        row_blocks = tl.cdiv(hw, BLOCK_HW)
-        per_chunk = CHUNK // hw
-        n_start = pid_k * per_chunk
-        n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
-        j = tl.arange(0, BLOCK_M)
-        j_n = j // BLOCK_HW
-        j_hw = j % BLOCK_HW
+        hw, row_blocks, n_start, n_end, j_n, j_hw = chunk_image_lanes(pid_k, HW, n_pos, CHUNK, BLOCK_M, BLOCK_HW,
+                                                                            ALIGN)  # fmt: skip
         full = (row_blocks - 1) * BLOCK_HW + j_hw < hw
         s_n = aligned(s_xn, ALIGN)
         for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
