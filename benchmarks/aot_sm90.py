@@ -19,7 +19,6 @@ Exit status 1 when any kernel spills registers (the JSON is written either way).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -30,6 +29,8 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real
 
 import torch  # noqa: E402
+
+from rnip_ext.kernels._variants import all_kernels, specialisation  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,42 +49,17 @@ H200_SMS = 132
 TARGET = ("cuda", 90, 32)
 
 
-def _kernels():
-    from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
-
-    return [
-        bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
-        bn_chunked._bn_normalize_combine_kernel, bn_normalize._bn_normalize_kernel,
-        bn_backward._bn_bwd_partial_kernel, bn_backward._bn_bwd_combine_kernel,
-        bn_backward._bn_bwd_dx_kernel, bn_single._bn_fwd_single_kernel,
-        bn_single._bn_bwd_single_kernel,
-    ]  # fmt: skip
-
-
 def _specialisation(kernel, args, kwargs):
     """``(signature, constexprs, attrs, num_warps)`` exactly as a launch with these arguments."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
-    params = list(inspect.signature(kernel.fn).parameters.values())
-    bound = dict(zip([p.name for p in params], args))
-    bound.update(kwargs)
-    dns = set(kernel.do_not_specialize or [])
+    params, num_warps = specialisation(kernel, args, kwargs)
     sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(params):
-        value = bound.get(p.name, p.default)
-        if "constexpr" in str(p.annotation):
-            sig[p.name], consts[p.name] = "constexpr", value
-            continue
-        spec = p.name not in dns
-        ty, key = native_specialize_impl(BaseBackend, value, False, spec, spec)
+    for i, (name, ty, key) in enumerate(params):
+        sig[name] = ty
         if ty == "constexpr":
-            sig[p.name], consts[p.name] = "constexpr", key
-            continue
-        sig[p.name] = ty
-        if key == "D":
+            consts[name] = key
+        elif key == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, consts, attrs, kwargs.get("num_warps", 4)
+    return sig, consts, attrs, 4 if num_warps is None else num_warps
 
 
 def collect(shapes, dtypes, layouts):
@@ -93,7 +69,7 @@ def collect(shapes, dtypes, layouts):
 
     config_mod.target_programs = lambda device: 4 * H200_SMS
     launches = []
-    for kernel in _kernels():
+    for kernel in all_kernels():
         def run(*args, _kernel=kernel, grid=None, warmup=False, **kwargs):
             launches.append((_kernel, args, kwargs))
 

@@ -7,7 +7,6 @@ every other argument (dtype, ``== 1``, divisibility by 16, pointer alignment), h
 kernel's ``do_not_specialize``. Distinct keys per kernel = compiled variants.
 """
 
-import inspect
 import os
 
 _DEVICE = os.environ.get("RNIP_TEST_DEVICE", "cpu")
@@ -18,50 +17,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rnip_ext._backend import triton_available  # noqa: E402
+from rnip_ext.kernels._variants import all_kernels, specialisation  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 DEVICE = torch.device(_DEVICE)
 
 
-def _all_kernels():
-    from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
-
-    return [
-        bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
-        bn_chunked._bn_normalize_combine_kernel, bn_normalize._bn_normalize_kernel,
-        bn_backward._bn_bwd_partial_kernel, bn_backward._bn_bwd_combine_kernel,
-        bn_backward._bn_bwd_dx_kernel, bn_single._bn_fwd_single_kernel,
-        bn_single._bn_bwd_single_kernel,
-    ]  # fmt: skip
-
-
 def _variant_key(kernel, args, kwargs):
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
-    params = list(inspect.signature(kernel.fn).parameters.values())
-    dns = getattr(kernel, "do_not_specialize", None)
-    if dns is None:  # the interpreter keeps the decorator's arguments in kwargs
-        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", [])
-    bound = dict(zip([p.name for p in params], args))
-    bound.update(kwargs)
-    key = []
-    for p in params:
-        value = bound.get(p.name, p.default)
-        if "constexpr" in str(p.annotation):
-            key.append((p.name, str(value)))
-        else:
-            spec = p.name not in dns
-            key.append((p.name, native_specialize_impl(BaseBackend, value, False, spec, spec)))
-    key.append(("num_warps", kwargs.get("num_warps")))
-    return tuple(key)
+    params, num_warps = specialisation(kernel, args, kwargs)
+    return tuple((name, ty, str(key)) for name, ty, key in params) + (("num_warps", num_warps),)
 
 
 @pytest.fixture
 def recorder(monkeypatch):
     """``{kernel name: set of variant keys}``, filled by every launch while the test runs."""
     seen = {}
-    for kernel in _all_kernels():
+    for kernel in all_kernels():
         original = kernel.run
 
         def run(*args, _kernel=kernel, _original=original, **kwargs):

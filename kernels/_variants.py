@@ -1,0 +1,57 @@
+"""Which compiled variant a kernel launch needs, computed without a GPU.
+
+Shared by ``benchmarks/aot_sm90.py`` (compiles each variant ahead of time for sm_90) and
+``tests/kernels/test_compiled_variants.py`` (counts the variants a layer's steps need): both
+intercept ``kernel.run`` and ask :func:`specialisation` what Triton would compile for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+__all__ = ["all_kernels", "specialisation"]
+
+
+def all_kernels() -> list:
+    """Every ``@triton.jit`` kernel the launchers of :mod:`rnip_ext.kernels` can launch."""
+    from . import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
+
+    return [
+        bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
+        bn_chunked._bn_normalize_combine_kernel, bn_normalize._bn_normalize_kernel,
+        bn_backward._bn_bwd_partial_kernel, bn_backward._bn_bwd_combine_kernel,
+        bn_backward._bn_bwd_dx_kernel, bn_single._bn_fwd_single_kernel,
+        bn_single._bn_bwd_single_kernel,
+    ]  # fmt: skip
+
+
+def _do_not_specialize(kernel) -> set:
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:  # the interpreter keeps the decorator's arguments in kwargs
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", [])
+    return set(dns or [])
+
+
+def specialisation(kernel, args, kwargs) -> tuple[list[tuple[str, str, object]], int | None]:
+    """What a launch ``kernel[grid](*args, **kwargs)`` compiles for: per parameter, in order,
+    ``(name, "constexpr", value)`` for a compile-time constant (declared, or made one by
+    Triton's specialisation, e.g. ``== 1``), else ``(name, type, key)`` from Triton's own
+    ``specialize_impl`` (``key == "D"``: divisible by 16), honouring ``do_not_specialize``;
+    and ``num_warps`` (``None`` when not given)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    bound.update(kwargs)
+    dns = _do_not_specialize(kernel)
+    out = []
+    for p in params:
+        value = bound.get(p.name, p.default)
+        if "constexpr" in str(p.annotation):
+            out.append((p.name, "constexpr", value))
+            continue
+        spec = p.name not in dns
+        ty, key = native_specialize_impl(BaseBackend, value, False, spec, spec)
+        out.append((p.name, "constexpr", key) if ty == "constexpr" else (p.name, ty, key))
+    return out, kwargs.get("num_warps")
