@@ -38,32 +38,15 @@ from _common import bench, environment, format_table, write_json  # noqa: E402
 
 import rnip_ext  # noqa: E402
 from rnip_ext import functional as RF  # noqa: E402
+from rnip_ext.benchmarking import kernel_launching_ops  # noqa: E402
 
 VGG16_CIFAR_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-
-_NO_KERNEL = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-    "aten::new_empty_strided", "aten::view", "aten::expand", "aten::as_strided", "aten::detach",
-    "aten::alias", "aten::_unsafe_view", "aten::select", "aten::unsqueeze", "aten::squeeze",
-    "aten::permute", "aten::slice", "aten::unbind", "aten::t", "aten::reshape", "aten::lift_fresh",
-    "aten::resize_", "aten::_reshape_alias", "aten::contiguous", "aten::to", "aten::result_type",
-    "aten::narrow", "aten::split_with_sizes", "aten::split",
-}  # fmt: skip
-
 
 def count_aten_ops(step) -> int:
     """Top-level kernel-launching ATen operations of one ``step()`` (forward + backward)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
-    count = 0
-    for event in prof.events():
-        if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += parent is None
-    return count
+    return len(kernel_launching_ops(prof.events()))
 
 
 def per_layer(reg: rnip_ext.RecedingRegularizer):

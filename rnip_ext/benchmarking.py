@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .pruning.graph import eval_mode
 
-__all__ = ["Throughput", "measure_throughput"]
+__all__ = ["NO_KERNEL_OPS", "Throughput", "kernel_launching_ops", "measure_throughput"]
 
 
 @dataclass
@@ -92,3 +92,31 @@ def measure_throughput(model: nn.Module, example_batch, *, warmup: int = 2, repe
     median = statistics.median(times)
     return Throughput(images_per_s=batch / median, median_s=median, batch_size=batch, timed_batches=repeats,
                       warmup=warmup, device=str(device), threads=torch.get_num_threads(), times_s=times)
+
+
+# ATen ops that allocate or re-view memory without launching a kernel.
+NO_KERNEL_OPS = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+    "aten::new_empty_strided", "aten::view", "aten::expand", "aten::as_strided", "aten::detach",
+    "aten::alias", "aten::_unsafe_view", "aten::select", "aten::unsqueeze", "aten::squeeze",
+    "aten::permute", "aten::slice", "aten::unbind", "aten::t", "aten::reshape", "aten::lift_fresh",
+    "aten::resize_", "aten::_reshape_alias", "aten::contiguous", "aten::to", "aten::result_type",
+    "aten::narrow", "aten::split_with_sizes", "aten::split",
+})  # fmt: skip
+
+
+def kernel_launching_ops(events, owners: tuple[str, ...] = ("aten::",)) -> list[str]:
+    """Names of the kernel-launching ATen operations among ``torch.profiler`` ``events``
+    (``prof.events()``), each counted once: an op inside another whose name starts with one of
+    ``owners`` (an ATen op, or e.g. ``"rnip_ext::"`` for our custom ops) is part of that one,
+    and the ops in :data:`NO_KERNEL_OPS` launch nothing. On a GPU each is one kernel launch."""
+    ops = []
+    for event in events:
+        if not event.name.startswith("aten::") or event.name in NO_KERNEL_OPS:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(owners):
+            parent = parent.cpu_parent
+        if parent is None:
+            ops.append(event.name)
+    return ops

@@ -14,15 +14,7 @@ import torch
 from torch import nn
 
 from rnip_ext import BoundedBatchNorm2d, RecedingRegularizer
-
-_NO_KERNEL = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-    "aten::new_empty_strided", "aten::view", "aten::expand", "aten::as_strided", "aten::detach",
-    "aten::alias", "aten::_unsafe_view", "aten::select", "aten::unsqueeze", "aten::squeeze",
-    "aten::permute", "aten::slice", "aten::unbind", "aten::t", "aten::reshape", "aten::lift_fresh",
-    "aten::resize_", "aten::_reshape_alias", "aten::contiguous", "aten::to", "aten::result_type",
-    "aten::narrow", "aten::split_with_sizes", "aten::split",
-}  # fmt: skip
+from rnip_ext.benchmarking import kernel_launching_ops
 
 VGG16_CIFAR_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 BOUND = {"layer": 45, None: 22}
@@ -39,16 +31,7 @@ def _count(widths, normalize, cost_weighted=False) -> list[str]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             reg().backward()
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in model)
-    ops = []
-    for event in prof.events():
-        if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if parent is None:
-            ops.append(event.name)
-    return ops
+    return kernel_launching_ops(prof.events())
 
 
 @pytest.mark.parametrize("normalize", ["layer", None])

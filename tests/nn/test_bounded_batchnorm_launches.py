@@ -19,31 +19,11 @@ from torch import nn  # noqa: E402
 
 import rnip_ext  # noqa: E402
 from rnip_ext._backend import triton_available  # noqa: E402
+from rnip_ext.benchmarking import kernel_launching_ops  # noqa: E402
+from rnip_ext.kernels._variants import all_kernels  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 DEVICE = torch.device(_DEVICE)
-
-# ATen ops that allocate or re-view memory without launching a kernel.
-_NO_KERNEL = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-    "aten::new_empty_strided", "aten::view", "aten::expand", "aten::as_strided", "aten::detach",
-    "aten::alias", "aten::_unsafe_view", "aten::select", "aten::unsqueeze", "aten::squeeze",
-    "aten::permute", "aten::slice", "aten::unbind", "aten::t", "aten::reshape", "aten::lift_fresh",
-    "aten::resize_", "aten::_reshape_alias", "aten::contiguous", "aten::to", "aten::result_type",
-}  # fmt: skip
-
-
-def _kernels():
-    from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
-
-    return [
-        bn_chunked._bn_normalize_combine_kernel,
-        bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
-        bn_normalize._bn_normalize_kernel, bn_backward._bn_bwd_partial_kernel,
-        bn_backward._bn_bwd_combine_kernel, bn_backward._bn_bwd_dx_kernel,
-        bn_single._bn_fwd_single_kernel, bn_single._bn_bwd_single_kernel,
-    ]  # fmt: skip
-
 
 def _count_step(monkeypatch, shape, momentum, channels_last=False):
     """``(forward launches, backward launches, kernel-launching ATen ops)`` of one training step."""
@@ -58,7 +38,7 @@ def _count_step(monkeypatch, shape, momentum, channels_last=False):
     dy = torch.randn_like(x)
     one = torch.ones((), device=DEVICE)
     launches = []
-    for kernel in _kernels():
+    for kernel in all_kernels():
         original = kernel.run
 
         def counted(*args, _original=original, _name=kernel.__name__, **kwargs):
@@ -75,17 +55,9 @@ def _count_step(monkeypatch, shape, momentum, channels_last=False):
             forward_launches = len(launches)
             torch.autograd.backward([y, reg()], [dy, one])
     backward_launches = len(launches) - forward_launches
-    aten = []
-    for event in prof.events():
-        if not event.name.startswith("aten::") or event.name in _NO_KERNEL:
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith(("aten::", "rnip_ext::")):
-            parent = parent.cpu_parent
-        # Count an op once, not the ops it calls; inside our ops the only ATen work is
-        # allocation (plus the interpreter's own bookkeeping on CPU, which a GPU does not do).
-        if parent is None:
-            aten.append(event.name)
+    # Count an op once, not the ops it calls; inside our ops the only ATen work is allocation
+    # (plus the interpreter's own bookkeeping on CPU, which a GPU does not do).
+    aten = kernel_launching_ops(prof.events(), owners=("aten::", "rnip_ext::"))
     return forward_launches, backward_launches, aten, layer
 
 
