@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -11,6 +12,9 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as RF
 from .._backend import BACKENDS, resolve_backend
+
+# torch 2.13 gave _NormBase a keyword-only ``bias``; older releases (2.6-2.12) always add a shift.
+_NORMBASE_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 __all__ = ["BoundedBatchNorm2d"]
 
@@ -83,9 +87,16 @@ class BoundedBatchNorm2d(_NormBase):
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
         if bias and not affine:
             raise ValueError("bias=True needs affine=True (affine=False means scale 1 and no shift)")
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        if _NORMBASE_TAKES_BIAS:
+            super().__init__(
+                num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            )
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            if not bias:
+                # torch < 2.13: _NormBase always makes a shift; drop it the way 2.13 registers
+                # none (a None entry in _parameters, so state_dict has no "bias" key).
+                self.bias = None
         self.backend = backend
         # Set by RecedingRegularizer: the shift of the penalty the fused path computes, and the
         # latest per-channel penalty it recorded, (shift, tensor), consumed by the regulariser.
@@ -132,6 +143,14 @@ class BoundedBatchNorm2d(_NormBase):
 
     def _record_penalty(self, shift: float, penalty: Tensor) -> None:
         self._recorded_penalty = (shift, penalty, self.weight._version)
+
+    def extra_repr(self) -> str:
+        # Written here so the repr names the shift on every torch (2.13's _NormBase does, older
+        # ones do not).
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
 
     def reset_parameters(self) -> None:
         """Reset running statistics, draw ``weight ~ N(0, 1)`` (the paper's init), zero ``bias``."""

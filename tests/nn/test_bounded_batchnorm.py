@@ -82,6 +82,25 @@ def test_state_dict_keys_match_batchnorm2d(bias, affine, track):
     assert (ours.bias is None) == (not bias or not affine)
 
 
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False), (True, True)])
+def test_construction_without_normbase_bias_keyword(monkeypatch, affine, bias):
+    # torch < 2.13 has no `bias` in _NormBase: the layer drops the shift itself, to the same state.
+    from rnip_ext.nn import bounded_batchnorm
+
+    torch.manual_seed(3)
+    expected = BoundedBatchNorm2d(6, affine=affine, bias=bias)
+    monkeypatch.setattr(bounded_batchnorm, "_NORMBASE_TAKES_BIAS", False)
+    torch.manual_seed(3)
+    old = BoundedBatchNorm2d(6, affine=affine, bias=bias)
+    assert [n for n, _ in old.named_parameters()] == [n for n, _ in expected.named_parameters()]
+    assert list(old.state_dict()) == list(expected.state_dict())
+    for name, value in expected.state_dict().items():
+        assert torch.equal(old.state_dict()[name], value), name
+    assert repr(old) == repr(expected)
+    x = torch.randn(4, 6, 3, 3)
+    torch.testing.assert_close(old(x), expected(x), rtol=0, atol=0)
+
+
 def test_weight_initialised_standard_normal_and_bias_zero():
     layer = BoundedBatchNorm2d(20000, bias=True)
     w = layer.weight.detach()
