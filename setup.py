@@ -9,21 +9,30 @@ has torch. What gets compiled is chosen by ``RNIP_EXT_BUILD``:
 * ``cuda``: C++ and CUDA, failing loudly if either is impossible;
 * ``none``: no compiled code (the package falls back to ``index_select``).
 
-``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured by torch's build helpers. Nothing here asks
-for a GPU (``torch.cuda.is_available()``), runs git or reaches the network.
+``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured by torch's build helpers. Without
+``TORCH_CUDA_ARCH_LIST``, torch compiles for the GPUs it sees; where it sees none (a build machine
+without a GPU) this script sets ``DEFAULT_CUDA_ARCHS`` instead of letting torch's helper fail. The
+CUDA toolkit is ``CUDA_HOME`` (or ``CUDA_PATH``), else the one the ``nvcc`` on ``PATH`` belongs to,
+followed through symlinks and wrapper scripts; a toolkit without ``include/cuda_runtime.h`` counts
+as not found. Nothing here runs git or reaches the network.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_MODES = ("auto", "cpu", "cuda", "none")
+# Compute capabilities built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: Turing to
+# Hopper (every one CUDA 12 and 13 still compile for), plus PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -37,11 +46,38 @@ def _build_mode() -> str:
     return mode
 
 
-def _find_nvcc() -> str | None:
+def _toolkit_root(nvcc: str) -> str:
+    """The CUDA toolkit an ``nvcc`` belongs to: ``<root>/bin/nvcc`` after symlinks, else the
+    ``TOP`` a dry run reports (``nvcc`` can be a wrapper script, e.g. ``exec /opt/cuda/bin/nvcc``)."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+        return root
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return root
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.normpath(top.group(1).strip()) if top else root
+
+
+def _find_cuda_home() -> tuple[str | None, str]:
+    """``(toolkit root, "")`` when a CUDA toolkit with its headers is found, else ``(None, why)``."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    if home:
+        where = f"CUDA_HOME={home}"
+    else:
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return None, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        home, where = _toolkit_root(nvcc), f"the toolkit of {nvcc}"
+    if not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return None, f"no bin/nvcc under {where} ({home})"
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return None, f"no include/cuda_runtime.h under {where} ({home}): set CUDA_HOME"
+    return home, ""
 
 
 def _sources(pattern: str) -> list[str]:
@@ -55,6 +91,13 @@ def _extensions():
     if mode == "none":
         _log("RNIP_EXT_BUILD=none: building no compiled extension")
         return [], {}
+    cuda_home, no_cuda_why = _find_cuda_home() if mode in ("auto", "cuda") else (None, "")
+    if mode in ("auto", "cuda") and cuda_home is None:
+        _log(f"no CUDA toolkit: {no_cuda_why}")
+    if cuda_home is not None:
+        _log(f"CUDA toolkit: {cuda_home}")
+        # torch's build helpers read the toolkit from here when they are imported.
+        os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
         from torch.utils import cpp_extension
@@ -66,6 +109,8 @@ def _extensions():
             )
         _log("torch is not importable here (build isolation?): building no compiled extension")
         return [], {}
+    if cuda_home is not None:
+        cpp_extension.CUDA_HOME = cuda_home  # in case torch imported its helpers before us
 
     cpp_sources = _sources("*.cpp")
     if not cpp_sources:
@@ -77,14 +122,17 @@ def _extensions():
 
     with_cuda = False
     if mode in ("auto", "cuda") and cuda_sources:
-        nvcc = _find_nvcc()
-        if torch.version.cuda is None or nvcc is None:
-            why = "this torch has no CUDA" if torch.version.cuda is None else "nvcc not found"
+        if torch.version.cuda is None or cuda_home is None:
+            why = "this torch has no CUDA" if torch.version.cuda is None else no_cuda_why
             if mode == "cuda":
                 raise SystemExit(f"RNIP_EXT_BUILD=cuda but {why}")
             _log(f"{why}: building the C++ op without CUDA")
         else:
             with_cuda = True
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+                # torch would compile for the visible GPUs, and with none its helper fails.
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+                _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_CUDA_ARCHS}")
     elif mode == "cuda":
         raise SystemExit("RNIP_EXT_BUILD=cuda but there are no CUDA sources under csrc/")
 

@@ -64,6 +64,41 @@ def test_setup_build_none_compiles_nothing():
     assert out.stdout.strip().splitlines()[-1] == rnip_ext.__version__
 
 
+def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper_script(tmp_path):
+    # Some images put a wrapper script on PATH (`exec /opt/cuda-X/bin/nvcc "$@"`); torch's own
+    # guess would then take the wrapper's folder as the toolkit and miss its headers.
+    toolkit = tmp_path / "cuda-x"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin").mkdir()
+    real = toolkit / "bin" / "nvcc"
+    real.write_text(f'#!/bin/sh\necho "#$ TOP={toolkit}/bin/.." >&2\n')
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    for script in (real, wrap / "nvcc"):
+        script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(RNIP_EXT_BUILD="auto", PATH=f"{wrap}{os.pathsep}{env.get('PATH', '')}")
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"CUDA toolkit: {toolkit}\n" in out.stderr
+
+
+def test_setup_names_a_toolkit_without_headers(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    env = dict(os.environ, RNIP_EXT_BUILD="auto", CUDA_HOME=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"no CUDA toolkit: no include/cuda_runtime.h under CUDA_HOME={tmp_path}" in out.stderr
+
+
 def test_tiny_train_example_runs_and_reports_importances():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "tiny_train.py"), "--steps", "20"],
