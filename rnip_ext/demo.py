@@ -426,7 +426,7 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     num_classes, in_channels = DATASETS[DATASET][0], 1
     _check_reachable(targets, in_channels, num_classes, 16)
     if plots:
-        from .cli.plots import require_matplotlib
+        from .plots import require_matplotlib
 
         require_matplotlib()  # fail before hours of training, not after
     splits = {0: _load(0, dev)}  # a missing scikit-learn fails here, before anything is written

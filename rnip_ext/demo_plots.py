@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from .cli.plots import require_matplotlib
+from .plots import require_matplotlib
 
 __all__ = ["plot_accuracy_vs_flops", "plot_importance", "plot_layers", "write_plots"]
 

@@ -1,4 +1,6 @@
-"""Figures people look at: importance histograms, accuracy vs pruning ratio, kept channels per layer."""
+"""Figures people look at: importance histograms, accuracy vs pruning ratio, kept channels per
+layer, a budget run over epochs. Needs matplotlib (the ``demo`` extra); every figure is written
+atomically and closed."""
 
 from __future__ import annotations
 
@@ -6,26 +8,24 @@ import os
 
 import torch
 
-__all__ = ["require_matplotlib", "plot_accuracy_vs_ratio", "plot_budget_training", "plot_importance_histograms",
-           "plot_kept_channels"]
+__all__ = ["figure_paths", "plot_accuracy_vs_ratio", "plot_budget_training", "plot_importance_histograms",
+           "plot_kept_channels", "require_matplotlib"]
 
 
 def require_matplotlib():
-    """``matplotlib.pyplot`` on the non-interactive backend, or a ``UserError`` saying what to install."""
+    """``matplotlib.pyplot`` on the non-interactive backend, or an ``ImportError`` saying what to install."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        from .errors import UserError
-
-        raise UserError("plots need matplotlib: pip install 'rnip_ext[demo]' (or matplotlib), or pass --no-plots") from exc
+        raise ImportError("plots need matplotlib: pip install 'rnip_ext[demo]' (or matplotlib)") from exc
     return plt
 
 
 def _save(plt, fig, path: str) -> str:
-    from ..rundir import _atomic
+    from .rundir import _atomic
 
     fig.tight_layout()
     # Atomic, like every file rnip writes; the format is named because the temporary name hides it.
@@ -119,4 +119,5 @@ def plot_budget_training(rows: list[dict], path: str) -> str:
 
 
 def figure_paths(out: str) -> dict[str, str]:
+    """Where :func:`rnip_ext.report.write_report` puts each figure in ``out``."""
     return {name: os.path.join(out, f"{name}.png") for name in ("importance_histogram", "accuracy_vs_ratio", "kept_channels")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .. import demo as demo_lib
+from ..plots import require_matplotlib
 from ..rundir import OutputDirError
 from ..training import NonFiniteLossError
 from .errors import UserError, user_errors
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> dict:
         check_number("target-flops", t, low=0, low_open=True, high=1, high_open=False)
     if len({round(t * 100) for t in args.target_flops}) != len(args.target_flops):
         raise UserError(f"--target-flops must differ by at least 0.01, got {args.target_flops}")
+    if not args.no_plots:
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            raise UserError(f"{exc}, or pass --no-plots") from exc
     with user_errors(OutputDirError, ValueError, NonFiniteLossError, ImportError):
         report = demo_lib.run_demo(args.out, seeds=args.seeds, targets=args.target_flops, epochs=args.epochs,
                                    finetune_epochs=args.finetune_epochs, device=args.device,

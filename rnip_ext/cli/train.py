@@ -202,7 +202,7 @@ def fit_settings(config: dict) -> dict:
 
 def _budget_plot(out: str) -> None:
     """FLOPs, strength and accuracy over epochs (``budget_training.png``), when matplotlib is installed."""
-    from .plots import plot_budget_training
+    from ..plots import plot_budget_training
 
     try:
         import matplotlib  # noqa: F401

@@ -372,9 +372,9 @@ def test_report_groups_by_arch_dataset_method_scope(tmp_path, capsys):
                     ("vgg16", "cifar10", "rni", "-", "0%"), ("vgg16", "cifar10", "rni", "global", "50%"),
                     ("vgg16", "cifar10", "rni", "local", "50%"), ("vgg16", "cifar100", "rni", "-", "0%")]
     pytest.importorskip("matplotlib", reason="the plots need matplotlib")
-    from rnip_ext.cli import plots, report
+    from rnip_ext import plots, report
 
-    rows = report.collect(runs)
+    rows = report.collect_runs(runs)
     plotted = []
     real_plot = None
 
@@ -517,3 +517,16 @@ def test_a_command_raising_systemexit_error_gets_status_2(monkeypatch, capsys):
     monkeypatch.setattr(report, "run", old_style)
     assert main(["report", "x"]) == 2
     one_error_line(capsys, "something the user must fix")
+
+
+def test_report_without_matplotlib_is_one_error_line(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"kind": "train", "arch": "vgg16", "dataset": "cifar10",
+                                                "method": "rni", "ratio": 0.0, "test_accuracy": 0.9,
+                                                "params": 10, "flops": 100}))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(d), "--out", str(tmp_path / "rep")]) == 2
+    one_error_line(capsys, "plots need matplotlib.*or pass --no-plots")
+    assert not (tmp_path / "rep").exists()
+    assert main(["report", str(d), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
