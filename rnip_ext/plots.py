@@ -34,6 +34,14 @@ def _save(plt, fig, path: str) -> str:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str) -> None:
+    """The axis titles, a light grid and a small legend every line plot here carries."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_importance_histograms(scores: dict[str, torch.Tensor], path: str) -> str:
     """One histogram per trained run (label -> all prunable channels' scores: sigmoid(w) or |gamma|)."""
     plt = require_matplotlib()
@@ -61,10 +69,7 @@ def plot_accuracy_vs_ratio(rows: list[dict], path: str) -> str:
         pts = sorted((r["ratio"], r["test_accuracy"]) for r in rows
                      if _key(r) == key or (r.get("kind") != "prune" and _key(r)[:3] == key[:3]))
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=" ".join(k for k in key if k))
-    ax.set_xlabel("pruning ratio (fraction of prunable channels removed)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "pruning ratio (fraction of prunable channels removed)", "test accuracy (%)")
     return _save(plt, fig, path)
 
 
@@ -83,10 +88,7 @@ def plot_kept_channels(rows: list[dict], path: str) -> str:
         ax.plot(range(len(first)), [k[1] for k in first], "k--", label="original")
         ax.set_xticks(range(len(first)), [k[0] for k in first], rotation=45, ha="right", fontsize=7)
         ax.set_title(" ".join(panel), fontsize=9)
-        ax.set_xlabel("prunable layer (graph order)")
-        ax.set_ylabel("channels kept")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "prunable layer (graph order)", "channels kept")
     return _save(plt, fig, path)
 
 
