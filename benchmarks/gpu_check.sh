@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine: build, CUDA tests, benchmarks, JSONs under benchmarks/results/.
 #
-# Usage: bash benchmarks/gpu_check.sh [--check-only] [--skip-build] [--budget SECONDS]
+# Usage: bash benchmarks/gpu_check.sh [--check-only] [--skip-build] [--budget SECONDS] [--logs DIR]
 #
 # Needs a CUDA GPU and a CUDA torch (plus triton) already installed; never reaches a package
 # registry (pip runs with --no-index --no-build-isolation --no-deps). Steps, each under `timeout`
 # and all under one overall budget (default 470 s, i.e. within 8 minutes on an H200), so that one
 # hang cannot eat the rest:
 #
-#   1. build        pip install --no-build-isolation --no-deps -e .  (C++/CUDA channel gather)
-#   2. tests        RNIP_TEST_DEVICE=cuda pytest tests/kernels tests/ops tests/nn (compiled kernels)
+#   0. env          python, torch, triton, numpy, GPU, nvcc: the first line of the summary
+#   1. build        pip install --no-build-isolation --no-deps -e .  (C++/CUDA channel gather);
+#                   if the CUDA build fails, a C++-only build (RNIP_EXT_BUILD=cpu) so that the
+#                   Triton kernels are still tested and measured (the summary says so)
+#   2. tests        RNIP_TEST_DEVICE=cuda pytest tests/kernels tests/ops tests/nn (compiled kernels;
+#                   8 pytest-xdist workers when it is installed, so kernel compiles run in parallel;
+#                   stops after 25 failures)
 #   3. bn_speed     VGG-16 CIFAR + ResNet-50 sets, fp32/bf16/fp16, NCHW + channels_last,
 #                   training step and forward: plain vs paper vs ours   -> bn_speed_cuda.json
 #   4. net_speed    whole VGG-16 CIFAR training step, batch 128: plain vs paper vs ours, images/s
@@ -19,8 +24,9 @@
 #   7. bn_compiled  VGG-16 CIFAR training step: torch.compile of the paper's layer vs ours
 #                                                                   -> bn_speed_cuda_compiled.json
 #
-# Logs go to benchmarks/results/gpu_check_logs/<step>.log; the last lines summarise each step.
-# Exit status: 0 when every step passed, 1 when one failed or timed out, 2 when there is no GPU.
+# Logs go to DIR/<step>.log (default benchmarks/results/gpu_check_logs); the last lines summarise
+# each step. Exit status: 0 when every step passed, 1 when one failed or timed out, 2 when there
+# is no GPU. PYTHON names the interpreter (default: python).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -28,12 +34,14 @@ cd "$(dirname "$0")/.."
 BUDGET=470
 CHECK_ONLY=0
 SKIP_BUILD=0
+LOGS=benchmarks/results/gpu_check_logs
 while [ $# -gt 0 ]; do
     case "$1" in
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         --check-only) CHECK_ONLY=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
         --budget) shift; BUDGET="${1:?--budget needs a number of seconds}" ;;
+        --logs) shift; LOGS="${1:?--logs needs a folder}" ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -50,7 +58,6 @@ if [ "$CHECK_ONLY" = 1 ]; then
     exit 0
 fi
 
-LOGS=benchmarks/results/gpu_check_logs
 mkdir -p "$LOGS"
 export PIP_NO_INDEX=1 MAX_JOBS="${MAX_JOBS:-16}" RNIP_EXT_BUILD="${RNIP_EXT_BUILD:-auto}"
 SUMMARY=()
@@ -79,10 +86,34 @@ run() {
     fi
 }
 
+"$PY" - >"$LOGS/env.log" 2>&1 <<'PYEOF'
+import platform, shutil, sys
+import torch
+parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+for name in ("triton", "numpy"):
+    try:
+        parts.append(f"{name} {__import__(name).__version__}")
+    except ImportError:
+        parts.append(f"{name} missing")
+parts.append(torch.cuda.get_device_name(0))
+parts.append(f"nvcc {shutil.which('nvcc') or 'not on PATH'}")
+print(" | ".join(parts))
+PYEOF
+SUMMARY+=("env: $(tail -n 1 "$LOGS/env.log")")
+
 if [ "$SKIP_BUILD" = 0 ]; then
     run build 90 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+    if [ "${SUMMARY[-1]#build: ok}" = "${SUMMARY[-1]}" ]; then
+        # Without the CUDA gather the package falls back to index_select; the kernels need no build.
+        run build_cpu_only 60 env RNIP_EXT_BUILD=cpu "$PY" -m pip install --no-build-isolation --no-deps \
+            --no-index -e .
+    fi
 fi
-run tests 100 env RNIP_TEST_DEVICE=cuda "$PY" -m pytest -q -x -p no:cacheprovider \
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n 8)
+fi
+run tests 100 env RNIP_TEST_DEVICE=cuda "$PY" -m pytest -q --maxfail=25 -p no:cacheprovider "${XDIST[@]}" \
     tests/kernels tests/ops tests/nn
 run bn_speed 100 "$PY" benchmarks/bn_speed.py --device cuda --sets vgg16_cifar resnet50_imagenet \
     --dtypes fp32 bf16 fp16 --layouts nchw channels_last --modes fwdbwd fwd \
