@@ -26,7 +26,18 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
+
+# pyproject.toml's SPDX `license = "MIT"` (PEP 639) is read from setuptools 77 on; older ones stop
+# with an obscure schema error, and --no-build-isolation builds use whatever setuptools is there.
+MIN_SETUPTOOLS = (77, 0)
+_found = tuple(int(p) if p.isdigit() else 0 for p in setuptools.__version__.split(".")[:2])
+if _found < MIN_SETUPTOOLS:
+    raise SystemExit(
+        f"rnip_ext needs setuptools >= {'.'.join(map(str, MIN_SETUPTOOLS))} to build (found "
+        f"{setuptools.__version__}): pip install -U 'setuptools>=77', then build again"
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_MODES = ("auto", "cpu", "cuda", "none")

@@ -64,6 +64,14 @@ def test_setup_build_none_compiles_nothing():
     assert out.stdout.strip().splitlines()[-1] == rnip_ext.__version__
 
 
+def test_setup_names_a_too_old_setuptools():
+    pretend = ("import runpy, sys, setuptools; setuptools.__version__ = '65.5.0'; "
+               "sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", pretend], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "rnip_ext needs setuptools >= 77.0 to build (found 65.5.0)" in out.stderr
+
+
 def test_setup_finds_the_toolkit_behind_an_nvcc_wrapper_script(tmp_path):
     # Some images put a wrapper script on PATH (`exec /opt/cuda-X/bin/nvcc "$@"`); torch's own
     # guess would then take the wrapper's folder as the toolkit and miss its headers.
