@@ -59,12 +59,27 @@ def assert_same_buffers(layer, ref):
 # --- construction -------------------------------------------------------------------------------
 
 
+# torch 2.13 gave nn.BatchNorm2d a keyword-only `bias`; the layer has it on every torch.
+TORCH_BN_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
+def torch_batchnorm2d(num_features, bias, **kwargs):
+    """``nn.BatchNorm2d`` with or without its shift, on torch releases before and after 2.13."""
+    if TORCH_BN_TAKES_BIAS:
+        return nn.BatchNorm2d(num_features, bias=bias, **kwargs)
+    bn = nn.BatchNorm2d(num_features, **kwargs)
+    if not bias:
+        bn.bias = None
+    return bn
+
+
 def test_signature_matches_batchnorm2d_except_bias_default():
     ours = inspect.signature(BoundedBatchNorm2d.__init__).parameters
     theirs = inspect.signature(nn.BatchNorm2d.__init__).parameters
     # torch's arguments in torch's order, then only keyword-only extras.
     assert list(ours)[: len(theirs)] == list(theirs)
-    assert list(ours)[len(theirs):] == ["backend"]
+    assert list(ours)[len(theirs):] == ([] if TORCH_BN_TAKES_BIAS else ["bias"]) + ["backend"]
+    assert ours["bias"].kind == inspect.Parameter.KEYWORD_ONLY
     assert ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY and ours["backend"].default is None
     for name in theirs:
         assert ours[name].kind == theirs[name].kind, name
@@ -77,7 +92,7 @@ def test_signature_matches_batchnorm2d_except_bias_default():
 @pytest.mark.parametrize("track", [False, True])
 def test_state_dict_keys_match_batchnorm2d(bias, affine, track):
     ours = BoundedBatchNorm2d(5, affine=affine, track_running_stats=track, bias=bias)
-    theirs = nn.BatchNorm2d(5, affine=affine, track_running_stats=track, bias=bias)
+    theirs = torch_batchnorm2d(5, bias and affine, affine=affine, track_running_stats=track)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert (ours.bias is None) == (not bias or not affine)
 
@@ -128,7 +143,11 @@ def test_factory_kwargs_and_conversions():
 def test_extra_repr_matches_batchnorm2d():
     for kwargs in ({}, {"momentum": None, "affine": False}, {"eps": 1e-3, "track_running_stats": False}):
         ours = repr(BoundedBatchNorm2d(7, **kwargs))
-        theirs = repr(nn.BatchNorm2d(7, bias=False, **kwargs))
+        theirs = repr(nn.BatchNorm2d(7, **kwargs))
+        if TORCH_BN_TAKES_BIAS:
+            theirs = theirs.replace("bias=True", "bias=False")
+        else:  # torch < 2.13 does not print the shift: the layer adds it after affine
+            theirs = theirs.replace("track_running_stats", "bias=False, track_running_stats")
         assert ours == theirs.replace("BatchNorm2d", "BoundedBatchNorm2d")
     assert "bias=True" in repr(BoundedBatchNorm2d(7, bias=True))
 
