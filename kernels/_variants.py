@@ -9,7 +9,26 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["all_kernels", "specialisation"]
+__all__ = ["MIN_TRITON", "all_kernels", "internals_supported", "specialisation"]
+
+# The first Triton whose private pieces used here (``native_specialize_impl``, ``kernel.run``
+# interception under the interpreter, dict ``attrs`` in ``ASTSource``) were checked: 3.6 and 3.9.
+MIN_TRITON = (3, 6)
+
+
+def internals_supported() -> bool:
+    """Whether the installed Triton is one this module (and the ahead-of-time compile built on the
+    same internals) was checked with: ``triton.__version__ >= MIN_TRITON``. The kernels
+    themselves run on older releases; only variant counting and AOT compiles need this."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    parts = []
+    for piece in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= MIN_TRITON
 
 
 def all_kernels() -> list:

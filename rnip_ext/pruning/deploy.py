@@ -148,7 +148,9 @@ def _trace_program(model: nn.Module, inputs: tuple[Tensor, ...]):
     sizes = {t.shape[0] if t.dim() else None for t in inputs}
     if len(sizes) == 1 and None not in sizes:
         traced = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in inputs)
-        batch = Dim("batch", min=1)
+        # A finite max: torch 2.6 guards some slicing with `size != INT64_MAX`, which an unbounded
+        # range fails (and the batch would silently become static).
+        batch = Dim("batch", min=1, max=2**31 - 1)
         try:
             return torch.export.export(model, traced, dynamic_shapes=tuple({0: batch} for _ in inputs)), True
         except Exception:  # the model ties the batch size down (e.g. a reshape to a fixed size)
