@@ -26,7 +26,7 @@
 #
 # Logs go to DIR/<step>.log (default benchmarks/results/gpu_check_logs); the last lines summarise
 # each step. Exit status: 0 when every step passed, 1 when one failed or timed out, 2 when there
-# is no GPU. PYTHON names the interpreter (default: python).
+# is no GPU. PYTHON names the interpreter (default: python3, else python).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -47,7 +47,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "error: $PY cannot import torch (name the interpreter that has it: PYTHON=/path/to/python)" >&2
+    exit 2
+fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "error: no CUDA GPU visible to $PY's torch (torch.cuda.is_available() is False)" >&2
     exit 2

@@ -76,3 +76,10 @@ def test_gpu_check_runs_every_step_and_falls_back_to_a_cpp_build(tmp_path, cuda_
                        "benchmarks/prune_speed.py", "benchmarks/bn_speed.py"]
     for step in ("tests", "bn_speed", "net_speed", "gather_speed", "prune_speed", "bn_compiled"):
         assert f"{step}: ok" in summary and (logs / f"{step}.log").exists()
+
+
+def test_gpu_check_names_an_interpreter_without_torch(tmp_path):
+    done = subprocess.run(["bash", SCRIPT, "--logs", str(tmp_path / "logs")], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=shutil.which("false") or "/bin/false"))  # fmt: skip
+    assert done.returncode == 2 and "cannot import torch" in done.stderr and "PYTHON=" in done.stderr
+    assert not (tmp_path / "logs").exists()
