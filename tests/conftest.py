@@ -21,6 +21,32 @@ import torch  # noqa: E402
 BASE_SEED = int(os.environ.get("RNIP_TEST_SEED", "0"))
 
 
+def interpreter_numpy_clash() -> str | None:
+    """Why this Triton's interpreter cannot run here, or None. Triton <= 3.6 turns loop bounds into
+    ints with ``int(array)`` on one-element arrays, which newer numpy refuses (fixed in 3.7)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    release = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in triton.__version__.split(".")[:2])
+    if release >= (3, 7):
+        return None
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return (f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__}: "
+                "pip install 'numpy<2.3' (or triton >= 3.7)")
+    return None
+
+
+def pytest_sessionstart(session):
+    clash = interpreter_numpy_clash()
+    if clash:
+        pytest.exit(clash, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
     seed = (zlib.crc32(request.node.nodeid.encode()) + BASE_SEED) % (2**31)
