@@ -28,7 +28,8 @@
 # each step. Exit status: 0 when every step passed, 1 when one failed or timed out, 2 when there
 # is no GPU. PYTHON names the interpreter (default: python3, else python).
 
-set -u
+set -u  # bash >= 4.4: empty arrays expand under set -u; ${a[-1]} needs >= 4.3
+CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 BUDGET=470
@@ -41,15 +42,18 @@ while [ $# -gt 0 ]; do
         --check-only) CHECK_ONLY=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
         --budget) shift; BUDGET="${1:?--budget needs a number of seconds}" ;;
-        --logs) shift; LOGS="${1:?--logs needs a folder}" ;;
+        --logs) shift; LOGS="${1:?--logs needs a folder}"; [ "${LOGS#/}" = "$LOGS" ] && LOGS="$CALLER_PWD/$LOGS" ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
 PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    echo "error: $PY cannot import torch (name the interpreter that has it: PYTHON=/path/to/python)" >&2
+case "$PY" in
+    */*) [ "${PY#/}" = "$PY" ] && PY="$CALLER_PWD/$PY" ;;  # a relative path, from where we were called
+esac
+if ! why=$("$PY" -c "import torch" 2>&1); then
+    echo "error: $PY cannot import torch ($(printf '%s\n' "$why" | tail -n 1)); name the interpreter that has it: PYTHON=/path/to/python" >&2
     exit 2
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -90,7 +94,7 @@ run() {
     fi
 }
 
-"$PY" - >"$LOGS/env.log" 2>&1 <<'PYEOF'
+timeout 60 "$PY" - >"$LOGS/env.log" 2>&1 <<'PYEOF'
 import platform, shutil, sys
 import torch
 parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]

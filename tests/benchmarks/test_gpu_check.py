@@ -4,6 +4,7 @@ interpreter that answers like a CUDA machine (so the script's own logic is teste
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -19,12 +20,12 @@ def test_gpu_check_script_parses_and_refuses_without_a_gpu():
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
     done = subprocess.run(["bash", SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "usage" in done.stdout.lower() and "set -u" not in done.stdout
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
     done = subprocess.run(["bash", SCRIPT, "--check-only"], capture_output=True, text=True,
                           timeout=120, env=env)  # fmt: skip
     if done.returncode == 0:
         pytest.skip(reason="a CUDA GPU is visible here: the script would run for real")
-    assert done.returncode == 2 and "error:" in done.stderr
+    assert done.returncode == 2 and "error: no CUDA GPU visible" in done.stderr
 
 
 def fake_python(tmp_path, *, cuda_build_fails: bool, xdist: bool):
@@ -79,7 +80,18 @@ def test_gpu_check_runs_every_step_and_falls_back_to_a_cpp_build(tmp_path, cuda_
 
 
 def test_gpu_check_names_an_interpreter_without_torch(tmp_path):
+    no_torch = tmp_path / "python"
+    no_torch.write_text('#!/usr/bin/env bash\necho "ModuleNotFoundError: No module named \'torch\'" >&2\nexit 1\n')
+    no_torch.chmod(0o755)
     done = subprocess.run(["bash", SCRIPT, "--logs", str(tmp_path / "logs")], capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, PYTHON=shutil.which("false") or "/bin/false"))  # fmt: skip
-    assert done.returncode == 2 and "cannot import torch" in done.stderr and "PYTHON=" in done.stderr
-    assert not (tmp_path / "logs").exists()
+                          timeout=60, env=dict(os.environ, PYTHON=str(no_torch)))  # fmt: skip
+    assert done.returncode == 2 and "cannot import torch (ModuleNotFoundError" in done.stderr
+    assert "PYTHON=" in done.stderr and not (tmp_path / "logs").exists()
+
+
+def test_gpu_check_relative_logs_folder_is_taken_from_the_caller(tmp_path):
+    fake, _ = fake_python(tmp_path, cuda_build_fails=False, xdist=False)
+    done = subprocess.run(["bash", SCRIPT, "--logs", "here/logs", "--budget", "300"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, PYTHON="./python"))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "here" / "logs" / "tests.log").exists()
