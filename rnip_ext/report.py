@@ -18,8 +18,12 @@ from .pipeline import build_model
 from .pruning import channel_importance, restore
 from .rundir import CheckpointError, load_checkpoint, read_json, write_json
 
-__all__ = ["PRUNE_KEYS", "SUMMARY_KEYS", "collect_runs", "group_key", "importance_scores", "make_report",
-           "report_table", "write_report"]
+__all__ = ["PRUNE_KEYS", "SUMMARY_KEYS", "RunReadError", "collect_runs", "group_key", "importance_scores",
+           "make_report", "report_table", "write_report"]
+
+
+class RunReadError(ValueError):
+    """A run folder whose summary, config or checkpoint cannot be read (the message names it)."""
 
 # Keys every summary.json must have, and those of pruned runs on top.
 SUMMARY_KEYS = ("kind", "arch", "dataset", "method", "ratio", "test_accuracy", "params", "flops")
@@ -34,8 +38,9 @@ def group_key(row: dict) -> tuple:
 def collect_runs(run_dirs: list[str]) -> list[dict]:
     """Each run's ``summary.json`` with its ``run_dir`` added.
 
-    Raises ``FileNotFoundError`` for a folder without one (not a finished run) and ``ValueError``
-    for a summary that is unreadable or lacks :data:`SUMMARY_KEYS` (and, pruned, :data:`PRUNE_KEYS`).
+    Raises ``FileNotFoundError`` for a folder without one (not a finished run) and
+    :class:`RunReadError` for a summary that is unreadable or lacks :data:`SUMMARY_KEYS` (and,
+    pruned, :data:`PRUNE_KEYS`).
     """
     rows = []
     for d in run_dirs:
@@ -45,13 +50,13 @@ def collect_runs(run_dirs: list[str]) -> list[dict]:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{d} has no summary.json (is it a finished run?)") from exc
         except CheckpointError as exc:
-            raise ValueError(str(exc)) from exc
+            raise RunReadError(str(exc)) from exc
         if not isinstance(summary, dict):
-            raise ValueError(f"{path} is not a run summary")
+            raise RunReadError(f"{path} is not a run summary")
         wanted = SUMMARY_KEYS + (PRUNE_KEYS if summary.get("kind") == "prune" else ())
         missing = [k for k in wanted if k not in summary]
         if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)}: not a summary written by rnip train or prune")
+            raise RunReadError(f"{path} lacks {', '.join(missing)}: not a summary written by rnip train or prune")
         rows.append(dict(summary, run_dir=d))
     return rows
 
@@ -74,7 +79,7 @@ def report_table(rows: list[dict]) -> str:
 def importance_scores(train_rows: list[dict]) -> dict[str, torch.Tensor]:
     """All prunable channels' scores (``sigmoid(w)`` or ``|gamma|``) of each trained model's best
     checkpoint, keyed ``"arch dataset method"``: runs of different networks or data never share a
-    histogram. A run that cannot be read raises ``ValueError`` naming its folder."""
+    histogram. A run that cannot be read raises :class:`RunReadError` naming its folder."""
     scores = {}
     for r in train_rows:
         try:
@@ -84,7 +89,7 @@ def importance_scores(train_rows: list[dict]) -> dict[str, torch.Tensor]:
             restore(model, state["model"], state.get("architecture"))  # narrowed first if pruned in training
         except (FileNotFoundError, CheckpointError, KeyError, RuntimeError) as exc:
             message = str(exc) if not isinstance(exc, KeyError) else f"missing {exc}"
-            raise ValueError(f"{r['run_dir']} cannot be read: {message}") from exc
+            raise RunReadError(f"{r['run_dir']} cannot be read: {message}") from exc
         label = " ".join(group_key(r)[:3])
         if label in scores:
             label = f"{label} ({r['run_dir']})"
@@ -92,12 +97,15 @@ def importance_scores(train_rows: list[dict]) -> dict[str, torch.Tensor]:
     return scores
 
 
-def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, str]:
+def write_report(rows: list[dict], out: str, plots: bool = True,
+                 scores: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Write ``report.md``, ``report.json`` and (``plots``) the figures into ``out``; print the
     table; return the figures written (name -> path).
 
-    Every file is recorded in ``out``'s manifest (:mod:`rnip_ext.rundir`) before it is written,
-    and written atomically. ``out`` is not checked here: :func:`make_report` claims it first.
+    ``scores`` are the trained runs' :func:`importance_scores` when already read (else they are
+    read here). Every file is recorded in ``out``'s manifest (:mod:`rnip_ext.rundir`) before it
+    is written, and written atomically. ``out`` is not checked here: :func:`make_report` claims
+    it first.
     """
     from . import plots as P
 
@@ -120,8 +128,9 @@ def write_report(rows: list[dict], out: str, plots: bool = True) -> dict[str, st
     rundir.record(out, *(os.path.basename(p) for p in paths.values()))
     made = {}
     if train_rows:
-        made["importance_histogram"] = P.plot_importance_histograms(importance_scores(train_rows),
-                                                                     paths["importance_histogram"])
+        if scores is None:
+            scores = importance_scores(train_rows)
+        made["importance_histogram"] = P.plot_importance_histograms(scores, paths["importance_histogram"])
     made["accuracy_vs_ratio"] = P.plot_accuracy_vs_ratio(rows, paths["accuracy_vs_ratio"])
     if prune_rows:
         made["kept_channels"] = P.plot_kept_channels(prune_rows, paths["kept_channels"])
@@ -137,15 +146,18 @@ def make_report(run_dirs: list[str], out: str, *, plots: bool = True, overwrite:
     ``out`` must be new, empty or an earlier report's (replaced; ``overwrite=True`` also replaces
     another rnip output, deleting only files rnip wrote) and must not overlap a run folder:
     ``rundir.OutputDirError`` (a ``ValueError``) otherwise. Everything that can fail without
-    writing (unreadable runs, ``ImportError`` for plots without matplotlib) fails before ``out``
-    is touched.
+    writing (unreadable summaries, configs or checkpoints: :class:`RunReadError`,
+    ``FileNotFoundError``; ``ImportError`` for plots without matplotlib) fails before ``out`` is
+    touched.
     """
     rows = collect_runs(run_dirs)
+    scores = None
     if plots:
         from .plots import require_matplotlib
 
         require_matplotlib()
+        scores = importance_scores([r for r in rows if r["kind"] == "train"])
     rundir.refuse_overlap(out, run_dirs)
     mode = rundir.check(out, "report", overwrite=overwrite, replace_own=True)
     rundir.claim(out, "report", mode)
-    return write_report(rows, out, plots=plots)
+    return write_report(rows, out, plots=plots, scores=scores)

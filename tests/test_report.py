@@ -76,3 +76,14 @@ def test_make_report_writes_only_where_it_may(tmp_path):
     report.make_report([run], str(out), plots=False)
     report.make_report([run], str(out), plots=False)  # an earlier report is replaced
     assert (out / "report.md").exists()
+
+
+def test_unreadable_checkpoint_fails_before_an_earlier_report_is_replaced(tmp_path):
+    pytest.importorskip("matplotlib", reason="the importance histogram needs matplotlib")
+    run = write_summary(tmp_path / "run")  # a trained run with no config.json or best.pt
+    out = tmp_path / "rep"
+    report.make_report([run], str(out), plots=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(report.RunReadError, match="run cannot be read"):
+        report.make_report([run], str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import report as report_lib
+from ..plots import require_matplotlib
+from ..rundir import OutputDirError
 from .errors import UserError, user_errors
 
 
@@ -19,9 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
-    try:
-        with user_errors(FileNotFoundError, ValueError):
-            return report_lib.make_report(args.runs, args.out, plots=not args.no_plots,
-                                          overwrite=getattr(args, "overwrite", False))
-    except ImportError as exc:
-        raise UserError(f"{exc}, or pass --no-plots") from exc
+    if not args.no_plots:
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            raise UserError(f"{exc}, or pass --no-plots") from exc
+    with user_errors(FileNotFoundError, report_lib.RunReadError, OutputDirError):
+        return report_lib.make_report(args.runs, args.out, plots=not args.no_plots,
+                                      overwrite=getattr(args, "overwrite", False))
