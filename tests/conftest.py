@@ -41,10 +41,11 @@ def interpreter_numpy_clash() -> str | None:
     return None
 
 
-def pytest_sessionstart(session):
+def pytest_terminal_summary(terminalreporter):
+    # The tests still run (most need no interpreter); the advice stands next to the failures.
     clash = interpreter_numpy_clash()
     if clash:
-        pytest.exit(clash, returncode=pytest.ExitCode.USAGE_ERROR)
+        terminalreporter.write_line(f"kernel tests fail here: {clash}", red=True, bold=True)
 
 
 @pytest.fixture(autouse=True)
@@ -57,4 +58,5 @@ def _seed_everything(request):
 
 
 def pytest_report_header(config):
-    return f"rnip_ext test seed base: RNIP_TEST_SEED={BASE_SEED}"
+    clash = interpreter_numpy_clash()
+    return [f"rnip_ext test seed base: RNIP_TEST_SEED={BASE_SEED}"] + ([f"WARNING: {clash}"] if clash else [])
