@@ -61,7 +61,7 @@ def _toolkit_root(nvcc: str) -> str:
     """The CUDA toolkit an ``nvcc`` belongs to: ``<root>/bin/nvcc`` after symlinks, else the
     ``TOP`` a dry run reports (``nvcc`` can be a wrapper script, e.g. ``exec /opt/cuda/bin/nvcc``)."""
     root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+    if _has_headers(root):
         return root
     try:
         out = subprocess.run(
@@ -71,14 +71,23 @@ def _toolkit_root(nvcc: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return root
     top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
-    return os.path.normpath(top.group(1).strip()) if top else root
+    return os.path.realpath(top.group(1).strip()) if top else root
+
+
+def _has_headers(home: str) -> bool:
+    """``cuda_runtime.h`` in ``include/`` or, as conda's CUDA 12+ packages lay it out, in
+    ``targets/<platform>/include/``."""
+    return os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) or bool(
+        glob.glob(os.path.join(home, "targets", "*", "include", "cuda_runtime.h"))
+    )
 
 
 def _find_cuda_home() -> tuple[str | None, str]:
     """``(toolkit root, "")`` when a CUDA toolkit with its headers is found, else ``(None, why)``."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    var = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH"
+    home = os.environ.get(var)
     if home:
-        where = f"CUDA_HOME={home}"
+        where = f"{var}={home}"
     else:
         nvcc = shutil.which("nvcc")
         if nvcc is None:
@@ -86,7 +95,7 @@ def _find_cuda_home() -> tuple[str | None, str]:
         home, where = _toolkit_root(nvcc), f"the toolkit of {nvcc}"
     if not os.path.exists(os.path.join(home, "bin", "nvcc")):
         return None, f"no bin/nvcc under {where} ({home})"
-    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+    if not _has_headers(home):
         return None, f"no include/cuda_runtime.h under {where} ({home}): set CUDA_HOME"
     return home, ""
 
@@ -140,10 +149,12 @@ def _extensions():
             _log(f"{why}: building the C++ op without CUDA")
         else:
             with_cuda = True
-            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+            if archs in ("", "native") and not torch.cuda.is_available():
                 # torch would compile for the visible GPUs, and with none its helper fails.
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-                _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_CUDA_ARCHS}")
+                _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST={archs or 'unset'}: building for "
+                     f"{DEFAULT_CUDA_ARCHS}")
     elif mode == "cuda":
         raise SystemExit("RNIP_EXT_BUILD=cuda but there are no CUDA sources under csrc/")
 
