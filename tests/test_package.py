@@ -4,10 +4,16 @@ import importlib.metadata
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import pytest
+
 import rnip_ext
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the package supports Python 3.10, whose standard library has no TOML reader
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 
