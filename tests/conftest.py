@@ -6,6 +6,7 @@ different inputs from each other, and a failure can be replayed by re-running wi
 
 import os
 import random
+import warnings
 import zlib
 
 # The Triton kernels run on CPU tensors under the interpreter. Triton reads the variable when a
@@ -34,7 +35,9 @@ def interpreter_numpy_clash() -> str | None:
     if release >= (3, 7):
         return None
     try:
-        int(np.ones(1, dtype=np.int32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25-2.2 only warn
+            int(np.ones(1, dtype=np.int32))
     except TypeError:
         return (f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__}: "
                 "pip install 'numpy<2.3' (or triton >= 3.7)")
