@@ -167,7 +167,7 @@ def bench_interleaved(variants, shape, dtype, memory_format, mode, device, repea
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", nargs="+", default=None, help=f"shape sets: {', '.join(SHAPES)} (GPU)")
+    parser.add_argument("--sets", nargs="+", default=None, choices=list(SHAPES), help="shape sets (GPU)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -179,8 +179,13 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
     cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
     sets = {k: SHAPES[k] for k in (args.sets or SHAPES)} if cuda else CPU_SHAPES
     dtypes = args.dtypes or (list(DTYPES) if cuda else ["fp32"])
     repeats = args.repeats or (50 if cuda else 60)
