@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["MIN_TRITON", "all_kernels", "internals_supported", "specialisation"]
+__all__ = ["MIN_TRITON", "all_kernels", "internals_supported", "specialisation", "triton_release"]
 
 # The first Triton whose private pieces used here (``native_specialize_impl``, ``kernel.run``
 # interception under the interpreter, dict ``attrs`` in ``ASTSource``) were checked: 3.6 and 3.9.
 MIN_TRITON = (3, 6)
 
 
+def triton_release() -> tuple[int, int] | None:
+    """``(major, minor)`` of the installed Triton (``"3.10.0rc1"`` -> ``(3, 10)``), or None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    major, minor = (int("".join(ch for ch in p if ch.isdigit()) or 0) for p in (triton.__version__.split(".") + ["0"])[:2])
+    return major, minor
+
+
 def internals_supported() -> bool:
     """Whether the installed Triton is one this module (and the ahead-of-time compile built on the
     same internals) was checked with: ``triton.__version__ >= MIN_TRITON``. The kernels
     themselves run on older releases; only variant counting and AOT compiles need this."""
-    try:
-        import triton
-    except ImportError:
-        return False
-    parts = []
-    for piece in triton.__version__.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts) >= MIN_TRITON
+    release = triton_release()
+    return release is not None and release >= MIN_TRITON
 
 
 def all_kernels() -> list:

@@ -28,12 +28,14 @@ def interpreter_numpy_clash() -> str | None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return None
     try:
-        import triton
-    except ImportError:
+        from rnip_ext.kernels._variants import triton_release
+    except ImportError:  # rnip_ext.kernels needs triton: nothing to interpret
         return None
-    release = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in triton.__version__.split(".")[:2])
-    if release >= (3, 7):
+    release = triton_release()
+    if release is None or release >= (3, 7):
         return None
+    import triton
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25-2.2 only warn
