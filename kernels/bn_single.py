@@ -57,7 +57,6 @@ from ._launch import (
 )
 from ._layout import acc_dtype, alloc_like
 from ._math import (
-    aligned,
     channel_sum,
     channel_tile_offsets,
     scale_and_shift,

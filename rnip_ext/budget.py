@@ -22,12 +22,12 @@ from torch import nn
 from .nn import BoundedBatchNorm2d
 from .pruning.controller import BudgetController, ControllerRecord, active_flops
 from .pruning.flops import count_flops, count_params
+from .pruning.plan import SCOPES
 from .pruning.schedule import RecedingSchedule
 
 __all__ = ["BUDGET_SHIFT", "BUDGET_START_STRENGTH", "BudgetPruning", "check_budget", "train_to_budget"]
 
 
-SCOPES = ("global", "local")
 # Defaults of a focused budget run, chosen on the validation split of the digits
 # (benchmarks/budget_training.py; the choice is documented in BudgetPruning).
 WARMUP_EPOCHS = 2
@@ -49,8 +49,6 @@ def check_budget(model: nn.Module, target_flops: float, example_inputs, *, thres
         0.0 < target_flops <= 1.0
     ):
         raise ValueError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     plan(model, target_flops=float(target_flops), scope=scope, min_channels=min_channels,
          example_inputs=example_inputs)
 

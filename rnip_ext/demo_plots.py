@@ -21,20 +21,12 @@ from __future__ import annotations
 import os
 import statistics
 
-from .plots import require_matplotlib
+from .plots import require_matplotlib, save_figure
 
 __all__ = ["plot_accuracy_vs_flops", "plot_importance", "plot_layers", "write_plots"]
 
 COLORS = {"rni": "tab:blue", "l1": "tab:orange", "none": "tab:green", "rni-budget": "tab:purple"}
 FIGURES = ("importance_histogram", "accuracy_vs_flops", "layers")
-
-
-def _save(plt, fig, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
 
 
 def _by_method(report: dict, key: str = "runs") -> dict[str, list[dict]]:
@@ -69,7 +61,7 @@ def plot_importance(report: dict, path: str) -> str:
         ax.set_xlabel("importance the planner ranks by (< 1e-6 shown at 1e-6)", fontsize=8)
         ax.set_ylabel("channels")
         ax.legend(fontsize=6)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path, dpi=110)
 
 
 def plot_accuracy_vs_flops(report: dict, path: str) -> str:
@@ -100,7 +92,7 @@ def plot_accuracy_vs_flops(report: dict, path: str) -> str:
     ax.set_title(f"mean ± sd over {len(report['settings']['seeds'])} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path, dpi=110)
 
 
 def plot_layers(report: dict, path: str) -> str:
@@ -133,7 +125,7 @@ def plot_layers(report: dict, path: str) -> str:
         ax.set_title(f"{method} (mean over {len(mine)} seed(s))", fontsize=9)
         ax.set_ylabel("channels")
         ax.legend(fontsize=6)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path, dpi=110)
 
 
 def write_plots(report: dict, out: str) -> dict[str, str]:

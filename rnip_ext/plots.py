@@ -9,7 +9,7 @@ import os
 import torch
 
 __all__ = ["figure_paths", "plot_accuracy_vs_ratio", "plot_budget_training", "plot_importance_histograms",
-           "plot_kept_channels", "require_matplotlib"]
+           "plot_kept_channels", "require_matplotlib", "save_figure"]
 
 
 def require_matplotlib():
@@ -24,12 +24,13 @@ def require_matplotlib():
     return plt
 
 
-def _save(plt, fig, path: str) -> str:
+def save_figure(plt, fig, path: str, dpi: int = 120) -> str:
+    """Lay out, write ``fig`` to ``path`` atomically (format from the suffix) and close it."""
     from .rundir import _atomic
 
     fig.tight_layout()
     # Atomic, like every file rnip writes; the format is named because the temporary name hides it.
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png"))
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png"))
     plt.close(fig)
     return path
 
@@ -51,7 +52,7 @@ def plot_importance_histograms(scores: dict[str, torch.Tensor], path: str) -> st
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("sigmoid(w)" if label.split(" ")[2:3] == ["rni"] else "|gamma|")
         ax.set_ylabel("channels")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def _key(r: dict) -> tuple:
@@ -70,7 +71,7 @@ def plot_accuracy_vs_ratio(rows: list[dict], path: str) -> str:
                      if _key(r) == key or (r.get("kind") != "prune" and _key(r)[:3] == key[:3]))
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=" ".join(k for k in key if k))
     _label(ax, "pruning ratio (fraction of prunable channels removed)", "test accuracy (%)")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_kept_channels(rows: list[dict], path: str) -> str:
@@ -89,7 +90,7 @@ def plot_kept_channels(rows: list[dict], path: str) -> str:
         ax.set_xticks(range(len(first)), [k[0] for k in first], rotation=45, ha="right", fontsize=7)
         ax.set_title(" ".join(panel), fontsize=9)
         _label(ax, "prunable layer (graph order)", "channels kept")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_budget_training(rows: list[dict], path: str) -> str:
@@ -117,7 +118,7 @@ def plot_budget_training(rows: list[dict], path: str) -> str:
     for a in axes:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def figure_paths(out: str) -> dict[str, str]:

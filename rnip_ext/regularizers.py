@@ -147,7 +147,6 @@ class RecedingRegularizer:
         self.names: list[str] = []
         self.weights: list[float] = []
         self._focus: dict[str, Tensor] | None = None
-        self._focus_version = 0
         self.rebind(model)
 
     @property
@@ -178,15 +177,18 @@ class RecedingRegularizer:
         self.names = [n for n, _ in named]
         self.weights = weights
         if self._focus is not None:
-            widths = dict(zip(self.names, (m.num_features for m in self.layers)))
+            widths = self._widths()
             if any(widths.get(n) != len(mask) for n, mask in self._focus.items()):
                 self._focus = None
-                self._focus_version += 1
         self._layout_cache = None
         for m in self.layers:
             m._receding_shift = self.shift if self.uses_fused_record else None
             m._recorded_penalty = None
         return self
+
+    def _widths(self) -> dict[str, int]:
+        """Channels of each bound layer, by name."""
+        return {n: m.num_features for n, m in zip(self.names, self.layers)}
 
     def focus(self, masks: dict[str, Tensor] | None) -> "RecedingRegularizer":
         """Penalise only the channels ``masks`` selects: ``{layer name: bool mask}`` (names as in
@@ -196,11 +198,11 @@ class RecedingRegularizer:
         wrong length or kind, before anything changes. Returns ``self``."""
         if masks is None:
             self._focus = None
-            self._focus_version += 1
+            self._layout_cache = None  # the layout holds the focus mask
             return self
         if not isinstance(masks, dict):
             raise TypeError(f"focus takes a dict {{layer name: bool mask}} or None, got {type(masks).__name__}")
-        widths = dict(zip(self.names, (m.num_features for m in self.layers)))
+        widths = self._widths()
         checked = {}
         for name, mask in masks.items():
             if name not in widths:
@@ -211,7 +213,7 @@ class RecedingRegularizer:
                                  f"entries, got {mask.dtype} of shape {tuple(mask.shape)}")
             checked[name] = mask.detach().cpu().clone()
         self._focus = checked
-        self._focus_version += 1
+        self._layout_cache = None
         return self
 
     @property
@@ -283,7 +285,7 @@ class RecedingRegularizer:
         """Each channel's layer index and cost weight ``k_l`` (None when all are 1), built once
         per device, dtype, layer sizes and ``weights`` (all re-read each call: cheap, and a layer
         may be resized or ``weights`` edited in place)."""
-        key = (flat.device, flat.dtype, tuple(w.shape[0] for w in logits), tuple(self.weights), self._focus_version)
+        key = (flat.device, flat.dtype, tuple(w.shape[0] for w in logits), tuple(self.weights))
         if self._layout_cache is None or self._layout_cache[0] != key:
             costs = None if all(k == 1.0 for k in self.weights) else self.weights
             layer, cost = RF._segment_layout(key[2], flat.device, flat.dtype, costs)
