@@ -104,7 +104,7 @@ class _MeasuredCut(BudgetPruning):
     cut_loss = None
 
     def __call__(self, state) -> None:
-        before = _recalibrated_accuracy(state.model, self.splits) if state.epoch == self.by_epoch else None
+        before = _recalibrated_accuracy(state.model, self.splits) if state.epoch == self.cut_epoch else None
         super().__call__(state)
         if before is not None:
             self.cut_loss = before - _recalibrated_accuracy(state.model, self.splits)
