@@ -58,6 +58,8 @@ class Remap:
     old: Tensor
     out_index: Tensor | None
     in_index: Tensor | None
+    owner: str = ""
+    attr: str = ""
     new: Tensor | None = None
     new_grad: Tensor | None = None
     new_state: dict = field(default_factory=dict)
@@ -80,7 +82,7 @@ def _remaps(model: nn.Module, slices: dict[str, list]) -> list[Remap]:
                 continue
             if out_idx is None and (in_idx is None or t.dim() < 2):
                 continue  # e.g. a consumer's bias: indexed by its own, unchanged outputs
-            records.append(Remap(t, out_idx, in_idx if t.dim() > 1 else None))
+            records.append(Remap(t, out_idx, in_idx if t.dim() > 1 else None, name, attr))
     return records
 
 
@@ -157,26 +159,92 @@ def _rebind_optimizer(optimizer, model: nn.Module, pruned: nn.Module, records: l
                     state[new] = r.new_state
             elif old in optimizer.state:
                 state[new] = optimizer.state[old]  # unsliced: the same tensors, now the pruned model's
-        for name, bias in new_biases.items():  # a bias created by folding joins its weight's group
-            weight = pruned.get_submodule(name).weight
-            if any(p is weight for p in params):
-                params.append(bias)
         group["params"] = params
     optimizer.state = defaultdict(dict, state)
+    _add_to_groups(optimizer, pruned, new_biases)
+
+
+def _add_to_groups(optimizer, model: nn.Module, new_biases: dict[str, nn.Parameter]) -> None:
+    """A bias created by folding joins the param group of its layer's weight (empty state)."""
+    for name, bias in new_biases.items():
+        weight = model.get_submodule(name).weight
+        for group in optimizer.param_groups:
+            if any(p is weight for p in group["params"]):
+                group["params"].append(bias)
+                break
+
+
+def _resize(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
+    """Set a sliced module's width attributes to match its new tensors."""
+    if isinstance(m, nn.Conv2d):
+        if out_idx is not None:
+            m.out_channels = len(out_idx)
+        if m.groups > 1:  # depthwise: channels in == out == groups
+            m.in_channels = m.groups = len(out_idx)
+        elif in_idx is not None:
+            m.in_channels = len(in_idx)
+    elif isinstance(m, nn.Linear):
+        if out_idx is not None:
+            m.out_features = len(out_idx)
+        if in_idx is not None:
+            m.in_features = len(in_idx)
+    else:
+        m.num_features = len(out_idx)
+
+
+def _add_folded_biases(modules: dict[str, nn.Module], slices: dict[str, list],
+                       deltas: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+    """Add each consumer's folded constant to its bias (a new bias where it had none)."""
+    new_biases: dict[str, nn.Parameter] = {}
+    for name, delta in deltas.items():
+        m = modules[name]
+        out_idx = slices.get(name, [None, None])[0]
+        if out_idx is not None:  # the consumer also lost outputs to another group
+            delta = delta[out_idx.to(delta.device)]
+        if m.bias is None:
+            m.bias = nn.Parameter(delta.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+            new_biases[name] = m.bias
+        else:
+            m.bias.add_(delta.to(m.bias.dtype))
+    return new_biases
+
+
+def _narrow_in_place(model: nn.Module, records: list[Remap], optimizer) -> None:
+    """Point every sliced tensor slot of ``model`` at its gathered tensor, keeping Parameter objects.
+
+    A parameter keeps its identity (``param.data`` is replaced), so optimisers, schedulers, hooks
+    and user references stay bound to it; its ``.grad`` and optimiser state are the sliced ones.
+    """
+    modules = dict(model.named_modules())
+    for r in records:
+        if isinstance(r.old, nn.Parameter):
+            r.old.grad = None  # the old gradient's shape no longer fits
+            r.old.data = r.new
+            r.old.grad = r.new_grad
+            if optimizer is not None and r.new_state:
+                optimizer.state[r.old] = r.new_state
+        else:
+            modules[r.owner]._buffers[r.attr] = r.new
 
 
 @torch.no_grad()
-def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """A new, physically smaller copy of ``model`` with the channels ``pruning_plan`` removes gone.
+def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Optimizer | None = None, *,
+          inplace: bool = False) -> nn.Module:
+    """A physically smaller ``model`` with the channels ``pruning_plan`` removes gone.
 
-    ``model`` is left untouched. Every sliced tensor (conv and linear weights and biases,
-    BatchNorm parameters and running statistics), the gradients of the sliced parameters and,
-    with ``optimizer``, their optimiser state are gathered in one
-    :func:`rnip_ext.ops.channel_gather_many` call, each through the same :class:`Remap` record
-    (old tensor, output indices, input indices); the rest is shared-nothing deep-copied (with
-    its ``.grad`` cloned). ``num_batches_tracked``, ``requires_grad``, training mode, dtypes and
-    devices are carried over. The constant output of removed channels is folded into the
-    consumers' biases (see :func:`rnip_ext.pruning.plan`).
+    ``inplace=False`` (default): a new, smaller copy; ``model`` is left untouched.
+    ``inplace=True``: ``model`` itself is narrowed and returned. Every module object stays (a
+    Lightning module, a ``torch.compile`` or hook wrapper and your references keep working) and
+    every parameter stays the same ``nn.Parameter`` object with new data, so an optimiser built
+    for ``model`` stays bound to it; with ``optimizer`` its state is sliced in place too.
+
+    Every sliced tensor (conv and linear weights and biases, BatchNorm parameters and running
+    statistics), the gradients of the sliced parameters and, with ``optimizer``, their optimiser
+    state are gathered in one :func:`rnip_ext.ops.channel_gather_many` call, each through the
+    same :class:`Remap` record (old tensor, output indices, input indices); for a copy the rest is
+    shared-nothing deep-copied (with its ``.grad`` cloned). ``num_batches_tracked``,
+    ``requires_grad``, training mode, dtypes and devices are carried over. The constant output of
+    removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`).
 
     ``optimizer`` (optional), built for ``model``, is **rebound in place** to the pruned
     model's parameters, so that whatever refers to it keeps working: an lr scheduler
@@ -191,9 +259,11 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
     that is not ``model``'s, or a sliced parameter with state of another kind (named), so that
     nothing is silently dropped; build a new optimiser in that case.
 
-    Without ``optimizer`` the result has new parameter objects: optimisers built for ``model``
-    must be rebuilt for it. Regularisers follow with ``RecedingRegularizer.rebind(pruned)``.
+    Without ``optimizer`` a copy has new parameter objects: optimisers built for ``model`` must
+    be rebuilt for it. Regularisers follow with ``RecedingRegularizer.rebind(pruned)``.
     """
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     _check_plan_fits(model, pruning_plan)
     modules = dict(model.named_modules())
     slices = module_slices(pruning_plan.groups, pruning_plan.group_keep)
@@ -212,6 +282,15 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
                 deltas[c.name] = delta if c.name not in deltas else deltas[c.name] + delta
 
     _gather(records, optimizer)
+    if inplace:
+        _narrow_in_place(model, records, optimizer)
+        for name, (out_idx, in_idx) in slices.items():
+            _resize(modules[name], out_idx, in_idx)
+        new_biases = _add_folded_biases(modules, slices, deltas)
+        if optimizer is not None:
+            _add_to_groups(optimizer, model, new_biases)
+        return model
+
     memo: dict[int, object] = {}
     for r in records:
         if isinstance(r.old, nn.Parameter):
@@ -229,33 +308,8 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
 
     new_modules = dict(pruned.named_modules())
     for name, (out_idx, in_idx) in slices.items():
-        m = new_modules[name]
-        if isinstance(m, nn.Conv2d):
-            if out_idx is not None:
-                m.out_channels = len(out_idx)
-            if m.groups > 1:  # depthwise: channels in == out == groups
-                m.in_channels = m.groups = len(out_idx)
-            elif in_idx is not None:
-                m.in_channels = len(in_idx)
-        elif isinstance(m, nn.Linear):
-            if out_idx is not None:
-                m.out_features = len(out_idx)
-            if in_idx is not None:
-                m.in_features = len(in_idx)
-        else:
-            m.num_features = len(out_idx)
-
-    new_biases: dict[str, nn.Parameter] = {}
-    for name, delta in deltas.items():
-        m = new_modules[name]
-        out_idx = slices.get(name, [None, None])[0]
-        if out_idx is not None:  # the consumer also lost outputs to another group
-            delta = delta[out_idx.to(delta.device)]
-        if m.bias is None:
-            m.bias = nn.Parameter(delta.to(m.weight.dtype), requires_grad=m.weight.requires_grad)
-            new_biases[name] = m.bias
-        else:
-            m.bias.add_(delta.to(m.bias.dtype))
+        _resize(new_modules[name], out_idx, in_idx)
+    new_biases = _add_folded_biases(new_modules, slices, deltas)
     if optimizer is not None:
         _rebind_optimizer(optimizer, model, pruned, records, new_biases)
     return pruned
@@ -272,8 +326,10 @@ def prune(
     target_params: float | None = None,
     fold: str = "approximate",
     optimizer: torch.optim.Optimizer | None = None,
+    inplace: bool = False,
 ) -> nn.Module:
-    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer)`` (see both);
-    exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
+    """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer, inplace=inplace)``
+    (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
     return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
-                             target_flops=target_flops, target_params=target_params, fold=fold), optimizer)
+                             target_flops=target_flops, target_params=target_params, fold=fold), optimizer,
+                 inplace=inplace)
