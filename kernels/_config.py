@@ -51,6 +51,7 @@ __all__ = [
     "plan_image_chunks",
     "split_tiles",
     "single_pass_config",
+    "sm_count",
     "target_programs",
 ]
 
@@ -132,16 +133,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# SMs assumed for ``meta`` tensors, on which launches are only planned (benchmarks/aot_sm90.py,
+# the gpu_check dry run): an H200's (an H100 SXM has as many).
+PLANNING_SM_COUNT = 132
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``'s GPU (:data:`PLANNING_SM_COUNT` for ``meta``);
+    0 for a device without any (CPU: the interpreter runs programs one after another)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return PLANNING_SM_COUNT if device.type == "meta" else 0
+
+
 def target_programs(device: torch.device) -> int:
     """How many reduction programs to aim for: a few waves on a GPU, a handful elsewhere.
 
     Under the CPU interpreter programs run one after another, so more of them only adds Python
     overhead; a handful still exercises the chunk combine.
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * _sm_count(index)
-    return 4
+    sms = sm_count(device)
+    return 4 * sms if sms else 4
 
 
 def plan_chunks(

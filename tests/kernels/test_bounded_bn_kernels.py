@@ -870,6 +870,76 @@ def test_distributed_backward_pieces_match_the_fused_backward(layout):
 
 
 # ---------------------------------------------------------------------------------------------
+# The entry points the ops call, on their default configurations: every path and tile kind once
+# per dtype and layout. This is the kernel part of the GPU run's test step
+# (benchmarks/gpu_tests.py): on a GPU it compiles each variant the launchers pick for such shapes.
+
+COMPILED_CASES = {  # name: (shape, momentum); the default configuration picks the path
+    "single-image": ((16, 6, 4, 4), 0.1),  # NCHW image tiles (one 16-position row per image)
+    "single-split": ((8, 3, 7, 7), 0.1),  # odd H*W: vector bodies + scalar edges
+    "single-c1": ((5, 1, 3, 5), None),  # C = 1, flat tiles, cumulative running average
+    "chunked-image": ((4, 3, 48, 48), 0.1),  # 9216 positions: chunked, NCHW image tiles
+    "chunked-split": ((3, 2, 57, 57), 0.1),  # odd H*W chunked: split backward partials
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_paths(case, layout, dtype):
+    """``train_forward`` (statistics, penalty, running statistics in-kernel), ``train_backward``
+    (penalty gradient fused) and the eval forward/backward against the float64 reference."""
+    from rnip_ext.kernels import bn_train
+
+    shape, momentum = COMPILED_CASES[case]
+    c = shape[1]
+    gen = _seed("compiled", case, layout, dtype)
+    x = _layout(_randn(shape, gen, 3.0, 2.0, dtype), layout)
+    dy = _layout(_randn(shape, gen, 1.0, 0.0, dtype), layout)
+    w, b, g = _randn((c,), gen, 1.5), _randn((c,), gen), _randn((c,), gen)
+    has_b = case.endswith(("image", "c1"))  # the layer's default is no shift
+    b = b if has_b else None
+    assert bn_train.uses_single_pass(x) == case.startswith("single"), case
+    rm0, rv0 = _randn((c,), gen), _randn((c,), gen).abs() + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    nbt = torch.tensor(4, device=DEVICE)
+    y, mean, var, pen = bn_train.train_forward(x, w, b, EPS, SHIFT, True, running=(rm, rv),
+                                               momentum=momentum, num_batches_tracked=nbt)  # fmt: skip
+    dx, dw, db = bn_train.train_backward(dy, x, mean, var, w, g, EPS, SHIFT, True, (True, True, has_b))
+    ref_y, ref_mean, ref_var, ref_pen, ref_dx, ref_dw, ref_db = _reference(x, w, b, dy, g, True)
+    _close(mean, ref_mean, torch.float32, "mean")
+    _close(var, ref_var, torch.float32, "var")
+    _close(pen, ref_pen, torch.float32, "penalty")
+    f = 1.0 / 5.0 if momentum is None else momentum
+    n = x.numel() // c
+    _close(rm, (1 - f) * rm0.double() + f * ref_mean, torch.float32, "running_mean")
+    _close(rv, (1 - f) * rv0.double() + f * ref_var * n / (n - 1), torch.float32, "running_var")
+    assert nbt.item() == 5
+    outputs = [("y", y, ref_y), ("dx", dx, ref_dx), ("dw", dw, ref_dw)] + ([("db", db, ref_db)] if has_b else [])
+    # Eval: normalise with the running statistics, backward with them as constants.
+    y_eval = bn_normalize(x, rm, rv, w, b, EPS)
+    dx_eval, dw_eval, _ = bn_train.train_backward(dy, x, rm, rv, w, None, EPS, SHIFT, False, (True, True, False))
+    ref_eval = _reference(x, w, b, dy, None, False, (rm, rv))
+    outputs += [("y eval", y_eval, ref_eval[0]), ("dx eval", dx_eval, ref_eval[4]), ("dw eval", dw_eval, ref_eval[5])]
+    if dtype in LOW_PRECISION:
+        eager = _eager_low_precision(x, w, b, dy, g, True)
+        eager_eval = _eager_low_precision(x, w, b, dy, None, False, (rm, rv))
+        baseline = dict(zip(["y", "dx", "dw", "db"], eager), **dict(zip(["y eval", "dx eval", "dw eval"],
+                                                                        eager_eval[:3])))  # fmt: skip
+        for what, actual, expected in outputs:
+            _within_eager_error(actual, expected, baseline[what], dtype, what)
+    else:
+        for what, actual, expected in outputs:
+            if what.startswith(("dw", "db")):  # sums over up to ~10K positions
+                torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-4,
+                                           msg=lambda m, what=what: f"{what}: {m}")  # fmt: skip
+            else:
+                _close(actual, expected, dtype, what)
+    for t in (y, dx, y_eval, dx_eval):
+        assert t.stride() == x.stride()
+
+
+# ---------------------------------------------------------------------------------------------
 # Path choice: single-pass vs chunked (pure Python, no GPU).
 
 

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rnip_ext._backend import triton_available  # noqa: E402
-from rnip_ext.kernels._variants import all_kernels, internals_supported, specialisation  # noqa: E402
+from rnip_ext.kernels._variants import all_kernels, internals_supported, variant_key  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
@@ -25,11 +25,6 @@ pytestmark = [
                        reason="counting launches/variants uses Triton internals checked from triton 3.6 on"),
 ]
 DEVICE = torch.device(_DEVICE)
-
-
-def _variant_key(kernel, args, kwargs):
-    params, num_warps = specialisation(kernel, args, kwargs)
-    return tuple((name, ty, str(key)) for name, ty, key in params) + (("num_warps", num_warps),)
 
 
 @pytest.fixture
@@ -40,8 +35,7 @@ def recorder(monkeypatch):
         original = kernel.run
 
         def run(*args, _kernel=kernel, _original=original, **kwargs):
-            launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-            seen.setdefault(_kernel.fn.__name__, set()).add(_variant_key(_kernel, args, launch_kwargs))
+            seen.setdefault(_kernel.fn.__name__, set()).add(variant_key(_kernel, args, kwargs))
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)
