@@ -197,9 +197,8 @@ def host_step_us(shape, dtype, memory_format, device, repeats: int = 200) -> dic
                                                  momentum=0.1, num_batches_tracked=nbt)  # fmt: skip
         bn_train.train_backward(x, x, mean, var, weight, g, 1e-5, SHIFT, True, (True, True, False))
 
-    def layer_step():
-        xg.grad = layer.weight.grad = None
-        torch.autograd.backward([layer(xg), reg()], [x, one])
+    def layer_step():  # autograd.grad: no AccumulateGrad copy into a leaf's .grad (not ours)
+        torch.autograd.grad([layer(xg), reg()], [xg, layer.weight], [x, one])
 
     out = {}
     with recorded_launches(run=False):

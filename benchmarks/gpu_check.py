@@ -102,7 +102,8 @@ print(" | ".join(parts))
 """
 
 EXT_SCRIPT = r"""
-from rnip_ext.ops import channel_gather as cg
+import importlib
+cg = importlib.import_module("rnip_ext.ops.channel_gather")  # the module (the package exports the function)
 if not cg.HAS_C_EXT:
     print("channel-gather op: NOT BUILT (index_select fallback everywhere)")
 elif cg._C_HAS_CUDA:

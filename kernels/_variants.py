@@ -46,14 +46,13 @@ def internals_supported() -> bool:
 
 def all_kernels() -> list:
     """Every ``@triton.jit`` kernel the launchers of :mod:`rnip_ext.kernels` can launch."""
-    from . import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
+    from . import bn_backward, bn_normalize, bn_single, bn_stats
 
     return [
         bn_stats._bn_partial_stats_kernel, bn_stats._bn_combine_stats_kernel,
-        bn_chunked._bn_normalize_combine_kernel, bn_normalize._bn_normalize_kernel,
-        bn_backward._bn_bwd_partial_kernel, bn_backward._bn_bwd_combine_kernel,
-        bn_backward._bn_bwd_dx_kernel, bn_single._bn_fwd_single_kernel,
-        bn_single._bn_bwd_single_kernel,
+        bn_normalize._bn_normalize_kernel, bn_backward._bn_bwd_partial_kernel,
+        bn_backward._bn_bwd_combine_kernel, bn_backward._bn_bwd_dx_kernel,
+        bn_single._bn_fwd_single_kernel, bn_single._bn_bwd_single_kernel,
     ]  # fmt: skip
 
 
@@ -153,7 +152,7 @@ def step_launches(shape, dtype, channels_last: bool, modes=("fwdbwd",), *, penal
     with recorded_launches(run=False) as launches:
         for mode in modes:
             if mode == "eval":
-                bn_normalize.bn_normalize(x, running[0], running[1], w, b, 1e-5)
+                bn_normalize.normalize(x, running[0], running[1], w, b, 1e-5)
                 continue
             y, mean, var, _ = bn_train.train_forward(x, w, b, 1e-5, 3.0, penalty, running=running,
                                                      momentum=momentum, num_batches_tracked=nbt)  # fmt: skip

@@ -70,7 +70,7 @@ def test_chunked_path_compiles_once_across_batch_sizes(recorder, channels_last):
     assert "_bn_fwd_single_kernel" not in recorder  # the rule sends all of these to chunked
     for name, keys in recorder.items():
         assert len(keys) == 1, f"{name}: {len(keys)} compiled variants"
-    assert {"_bn_partial_stats_kernel", "_bn_normalize_combine_kernel", "_bn_bwd_dx_kernel",
+    assert {"_bn_partial_stats_kernel", "_bn_combine_stats_kernel", "_bn_bwd_dx_kernel",
             "_bn_normalize_kernel"} <= set(recorder)  # fmt: skip
 
 
@@ -106,8 +106,8 @@ def test_nchw_image_tiles_compile_once_per_class(recorder):
     same power of two one split variant (7x7, 5x11: bodies of at most 48 and 52 in 64-wide rows,
     ``_config.split_tiles``).
     ``H*W`` itself stays a runtime argument; smaller images add one variant per power of two."""
-    from rnip_ext.kernels.bn_backward import bn_backward
-    from rnip_ext.kernels.bn_normalize import bn_normalize
+    from rnip_ext.kernels.bn_backward import backward_chunked as bn_backward
+    from rnip_ext.kernels.bn_normalize import normalize as bn_normalize
 
     def run(sizes):
         for h, w in sizes:
