@@ -39,8 +39,10 @@ SELECTION = [
     "tests/nn/test_bounded_batchnorm_triton.py::test_training_and_eval_match_the_eager_layer",
     "tests/nn/test_bounded_batchnorm_triton.py::test_fused_penalty_gradient_with_a_real_grad_scaler",
     "tests/nn/test_bounded_batchnorm_triton.py::test_torch_compile_fullgraph_gives_the_same_results",
+    "tests/nn/test_bounded_batchnorm_triton.py::test_training_step_captures_in_a_cuda_graph",
     "tests/nn/test_bounded_batchnorm_launches.py",
-    # The CUDA channel-gather kernel.
+    # The sync pieces as ops; the CUDA channel-gather kernel.
+    "tests/ops/test_bounded_bn_ops.py::test_sync_pieces_opcheck_and_match_the_reference",
     "tests/ops/test_channel_gather.py::TestCUDA",
 ]
 # Compiled variants the selection may need (counted on CPU, see the module docstring), and the
