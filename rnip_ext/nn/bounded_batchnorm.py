@@ -21,6 +21,11 @@ _NORMBASE_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameter
 __all__ = ["BoundedBatchNorm2d"]
 
 
+def _stamp(t: Tensor | None):
+    """What identifies a tensor's current values for a cache: storage and in-place version."""
+    return None if t is None else (t.data_ptr(), t._version)
+
+
 class _PenaltyRecord(NamedTuple):
     """A fused forward's per-channel penalty, valid for one ``shift`` and one weight version."""
 
@@ -253,9 +258,9 @@ class BoundedBatchNorm2d(_NormBase):
         get = self._fast_attr
         running_mean, running_var = get("running_mean"), get("running_var")
         if not (self.training and self.track_running_stats):
-            if not self.training and running_mean is not None and self._affine_is_constant(input):
-                scale, shift = self._eval_affine(input)
-                return torch.addcmul(shift, input, scale)
+            if (not self.training and running_mean is not None and input.dtype == running_mean.dtype
+                    and self._no_graph(input)):  # fmt: skip
+                return self._forward_folded(input, running_mean, running_var)
             # Batch statistics in training, and in eval when there are no running buffers; the
             # buffers are passed only where they are read (eval).
             use_batch_stats = self.training or (running_mean is None and running_var is None)
@@ -271,44 +276,45 @@ class BoundedBatchNorm2d(_NormBase):
         return RF.bounded_batch_norm(input, running_mean, running_var, get("weight"), get("bias"), True,
                                      0.0 if self.momentum is None else self.momentum, self.eps)  # fmt: skip
 
-    def _affine_is_constant(self, input: Tensor) -> bool:
-        """Whether the eval map can come from the cache: no autograd graph to build through it and
-        an input of the parameters' dtype (mixed precision keeps ``F.batch_norm``'s rounding)."""
-        ref = self._fast_attr("running_mean")
-        if input.dtype != ref.dtype:
-            return False
+    def _no_graph(self, input: Tensor) -> bool:
+        """Whether this forward builds no autograd graph (so eval may use the folded map; an
+        input of the parameters' dtype is the caller's other condition: mixed precision keeps
+        ``F.batch_norm``'s rounding)."""
         if not torch.is_grad_enabled():
             return True
         return not (input.requires_grad or any(p.requires_grad for p in self._parameters.values() if p is not None))
 
-    def _eval_affine(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` of the eval map ``y = x * A + B`` as ``[1, C, 1, ...]`` views:
-        ``A = sigmoid(w) / sqrt(running_var + eps)``, ``B = b - running_mean * A``, folded once
-        and reused until a parameter or buffer changes (its storage or its in-place version
-        counter; a training step moves ``num_batches_tracked``) or ``eps`` does. One elementwise pass per call, as ``F.batch_norm``'s
-        inference kernel (the same form), without recomputing ``sigmoid(w)`` every call."""
+    def _forward_folded(self, input: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+        """Eval as one affine map ``y = x * A + B``, ``A = sigmoid(w) / sqrt(running_var + eps)``,
+        ``B = b - running_mean * A``, folded once and reused until a parameter or buffer changes
+        (its storage or its in-place version counter; a training step moves
+        ``num_batches_tracked``) or ``eps`` does. The map runs as whichever CPU kernel is faster
+        for the layout (measured, benchmarks/bn_speed.py): ``F.batch_norm``'s inference kernel
+        with the folded scale and shift (mean 0, variance 1, eps 0: exactly ``x * A + B``) for
+        NCHW, a broadcast ``addcmul`` for channels_last."""
         get = self._fast_attr
-        tensors = (get("weight"), get("bias"), get("running_mean"), get("running_var"))
+        weight, bias, tracked = get("weight"), get("bias"), get("num_batches_tracked")
         # The running buffers change in place inside batch-norm kernels, which do not bump their
         # version counters; every such training step increments num_batches_tracked, which does.
-        watched = tensors + (get("num_batches_tracked"),)
-        key = (self.eps, input.dim()) + tuple(None if t is None else (t.data_ptr(), t._version, t.device)
-                                              for t in watched)  # fmt: skip
+        # Storage pointers catch replaced data (.to(), .data = ...); one key, built flat (this
+        # runs every eval call).
+        key = (self.eps, _stamp(weight), _stamp(bias), _stamp(running_mean), _stamp(running_var), _stamp(tracked))
         cached = self.__dict__.get("_eval_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weight, bias, running_mean, running_var = tensors
-        with torch.no_grad():
-            scale = torch.rsqrt(running_var + self.eps)
-            if weight is not None:
-                scale = scale * torch.sigmoid(weight)
-            shift = -running_mean * scale
-            if bias is not None:
-                shift = shift + bias
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                scale = torch.rsqrt(running_var + self.eps)
+                if weight is not None:
+                    scale = scale * torch.sigmoid(weight)
+                shift = -running_mean * scale
+                if bias is not None:
+                    shift = shift + bias
+                cached = (key, scale, shift, torch.zeros_like(scale), torch.ones_like(scale))
+            self.__dict__["_eval_cache"] = cached
+        _, scale, shift, zero, one = cached
+        if input.is_contiguous():
+            return torch.batch_norm(input, scale, shift, zero, one, False, 0.0, 0.0, False)
         view = (1, -1) + (1,) * (input.dim() - 2)
-        folded = (scale.view(view), shift.view(view))
-        self.__dict__["_eval_cache"] = (key, folded)
-        return folded
+        return torch.addcmul(shift.view(view), input, scale.view(view))
 
     def _forward_cumulative(self, input: Tensor, running_mean: Tensor, running_var: Tensor, tracked: Tensor):
         """Training with ``momentum=None`` (running = cumulative average, ``f = 1 / count``)

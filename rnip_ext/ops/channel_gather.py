@@ -20,8 +20,7 @@ duplicated indices accumulate (``None`` indices skip their step)::
 ``channel_gather_many`` does the same for a list of tensors in one call: one ``at::parallel_for``
 over all of them on CPU, on CUDA one kernel launch per element size and 15 tensors (their
 descriptors passed by value: nothing staged or copied, so a call can be captured in a CUDA graph).
-It is meant for pruning a whole
-model at once.
+It is meant for pruning a whole model at once.
 
 The compiled op (``rnip_ext._C``, ``torch.ops.rnip_ext.channel_gather[_many]``) is used when it
 loaded (:data:`HAS_C_EXT`) and has a kernel for the tensor's device; otherwise, or with
