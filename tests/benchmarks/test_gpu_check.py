@@ -94,7 +94,7 @@ def fake_python(tmp_path, *, builds_fail: int = 0, hang: str = "", pytest_missin
             if [ "$n" -le {builds_fail} ]; then echo "nvcc failed" >&2; exit 1; fi
             echo "$RNIP_EXT_BUILD" > {tmp_path}/built
         fi
-        case "$1" in *{hang or "no-such-script"}*) sleep 300 & wait ;; esac
+        case "$1" in *{hang or "no-such-script"}*) sleep 300 & echo $! > {tmp_path}/sleep.pid; wait ;; esac
         exit 0
         """))
     fake.chmod(0o755)
@@ -142,7 +142,10 @@ def test_gpu_check_kills_a_hung_step_and_keeps_to_its_budget(tmp_path):
     for step in ("bn_compiled", "gather_speed", "prune_speed"):
         assert f"{step}: SKIPPED (budget spent" in summary
     assert took < 25 + 10 + 15
-    assert "sleep 300" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    sleeper = int((tmp_path / "sleep.pid").read_text())  # the hung step's child: killed with it
+    time.sleep(1)
+    status = f"/proc/{sleeper}/status"
+    assert not os.path.exists(status) or "zombie" in open(status).read()
 
 
 def test_gpu_check_names_missing_test_dependencies(tmp_path):
