@@ -13,7 +13,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ._layout import acc_dtype
 
 __all__ = ["RUNNING_COUNT", "RUNNING_CUMULATIVE", "RUNNING_MOMENTUM", "RUNTIME_SIZES", "device_guard",
-           "ensure_launchable", "running_mode", "tl_dtype"]  # fmt: skip
+           "ensure_launchable", "launch_reduction", "running_mode", "tl_dtype"]  # fmt: skip
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -61,6 +61,20 @@ def device_guard(t: Tensor):
     if t.is_cuda and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return _NO_GUARD
+
+
+def launch_reduction(reduction, x: Tensor, partial_kernel, partial_pointers: tuple, combine_kernel,
+                     combine_pointers: tuple, combine_scalars: tuple, combine_flags: tuple = ()) -> None:
+    """Launch a reduction of ``_plan.Reduction`` ``reduction`` on ``x``'s device: the chunk
+    partials (when there are chunks), then their combine. Each kernel gets its pointers, then the
+    plan's sizes, then (combine) the per-call scalars, the plan's constexprs and per-call flags."""
+    with device_guard(x):
+        if reduction.num_chunks:
+            p = reduction.partials
+            partial_kernel[p.grid](*partial_pointers, *p.sizes, *p.consts, num_warps=p.num_warps)
+        m = reduction.combine
+        combine_kernel[m.grid](*combine_pointers, *m.sizes, *combine_scalars, *m.consts, *combine_flags,
+                               num_warps=m.num_warps)  # fmt: skip
 
 
 def running_mode(running, momentum: float | None, num_batches_tracked: Tensor | None, n_pos: int):

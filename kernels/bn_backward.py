@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, device_guard
+from ._launch import RUNTIME_SIZES, device_guard, launch_reduction
 from ._layout import acc_dtype, empty_as, in_layout_of
 from ._math import (
     aligned,
@@ -298,15 +298,9 @@ def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db) ->
     ``sums[0] = sum(dy)``, ``sums[1] = sum(dy * xhat)``, and ``dw``/``db`` when given (``None``:
     not wanted)."""
     dy_part, dyxmu_part = _plan.partial_buffers(plan, x.shape[1], sums.dtype, x.device)
-    with device_guard(x):
-        if plan.num_chunks:
-            p = plan.partials
-            _bn_bwd_partial_kernel[p.grid](dy, x, mean, dy_part, dyxmu_part, *p.sizes, *p.consts,
-                                           num_warps=p.num_warps)  # fmt: skip
-        m = plan.combine
-        _bn_bwd_combine_kernel[m.grid](dy_part, dyxmu_part, var, weight, g, sums[0], sums[1], dw, db, *m.sizes,
-                                       0 if g is None else g.stride(0), float(eps), float(shift), *m.consts,
-                                       num_warps=m.num_warps)  # fmt: skip
+    launch_reduction(plan, x, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
+                     (dy_part, dyxmu_part, var, weight, g, sums[0], sums[1], dw, db),
+                     (0 if g is None else g.stride(0), float(eps), float(shift)))  # fmt: skip
 
 
 def _launch_dx(launch, dy, x, dx, mean, var, weight, sums, eps, means: bool) -> None:

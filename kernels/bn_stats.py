@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, device_guard, running_mode
+from ._launch import RUNTIME_SIZES, launch_reduction, running_mode
 from ._layout import acc_dtype
 from ._math import aligned, chunk_image_lanes, count_batch, position_offsets, sigmoid_parts, update_running
 
@@ -219,16 +219,9 @@ def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tenso
     # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
     pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=x.device)
     rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
-    with device_guard(x):
-        if plan.num_chunks:
-            p = plan.partials
-            _bn_partial_stats_kernel[p.grid](x, mean_part, m2_part, counts, pivot, *p.sizes, *p.consts,
-                                             num_warps=p.num_warps)  # fmt: skip
-        m = plan.combine
-        _bn_combine_stats_kernel[m.grid](
-            mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt, *m.sizes, float(shift),
-            0.0 if momentum is None else float(momentum), *m.consts, mode, num_warps=m.num_warps,
-        )  # fmt: skip
+    launch_reduction(plan, x, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot), _bn_combine_stats_kernel,
+                     (mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt),
+                     (float(shift), 0.0 if momentum is None else float(momentum)), (mode,))  # fmt: skip
 
 
 def batch_stats(x: Tensor, weight: Tensor | None = None, shift: float = 0.0, with_penalty: bool = False, *,
