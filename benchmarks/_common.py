@@ -79,7 +79,7 @@ def bench(fn: Callable[[], object], device: torch.device, repeats: int = 20, war
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        q = do_bench(fn, warmup=25, rep=max(100, repeats * 5), grad_to_none=grad_to_none,
+        q = do_bench(fn, warmup=25, rep=max(50, repeats * 5), grad_to_none=grad_to_none,
                      quantiles=[0.5, 0.2, 0.8], return_mode="median")
         return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2], "repeats": None}
     for _ in range(warmup):
@@ -104,11 +104,14 @@ def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
 
 
 def write_json(name: str, payload: dict) -> str:
+    """Write ``payload`` to ``benchmarks/results/<name>`` atomically (a temporary file, then a
+    rename): scripts rewrite their JSON after every row, and a kill mid-write keeps the last one."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+    os.replace(path + ".tmp", path)
     return path
 
 

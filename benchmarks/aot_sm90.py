@@ -30,7 +30,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real
 
 import torch  # noqa: E402
 
-from rnip_ext.kernels._variants import all_kernels, specialisation  # noqa: E402
+from rnip_ext.kernels._variants import specialisation, step_launches  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +45,6 @@ RESNET50_B64 = [
 CHUNKED_ODD_HW = [(256, 512, 7, 7)]
 SUBSET = [(128, 512, 4, 4), (128, 256, 8, 8), (128, 64, 32, 32), (64, 2048, 7, 7), (64, 256, 14, 14)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-H200_SMS = 132
 TARGET = ("cuda", 90, 32)
 
 
@@ -63,34 +62,14 @@ def _specialisation(kernel, args, kwargs):
 
 
 def collect(shapes, dtypes, layouts):
-    """``{key: record}`` of every distinct launch the launchers make for these cases."""
-    import rnip_ext.kernels._config as config_mod
-    from rnip_ext.kernels import bn_normalize, bn_train
-
-    config_mod.target_programs = lambda device: 4 * H200_SMS
-    launches = []
-    for kernel in all_kernels():
-        def run(*args, _kernel=kernel, grid=None, warmup=False, **kwargs):
-            launches.append((_kernel, args, kwargs))
-
-        kernel.run = run
+    """``{key: record}`` of every distinct launch the launchers make for these cases: a training
+    step as the layer runs it (momentum 0.1, the fused penalty) and an eval forward, planned on
+    ``meta`` tensors for an H200's 132 SMs (``_variants.step_launches``)."""
     found = {}
     for shape in shapes:
         for dname in dtypes:
             for layout in layouts:
-                launches.clear()
-                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                x = torch.empty(shape, dtype=DTYPES[dname], device="meta").contiguous(memory_format=fmt)
-                c = shape[1]
-                w = torch.empty(c, device="meta")
-                rm, rv = torch.empty(c, device="meta"), torch.empty(c, device="meta")
-                nbt = torch.empty((), dtype=torch.long, device="meta")
-                # Training step as the layer runs it (momentum 0.1), plus the eval forward.
-                y, mean, var, _ = bn_train.train_forward(x, w, None, 1e-5, 3.0, True, running=(rm, rv),
-                                                         momentum=0.1, num_batches_tracked=nbt)  # fmt: skip
-                bn_train.train_backward(y, x, mean, var, w, torch.empty((), device="meta").expand(c),
-                                        1e-5, 3.0, True, (True, True, False))  # fmt: skip
-                bn_normalize.bn_normalize(x, rm, rv, w, None, 1e-5)
+                launches = step_launches(shape, DTYPES[dname], layout == "channels_last", ("fwdbwd", "eval"))
                 for kernel, args, kwargs in launches:
                     sig, consts, attrs, warps = _specialisation(kernel, args, kwargs)
                     key = json.dumps([kernel.fn.__name__, sig, {k: str(v) for k, v in consts.items()},

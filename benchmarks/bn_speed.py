@@ -16,8 +16,23 @@ few other ATen operations not included); the minimum is 2S forward, 3S backward.
 read x, write y; backward: read x and dy, write dx; so fwdbwd moves 5 tensors' bytes, fwd and eval
 2), the fraction of the measured copy bandwidth, and ratios of ours against each baseline.
 
+Rows run in order of importance and the JSON is rewritten after every row (``"complete": false``
+until the last), so a run stopped by a timeout keeps what it measured. On CUDA the default
+matrix (:func:`combos`) puts the issue targets first -- the VGG-16 CIFAR training steps (ours vs
+the paper's layer), then the large ResNet-50 steps (bandwidth) -- then the other training steps
+and the forwards; each ``ours`` training-step row also checks ``y``, ``dx``, ``dw`` against the
+float64 eager reference (``ours_err_*``: max abs error / max abs value).
+
+Host cost: ``host_us`` is our own Python per training step of a layer (the launchers
+``train_forward`` + ``train_backward``: planning, allocations, argument packing), with every
+kernel launch intercepted (nothing runs); ``host_layer_us`` the whole layer step the same way
+(module forward, custom-op dispatch, autograd, regulariser, backward). On CPU these use the
+Triton path with the interpreter's kernel objects (launches intercepted), so they measure the
+host code a GPU run executes. ``plan()`` gives the row count, timed runs and compiles without a GPU
+(``benchmarks/gpu_check.py --dry-run``).
+
     python benchmarks/bn_speed.py                   # CPU: a small set, under a minute
-    python benchmarks/bn_speed.py --device cuda     # GPU: CIFAR VGG-16, ResNet-50, small-C layers
+    python benchmarks/bn_speed.py --device cuda     # GPU: CIFAR VGG-16, ResNet-50 (targets first)
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import bench, copy_bandwidth, environment, format_table, write_json  # noqa: E402
+from _common import RESULTS, bench, copy_bandwidth, environment, format_table, write_json  # noqa: E402
 
 import rnip_ext  # noqa: E402
 from rnip_ext import functional as RF  # noqa: E402
@@ -48,6 +63,10 @@ SHAPES = {
     "small_c_high_res": [(8, 16, 256, 256), (16, 8, 512, 512)],
 }
 CPU_SHAPES = {"cpu_small": [(32, 64, 16, 16), (32, 256, 8, 8), (8, 16, 64, 64)]}
+# ResNet-50's shapes of >= 12M elements: the bandwidth target's rows.
+LARGE = [(64, 64, 56, 56), (64, 256, 56, 56), (64, 512, 28, 28), (64, 1024, 14, 14)]
+# The CUDA default, sized for gpu_check's time box: the training steps (the targets), both sets.
+GPU_DEFAULT = {"sets": ["vgg16_cifar", "resnet50_imagenet"], "modes": ["fwdbwd"], "repeats": 10}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd", "eval")
 VARIANTS = ("plain", "paper", "compiled", "ours")
@@ -75,9 +94,9 @@ def model_traffic(shape, dtype: torch.dtype, layout: str, mode: str) -> dict:
     """Modelled HBM traffic and launches of our GPU path for one call (pure Python, no GPU).
 
     Single-pass (``kernels/_config.single_pass_config``): forward 2S in 1 launch, backward 3S in
-    1. Chunked: forward 3S in 2 launches (partials read x; normalise-with-combine reads x, writes
-    y), backward 5S in 3 (partials read x, dy; combine; dx reads x, dy, writes dx). Eval: 2S, 1.
-    Per-channel vectors (a few KB) are ignored.
+    1. Chunked: forward 3S in 3 launches (partials read x; combine; normalise reads x, writes y),
+    backward 5S in 3 (partials read x, dy; combine; dx reads x, dy, writes dx). Eval: 2S, 1.
+    Per-channel vectors and chunk partials (<= 3.1% of S, ``kernels/_config``) are ignored.
     """
     from rnip_ext.kernels._config import single_pass_config
 
@@ -85,10 +104,137 @@ def model_traffic(shape, dtype: torch.dtype, layout: str, mode: str) -> dict:
     elem = torch.empty((), dtype=dtype).element_size()
     cl = layout == "channels_last" and c > 1 and h * w > 1
     single = single_pass_config(n * h * w, c, h * w, cl, elem) is not None
-    fwd, bwd = ((2, 1), (3, 1)) if single else ((3, 2), (5, 3))
+    fwd, bwd = ((2, 1), (3, 1)) if single else ((3, 3), (5, 3))
     units, launches = {"fwd": fwd, "fwdbwd": (fwd[0] + bwd[0], fwd[1] + bwd[1]), "eval": (2, 1)}[mode]
     return {"path": "single" if single else "chunked", "model_S": units,
             "model_MB": units * math.prod(shape) * elem / 1e6, "launches": launches}
+
+
+def combos(sets: dict, dtypes, layouts, modes) -> list[tuple]:
+    """``(set, shape, dtype, layout, mode)`` rows, most important first: training steps before
+    forwards before eval; within a mode the VGG-16 CIFAR set (the 2x-the-paper target), then the
+    large ResNet-50 shapes (the bandwidth target), then the rest."""
+    def rank(row):
+        set_name, shape, _, _, mode = row
+        target = 0 if set_name == "vgg16_cifar" else 1 if tuple(shape) in LARGE else 2
+        return (list(MODES).index(mode) if mode != "fwdbwd" else -1, target)
+
+    rows = [(s, shape, d, lay, mode) for s, shapes in sets.items() for shape in shapes for d in dtypes
+            for lay in layouts for mode in modes]  # fmt: skip
+    return sorted(rows, key=rank)  # stable: the given order within a rank
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", nargs="+", default=None, choices=list(SHAPES),
+                        help=f"shape sets (GPU; default {' '.join(GPU_DEFAULT['sets'])})")  # fmt: skip
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
+                        help=f"default: {' '.join(GPU_DEFAULT['modes'])} on CUDA, all on CPU")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=["plain", "paper", "ours"], choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    return parser
+
+
+def _resolve(args, cuda: bool) -> tuple[dict, list, list, int]:
+    """``(sets, dtypes, modes, repeats)`` after the device's defaults."""
+    sets = {k: SHAPES[k] for k in (args.sets or GPU_DEFAULT["sets"])} if cuda else CPU_SHAPES
+    dtypes = args.dtypes or (list(DTYPES) if cuda else ["fp32"])
+    modes = args.modes or (GPU_DEFAULT["modes"] if cuda else list(MODES))
+    repeats = args.repeats or (GPU_DEFAULT["repeats"] if cuda else 60)
+    return sets, dtypes, modes, repeats
+
+
+# Seconds of one timed CUDA benchmark (``_common.bench``: 25 ms warm-up, >= 50 ms of repeats, the
+# estimate runs, the step's setup), for the dry run's cost model.
+T_BENCH_CUDA = 0.15
+
+
+def plan(argv=None) -> dict:
+    """What a CUDA run with these arguments does, counted without a GPU: rows, timed runs,
+    distinct Triton compiles of ``ours`` (its launches planned on ``meta`` tensors), inductor
+    compiles of ``compiled``, and the seconds of timing (``T_BENCH_CUDA`` per timed run)."""
+    from rnip_ext.kernels._variants import step_launches, variant_key
+
+    args = _parser().parse_args(argv)
+    sets, dtypes, modes, _ = _resolve(args, cuda=True)
+    rows = combos(sets, dtypes, args.layouts, modes)
+    keys = set()
+    if "ours" in args.variants:
+        for _, shape, dname, layout, mode in rows:
+            for launch in step_launches(shape, DTYPES[dname], layout == "channels_last", (mode,)):
+                keys.add(variant_key(*launch))
+    timed = len(rows) * len(args.variants)
+    return {"rows": len(rows), "timed": timed, "triton_compiles": len(keys),
+            "inductor_compiles": len(rows) if "compiled" in args.variants else 0,
+            "bench_s": timed * T_BENCH_CUDA}  # fmt: skip
+
+
+def host_step_us(shape, dtype, memory_format, device, repeats: int = 200) -> dict:
+    """Median host microseconds of one layer training step with every kernel launch intercepted:
+    ``host_us`` our launchers alone (``train_forward`` + ``train_backward``), ``host_layer_us``
+    the module step (forward with the fused penalty, ``reg()``, autograd backward)."""
+    from rnip_ext.kernels import bn_train
+    from rnip_ext.kernels._variants import recorded_launches
+
+    n, c, h, w = shape
+    x = torch.empty(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    weight = torch.zeros(c, device=device)
+    running = (torch.zeros(c, device=device), torch.ones(c, device=device))
+    nbt = torch.zeros((), dtype=torch.long, device=device)
+    g = torch.ones((), device=device).expand(c)
+    layer = rnip_ext.BoundedBatchNorm2d(c, device=device, backend="triton")
+    reg = rnip_ext.RecedingRegularizer(nn.Sequential(layer), STRENGTH, SHIFT, normalize=None)
+    xg = x.clone().requires_grad_(True)
+    one = torch.ones((), device=device)
+
+    def launchers():
+        y, mean, var, _ = bn_train.train_forward(x, weight, None, 1e-5, SHIFT, True, running=running,
+                                                 momentum=0.1, num_batches_tracked=nbt)  # fmt: skip
+        bn_train.train_backward(x, x, mean, var, weight, g, 1e-5, SHIFT, True, (True, True, False))
+
+    def layer_step():  # autograd.grad: no AccumulateGrad copy into a leaf's .grad (not ours)
+        torch.autograd.grad([layer(xg), reg()], [xg, layer.weight], [x, one])
+
+    out = {}
+    with recorded_launches(run=False):
+        for key, fn in (("host_us", launchers), ("host_layer_us", layer_step)):
+            for _ in range(20):
+                fn()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1e6)
+            out[key] = statistics.median(samples)
+    return out
+
+
+def check_ours(shape, dtype, memory_format, device) -> dict:
+    """Max abs error / max abs value of our layer's ``y``, ``dx``, ``dw`` (fused penalty included)
+    against the float64 eager reference, on fresh inputs: the compiled kernels' correctness on
+    exactly the shapes benchmarked."""
+    c = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format) * 2 + 1
+    dy = torch.randn_like(x)
+    layer = rnip_ext.BoundedBatchNorm2d(c, device=device)
+    reg = rnip_ext.RecedingRegularizer(nn.Sequential(layer), STRENGTH, SHIFT, normalize=None)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    torch.autograd.backward([y, reg()], [dy, torch.ones((), device=device)])
+    xd = x.double().requires_grad_(True)
+    wd = layer.weight.detach().double().requires_grad_(True)
+    yd = RF.bounded_batch_norm(xd, None, None, wd, None, True, 0.0, layer.eps)
+    torch.autograd.backward([yd, STRENGTH * RF.receding_penalty(wd, SHIFT)], [dy.double(), torch.ones((), device=device, dtype=torch.float64)])
+
+    def err(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+    return {"ours_err_y": err(y, yd), "ours_err_dx": err(xg.grad, xd.grad), "ours_err_dw": err(layer.weight.grad, wd.grad)}
 
 
 def make_step(variant: str, shape, dtype, memory_format, mode: str, device):
@@ -165,20 +311,10 @@ def bench_interleaved(variants, shape, dtype, memory_format, mode, device, repea
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", nargs="+", default=None, choices=list(SHAPES), help="shape sets (GPU)")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
-    parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -186,23 +322,23 @@ def main(argv=None) -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    sets = {k: SHAPES[k] for k in (args.sets or SHAPES)} if cuda else CPU_SHAPES
-    dtypes = args.dtypes or (list(DTYPES) if cuda else ["fp32"])
-    repeats = args.repeats or (50 if cuda else 60)
+    if not cuda:  # host timing runs the launchers on CPU tensors, launches intercepted
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    sets, dtypes, modes, repeats = _resolve(args, cuda)
     torch._dynamo.config.cache_size_limit = 256
     env = environment(device)
     bandwidth = copy_bandwidth(device, 1 << 26 if cuda else 1 << 23)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | copy bandwidth {bandwidth:.0f} GB/s")
 
     rows = []
-    combos = [(s, shape, d, lay, mode) for s, shapes in sets.items() for shape in shapes for d in dtypes
-              for lay in args.layouts for mode in args.modes]
+    todo = combos(sets, dtypes, args.layouts, modes)
+    out_name = args.out or f"bn_speed_{device.type}.json"
     try:
         from tqdm.auto import tqdm
     except ImportError:
         def tqdm(it, **_):
             return it
-    for set_name, shape, dname, layout, mode in tqdm(combos, desc="bn_speed"):
+    for index, (set_name, shape, dname, layout, mode) in enumerate(tqdm(todo, desc="bn_speed")):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         row = {"set": set_name, "shape": list(shape), "dtype": dname, "layout": layout, "mode": mode}
         row.update(model_traffic(shape, DTYPES[dname], layout, mode))
@@ -228,28 +364,50 @@ def main(argv=None) -> None:
                 row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["ours_ms"]
         if "ours_gbps" in row:
             row["ours_fraction_of_copy_bw"] = row["ours_gbps"] / bandwidth
+        if "ours" in args.variants and mode == "fwdbwd":
+            for what, fn in (("host", host_step_us), ("check", check_ours if cuda else None)):
+                if fn is None:
+                    continue
+                try:
+                    row.update(fn(shape, DTYPES[dname], fmt, device))
+                except Exception as exc:  # record, never hide
+                    row[f"{what}_error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(row)
         torch._dynamo.reset()
+        write_json(out_name, _payload(env, bandwidth, rows, args.modes or modes, complete=index + 1 == len(todo),
+                                      planned=len(todo)))  # fmt: skip
 
     columns = [("set", "set", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("layout", "layout", ""),
                ("mode", "mode", ""), ("path", "path", ""), ("S", "model_S", "d"), ("MB", "model_MB", ".1f"),
                ("launches", "launches", "d")]
     columns += [(f"{v} ms", f"{v}_ms", ".3f") for v in args.variants]
     columns += [("ours GB/s", "ours_gbps", ".0f"), ("x plain", "speedup_vs_plain", ".2f"),
-                ("x paper", "speedup_vs_paper", ".2f"), ("x compiled", "speedup_vs_compiled", ".2f")]
+                ("x paper", "speedup_vs_paper", ".2f"), ("x compiled", "speedup_vs_compiled", ".2f"),
+                ("host us", "host_us", ".1f"), ("layer us", "host_layer_us", ".0f")]
     printable = [dict(r, shape="x".join(map(str, r["shape"]))) for r in rows]
     print(format_table(printable, columns))
+    for key, value in _summary(rows, modes).items():
+        print(f"{key}: {value:.2f}" + ("" if "host" in key else "x"))
+    print(f"wrote {os.path.join(RESULTS, out_name)}")
+
+
+def _summary(rows: list[dict], modes) -> dict:
     summary = {}
-    for mode in args.modes:
+    for mode in modes:
         for base in ("plain", "paper", "compiled"):
             ratios = [r[f"speedup_vs_{base}"] for r in rows if r["mode"] == mode and f"speedup_vs_{base}" in r]
             if ratios:
                 summary[f"{mode}_median_speedup_vs_{base}"] = statistics.median(ratios)
-    for key, value in summary.items():
-        print(f"{key}: {value:.2f}x")
-    path = write_json(args.out or f"bn_speed_{device.type}.json",
-                      {"environment": env, "copy_bandwidth_gbps": bandwidth, "summary": summary, "rows": rows})
-    print(f"wrote {path}")
+    for key in ("host_us", "host_layer_us"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            summary[f"median_{key}"] = statistics.median(values)
+    return summary
+
+
+def _payload(env, bandwidth, rows, modes, complete: bool, planned: int) -> dict:
+    return {"environment": env, "copy_bandwidth_gbps": bandwidth, "complete": complete, "planned_rows": planned,
+            "summary": _summary(rows, modes), "rows": rows}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@
 // Output elements handled by one CUDA tile; tiles never straddle two jobs.
 #define RNIP_EXT_GATHER_TILE 4096
 
+// Descriptors per CUDA launch: they travel as the kernel's by-value argument (a RnipGatherBatch,
+// kept under the 4 KB kernel-parameter limit), so a launch needs no device-side table, no host
+// staging buffer and no copy -- which keeps it capturable in a CUDA graph.
+#define RNIP_EXT_GATHER_BATCH 15
+
 struct RnipGatherDesc {
     const void* src;          // data pointer of src (its storage offset already applied)
     void* dst;                // contiguous output, numel elements
@@ -96,15 +101,24 @@ inline int64_t rnip_ext_assign_tiles(RnipGatherDesc* descs, int n_descs) {
     return tiles;
 }
 
+// One launch's jobs, passed to the kernel by value.
+struct RnipGatherBatch {
+    RnipGatherDesc descs[RNIP_EXT_GATHER_BATCH];
+    int64_t total_tiles;
+    int32_t n_descs;
+    int32_t pad;
+};
+
 #if defined(__CUDACC__) || defined(RNIP_EXT_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
-// Launches one kernel that performs every job of a device-resident table descs[0, n_descs), all of
-// elem_size bytes per element (1, 2, 4, 8 or 16), on `stream`. tile_begin must already be set by
-// rnip_ext_assign_tiles and total_tiles be its result. Index values are checked on the device: an
-// out-of-range value prints the job and value and traps the kernel (as index_select's device assert
-// does), so the launch never reads outside src and never synchronises with the host.
+// Performs every job of the host array descs[0, n_descs), all of elem_size bytes per element
+// (1, 2, 4, 8 or 16), on `stream`: one kernel launch per RNIP_EXT_GATHER_BATCH jobs, the
+// descriptors passed by value (nothing is allocated or copied, so the call can be captured in a
+// CUDA graph). Index values are checked on the device: an out-of-range value fails a device
+// assertion before any out-of-bounds read (cudaErrorAssert; the CUDA runtime prints which check
+// failed at the next synchronisation), as index_select's does; the launch never synchronises.
 // Returns the launch error (cudaSuccess when fine), cudaErrorInvalidValue for another elem_size.
-cudaError_t rnip_ext_launch_channel_gather(const RnipGatherDesc* descs, int n_descs, int64_t total_tiles,
-                                           int elem_size, cudaStream_t stream);
+cudaError_t rnip_ext_launch_channel_gather(const RnipGatherDesc* descs, int n_descs, int elem_size,
+                                           cudaStream_t stream);
 #endif

@@ -18,21 +18,24 @@ single-pass tiles and the reduction partials' tiles are 2-D over positions: imag
 run the compiler can load as vectors even when ``H*W`` is not a multiple of 16 (14x14, 2x2); a
 flat tile over ``N*H*W`` has a tail mask that forces scalar loads. Odd ``H*W`` (7x7, 5x5), whose
 planes start on every residue modulo the vector width, takes split tiles in the elementwise and
-single-pass kernels (:func:`split_tiles`: each plane's aligned body as vectors, its head and tail
-one element at a time); the reduction partials keep flat tiles there. The reduction partials'
-image tiles run over chunks of whole images (:func:`plan_image_chunks`).
+single-pass kernels and the backward partials (:func:`split_tiles`: each plane's aligned body as
+vectors, its head and tail one element at a time); the statistics partials keep flat tiles there.
 
-The reductions (batch statistics, backward sums) are split over (chunk of positions, channel
-block) so that even a layer with few channels and large images, e.g. ``8x16x256x256``, runs on
-hundreds of programs rather than one per channel; the chunk partials are merged by a combine
-kernel in a fixed order (deterministic, no atomics).
+The reductions (batch statistics, backward sums) are split over (chunk, channel block) so that
+even a layer with few channels and large images runs on hundreds of programs rather than one per
+channel: flat tiles in chunks of positions (:func:`plan_chunks`), image tiles in chunks of an
+image group's row blocks (:func:`plan_image_chunks`: ``8x16x256x256`` gets 512 programs, not 8).
+A chunk holds at least :data:`MIN_CHUNK_POSITIONS` positions, so its partials (written and read
+once, by the combine kernel: 4 values per channel and chunk) stay within ~3% of the input's
+elements. The partials are merged by a combine kernel in a fixed order (deterministic, no
+atomics).
 
 Two paths for a training step (:func:`single_pass_config` decides, see its docstring for the rule):
 
 * **single-pass**: one program owns a block of channels and its whole ``N*H*W`` slice, held in
   registers: the forward reads ``x`` once and writes ``y`` (2S of traffic, one launch), the
   backward reads ``x`` and ``dy`` once and writes ``dx`` (3S, one launch);
-* **chunked**: statistics partials + combine + normalise (3S forward, 2 launches) and backward
+* **chunked**: statistics partials + combine + normalise (3S forward, 3 launches) and backward
   partials + combine + dx (5S, 3 launches), for slices too large to hold on chip.
 """
 
@@ -49,8 +52,10 @@ __all__ = [
     "image_tiles",
     "plan_chunks",
     "plan_image_chunks",
+    "MIN_CHUNK_POSITIONS",
     "split_tiles",
     "single_pass_config",
+    "sm_count",
     "target_programs",
 ]
 
@@ -132,69 +137,89 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# SMs assumed for ``meta`` tensors, on which launches are only planned (benchmarks/aot_sm90.py,
+# the gpu_check dry run): an H200's (an H100 SXM has as many).
+PLANNING_SM_COUNT = 132
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``'s GPU (:data:`PLANNING_SM_COUNT` for ``meta``);
+    0 for a device without any (CPU: the interpreter runs programs one after another)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return PLANNING_SM_COUNT if device.type == "meta" else 0
+
+
 def target_programs(device: torch.device) -> int:
     """How many reduction programs to aim for: a few waves on a GPU, a handful elsewhere.
 
     Under the CPU interpreter programs run one after another, so more of them only adds Python
     overhead; a handful still exercises the chunk combine.
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return 4 * _sm_count(index)
-    return 4
+    sms = sm_count(device)
+    return 4 * sms if sms else 4
+
+
+# Positions per reduction chunk, at least: each chunk writes 2 partials per channel that the
+# combine reads back (4 values per chunk and channel), i.e. <= 4 / 128 = 3.1% of the input.
+MIN_CHUNK_POSITIONS = 128
+
+
+def _tiles_per_chunk(tiles: int, tile_positions: int, num_cblocks: int, config: BNConfig,
+                     device: torch.device) -> int:  # fmt: skip
+    """Tiles per chunk: ``config.chunk_tiles``, else enough chunks for :func:`target_programs`
+    with at least 4 tiles and :data:`MIN_CHUNK_POSITIONS` positions each (as far as there is
+    work)."""
+    if config.chunk_tiles:
+        return config.chunk_tiles
+    want_chunks = max(1, -(-target_programs(device) // max(num_cblocks, 1)))
+    least = max(4, -(-MIN_CHUNK_POSITIONS // max(tile_positions, 1)))
+    return max(-(-tiles // want_chunks), min(least, tiles))
 
 
 def plan_chunks(
     n_pos: int, num_cblocks: int, config: BNConfig, device: torch.device
 ) -> tuple[int, int]:
-    """Split ``n_pos`` positions into chunks for the reductions: ``(chunk_positions, num_chunks)``.
+    """Split ``n_pos`` positions into chunks of flat tiles for the reductions:
+    ``(chunk_positions, num_chunks)``.
 
-    A chunk is a whole number of reduction tiles. Unless ``config.chunk_tiles`` fixes it, the
-    chunk is sized so that ``num_chunks * num_cblocks`` reaches :func:`target_programs` while
-    every program still loops over at least 4 tiles when there is enough work (a program that
-    loads a single tile spends as long launching as loading). ``n_pos == 0`` gives no chunks.
+    A chunk is a whole number of ``red_block_m``-position tiles (:func:`_tiles_per_chunk`).
+    ``n_pos == 0`` gives no chunks.
     """
     block_m = config.red_block_m
     if n_pos <= 0:
         return block_m, 0
     tiles = -(-n_pos // block_m)
-    if config.chunk_tiles:
-        tiles_per_chunk = config.chunk_tiles
-    else:
-        want_chunks = max(1, -(-target_programs(device) // max(num_cblocks, 1)))
-        tiles_per_chunk = max(-(-tiles // want_chunks), min(4, tiles))
-    chunk = tiles_per_chunk * block_m
+    chunk = _tiles_per_chunk(tiles, block_m, num_cblocks, config, device) * block_m
     return chunk, -(-n_pos // chunk)
 
 
 def plan_image_chunks(
     num_images: int, hw: int, block_hw: int, num_cblocks: int, config: BNConfig,
     device: torch.device,
-) -> tuple[int, int]:  # fmt: skip
-    """Chunks of whole images for the NCHW reduction kernels' image tiles: ``(chunk_positions,
+) -> tuple[int, int, int]:  # fmt: skip
+    """Chunks of image tiles for the NCHW reduction kernels: ``(images_per_chunk, segment_rows,
     num_chunks)``.
 
-    A reduction tile is ``red_block_m // block_hw`` images x ``block_hw`` positions and an image
-    takes ``cdiv(H*W, block_hw)`` row blocks, so a group of images is a whole number of tiles.
-    A chunk is ``g`` such groups (``chunk_positions = g * images_per_tile * H*W``, so the combine
-    kernels' count ``min(chunk, n - k * chunk)`` still holds), with ``g`` chosen as
-    :func:`plan_chunks` chooses its tiles per chunk (``config.chunk_tiles`` tiles, rounded up to
-    whole groups, or enough chunks for :func:`target_programs` with at least 4 tiles each).
+    A reduction tile is ``red_block_m // block_hw`` images (a group) x ``block_hw`` positions,
+    and a group's images take ``row_blocks = cdiv(H*W, block_hw)`` row blocks. With ``t`` tiles
+    per chunk (:func:`_tiles_per_chunk`): when ``t >= row_blocks`` a chunk is
+    ``cdiv(t, row_blocks)`` whole groups (``segment_rows = row_blocks``); otherwise a chunk is one
+    group's run of ``segment_rows = t`` row blocks, so that a few large images still spread over
+    hundreds of programs. Chunk ``k`` covers segment ``k mod S`` (``S = cdiv(row_blocks,
+    segment_rows)``) of groups ``[k div S * G, ...)``, ``G`` groups per chunk.
     """
     images_per_tile = max(config.red_block_m // block_hw, 1)
     if num_images <= 0 or hw <= 0:
-        return images_per_tile * max(hw, 1), 0
+        return images_per_tile, 1, 0
     row_blocks = -(-hw // block_hw)
     groups = -(-num_images // images_per_tile)
-    tiles = groups * row_blocks
-    if config.chunk_tiles:
-        tiles_per_chunk = config.chunk_tiles
-    else:
-        want_chunks = max(1, -(-target_programs(device) // max(num_cblocks, 1)))
-        tiles_per_chunk = max(-(-tiles // want_chunks), min(4, tiles))
-    groups_per_chunk = -(-tiles_per_chunk // row_blocks)
-    chunk_images = groups_per_chunk * images_per_tile
-    return chunk_images * hw, -(-num_images // chunk_images)
+    per_chunk = _tiles_per_chunk(groups * row_blocks, config.red_block_m, num_cblocks, config, device)
+    if per_chunk >= row_blocks:
+        groups_per_chunk = -(-per_chunk // row_blocks)
+        return groups_per_chunk * images_per_tile, row_blocks, -(-groups // groups_per_chunk)
+    segments = -(-row_blocks // per_chunk)
+    return images_per_tile, per_chunk, groups * segments
 
 
 # Single-pass budget: elements of one tensor a program holds on chip. The backward holds two
@@ -205,7 +230,8 @@ def plan_image_chunks(
 SINGLE_MAX_ELEMS = 8192
 _SINGLE_ELEMS_PER_THREAD = 16
 # Slices up to this many positions always take the single-pass path (deep CIFAR layers at
-# batch 128: 512x4x4 and 512x2x2), however few channel blocks that leaves.
+# batch 128: 512x4x4 and 512x2x2), however few channel blocks that leaves -- in channels_last
+# only where a channel block fills a 32-byte sector (see single_pass_config).
 SINGLE_ALWAYS_POSITIONS = 2048
 # Larger slices take it only with enough programs to spread over the GPU's SMs.
 _SINGLE_MIN_PROGRAMS = 16
@@ -312,9 +338,14 @@ def single_pass_config(
     * ``block_c`` channels per program: enough that a program's contiguous run of memory fills
       a 32-byte sector (``32 / (run * elem_size)``, ``run = 1`` for channels_last and ``H*W``
       for NCHW), capped by the budget ``block_c * single_m <= SINGLE_MAX_ELEMS`` and by ``C``;
-    * taken when ``N*H*W <= 2048`` (always: every dtype and layout), or when the layer still
-      gives at least 16 programs (``cdiv(C, block_c) >= 16``); a few channels over a large
-      slice would otherwise run on a handful of SMs;
+    * channels_last: only when that run does fill a sector (``block_c * elem_size >= 32``, or
+      ``block_c = C``): a narrower channel block reads each position's few channels as scalar,
+      uncoalesced loads (benchmarks/aot_sm90.py: 0 vector loads), so such slices (e.g.
+      ``128x256x8x8``, ``128x512x4x4``) take the chunked path, whose channels_last tiles are 128
+      channels wide;
+    * otherwise taken when ``N*H*W <= 2048`` (always), or when the layer still gives at least 16
+      programs (``cdiv(C, block_c) >= 16``); a few channels over a large slice would otherwise run
+      on a handful of SMs;
     * ``num_warps = clamp(block_c * single_m / 512, 1, 16)``: 16 values of each tensor per
       thread.
 
@@ -329,6 +360,8 @@ def single_pass_config(
     run = 1 if channels_contiguous else max(hw, 1)
     want_c = _pow2_at_most(-(-_SECTOR_BYTES // (run * elem_size)), 1 << 20)
     block_c = min(want_c, SINGLE_MAX_ELEMS // single_m, _pow2_at_most(num_channels, 64))
+    if channels_contiguous and block_c * elem_size < _SECTOR_BYTES and block_c < num_channels:
+        return None
     programs = -(-num_channels // block_c)
     if n_pos > SINGLE_ALWAYS_POSITIONS and programs < _SINGLE_MIN_PROGRAMS:
         return None

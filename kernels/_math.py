@@ -107,19 +107,18 @@ def channel_tile_offsets(offs_c, a, b, HW, s_n, s_c, s_hw, FLAT: tl.constexpr, B
 
 
 @triton.jit
-def scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    ACC: tl.constexpr):  # fmt: skip
-    """Per channel ``scale = rsqrt(var + eps) * sigmoid(w)`` (no ``sigmoid(w)`` without
-    ``HAS_W``), the shift ``b`` (zeros without ``HAS_B``), ``y = (x - mean) * scale + b``, and
-    the logits ``w`` it loaded (zeros without ``HAS_W``; e.g. for the receding penalty)."""
+def scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, ACC: tl.constexpr):
+    """Per channel ``scale = rsqrt(var + eps) * sigmoid(w)`` (no ``sigmoid(w)`` without a weight:
+    ``w_ptr`` None), the shift ``b`` (zeros without ``b_ptr``), ``y = (x - mean) * scale + b``, and
+    the logits ``w`` it loaded (zeros without a weight; e.g. for the receding penalty)."""
     scale = tl.rsqrt(var + eps)
-    if HAS_W:
+    if w_ptr is not None:
         w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
         a, _, _ = sigmoid_parts(w)
         scale = scale * a
     else:
         w = tl.zeros_like(scale)
-    if HAS_B:
+    if b_ptr is not None:
         b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
     else:
         b = tl.zeros_like(scale)
@@ -127,19 +126,23 @@ def scale_and_shift(w_ptr, b_ptr, offs_c, mask_c, var, eps, HAS_W: tl.constexpr,
 
 
 @triton.jit
-def chunk_image_lanes(pid_k, HW, n_pos, CHUNK, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
+def chunk_image_lanes(pid_k, HW, n_pos, CHUNK, SEG, BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr,
                       ALIGN: tl.constexpr):  # fmt: skip
-    """Image tiles over chunk ``pid_k``'s whole images (the reduction partial kernels): the
-    padded image size ``hw``, its row blocks of ``BLOCK_HW``, the chunk's images
-    ``[n_start, n_end)`` and each of the ``BLOCK_M`` lanes' image (``j_n``) and position in
-    the row block (``j_hw``)."""
+    """Image (or split-tile) rows of reduction chunk ``pid_k`` (``_config.plan_image_chunks``):
+    ``CHUNK`` images per chunk, ``SEG`` row blocks of ``BLOCK_HW`` positions per segment. Returns
+    the row width ``hw`` (``H*W``; a split tile's widest body ``ALIGN floor(H*W / ALIGN)``), the chunk's row blocks ``[r0, r1)`` and whether they include the last one
+    (``last``, 0/1), its images ``[n_start, n_end)`` and each of the ``BLOCK_M`` lanes' image in
+    the group (``j_n``) and position in the row block (``j_hw``)."""
     hw = aligned(HW, ALIGN)
     row_blocks = tl.cdiv(hw, BLOCK_HW)
-    per_chunk = CHUNK // hw
-    n_start = pid_k * per_chunk
-    n_end = tl.minimum(n_start + per_chunk, n_pos // hw)
+    segments = tl.cdiv(row_blocks, SEG)
+    seg = pid_k % segments
+    r0 = seg * SEG
+    r1 = tl.minimum(r0 + SEG, row_blocks)
+    n_start = (pid_k // segments) * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, n_pos // HW)
     j = tl.arange(0, BLOCK_M)
-    return hw, row_blocks, n_start, n_end, j // BLOCK_HW, j % BLOCK_HW
+    return hw, r0, r1, (r1 == row_blocks).to(tl.int32), n_start, n_end, j // BLOCK_HW, j % BLOCK_HW
 
 
 @triton.jit
@@ -210,8 +213,8 @@ def update_running(
         running_mean += f * (mean - running_mean)
         running_var  += f * (var * n / (n - 1) - running_var)      (n = 1: var)
 
-    ``var`` is the biased batch variance over ``n`` positions; the caller has already incremented
-    ``num_batches_tracked``.
+    ``var`` is the biased batch variance over ``n`` positions; with ``CUMULATIVE`` the caller has
+    already incremented ``num_batches_tracked``.
     """
     if CUMULATIVE:
         f = 1.0 / tl.load(nbt_ptr).to(ACC)
@@ -222,3 +225,12 @@ def update_running(
     rv = tl.load(rvar_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
     tl.store(rmean_ptr + offs_c, (rm + f * (mean - rm)).to(rmean_ptr.dtype.element_ty), mask=mask_c)
     tl.store(rvar_ptr + offs_c, (rv + f * (unbiased - rv)).to(rvar_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def count_batch(nbt_ptr, pid, RUNNING: tl.constexpr):
+    """``num_batches_tracked += 1`` by program ``pid == 0`` when the launch counts the batch
+    (``RUNNING == 1``, ``_launch.RUNNING_COUNT``); nobody else reads it in that launch."""
+    if RUNNING == 1:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)

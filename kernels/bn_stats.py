@@ -3,31 +3,30 @@
 Per channel ``c`` over the ``n = N*H*W`` positions::
 
     mean_c = sum(x) / n            var_c = sum((x - mean_c)^2) / n          (biased)
-    p_c    = s * (1 - log s),      s = sigmoid(w_c + shift)                 (with_penalty)
+    p_c    = s * (1 - log s),      s = sigmoid(w_c + shift)                 (with a penalty output)
 
 Two kernels:
 
-1. ``_bn_partial_stats_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: each program reduces a
-   chunk of ``CHUNK`` positions (a runtime argument, like every size that changes with the batch) for ``BLOCK_C`` channels to ``(mean_k, M2_k)``; the count of chunk
-   ``k`` is ``min(CHUNK, n - k*CHUNK)``, known from its index, so it is not stored. Values are
-   first shifted by a per-channel pivot ``x[0, c, 0]`` (exact for values within a factor of two
-   of it), so that a large ``|mean|`` costs no precision in the means the merges subtract; chunk
-   0's programs write the pivot for the combine. NCHW launches whose ``H*W`` shares a
-   power-of-two factor with the strides tile images x rows of ``H*W`` (vector loads) over chunks
-   of whole images (``_launch.reduction_tiles``); the others flat positions. Inside the chunk
-   every lane of the
-   ``[BLOCK_C, BLOCK_M]`` tile keeps its own Welford ``(n, mean, M2)`` (no cross-lane reduction
-   in the loop); the lanes are merged once at the end of the chunk with Chan's formula::
+1. ``_bn_partial_stats_kernel``, grid ``(num_chunks, cdiv(C, BLOCK_C))``: each program reduces one
+   chunk (``_config.plan_chunks``: ``CHUNK`` flat positions; ``plan_image_chunks``: ``CHUNK``
+   images x a segment of ``SEG`` row blocks) for ``BLOCK_C`` channels to ``(mean_k, M2_k)`` and
+   its position count ``n_k`` (chunk sizes and counts are runtime arguments, like every size that
+   changes with the batch). Values are first shifted by a per-channel pivot ``x[0, c, 0]`` (exact
+   for values within a factor of two of it), so that a large ``|mean|`` costs no precision in the
+   means the merges subtract; chunk 0's programs write the pivot for the combine. Inside the
+   chunk every lane of the ``[BLOCK_C, BLOCK_M]`` tile keeps its own Welford ``(n, mean, M2)`` (no
+   cross-lane reduction in the loop); the lanes are merged once at the end with Chan's formula::
 
        n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,
        M2 = M2_a + M2_b + d^2 * na * nb / n
 
-2. ``_bn_combine_stats_kernel``, grid ``(cdiv(C, COMB_BLOCK_C),)``: merges the chunk partials in
-   chunk order (deterministic), ``BLOCK_K`` chunks at a time: their pooled mean
-   ``sum(n_k mean_k) / sum(n_k)`` and ``M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)``, merged into
-   the running triple as above; writes ``mean = pivot + mean`` and ``var = M2 / n`` (both ``0``
-   when ``n == 0``), with ``WITH_PENALTY`` ``p_c``, and with ``UPDATE_RUNNING`` the running
-   statistics (``_math.update_running``), so a chunked training forward is 3 launches in all.
+2. ``_bn_combine_stats_kernel``, grid ``(cdiv(C, BLOCK_C),)``: merges the chunk partials in chunk
+   order (deterministic), ``BLOCK_K`` chunks at a time: their pooled mean
+   ``sum(n_k mean_k) / sum(n_k)`` and ``M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)``, merged
+   into the running triple as above; writes ``mean = pivot + mean`` and ``var = M2 / n`` (both
+   ``0`` when ``n == 0``), the penalty (``pen_ptr`` given) and the running statistics
+   (``rmean_ptr`` given; ``_math.update_running``). The partials are read once, here: chunks
+   hold >= ``_config.MIN_CHUNK_POSITIONS`` positions, so they stay within ~3% of the input.
 
 Never ``E[x^2] - E[x]^2``: each merge subtracts means, never sums of squares. All arithmetic in
 ``ACC`` (fp32, or fp64 for fp64 inputs); inputs of any float dtype are converted on load.
@@ -40,51 +39,41 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import BNConfig
-from ._launch import (
-    RUNTIME_SIZES,
-    check_positions,
-    device_guard,
-    ensure_launchable,
-    kernel_ready,
-    layout_config,
-    reduction_tiles,
-    running_args,
-    tl_dtype,
-    vector,
-    view3,
-)
+from . import _plan
+from ._launch import RUNTIME_SIZES, launch_reduction, running_mode
 from ._layout import acc_dtype
-from ._math import aligned, chunk_image_lanes, position_offsets, sigmoid_parts, update_running
+from ._math import aligned, chunk_image_lanes, count_batch, position_offsets, sigmoid_parts, update_running
 
-__all__ = ["bn_batch_stats", "launch_partials", "combine_partials", "finish_stats"]
+__all__ = ["batch_stats", "launch_stats"]
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_partial_stats_kernel(
-    x_ptr,  # [N, C, HW] input, strides (s_xn, s_xc, s_xhw)
-    mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC), row k = chunk k
-    m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
+    x_ptr,  # [N, C, HW] input, strides (s_n, s_c, s_hw)
+    mean_part_ptr,  # [K, C] out: chunk means of x - pivot (ACC), row k = chunk k
+    m2_part_ptr,  # [K, C] out: chunk sums of squared deviations (ACC)
+    count_part_ptr,  # [K] out: positions of chunk k (ACC; written by the first channel block)
     pivot_ptr,  # [C] out (chunk 0's programs): the shift x[0, c, 0] (ACC)
     C,
     HW,
     n_pos,  # N * HW
-    s_xn,
-    s_xc,
-    s_xhw,
-    CHUNK,  # positions per chunk, a multiple of BLOCK_M (runtime: no recompiles per batch size)
+    s_n,
+    s_c,
+    s_hw,
+    CHUNK,  # positions per chunk (flat tiles), or images per chunk (image tiles)
+    SEG,  # row blocks per chunk segment (image tiles)
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    FLAT: tl.constexpr,  # 1: positions evenly spaced by s_xhw
+    FLAT: tl.constexpr,  # 1: positions evenly spaced by s_hw
     ACC: tl.constexpr,
-    BLOCK_HW: tl.constexpr = 0,  # > 0: image tiles, chunks of whole images (unit H*W stride)
-    ALIGN: tl.constexpr = 1,  # divides HW, s_xn, s_xc (image tiles)
+    BLOCK_HW: tl.constexpr,  # > 0: image tiles (unit H*W stride)
+    ALIGN: tl.constexpr,  # divides HW, s_n, s_c (image tiles)
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    c_off = offs_c.to(tl.int64) * aligned(s_xc, ALIGN)
+    c_off = offs_c.to(tl.int64) * aligned(s_c, ALIGN)
     # Every program shifts by the same value, the channel's first element.
     pivot = tl.load(x_ptr + c_off, mask=mask_c, other=0.0).to(ACC)
     if pid_k == 0:
@@ -103,7 +92,7 @@ def _bn_partial_stats_kernel(
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask = mask_c[:, None] & (offs_m < end)[None, :]
-            m_off = position_offsets(offs_m, HW, s_xn, s_xhw, FLAT)
+            m_off = position_offsets(offs_m, HW, s_n, s_hw, FLAT)
             x = tl.load(x_ptr + c_off[:, None] + m_off[None, :], mask=mask, other=0.0).to(ACC)
             x = x - pivot[:, None]
             inv = 1.0 / ((m0 - start) // BLOCK_M + 1).to(ACC)
@@ -113,27 +102,28 @@ def _bn_partial_stats_kernel(
             lane_n += mask.to(ACC)
     else:
         # Image tiles: images [n0, n0 + BLOCK_M // BLOCK_HW) x row block hb of BLOCK_HW
-        # positions, over the chunk's whole images. Lanes past H*W in the last row block
-        # ("short" lanes) skip it, so before step (g, hb) (g-th image group of the chunk) a
-        # lane has seen g * row_blocks + hb values, a short lane g * (row_blocks - 1) + hb:
-        # two scalar divisions per step, still none per element. Lanes of missing images in the
-        # chunk's last group skip all of its steps and are never updated again.
-        hw, row_blocks, n_start, n_end, j_n, j_hw = chunk_image_lanes(pid_k, HW, n_pos, CHUNK, BLOCK_M, BLOCK_HW,
-                                                                            ALIGN)  # fmt: skip
-        full = (row_blocks - 1) * BLOCK_HW + j_hw < hw
-        s_n = aligned(s_xn, ALIGN)
+        # positions, over the chunk's images and row blocks [r0, r1). Lanes past H*W in the last
+        # row block ("short" lanes) skip it, so before step (g, hb) (g-th image group of the
+        # chunk) a lane has seen g * (r1 - r0) + hb - r0 values, a short lane
+        # g * (r1 - r0 - last) + hb - r0: two scalar divisions per step, still none per element.
+        # Lanes of missing images in the chunk's last group skip all of its steps and are never
+        # updated again.
+        hw, r0, r1, last, n_start, n_end, j_n, j_hw = chunk_image_lanes(pid_k, HW, n_pos, CHUNK, SEG, BLOCK_M,
+                                                                        BLOCK_HW, ALIGN)  # fmt: skip
+        full = (tl.cdiv(hw, BLOCK_HW) - 1) * BLOCK_HW + j_hw < hw
+        s_n_al = aligned(s_n, ALIGN)
         for n0 in range(n_start, n_end, BLOCK_M // BLOCK_HW):
             n_idx = n0 + j_n
-            a_off = n_idx.to(tl.int64) * s_n
+            a_off = n_idx.to(tl.int64) * s_n_al
             group = (n0 - n_start) // (BLOCK_M // BLOCK_HW)
-            for hb in range(0, row_blocks):
+            for hb in range(r0, r1):
                 hw_idx = hb * BLOCK_HW + j_hw
                 mask = mask_c[:, None] & ((n_idx < n_end) & (hw_idx < hw))[None, :]
                 x = tl.load(x_ptr + c_off[:, None] + (a_off + hw_idx)[None, :], mask=mask,
                             other=0.0).to(ACC)  # fmt: skip
                 x = x - pivot[:, None]
-                inv_full = 1.0 / (group * row_blocks + hb + 1).to(ACC)
-                inv_short = 1.0 / (group * (row_blocks - 1) + hb + 1).to(ACC)
+                inv_full = 1.0 / (group * (r1 - r0) + hb - r0 + 1).to(ACC)
+                inv_short = 1.0 / (group * (r1 - r0 - last) + hb - r0 + 1).to(ACC)
                 inv = tl.where(full, inv_full, inv_short)
                 delta = tl.where(mask, x - lane_mean, 0.0)
                 lane_mean += delta * inv[None, :]
@@ -148,58 +138,38 @@ def _bn_partial_stats_kernel(
     out = pid_k.to(tl.int64) * C + offs_c
     tl.store(mean_part_ptr + out, mean, mask=mask_c)
     tl.store(m2_part_ptr + out, m2, mask=mask_c)
+    if pid_c == 0:  # channel 0 exists (C >= 1) and saw every position of the chunk
+        tl.store(count_part_ptr + pid_k, tl.sum(tl.where(offs_c == 0, count, 0.0), axis=0))
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _bn_combine_stats_kernel(
     mean_part_ptr,  # [K, C] chunk means of x - pivot (ACC)
     m2_part_ptr,  # [K, C] chunk sums of squared deviations (ACC)
+    count_part_ptr,  # [K] chunk position counts (ACC)
     pivot_ptr,  # [C] the shift of the partial means (zeros when K == 0)
-    w_ptr,  # [C] scale logits (read with WITH_PENALTY)
+    w_ptr,  # [C] scale logits (read for the penalty)
     mean_ptr,  # [C] out: batch mean (ACC)
     var_ptr,  # [C] out: biased batch variance (ACC)
-    pen_ptr,  # [C] out: receding penalty s * (1 - log s) (written with WITH_PENALTY)
-    rmean_ptr,  # [C] running mean, updated in place with UPDATE_RUNNING
-    rvar_ptr,  # [C] running variance, updated in place with UPDATE_RUNNING
-    nbt_ptr,  # [] num_batches_tracked: read with CUMULATIVE, incremented with COUNT
+    pen_ptr,  # [C] out: receding penalty s * (1 - log s); None: no penalty
+    rmean_ptr,  # [C] running mean, updated in place; None: no running statistics
+    rvar_ptr,  # [C] running variance, updated in place (with rmean_ptr)
+    nbt_ptr,  # [] num_batches_tracked (RUNNING 1: incremented, 2: read)
     C,
     K,  # number of chunks
-    n_pos,  # N * HW
     shift,  # penalty shift: s = sigmoid(w + shift)
     momentum,
-    CHUNK,  # positions per chunk (chunk k holds min(CHUNK, n_pos - k*CHUNK))
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    WITH_PENALTY: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,  # needs n_pos >= 1
-    CUMULATIVE: tl.constexpr,  # f = 1 / num_batches_tracked (already incremented)
-    COUNT: tl.constexpr,  # program 0 increments num_batches_tracked
     ACC: tl.constexpr,
+    RUNNING: tl.constexpr,  # _launch.RUNNING_*: 0 momentum, 1 momentum + count, 2 cumulative
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    if COUNT:
-        if pid_c == 0:
-            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    if rmean_ptr is not None:
+        count_batch(nbt_ptr, pid_c, RUNNING)
 
-    count, mean, m2 = combine_partials(mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos,
-                                       CHUNK, BLOCK_C, BLOCK_K, ACC)  # fmt: skip
-    finish_stats(pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
-                 offs_c, mask_c, count, mean, m2, shift, momentum, WITH_PENALTY, UPDATE_RUNNING,
-                 CUMULATIVE, ACC, True)  # fmt: skip
-
-
-@triton.jit
-def combine_partials(
-    mean_part_ptr, m2_part_ptr, offs_c, mask_c, C, K, n_pos, CHUNK,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    """``(count, mean, M2)`` of channels ``offs_c`` from the ``K`` chunk partials, in chunk order.
-
-    ``mean`` is relative to the pivot (the partials' shift). Used by the combine kernel and by
-    the fused normalise-with-combine kernel of the chunked training forward.
-    """
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -207,137 +177,71 @@ def combine_partials(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_k[:, None] & mask_c[None, :]
-        # Count of each chunk; 0 for rows past the last chunk.
-        left = n_pos - offs_k.to(tl.int64) * CHUNK
-        n_k = tl.minimum(tl.maximum(left, 0), CHUNK).to(ACC)
+        n_k = tl.load(count_part_ptr + offs_k, mask=mask_k, other=0.0)
         ptr_off = offs_k.to(tl.int64)[:, None] * C + offs_c[None, :]
         mean_k = tl.load(mean_part_ptr + ptr_off, mask=mask, other=0.0)
         m2_k = tl.load(m2_part_ptr + ptr_off, mask=mask, other=0.0)
-        # Pool these BLOCK_K chunks (nb >= 1: row k0 is a real chunk) ...
+        # Pool these BLOCK_K chunks (a chunk of no positions contributes nothing) ...
         nb = tl.sum(n_k, axis=0)
-        mean_b = tl.sum(n_k[:, None] * mean_k, axis=0) / nb
+        mean_b = tl.sum(n_k[:, None] * mean_k, axis=0) / tl.maximum(nb, 1.0)
         dev = mean_k - mean_b[None, :]
         m2_b = tl.sum(m2_k, axis=0) + tl.sum(n_k[:, None] * dev * dev, axis=0)
         # ... and merge the pool into the running triple (Chan).
         total = count + nb
         delta = mean_b - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2_b + delta * delta * (count * (nb / total))
+        frac = nb / tl.maximum(total, 1.0)
+        mean = mean + delta * frac
+        m2 = m2 + m2_b + delta * delta * (count * frac)
         count = total
-    return count, mean, m2
 
-
-@triton.jit
-def finish_stats(
-    pivot_ptr, w_ptr, mean_ptr, var_ptr, pen_ptr, rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c,
-    count, mean, m2, shift, momentum, WITH_PENALTY: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, STORE: tl.constexpr,
-):  # fmt: skip
-    """``(mean, var)`` (absolute mean, biased variance; 0 for no positions); with ``STORE`` also
-    writes them, the penalty and the running statistics."""
     var = tl.where(count > 0.0, m2 / tl.maximum(count, 1.0), 0.0)
-    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
-    mean = pivot + mean
-    if STORE:
-        tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-        tl.store(var_ptr + offs_c, var, mask=mask_c)
-        if WITH_PENALTY:
-            w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-            s, _, log_s = sigmoid_parts(w + shift)
-            tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
-        if UPDATE_RUNNING:
-            update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, count,
-                           momentum, CUMULATIVE, ACC)  # fmt: skip
-    return mean, var
+    mean = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0) + mean
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, var, mask=mask_c)
+    if pen_ptr is not None:
+        w = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        s, _, log_s = sigmoid_parts(w + shift)
+        tl.store(pen_ptr + offs_c, s * (1.0 - log_s), mask=mask_c)
+    if rmean_ptr is not None:
+        update_running(rmean_ptr, rvar_ptr, nbt_ptr, offs_c, mask_c, mean, var, count, momentum,
+                       RUNNING == 2, ACC)  # fmt: skip
 
 
-def bn_batch_stats(
-    x: Tensor,
-    weight: Tensor | None = None,
-    shift: float = 0.0,
-    with_penalty: bool = False,
-    *,
-    running: tuple[Tensor, Tensor] | None = None,
-    momentum: float | None = 0.1,
-    num_batches_tracked: Tensor | None = None,
-    out: tuple[Tensor, Tensor, Tensor] | None = None,
-    config: BNConfig | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel batch ``mean``, biased ``var`` and receding ``penalty`` of ``x`` ``[N, C, *]``.
+def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tensor, penalty, running, momentum,
+                 num_batches_tracked) -> None:  # fmt: skip
+    """The statistics reduction ``plan`` (an ``_plan.Reduction``: partials + combine) on ``x``
+    (kernel-ready): writes ``mean``, ``var`` (``[C]``, accumulation dtype), ``penalty`` (given:
+    ``[C]``; ``None``: none) and the running statistics."""
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    mean_part, m2_part = _plan.partial_buffers(plan, c, acc, x.device)
+    counts = torch.empty(max(plan.num_chunks, 1), dtype=acc, device=x.device)
+    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
+    pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=x.device)
+    rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
+    launch_reduction(plan, x, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot), _bn_combine_stats_kernel,
+                     (mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt),
+                     (float(shift), 0.0 if momentum is None else float(momentum)), (mode,))  # fmt: skip
+
+
+def batch_stats(x: Tensor, weight: Tensor | None = None, shift: float = 0.0, with_penalty: bool = False, *,
+                config=None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Per-channel batch ``mean``, biased ``var`` and receding ``penalty`` of ``x`` ``[N, C, *]``
+    (the local statistics of ``SyncBoundedBatchNorm2d``; two launches).
 
     ``mean``/``var`` are float32 (float64 for a float64 ``x``), shape ``[C]``; with no positions
-    (``N*H*W == 0``) both are 0. ``penalty`` is ``s * (1 - log s)`` per channel,
-    ``s = sigmoid(weight + shift)``, in the same dtype, when ``with_penalty`` and ``weight`` is
-    given, else an empty ``[0]`` tensor. ``x`` is read in place for NCHW and channels_last.
-    ``out`` (tests) supplies pre-allocated ``[C]`` outputs. With ``running`` (the
-    ``(running_mean, running_var)`` buffers) the combine kernel also updates them in place
-    (``momentum``, or ``1 / num_batches_tracked`` when it is ``None``), and
-    ``num_batches_tracked`` (if given) is incremented; an empty batch moves no statistics but is
-    counted, as in ``nn.BatchNorm2d``.
+    both are 0. ``penalty`` is ``s * (1 - log s)`` per channel, ``s = sigmoid(weight + shift)``,
+    when ``with_penalty`` and ``weight`` is given, else an empty ``[0]`` tensor. Arguments are
+    those the op ``rnip_ext::bounded_bn_stats`` checked.
     """
-    x = kernel_ready(x)
-    weight = vector(weight)
-    num_channels = x.shape[1]
-    n_pos = x.numel() // num_channels if num_channels else 0
+    x, plan = _plan.prepared(x, config)
+    c = x.shape[1]
     acc = acc_dtype(x.dtype)
     penalize = bool(with_penalty) and weight is not None
-    if out is not None:
-        mean, var, penalty = out
-    else:
-        mean = torch.empty(num_channels, dtype=acc, device=x.device)
-        var = torch.empty(num_channels, dtype=acc, device=x.device)
-        penalty = torch.empty(num_channels if penalize else 0, dtype=acc, device=x.device)
-    if num_channels == 0:
-        return mean, var, penalty
-    ensure_launchable(_bn_partial_stats_kernel, x)
-
-    parts = launch_partials(x, config)
-    mean_part, m2_part, pivot, chunk, num_chunks, cfg = parts
-    rm, rv, nbt, mom, update, cumulative, count = running_args(
-        running, momentum, num_batches_tracked, mean, n_pos
-    )
-    with device_guard(x):
-        _bn_combine_stats_kernel[(triton.cdiv(num_channels, cfg.comb_block_c),)](
-            mean_part, m2_part, pivot,
-            weight if penalize else mean,  # any valid pointer when unused
-            mean, var, penalty if penalize else mean,
-            rm, rv, nbt,
-            num_channels, num_chunks, n_pos, float(shift), mom, chunk,
-            BLOCK_C=cfg.comb_block_c, BLOCK_K=cfg.comb_block_k,
-            WITH_PENALTY=int(penalize), UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-            COUNT=count, ACC=tl_dtype(x.dtype), num_warps=4,
-        )  # fmt: skip
+    mean = torch.empty(c, dtype=acc, device=x.device)
+    var = torch.empty(c, dtype=acc, device=x.device)
+    penalty = torch.empty(c if penalize else 0, dtype=acc, device=x.device)
+    if c:
+        launch_stats(plan.stats, x, weight, shift, mean, var, penalty if penalize else None,
+                     None, 0.1, None)  # fmt: skip
     return mean, var, penalty
-
-
-def launch_partials(x: Tensor, config: BNConfig | None):
-    """Launch the chunk-partials kernel on ``x`` (``[N, C, *]``, ``C >= 1``, kernel-ready).
-
-    Returns ``(mean_part, m2_part, pivot, chunk, num_chunks, config)`` for a combine; with no
-    positions nothing is launched (``num_chunks == 0``, pivot zeros).
-    """
-    num_channels = x.shape[1]
-    n_pos = x.numel() // num_channels
-    acc = acc_dtype(x.dtype)
-    xv = view3(x)
-    flat, cfg = layout_config([xv], num_channels, config)
-    num_cblocks = triton.cdiv(num_channels, cfg.block_c)
-    flat, block_hw, align, _, chunk, num_chunks = reduction_tiles(
-        [xv], x, num_channels, n_pos, flat, cfg, num_cblocks)  # fmt: skip
-    check_positions(n_pos, chunk)
-    # At least one row, so that the combine kernel never gets a zero-size buffer.
-    mean_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
-    m2_part = torch.empty((max(num_chunks, 1), num_channels), dtype=acc, device=x.device)
-    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
-    pivot = (torch.empty if num_chunks else torch.zeros)(num_channels, dtype=acc, device=x.device)
-    hw = n_pos // x.shape[0] if x.shape[0] else 0
-    if num_chunks:
-        with device_guard(x):
-            _bn_partial_stats_kernel[(num_chunks, num_cblocks)](
-                x, mean_part, m2_part, pivot,
-                num_channels, hw, n_pos,
-                *xv.strides(flat), chunk,
-                BLOCK_C=cfg.block_c, BLOCK_M=cfg.red_block_m, FLAT=int(flat),
-                ACC=tl_dtype(x.dtype), BLOCK_HW=block_hw, ALIGN=align, num_warps=cfg.num_warps,
-            )  # fmt: skip
-    return mean_part, m2_part, pivot, chunk, num_chunks, cfg

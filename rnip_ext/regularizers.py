@@ -171,8 +171,7 @@ class RecedingRegularizer:
             )
         weights = self._cost_weights(model, named)  # may raise: nothing changed yet
         for m in self.layers:
-            m._receding_shift = None
-            m._recorded_penalty = None
+            m.attach_penalty(None)
         self.layers = [m for _, m in named]
         self.names = [n for n, _ in named]
         self.weights = weights
@@ -182,8 +181,7 @@ class RecedingRegularizer:
                 self._focus = None
         self._layout_cache = None
         for m in self.layers:
-            m._receding_shift = self.shift if self.uses_fused_record else None
-            m._recorded_penalty = None
+            m.attach_penalty(self.shift if self.uses_fused_record else None)
         return self
 
     def _widths(self) -> dict[str, int]:
@@ -265,7 +263,7 @@ class RecedingRegularizer:
         layers = self.layers
         logits = [_logit(m) for m in layers]
         if self.uses_fused_record:
-            terms = [m.take_recorded_penalty(self.shift) if m._recorded_penalty is not None else None for m in layers]
+            terms = [m.take_recorded_penalty(self.shift) for m in layers]
             if any(t is not None for t in terms):
                 # Layers without a record (rare: e.g. the first step after eval) go eagerly.
                 terms = [RF.receding_penalty_per_channel(w, self.shift) if t is None else t for t, w in zip(terms, logits)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,11 +13,25 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as RF
 from .._backend import BACKENDS, resolve_backend
+from ..ops import bounded_bn as ops_bn
 
 # torch 2.13 gave _NormBase a keyword-only ``bias``; older releases (2.6-2.12) always add a shift.
 _NORMBASE_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 __all__ = ["BoundedBatchNorm2d"]
+
+
+def _stamp(t: Tensor | None):
+    """What identifies a tensor's current values for a cache: storage and in-place version."""
+    return None if t is None else (t.data_ptr(), t._version)
+
+
+class _PenaltyRecord(NamedTuple):
+    """A fused forward's per-channel penalty, valid for one ``shift`` and one weight version."""
+
+    shift: float
+    penalty: Tensor
+    weight_version: int
 
 
 class BoundedBatchNorm2d(_NormBase):
@@ -55,9 +70,12 @@ class BoundedBatchNorm2d(_NormBase):
             eager PyTorch otherwise), ``"triton"`` or ``"eager"``; ``None`` (default) defers to
             the ``RNIP_BACKEND`` environment variable, itself ``auto`` by default.
 
-    On the Triton path, when a :class:`~rnip_ext.RecedingRegularizer` is attached, the forward
-    pass also yields this layer's per-channel penalty and the backward pass adds its gradient
-    into ``d(weight)`` inside the same kernel (see the regulariser).
+    Penalty attachment: on the Triton path, when a penalty is attached (:meth:`attach_penalty`,
+    which :class:`~rnip_ext.RecedingRegularizer` calls), each training forward also yields this
+    layer's per-channel receding penalty ``s (1 - log s)``, ``s = sigmoid(weight + shift)``, kept
+    for one :meth:`take_recorded_penalty`, and the backward pass adds its gradient into
+    ``d(weight)`` inside the same kernel. The attachment is not copied (``deepcopy``, pickling)
+    and carries over when :func:`~rnip_ext.convert_sync_batchnorm` swaps the class.
     """
 
     _version = 2
@@ -98,10 +116,10 @@ class BoundedBatchNorm2d(_NormBase):
                 # none (a None entry in _parameters, so state_dict has no "bias" key).
                 self.bias = None
         self.backend = backend
-        # Set by RecedingRegularizer: the shift of the penalty the fused path computes, and the
-        # latest per-channel penalty it recorded, (shift, tensor), consumed by the regulariser.
+        # The penalty attachment (attach_penalty): the shift the fused path computes the penalty
+        # with, and the latest record, consumed by take_recorded_penalty.
         self._receding_shift: float | None = None
-        self._recorded_penalty: tuple[float, Tensor] | None = None
+        self._recorded_penalty: _PenaltyRecord | None = None
 
     def __getstate__(self):
         # Copies (deepcopy, pickle, pruning) are not bound to the original's regulariser, and a
@@ -109,6 +127,7 @@ class BoundedBatchNorm2d(_NormBase):
         state = super().__getstate__()
         state["_receding_shift"] = None
         state["_recorded_penalty"] = None
+        state.pop("_eval_cache", None)
         return state
 
     def __setstate__(self, state):
@@ -116,6 +135,29 @@ class BoundedBatchNorm2d(_NormBase):
         state.setdefault("_receding_shift", None)
         state.setdefault("_recorded_penalty", None)
         super().__setstate__(state)
+
+    # -- penalty attachment --------------------------------------------------------------------
+
+    def attach_penalty(self, shift: float | None) -> None:
+        """Compute the receding penalty with ``shift`` in each fused training forward (``None``:
+        detach). Any recorded penalty is dropped. The owner (e.g. a regulariser) then reads each
+        forward's record with :meth:`take_recorded_penalty`."""
+        if shift is not None:
+            shift = float(shift)
+            if not math.isfinite(shift):
+                raise ValueError(f"shift must be finite, got {shift}")
+        self._receding_shift = shift
+        self._recorded_penalty = None
+
+    @property
+    def penalty_shift(self) -> float | None:
+        """The attached penalty's shift (:meth:`attach_penalty`), or ``None`` when detached."""
+        return self._receding_shift
+
+    @property
+    def has_recorded_penalty(self) -> bool:
+        """Whether the last forward left a penalty record not yet taken."""
+        return self._recorded_penalty is not None
 
     def take_recorded_penalty(self, shift: float) -> Tensor | None:
         """The per-channel penalty the last fused forward computed for ``shift``, once (else None).
@@ -127,9 +169,9 @@ class BoundedBatchNorm2d(_NormBase):
         if record is None:  # the eager path's every step: no nn.Module.__setattr__ call
             return None
         self._recorded_penalty = None
-        if record[0] != shift or record[2] != self.weight._version:
+        if record.shift != shift or record.weight_version != self.weight._version:
             return None
-        return record[1]
+        return record.penalty
 
     def _wants_penalty(self) -> bool:
         """Whether this training forward should return the attached regulariser's penalty."""
@@ -142,7 +184,7 @@ class BoundedBatchNorm2d(_NormBase):
         )
 
     def _record_penalty(self, shift: float, penalty: Tensor) -> None:
-        self._recorded_penalty = (shift, penalty, self.weight._version)
+        self._recorded_penalty = _PenaltyRecord(shift, penalty, self.weight._version)
 
     def extra_repr(self) -> str:
         # Written here so the repr names the shift on every torch (2.13's _NormBase does, older
@@ -204,18 +246,6 @@ class BoundedBatchNorm2d(_NormBase):
                 "parameters: convert the layer with .to(dtype) or the input"
             )
 
-    def _running_stats_factor(self) -> float:
-        """Count this batch and return the running-statistics factor (``1/n`` when momentum is None)."""
-        momentum = self.momentum
-        factor = 0.0 if momentum is None else momentum
-        if self.training and self.track_running_stats:
-            tracked = self._fast_attr("num_batches_tracked")
-            if tracked is not None:
-                tracked.add_(1)
-                if momentum is None:
-                    factor = 1.0 / float(tracked)
-        return factor
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         # A record is valid only for the forward that made it: drop the previous one (and the
@@ -225,26 +255,87 @@ class BoundedBatchNorm2d(_NormBase):
             self._recorded_penalty = None
         if resolve_backend(input, self.backend) == "triton":
             return self._forward_triton(input)
-        factor = self._running_stats_factor()
         get = self._fast_attr
         running_mean, running_var = get("running_mean"), get("running_var")
-        # Batch statistics in training, and in eval when there are no running buffers.
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        # Pass the buffers only where they are read (eval) or updated (training with tracking).
-        if self.training and not self.track_running_stats:
-            running_mean = running_var = None
-        return RF.bounded_batch_norm(
-            input, running_mean, running_var, get("weight"), get("bias"),
-            use_batch_stats, factor, self.eps,
-        )  # fmt: skip
+        if not (self.training and self.track_running_stats):
+            if (not self.training and running_mean is not None and input.dtype == running_mean.dtype
+                    and self._no_graph(input)):  # fmt: skip
+                return self._forward_folded(input, running_mean, running_var)
+            # Batch statistics in training, and in eval when there are no running buffers; the
+            # buffers are passed only where they are read (eval).
+            use_batch_stats = self.training or (running_mean is None and running_var is None)
+            if self.training:
+                running_mean = running_var = None
+            return RF.bounded_batch_norm(input, running_mean, running_var, get("weight"), get("bias"),
+                                         use_batch_stats, 0.0, self.eps)  # fmt: skip
+        tracked = get("num_batches_tracked")
+        if tracked is not None:
+            tracked.add_(1)
+            if self.momentum is None:
+                return self._forward_cumulative(input, running_mean, running_var, tracked)
+        return RF.bounded_batch_norm(input, running_mean, running_var, get("weight"), get("bias"), True,
+                                     0.0 if self.momentum is None else self.momentum, self.eps)  # fmt: skip
+
+    def _no_graph(self, input: Tensor) -> bool:
+        """Whether this forward builds no autograd graph (so eval may use the folded map; an
+        input of the parameters' dtype is the caller's other condition: mixed precision keeps
+        ``F.batch_norm``'s rounding)."""
+        if not torch.is_grad_enabled():
+            return True
+        return not (input.requires_grad or any(p.requires_grad for p in self._parameters.values() if p is not None))
+
+    def _forward_folded(self, input: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+        """Eval as one affine map ``y = x * A + B``, ``A = sigmoid(w) / sqrt(running_var + eps)``,
+        ``B = b - running_mean * A``, folded once and reused until a parameter or buffer changes
+        (its storage or its in-place version counter; a training step moves
+        ``num_batches_tracked``) or ``eps`` does. The map runs as whichever CPU kernel is faster
+        for the layout (measured, benchmarks/bn_speed.py): ``F.batch_norm``'s inference kernel
+        with the folded scale and shift (mean 0, variance 1, eps 0: exactly ``x * A + B``) for
+        NCHW, a broadcast ``addcmul`` for channels_last."""
+        get = self._fast_attr
+        weight, bias, tracked = get("weight"), get("bias"), get("num_batches_tracked")
+        # The running buffers change in place inside batch-norm kernels, which do not bump their
+        # version counters; every such training step increments num_batches_tracked, which does.
+        # Storage pointers catch replaced data (.to(), .data = ...); one key, built flat (this
+        # runs every eval call).
+        key = (self.eps, _stamp(weight), _stamp(bias), _stamp(running_mean), _stamp(running_var), _stamp(tracked))
+        cached = self.__dict__.get("_eval_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                scale = torch.rsqrt(running_var + self.eps)
+                if weight is not None:
+                    scale = scale * torch.sigmoid(weight)
+                shift = -running_mean * scale
+                if bias is not None:
+                    shift = shift + bias
+                cached = (key, scale, shift, torch.zeros_like(scale), torch.ones_like(scale))
+            self.__dict__["_eval_cache"] = cached
+        _, scale, shift, zero, one = cached
+        if input.is_contiguous():
+            return torch.batch_norm(input, scale, shift, zero, one, False, 0.0, 0.0, False)
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        return torch.addcmul(shift.view(view), input, scale.view(view))
+
+    def _forward_cumulative(self, input: Tensor, running_mean: Tensor, running_var: Tensor, tracked: Tensor):
+        """Training with ``momentum=None`` (running = cumulative average, ``f = 1 / count``)
+        without a host synchronisation: ``F.batch_norm`` with ``momentum=1`` writes the batch
+        statistics (mean, unbiased variance) into zeroed scratch buffers in the same pass, and the
+        running buffers move towards them by ``f``, a device tensor -- never ``float(count)``."""
+        batch_mean = torch.zeros_like(running_mean)
+        batch_var = torch.zeros_like(running_var)
+        get = self._fast_attr
+        y = RF.bounded_batch_norm(input, batch_mean, batch_var, get("weight"), get("bias"), True, 1.0, self.eps)
+        with torch.no_grad():
+            factor = tracked.to(running_mean.dtype).reciprocal()  # count >= 1: just incremented
+            running_mean.lerp_(batch_mean, factor)
+            running_var.lerp_(batch_var, factor)
+        return y
 
     def _forward_triton(self, input: Tensor) -> Tensor:
-        """The fused kernels; running statistics are updated here, outside the autograd op."""
-        from ..ops import bounded_bn
-
+        """The fused kernels (``rnip_ext.ops``); running statistics are updated inside them."""
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
-            return bounded_bn.bounded_batch_norm_eval(
+            return ops_bn.bounded_batch_norm_eval(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         if input.numel() == input.shape[1]:  # F.batch_norm's rule, which the kernels do not check
@@ -256,7 +347,7 @@ class BoundedBatchNorm2d(_NormBase):
         # Running statistics and num_batches_tracked are updated inside the op's kernels (no
         # host sync, no per-step host-to-device copy, no extra launches).
         track = self.training and self.track_running_stats
-        y, _, _, penalty = bounded_bn.bounded_batch_norm_train(
+        y, _, _, penalty = ops_bn.bounded_batch_norm_train(
             input, self.weight, self.bias, self.eps, shift, with_penalty,
             self.running_mean if track else None,
             self.running_var if track else None,

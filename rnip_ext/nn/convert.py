@@ -52,8 +52,7 @@ def _swap_class(old: BoundedBatchNorm2d, cls: type, **extra) -> BoundedBatchNorm
         setattr(new, name, old._buffers[name])
     new.train(old.training)
     # The regulariser's attachment travels with the layer (the shift the fused path computes).
-    new._receding_shift = old._receding_shift
-    new._recorded_penalty = None
+    new.attach_penalty(old.penalty_shift)
     return new
 
 

@@ -101,9 +101,9 @@ class _SyncBoundedBN(torch.autograd.Function):
         n_local = x.numel() // num_channels
         penalty = x.new_empty(0, dtype=acc)
         if use_triton and n_local > 0:
-            from ..kernels.bn_stats import bn_batch_stats
-
-            mean_l, var_l, pen = bn_batch_stats(x, weight, 0.0 if shift is None else shift, shift is not None)
+            # The same custom ops as the local layer (rnip_ext.ops), around the collectives.
+            mean_l, var_l, pen = torch.ops.rnip_ext.bounded_bn_stats(x, weight, 0.0 if shift is None else shift,
+                                                                     shift is not None)  # fmt: skip
             m2_l = var_l * n_local
             if shift is not None:
                 penalty = pen
@@ -117,9 +117,7 @@ class _SyncBoundedBN(torch.autograd.Function):
         var = m2 / n.clamp_min(1)
         invstd = torch.rsqrt(var + eps)
         if use_triton and n_local > 0:
-            from ..kernels.bn_normalize import bn_normalize
-
-            y = bn_normalize(x, mean, var, weight, bias, eps)
+            y = torch.ops.rnip_ext.bounded_bn_eval(x, mean, var, weight, bias, eps)  # given statistics
         else:
             # Normalising with given statistics is the eager reference in eval form.
             y = RF.bounded_batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
@@ -171,21 +169,19 @@ class _SyncBoundedBN(torch.autograd.Function):
 
 
 def _triton_backward(ctx, dy, dpenalty, x, weight, mean, var, n):
-    """``(dx, dw, db)`` through the Triton kernels: partial sums + combine (local ``dw``/``db``
-    with the penalty gradient fused), one ``all_reduce`` of the ``[2, C]`` sums, then ``dx``."""
-    from ..kernels.bn_backward import bn_backward_dx, bn_backward_sums
-
+    """``(dx, dw, db)`` through the bounded-BN ops: local sums (partials + combine: local
+    ``dw``/``db`` with the penalty gradient fused), one ``all_reduce`` of the ``[2, C]`` sums, then
+    ``dx`` from the global means."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     penalized = ctx.shift is not None and dpenalty is not None and dpenalty.numel() > 0
     g = dpenalty if (need_w and penalized) else None
-    sums = torch.empty((2, x.shape[1]), dtype=mean.dtype, device=x.device)
-    dw, db = bn_backward_sums(dy, x, mean, var, weight, g, ctx.eps,
-                              0.0 if ctx.shift is None else ctx.shift, sums, need_w, need_b)  # fmt: skip
+    sums, dw, db = torch.ops.rnip_ext.bounded_bn_backward_sums(
+        dy, x, mean, var, weight, g, ctx.eps, 0.0 if ctx.shift is None else ctx.shift, [need_w, need_b])
     dx = None
     if need_x:
         dist.all_reduce(sums, group=ctx.group)  # global sum(dy), sum(dy * xhat)
         sums.div_(n.clamp_min(1))
-        dx = bn_backward_dx(dy, x, mean, var, weight, sums, ctx.eps)
+        dx = torch.ops.rnip_ext.bounded_bn_backward_dx(dy, x, mean, var, weight, sums, ctx.eps)
     return (
         dx,
         dw.to(weight.dtype) if need_w else None,
@@ -221,11 +217,12 @@ class SyncBoundedBatchNorm2d(BoundedBatchNorm2d):
     :class:`BoundedBatchNorm2d`: running statistics in eval mode, or local batch statistics in
     eval mode with ``track_running_stats=False`` (as ``nn.SyncBatchNorm`` does).
 
-    Backends: on the Triton path the local statistics and the penalty come from the statistics
-    kernel and the output from the normalise kernel; the backward runs the partial-sums and
-    combine kernels (local ``dw``/``db``, the receding regulariser's gradient fused into
-    ``d(weight)``), one ``all_reduce`` of the ``[2, C]`` sums, and the ``dx`` kernel with the
-    global means (a rank with an empty local batch still joins the all-reduce, in PyTorch). The eager path
+    Backends: on the Triton path every computation is a ``rnip_ext.ops`` custom op (the local
+    layer's): the local statistics and the penalty come from ``bounded_bn_stats`` and the output
+    from ``bounded_bn_eval`` with the global statistics; the backward runs
+    ``bounded_bn_backward_sums`` (local ``dw``/``db``, the receding regulariser's gradient fused
+    into ``d(weight)``), one ``all_reduce`` of the ``[2, C]`` sums, and ``bounded_bn_backward_dx``
+    with the global means (a rank with an empty local batch still joins the all-reduce, in PyTorch). The eager path
     computes everything with PyTorch and leaves the penalty to the regulariser's eager fallback.
 
     Under DDP every rank adds the full ``reg()`` to its loss: DDP averages gradients over ranks, so

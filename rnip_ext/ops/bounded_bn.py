@@ -15,6 +15,17 @@ and the first two with an autograd formula that calls the third::
                                   Tensor? penalty_grad, float eps, float shift, bool training,
                                   bool[] output_mask) -> (Tensor dx, Tensor dw, Tensor db)
 
+and, for ``SyncBoundedBatchNorm2d`` (whose ``autograd.Function`` puts its collectives between
+them; no autograd formula of their own)::
+
+    rnip_ext::bounded_bn_stats(Tensor x, Tensor? weight, float shift, bool with_penalty)
+        -> (Tensor mean, Tensor var, Tensor penalty)                 (local statistics)
+    rnip_ext::bounded_bn_backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var,
+        Tensor? weight, Tensor? penalty_grad, float eps, float shift, bool[] output_mask)
+        -> (Tensor sums, Tensor dw, Tensor db)     (sums [2, C]: sum(dy), sum(dy * xhat))
+    rnip_ext::bounded_bn_backward_dx(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight,
+        Tensor means, float eps) -> Tensor dx     (means [2, C]: the global mean gradients)
+
 with ``y = sigmoid(weight) * (x - mean) / sqrt(var + eps) + bias`` per channel of ``x [N, C, *]``
 and ``penalty = s * (1 - log s)``, ``s = sigmoid(weight + shift)`` (see ``rnip_ext.functional``).
 
@@ -42,126 +53,49 @@ gradient). ``bounded_bn_backward`` returns empty ``[0]`` tensors for the gradien
 ``output_mask`` (``[dx, dw, db]``) does not ask for; ``dw``/``db`` come in the statistics dtype.
 Double backward is not supported.
 
-Paths: ``rnip_ext.kernels.bn_train`` runs a training step single-pass (one launch each way) when
-a channel block's whole ``N*H*W`` slice fits on chip, else chunked (``kernels/_config.py``).
+Paths: ``rnip_ext.kernels.train_forward`` runs a training step single-pass (one launch each way)
+when a channel block's whole ``N*H*W`` slice fits on chip, else chunked (``kernels/_config.py``).
 
-The ops need Triton (imported lazily: this module imports without it, and raises a
-``RuntimeError`` naming ``pip install triton`` only when an op actually runs). On CPU tensors they
-need the Triton interpreter (``TRITON_INTERPRET=1`` before ``rnip_ext.kernels`` is imported).
+Arguments are checked here, once, for the real and the fake kernels alike (``_checks``); the
+kernels' launchers assume them valid. The ops need Triton (imported lazily: this module imports
+without it, and raises a ``RuntimeError`` naming ``pip install triton`` only when an op actually
+runs). On CPU tensors they need the Triton interpreter (``TRITON_INTERPRET=1`` before
+``rnip_ext.kernels`` is imported).
 """
 
-import importlib
-import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import kernels
 from .._backend import require_triton
-from ..kernels._layout import FLOAT_DTYPES, acc_dtype, alloc_like
+from ..kernels._layout import acc_dtype, alloc_like
+from ._checks import check_backward, check_dx, check_eval, check_stats, check_sums, check_train
 
 __all__ = [
     "bounded_bn_train",
     "bounded_bn_train_update",
     "bounded_bn_eval",
     "bounded_bn_backward",
+    "bounded_bn_stats",
+    "bounded_bn_backward_sums",
+    "bounded_bn_backward_dx",
     "bounded_batch_norm_train",
     "bounded_batch_norm_eval",
 ]
 
 
-def _kernels():
-    """The launcher modules, importing Triton on first use."""
+def _kernels(x: Tensor):
+    """``rnip_ext.kernels`` (importing Triton on first use), after checking it can run on ``x``."""
     require_triton()
-    return (
-        importlib.import_module("rnip_ext.kernels.bn_train"),
-        importlib.import_module("rnip_ext.kernels.bn_normalize"),
-    )
+    kernels.check_device(x)
+    return kernels
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks, shared by the real and the fake kernels (so tracing fails as running would).
-
-
-def _check_input(x: Tensor, name: str = "x") -> None:
-    if x.dim() < 2:
-        raise ValueError(
-            f"{name} must have shape [N, C, *] (at least 2 dims), got {tuple(x.shape)}"
-        )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-
-
-def _check_channel_vector(t: Optional[Tensor], name: str, x: Tensor) -> None:
-    if t is None:
-        return
-    if t.dim() != 1 or t.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"{name} must have shape [C] = [{x.shape[1]}] for x of shape {tuple(x.shape)}, "
-            f"got {tuple(t.shape)}"
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-
-def _check_scalars(eps: float, shift: float = 0.0) -> None:
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if not math.isfinite(shift):
-        raise ValueError(f"shift must be finite, got {shift}")
-
-
-def _check_train(x, weight, bias, eps, shift, running_mean=None, running_var=None,
-                 num_batches_tracked=None, momentum=0.1) -> None:  # fmt: skip
-    _check_input(x)
-    _check_channel_vector(weight, "weight", x)
-    _check_channel_vector(bias, "bias", x)
-    _check_scalars(eps, shift)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    _check_channel_vector(running_mean, "running_mean", x)
-    _check_channel_vector(running_var, "running_var", x)
-    if num_batches_tracked is not None and (
-        num_batches_tracked.numel() != 1 or num_batches_tracked.device != x.device
-    ):
-        raise ValueError("num_batches_tracked must be a one-element tensor on x's device")
-    if momentum is None:
-        if running_mean is not None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    elif not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-
-
-def _check_eval(x, running_mean, running_var, weight, bias, eps) -> None:
-    _check_input(x)
-    _check_channel_vector(running_mean, "running_mean", x)
-    _check_channel_vector(running_var, "running_var", x)
-    _check_channel_vector(weight, "weight", x)
-    _check_channel_vector(bias, "bias", x)
-    _check_scalars(eps)
-
-
-def _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask) -> None:
-    _check_input(x)
-    _check_input(dy, "dy")
-    if dy.shape != x.shape or dy.device != x.device:
-        raise ValueError(
-            f"dy must match x in shape and device: got {tuple(dy.shape)} on {dy.device} "
-            f"for x {tuple(x.shape)} on {x.device}"
-        )
-    _check_channel_vector(mean, "mean", x)
-    _check_channel_vector(var, "var", x)
-    _check_channel_vector(weight, "weight", x)
-    _check_channel_vector(penalty_grad, "penalty_grad", x)
-    _check_scalars(eps, shift)
-    if len(output_mask) != 3:
-        raise ValueError(f"output_mask must hold 3 booleans (dx, dw, db), got {list(output_mask)}")
-    if output_mask[1] and weight is None:
-        raise ValueError("output_mask asks for dw but weight is None")
-    if penalty_grad is not None and weight is None:
-        raise ValueError("penalty_grad given but weight is None (the penalty needs a weight)")
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A ``[C]`` input as the kernels index it: unit stride (a no-op for parameters and buffers)."""
+    return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
 
 
 def _stats_like(x: Tensor, size) -> Tensor:
@@ -182,9 +116,8 @@ def bounded_bn_train(
     with_penalty: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bounded BN on batch statistics: ``(y, mean, var, penalty)`` (see the module docstring)."""
-    _check_train(x, weight, bias, eps, shift)
-    train, _ = _kernels()
-    return train.train_forward(x, weight, bias, eps, shift, with_penalty)
+    check_train(x, weight, bias, eps, shift)
+    return _kernels(x).train_forward(x, _vec(weight), _vec(bias), eps, shift, with_penalty)
 
 
 @torch.library.custom_op(
@@ -209,30 +142,22 @@ def bounded_bn_train_update(
     :func:`bounded_batch_norm_train`, whose ``autograd.Function`` pairs it with
     ``bounded_bn_backward``.
     """
-    _check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked,
-                 momentum)  # fmt: skip
-    train, _ = _kernels()
+    check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked, momentum)
     running = None if running_mean is None else (running_mean, running_var)
-    if running is None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        num_batches_tracked = None
-    return train.train_forward(
-        x, weight, bias, eps, shift, with_penalty, running=running, momentum=momentum,
-        num_batches_tracked=num_batches_tracked,
-    )  # fmt: skip
+    return _kernels(x).train_forward(x, _vec(weight), _vec(bias), eps, shift, with_penalty, running=running,
+                                     momentum=momentum, num_batches_tracked=num_batches_tracked)  # fmt: skip
 
 
 @bounded_bn_train_update.register_fake
 def _bounded_bn_train_update_fake(x, weight, bias, eps, shift, with_penalty, running_mean,
                                   running_var, num_batches_tracked, momentum):  # fmt: skip
-    _check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked,
-                 momentum)  # fmt: skip
+    check_train(x, weight, bias, eps, shift, running_mean, running_var, num_batches_tracked, momentum)
     return _bounded_bn_train_fake(x, weight, bias, eps, shift, with_penalty)
 
 
 @bounded_bn_train.register_fake
 def _bounded_bn_train_fake(x, weight, bias, eps, shift, with_penalty):
-    _check_train(x, weight, bias, eps, shift)
+    check_train(x, weight, bias, eps, shift)
     num_channels = x.shape[1]
     penalized = with_penalty and weight is not None
     return (
@@ -291,14 +216,13 @@ def bounded_bn_eval(
     eps: float,
 ) -> Tensor:
     """Bounded BN on running statistics (constants): one elementwise pass."""
-    _check_eval(x, running_mean, running_var, weight, bias, eps)
-    _, normalize = _kernels()
-    return normalize.bn_normalize(x, running_mean, running_var, weight, bias, eps)
+    check_eval(x, running_mean, running_var, weight, bias, eps)
+    return _kernels(x).normalize(x, _vec(running_mean), _vec(running_var), _vec(weight), _vec(bias), eps)
 
 
 @bounded_bn_eval.register_fake
 def _bounded_bn_eval_fake(x, running_mean, running_var, weight, bias, eps):
-    _check_eval(x, running_mean, running_var, weight, bias, eps)
+    check_eval(x, running_mean, running_var, weight, bias, eps)
     return alloc_like(x)
 
 
@@ -348,18 +272,16 @@ def bounded_bn_backward(
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)`` of bounded BN, the penalty gradient ``g * dR/dw`` fused into ``dw``."""
-    _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
-    train, _ = _kernels()
-    return train.train_backward(
-        dy, x, mean, var, weight, penalty_grad, eps, shift, training, tuple(output_mask)
-    )
+    check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    return _kernels(x).train_backward(dy, x, _vec(mean), _vec(var), _vec(weight), penalty_grad, eps, shift,
+                                      training, tuple(output_mask))  # fmt: skip
 
 
 @bounded_bn_backward.register_fake
 def _bounded_bn_backward_fake(
     dy, x, mean, var, weight, penalty_grad, eps, shift, training, output_mask
 ):
-    _check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    check_backward(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
     num_channels = x.shape[1]
     need_dx, need_dw, need_db = output_mask
     return (
@@ -367,6 +289,60 @@ def _bounded_bn_backward_fake(
         _stats_like(x, num_channels if need_dw else 0),
         _stats_like(x, num_channels if need_db else 0),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of SyncBoundedBatchNorm2d: local statistics, local sums, dx from global means.
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_stats", mutates_args=())
+def bounded_bn_stats(x: Tensor, weight: Optional[Tensor], shift: float, with_penalty: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """This process's batch ``(mean, var, penalty)`` (``var`` biased; ``penalty`` empty unless
+    ``with_penalty`` and ``weight``); zeros without positions."""
+    check_stats(x, weight, shift)
+    return _kernels(x).batch_stats(x, _vec(weight), shift, with_penalty)
+
+
+@bounded_bn_stats.register_fake
+def _bounded_bn_stats_fake(x, weight, shift, with_penalty):
+    check_stats(x, weight, shift)
+    c = x.shape[1]
+    return _stats_like(x, c), _stats_like(x, c), _stats_like(x, c if with_penalty and weight is not None else 0)
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_backward_sums", mutates_args=())
+def bounded_bn_backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                             penalty_grad: Optional[Tensor], eps: float, shift: float,
+                             output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(sums, dw, db)``: ``sums`` ``[2, C]`` = local ``sum(dy)``, ``sum(dy * xhat)`` (``xhat`` from
+    the given, global, statistics) and the local ``dw`` (penalty gradient fused) and ``db``
+    (``output_mask = [dw, db]``; empty when not asked)."""
+    check_sums(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    return _kernels(x).backward_sums(dy, x, _vec(mean), _vec(var), _vec(weight), penalty_grad, eps, shift,
+                                     bool(output_mask[0]), bool(output_mask[1]))  # fmt: skip
+
+
+@bounded_bn_backward_sums.register_fake
+def _bounded_bn_backward_sums_fake(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask):
+    check_sums(dy, x, mean, var, weight, penalty_grad, eps, shift, output_mask)
+    c = x.shape[1]
+    return (x.new_empty((2, c), dtype=acc_dtype(x.dtype)), _stats_like(x, c if output_mask[0] else 0),
+            _stats_like(x, c if output_mask[1] else 0))  # fmt: skip
+
+
+@torch.library.custom_op("rnip_ext::bounded_bn_backward_dx", mutates_args=())
+def bounded_bn_backward_dx(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], means: Tensor,
+                           eps: float) -> Tensor:  # fmt: skip
+    """``dx = sigmoid(w) invstd (dy - means[0] - xhat means[1])`` with given (global) means of
+    ``dy`` and ``dy * xhat``."""
+    check_dx(dy, x, mean, var, weight, means, eps)
+    return _kernels(x).backward_dx(dy, x, _vec(mean), _vec(var), _vec(weight), means.contiguous(), eps)
+
+
+@bounded_bn_backward_dx.register_fake
+def _bounded_bn_backward_dx_fake(dy, x, mean, var, weight, means, eps):
+    check_dx(dy, x, mean, var, weight, means, eps)
+    return alloc_like(x)
 
 
 # ---------------------------------------------------------------------------------------------

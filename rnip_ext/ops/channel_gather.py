@@ -18,8 +18,9 @@ duplicated indices accumulate (``None`` indices skip their step)::
     grad_src = zeros(src.shape).index_add(0, out_index, g)
 
 ``channel_gather_many`` does the same for a list of tensors in one call: one ``at::parallel_for``
-over all of them on CPU, one kernel launch per element size on CUDA. It is meant for pruning a whole
-model at once.
+over all of them on CPU, on CUDA one kernel launch per element size and 15 tensors (their
+descriptors passed by value: nothing staged or copied, so a call can be captured in a CUDA graph).
+It is meant for pruning a whole model at once.
 
 The compiled op (``rnip_ext._C``, ``torch.ops.rnip_ext.channel_gather[_many]``) is used when it
 loaded (:data:`HAS_C_EXT`) and has a kernel for the tensor's device; otherwise, or with
@@ -264,8 +265,9 @@ def channel_gather(
             :class:`ValueError` otherwise. On CUDA this costs one host synchronisation. With
             ``False`` the values are still refused where the copy runs, less politely: by the C++
             CPU kernel (the same ValueError), by ``index_select`` in the fallback (IndexError),
-            and by the CUDA kernel with a device-side trap (like ``index_select``'s device
-            assert) that leaves the CUDA context unusable.
+            and by the CUDA kernel with a failed device assertion (as ``index_select``'s:
+            ``cudaErrorAssert`` at the next synchronisation, which leaves the CUDA context
+            unusable).
 
     Raises:
         TypeError: a non-tensor argument or an index that is not int64/int32.

@@ -23,12 +23,37 @@ from rnip_ext._backend import triton_available  # noqa: E402
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 if triton_available():
+    from rnip_ext.kernels import _plan, bn_train
     from rnip_ext.kernels._config import BNConfig, bn_config, plan_chunks
-    from rnip_ext.kernels.bn_backward import bn_backward
-    from rnip_ext.kernels.bn_chunked import bn_forward_chunked
-    from rnip_ext.kernels.bn_normalize import bn_normalize
-    from rnip_ext.kernels.bn_single import bn_backward_single, bn_forward_single
-    from rnip_ext.kernels.bn_stats import bn_batch_stats
+    from rnip_ext.kernels._layout import acc_dtype, geometry, kernel_ready
+    from rnip_ext.kernels.bn_backward import backward_chunked as bn_backward
+    from rnip_ext.kernels.bn_normalize import normalize as bn_normalize
+    from rnip_ext.kernels.bn_single import backward_single as bn_backward_single
+    from rnip_ext.kernels.bn_single import forward_single as bn_forward_single
+    from rnip_ext.kernels.bn_stats import launch_stats
+
+    def bn_batch_stats(x, weight=None, shift=0.0, with_penalty=False, *, running=None, momentum=0.1,
+                       num_batches_tracked=None, out=None, config=None):  # fmt: skip
+        """The statistics reduction alone (partials + combine, the chunked forward's first two
+        launches): ``(mean, var, penalty)``, into ``out`` when given."""
+        x = kernel_ready(x)
+        c, acc = x.shape[1], acc_dtype(x.dtype)
+        penalize = with_penalty and weight is not None
+        mean, var, pen = out if out is not None else (torch.empty(c, dtype=acc, device=x.device),
+                                                      torch.empty(c, dtype=acc, device=x.device),
+                                                      torch.empty(c if penalize else 0, dtype=acc, device=x.device))  # fmt: skip
+        if c:
+            launch_stats(_plan.plan(x, config).stats, x, weight, shift, mean, var, pen if penalize else None, running,
+                         momentum, num_batches_tracked)  # fmt: skip
+        return mean, var, pen
+
+    def bn_forward_chunked(x, weight, bias, eps, shift=0.0, with_penalty=False, *, config=None, **running):
+        """The chunked training forward (partials, combine, normalise) with ``config``'s tiles,
+        or the default chunked ones."""
+        if config is None:
+            x = kernel_ready(x)
+            config = bn_config(x.shape[1], _plan.channels_contiguous(geometry(x.shape, x.stride())))
+        return bn_train.train_forward(x, weight, bias, eps, shift, with_penalty, config=config, **running)
 
     # Many tiles per chunk row, chunks and channel blocks even on tiny shapes.
     TINY = BNConfig(
@@ -420,32 +445,39 @@ def test_single_value_per_channel():
 
 
 def test_stores_stay_inside_their_view():
-    """Outputs written into a channel slice of a sentinel-filled buffer leave the rest alone."""
+    """Outputs written into a view of a sentinel-filled buffer (with the input's strides, as the
+    kernels require) leave the sentinels before and after it alone: the masks hold."""
     shape = (3, 5, 4, 3)
+    pad = 37
     x = _randn(shape, _seed("view"), 2.0, 1.0)
     w = _randn((5,), _seed("view-w"))
     dy = _randn(shape, _seed("view-dy"))
     mean, var, _ = bn_batch_stats(x, config=TINY)
+
+    def embedded():
+        big = torch.full((x.numel() + 2 * pad,), 12345.0, device=DEVICE)
+        return big, big[pad:pad + x.numel()].view(shape)
+
     for config in CONFIGS.values():
-        big_y = torch.full((3, 9, 4, 3), 12345.0, device=DEVICE)
-        big_dx = torch.full((3, 9, 4, 3), 12345.0, device=DEVICE)
+        (big_y, y_out), (big_dx, dx_out) = embedded(), embedded()
         if _is_single(config):
             cfg = None if config == "single" else config
-            y = bn_forward_single(x, w, None, EPS, out=(big_y[:, 2:7], torch.empty_like(mean),
-                                  torch.empty_like(var), torch.empty(0)), config=cfg)[0]  # fmt: skip
-            dx, _, _ = bn_backward_single(dy, x, mean, var, w, None, EPS, 0.0, True,
-                                          (True, False, False), out=(big_dx[:, 2:7], None, None),
-                                          config=cfg)  # fmt: skip
+            y = bn_forward_single(x, w, None, EPS, out=(y_out, torch.empty_like(mean), torch.empty_like(var),
+                                                        torch.empty(0)), config=cfg)[0]  # fmt: skip
+            dx, _, _ = bn_backward_single(dy, x, mean, var, w, None, EPS, 0.0, True, (True, False, False),
+                                          out=(dx_out, None, None), config=cfg)  # fmt: skip
         else:
-            y = bn_normalize(x, mean, var, w, None, EPS, out=big_y[:, 2:7], config=config)
+            y = bn_normalize(x, mean, var, w, None, EPS, out=y_out, config=config)
             dx, _, _ = bn_backward(dy, x, mean, var, w, None, EPS, 0.0, True, (True, False, False),
-                                   out=(big_dx[:, 2:7], None, None), config=config)  # fmt: skip
+                                   out=(dx_out, None, None), config=config)  # fmt: skip
         for big in (big_y, big_dx):
-            outside = torch.cat([big[:, :2].flatten(), big[:, 7:].flatten()])
+            outside = torch.cat([big[:pad], big[-pad:]])
             assert torch.equal(outside, torch.full_like(outside, 12345.0))
         ref_y = RF.bounded_batch_norm(x.double(), None, None, w.double(), None, True, 0.0, EPS)
         torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
         assert torch.isfinite(dx).all()
+    with pytest.raises(ValueError, match="strides"):  # an output in another layout is refused
+        bn_normalize(x, mean, var, w, None, EPS, out=torch.empty(3, 9, 4, 3, device=DEVICE)[:, 2:7])
 
 
 def test_expanded_gradient_is_read_in_place():
@@ -490,8 +522,6 @@ def test_output_mask_skips_work():
     assert dx.shape == x.shape and dw.shape == (0,) and db.shape == (0,)
     dx, dw, db = bn_backward(torch.ones_like(x), x, mean, var, w, None, EPS, 0.0, True, (False, True, True))
     assert dx.shape == (0,) and dw.shape == (3,) and db.shape == (3,)
-    with pytest.raises(ValueError, match="weight is None"):
-        bn_backward(torch.ones_like(x), x, mean, var, None, None, EPS, 0.0, True, (True, True, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,23 +605,18 @@ def test_image_tile_rule():
 def test_single_pass_image_tile_rule():
     """A single-pass tile takes image rows (or split rows, for odd H*W) only when all N rows fit
     its SLICE_M positions."""
-    from rnip_ext.kernels._launch import slice_tiles
-    from rnip_ext.kernels._layout import view3
+    def tiles(x, single_m):
+        return _plan.slice_tiles(geometry(x.shape, x.stride()), x.element_size(), single_m)
 
-    x = torch.empty(5, 3, 2, 2)  # 20 positions, SLICE_M 32: 5 rows of 4
-    assert slice_tiles([view3(x)], x, 20, True, 32) == (False, 4, 4, 0)
-    x = torch.empty(5, 3, 2, 3)  # 30 positions, SLICE_M 32: 5 rows of 8 would not fit
-    assert slice_tiles([view3(x)], x, 30, True, 32) == (True, 0, 1, 0)
-    x = torch.empty(2, 3, 14, 14)  # 392 positions, SLICE_M 512: 2 rows of 256
-    assert slice_tiles([view3(x)], x, 392, True, 512) == (False, 256, 4, 0)
-    x = torch.empty(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert slice_tiles([view3(x)], x, 64, True, 64) == (True, 0, 1, 0)
-    x = torch.empty(64, 8, 7, 7)  # ResNet-50's 7x7 at batch 64: 64 split rows, bodies of <= 48
-    assert slice_tiles([view3(x)], x, 64 * 49, True, 4096) == (False, 64, 4, 1)
-    x = torch.empty(64, 8, 7, 7, dtype=torch.float16)
-    assert slice_tiles([view3(x)], x, 64 * 49, True, 4096) == (False, 64, 8, 1)
-    x = torch.empty(65, 8, 7, 7)  # 65 rows of 64 do not fit 4096 (the flat slice would, in 8192)
-    assert slice_tiles([view3(x)], x, 65 * 49, True, 4096) == (True, 0, 1, 0)
+    assert tiles(torch.empty(5, 3, 2, 2), 32) == (False, 4, 4, 0)  # 20 positions: 5 rows of 4
+    assert tiles(torch.empty(5, 3, 2, 3), 32) == (False, 0, 1, 0)  # 5 rows of 8 would not fit: flat
+    assert tiles(torch.empty(2, 3, 14, 14), 512) == (False, 256, 4, 0)  # 2 rows of 256
+    assert tiles(torch.empty(4, 3, 4, 4).contiguous(memory_format=torch.channels_last), 64) == (True, 0, 1, 0)
+    # ResNet-50's 7x7 at batch 64: 64 split rows, bodies of <= 48
+    assert tiles(torch.empty(64, 8, 7, 7), 4096) == (False, 64, 4, 1)
+    assert tiles(torch.empty(64, 8, 7, 7, dtype=torch.float16), 4096) == (False, 64, 8, 1)
+    # 65 rows of 64 do not fit 4096 (the flat slice would, in 8192)
+    assert tiles(torch.empty(65, 8, 7, 7), 4096) == (False, 0, 1, 0)
 
 
 def test_split_tile_rule():
@@ -624,18 +649,12 @@ def test_split_tile_rule():
 
 def test_split_tile_programs():
     """Split tiles' position programs: row blocks cover the widest body, edges ride on the first."""
-    from rnip_ext.kernels._config import bn_config
-    from rnip_ext.kernels._launch import position_tiles
-    from rnip_ext.kernels._layout import view3
-
     x = torch.empty(64, 8, 7, 7)
+    g = geometry(x.shape, x.stride())
     cfg = bn_config(8, channels_contiguous=False)  # block_m 1024: 16 images x 64
-    assert position_tiles([view3(x)], x, 8, 64 * 49, False, cfg) == (False, 64, 4, 1, 4)
+    assert _plan.position_tiles(g, 4, cfg, False) == (False, 64, 4, 1, 4)
     small = BNConfig(block_c=2, block_m=16, red_block_m=16)  # 1 image x 3 row blocks of 16
-    assert position_tiles([view3(x)], x, 8, 64 * 49, False, small) == (False, 16, 4, 1, 64 * 3)
-    xs = torch.empty(4, 10, 7, 7)[:, 2:9]  # slice vs a dense output: 490 != 343 mod 4, flat
-    y = torch.empty(4, 7, 7, 7)
-    assert position_tiles([view3(xs), view3(y)], xs, 7, 4 * 49, False, cfg)[:4] == (False, 0, 1, 0)
+    assert _plan.position_tiles(g, 4, small, False) == (False, 16, 4, 1, 64 * 3)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -682,38 +701,34 @@ def test_split_tiles_match_reference(dtype, training):
 
 def test_reduction_image_tile_rule():
     """NCHW reduction partials take image tiles where the elementwise kernels do (not for odd
-    H*W), in chunks of whole images whose count the combine derives from the chunk index."""
+    H*W), in chunks of an image group's row blocks."""
     from rnip_ext.kernels._config import plan_image_chunks
-    from rnip_ext.kernels._launch import reduction_tiles
-    from rnip_ext.kernels._layout import view3
 
     cpu = torch.device("cpu")
     cfg = bn_config(256, channels_contiguous=False)  # 4 channels x 512 positions
-    x = torch.empty(64, 256, 14, 14)
-    flat, block_hw, align, split, chunk, num_chunks = reduction_tiles(
-        [view3(x)], x, 256, 64 * 196, False, cfg, 64)  # fmt: skip
+
+    def tiles(x, config, split=False):
+        g = geometry(x.shape, x.stride())
+        cl = _plan.channels_contiguous(g)
+        return _plan.reduction_tiles(g, x.element_size(), config, cl, -(-g.c // config.block_c), cpu, split)
+
+    flat, block_hw, align, split, images, seg, num_chunks, _ = tiles(torch.empty(64, 256, 14, 14), cfg)
     assert (flat, block_hw, align, split) == (False, 128, 4, 0)  # 4 images x 128 per tile, 2 row blocks
-    assert chunk % 196 == 0 and (chunk // 196) % 4 == 0 and num_chunks == -(-64 * 196 // chunk)
-    # Chunk sizes: chunk_tiles tiles rounded up to whole image groups, or >= 4 tiles each.
+    assert images % 4 == 0 and seg == 2 and num_chunks == -(-64 // images)
+    # Chunk sizes: chunk_tiles tiles rounded up to whole image groups, or one group's segment.
     many = BNConfig(block_c=2, block_m=32, red_block_m=32, chunk_tiles=20)
-    assert plan_image_chunks(5, 196, 32, 1, many, cpu) == (3 * 196, 2)  # 7 row blocks: 3 images
+    assert plan_image_chunks(5, 196, 32, 1, many, cpu) == (3, 7, 2)  # 7 row blocks: 3 images
     two = BNConfig(block_c=2, block_m=64, red_block_m=64, chunk_tiles=2)
-    assert plan_image_chunks(6, 24, 32, 1, two, cpu) == (4 * 24, 2)  # 2 images per tile
-    assert plan_image_chunks(0, 24, 32, 1, two, cpu)[1] == 0
-    monkey_target = plan_image_chunks(64, 196, 128, 64, cfg, cpu)  # CPU: 4 programs wanted
-    assert monkey_target[1] * 64 >= 4
+    assert plan_image_chunks(6, 24, 32, 1, two, cpu) == (4, 1, 2)  # 2 images per tile
+    assert plan_image_chunks(6, 96, 32, 1, two, cpu) == (2, 2, 6)  # 3 row blocks: segments of 2
+    assert plan_image_chunks(0, 24, 32, 1, two, cpu)[2] == 0
     # Odd H*W: split tiles for the backward sums only (split=True); the statistics stay flat.
     x7 = torch.empty(8, 4, 7, 7)
-    assert reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1)[:4] == (False, 0, 1, 0)
-    tiles7 = reduction_tiles([view3(x7)], x7, 4, 8 * 49, False, cfg, 1, split=True)
-    assert tiles7[:4] == (False, 64, 4, 1) and tiles7[4] % 49 == 0
-    # Flat where neither is taken: channels_last, a channels_last dy.
+    assert tiles(x7, cfg)[:4] == (False, 0, 1, 0)
+    assert tiles(x7, cfg, split=True)[:4] == (False, 64, 4, 1)
+    # Flat where neither is taken: channels_last.
     xl = torch.empty(8, 4, 4, 4).contiguous(memory_format=torch.channels_last)
-    cl = bn_config(4, channels_contiguous=True)
-    assert reduction_tiles([view3(xl)], xl, 4, 128, True, cl, 1, split=True)[:4] == (True, 0, 1, 0)
-    x4 = torch.empty(8, 4, 4, 4)
-    assert reduction_tiles([view3(x4), view3(xl)], x4, 4, 128, False, cfg, 1,
-                           split=True)[:4] == (False, 0, 1, 0)  # fmt: skip
+    assert tiles(xl, bn_config(4, channels_contiguous=True), split=True)[:4] == (True, 0, 1, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -805,10 +820,6 @@ def test_running_statistics_left_alone_without_positions_or_buffers():
     for config in CONFIGS.values():
         _training_forward(x, config)
         assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
-    with pytest.raises(ValueError, match="num_batches_tracked"):
-        bn_batch_stats(x, running=(rm, rv), momentum=None)
-    with pytest.raises(ValueError, match="contiguous"):
-        bn_forward_single(x, None, None, EPS, running=(rm[:2], rv), momentum=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -847,9 +858,9 @@ def _format_of(t):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_distributed_backward_pieces_match_the_fused_backward(layout):
-    """``bn_backward_sums`` (local sums, dw, db) + ``bn_backward_dx`` (given means), the pieces
-    SyncBoundedBatchNorm2d puts around its all-reduce, equal ``bn_backward`` on one process."""
-    from rnip_ext.kernels.bn_backward import bn_backward_dx, bn_backward_sums
+    """``backward_sums`` (local sums, dw, db) + ``backward_dx`` (given means), the pieces
+    SyncBoundedBatchNorm2d puts around its all-reduce, equal ``backward_chunked`` on one process."""
+    from rnip_ext.kernels.bn_backward import backward_dx, backward_sums
 
     for config in (None, TINY):
         gen = _seed("dist-pieces", layout, config is None)
@@ -857,16 +868,83 @@ def test_distributed_backward_pieces_match_the_fused_backward(layout):
         dy = _layout(_randn((3, 5, 4, 3), gen), layout)
         w, g = _randn((5,), gen), _randn((5,), gen).expand(5)
         mean, var, _ = bn_batch_stats(x)
-        sums = torch.empty((2, 5), device=DEVICE)
-        dw, db = bn_backward_sums(dy, x, mean, var, w, g, EPS, SHIFT, sums, config=config)
+        sums, dw, db = backward_sums(dy, x, mean, var, w, g, EPS, SHIFT, config=config)
         ref_dx, ref_dw, ref_db = bn_backward(dy, x, mean, var, w, g, EPS, SHIFT, True)
         _close(dw, ref_dw, torch.float32, "dw")
         _close(db, ref_db, torch.float32, "db")
         _close(sums[0], ref_db, torch.float32, "sum(dy)")
-        dx = bn_backward_dx(dy, x, mean, var, w, sums / 36.0, EPS, config=config)
+        dx = backward_dx(dy, x, mean, var, w, sums / 36.0, EPS, config=config)
         _close(dx, ref_dx, torch.float32, "dx")
-    with pytest.raises(ValueError, match=r"\[2, C\]"):
-        bn_backward_sums(dy, x, mean, var, w, None, EPS, 0.0, torch.empty((5, 2), device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points the ops call, on their default configurations: every path and tile kind once
+# per dtype and layout. This is the kernel part of the GPU run's test step
+# (benchmarks/gpu_tests.py): on a GPU it compiles each variant the launchers pick for such shapes.
+
+COMPILED_CASES = {  # name: (shape, momentum); the default configuration picks the path
+    "single-image": ((16, 6, 4, 4), 0.1),  # NCHW image tiles (one 16-position row per image)
+    "single-split": ((8, 3, 7, 7), 0.1),  # odd H*W: vector bodies + scalar edges
+    "single-c1": ((5, 1, 3, 5), None),  # C = 1, flat tiles, cumulative running average
+    "chunked-image": ((4, 3, 48, 48), 0.1),  # 9216 positions: chunked, NCHW image tiles
+    "chunked-split": ((3, 2, 57, 57), 0.1),  # odd H*W chunked: split backward partials
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_paths(case, layout, dtype):
+    """``train_forward`` (statistics, penalty, running statistics in-kernel), ``train_backward``
+    (penalty gradient fused) and the eval forward/backward against the float64 reference."""
+    from rnip_ext.kernels import bn_train
+
+    shape, momentum = COMPILED_CASES[case]
+    c = shape[1]
+    gen = _seed("compiled", case, layout, dtype)
+    x = _layout(_randn(shape, gen, 3.0, 2.0, dtype), layout)
+    dy = _layout(_randn(shape, gen, 1.0, 0.0, dtype), layout)
+    w, b, g = _randn((c,), gen, 1.5), _randn((c,), gen), _randn((c,), gen)
+    has_b = case.endswith(("image", "c1"))  # the layer's default is no shift
+    b = b if has_b else None
+    assert bn_train.uses_single_pass(x) == case.startswith("single"), case
+    rm0, rv0 = _randn((c,), gen), _randn((c,), gen).abs() + 0.5
+    rm, rv = rm0.clone(), rv0.clone()
+    nbt = torch.tensor(4, device=DEVICE)
+    y, mean, var, pen = bn_train.train_forward(x, w, b, EPS, SHIFT, True, running=(rm, rv),
+                                               momentum=momentum, num_batches_tracked=nbt)  # fmt: skip
+    dx, dw, db = bn_train.train_backward(dy, x, mean, var, w, g, EPS, SHIFT, True, (True, True, has_b))
+    ref_y, ref_mean, ref_var, ref_pen, ref_dx, ref_dw, ref_db = _reference(x, w, b, dy, g, True)
+    _close(mean, ref_mean, torch.float32, "mean")
+    _close(var, ref_var, torch.float32, "var")
+    _close(pen, ref_pen, torch.float32, "penalty")
+    f = 1.0 / 5.0 if momentum is None else momentum
+    n = x.numel() // c
+    _close(rm, (1 - f) * rm0.double() + f * ref_mean, torch.float32, "running_mean")
+    _close(rv, (1 - f) * rv0.double() + f * ref_var * n / (n - 1), torch.float32, "running_var")
+    assert nbt.item() == 5
+    outputs = [("y", y, ref_y), ("dx", dx, ref_dx), ("dw", dw, ref_dw)] + ([("db", db, ref_db)] if has_b else [])
+    # Eval: normalise with the running statistics, backward with them as constants.
+    y_eval = bn_normalize(x, rm, rv, w, b, EPS)
+    dx_eval, dw_eval, _ = bn_train.train_backward(dy, x, rm, rv, w, None, EPS, SHIFT, False, (True, True, False))
+    ref_eval = _reference(x, w, b, dy, None, False, (rm, rv))
+    outputs += [("y eval", y_eval, ref_eval[0]), ("dx eval", dx_eval, ref_eval[4]), ("dw eval", dw_eval, ref_eval[5])]
+    if dtype in LOW_PRECISION:
+        eager = _eager_low_precision(x, w, b, dy, g, True)
+        eager_eval = _eager_low_precision(x, w, b, dy, None, False, (rm, rv))
+        baseline = dict(zip(["y", "dx", "dw", "db"], eager), **dict(zip(["y eval", "dx eval", "dw eval"],
+                                                                        eager_eval[:3])))  # fmt: skip
+        for what, actual, expected in outputs:
+            _within_eager_error(actual, expected, baseline[what], dtype, what)
+    else:
+        for what, actual, expected in outputs:
+            if what.startswith(("dw", "db")):  # sums over up to ~10K positions
+                torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-4,
+                                           msg=lambda m, what=what: f"{what}: {m}")  # fmt: skip
+            else:
+                _close(actual, expected, dtype, what)
+    for t in (y, dx, y_eval, dx_eval):
+        assert t.stride() == x.stride()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,20 +952,31 @@ def test_distributed_backward_pieces_match_the_fused_backward(layout):
 
 
 def test_single_pass_rule_covers_small_slices_in_every_dtype_and_layout():
-    """Every layer with N*H*W <= 2048 takes the single-pass path, in every dtype and layout."""
+    """Every layer with N*H*W <= 2048 takes the single-pass path, in every dtype, in NCHW; in
+    channels_last exactly when a program's channel block reads >= 32 contiguous bytes per
+    position (or all channels): narrower blocks load scalars (issue 21, hazard 3)."""
     from rnip_ext.kernels._config import SINGLE_MAX_ELEMS, single_pass_config
 
+    taken = {False: 0, True: 0}
     for n_pos in (1, 2, 7, 16, 100, 1023, 1024, 1025, 2047, 2048):
         for c in (1, 3, 64, 512, 2048):
             for hw in {1, 4, 49, n_pos}:
                 for cl in (False, True):
                     for elem in (2, 4, 8):
                         cfg = single_pass_config(n_pos, c, hw, cl, elem)
+                        if cl and cfg is None:
+                            single_m = max(16, 1 << (n_pos - 1).bit_length())
+                            widest = min(SINGLE_MAX_ELEMS // single_m, 64)
+                            assert widest * elem < 32 and widest < c, (n_pos, c, hw, elem)
+                            continue
                         assert cfg is not None, (n_pos, c, hw, cl, elem)
+                        taken[cl] += 1
                         assert cfg.single_m >= n_pos and cfg.single_m < 2 * max(n_pos, 16)
                         assert cfg.block_c * cfg.single_m <= SINGLE_MAX_ELEMS
                         assert cfg.block_c <= max(c, 1) * 2 - 1 or cfg.block_c == 1
+                        assert not cl or cfg.block_c * elem >= 32 or cfg.block_c >= c
                         assert 1 <= cfg.num_warps <= 16
+    assert taken[True] > taken[False] / 2  # small slices still take it in channels_last
 
 
 def test_single_pass_rule_on_real_layers():
@@ -899,7 +988,9 @@ def test_single_pass_rule_on_real_layers():
 
     assert cfg(128, 512, 2, 2) is not None and cfg(128, 512, 4, 4) is not None
     assert cfg(128, 256, 8, 8) is not None  # 8192 positions: 256 programs of one channel
-    assert cfg(64, 2048, 7, 7, cl=True, elem=2) is not None
+    assert cfg(64, 2048, 7, 7) is not None and cfg(64, 2048, 7, 7, elem=2) is not None
+    # channels_last with 1-4 channels per program (scalar loads): the chunked path instead.
+    assert cfg(64, 2048, 7, 7, cl=True, elem=2) is None and cfg(128, 256, 8, 8, cl=True) is None
     assert cfg(128, 128, 16, 16) is None and cfg(64, 256, 56, 56) is None  # chunked
     assert cfg(0, 16, 4, 4) is None  # nothing to hold: the chunked path handles empty batches
     assert cfg(4, 3, 32, 32) is None  # 4096 positions over 3 channels: too few programs
@@ -1003,16 +1094,16 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from rnip_ext.kernels import bn_backward, bn_chunked, bn_normalize, bn_single, bn_stats
+from rnip_ext.kernels import bn_backward, bn_normalize, bn_single, bn_stats
 
 X_LIKE = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 FLOATS = {"eps", "shift", "momentum"}
-ONES = {"C", "s_xhw", "s_yhw", "s_dhw", "s_ghw"}  # what Triton may specialise
+ONES = {"C", "s_hw"}  # what Triton may specialise
 
 def build(kernel, consts, x_dtype, acc, specialise_ones, num_warps):
     sig, cx, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
-        if name in consts:
+        if name in consts:  # constexprs, and absent (None) pointers
             sig[name], cx[name] = "constexpr", consts[name]
         elif specialise_ones and name in ONES:
             sig[name], cx[name] = "constexpr", 1
@@ -1026,36 +1117,36 @@ def build(kernel, consts, x_dtype, acc, specialise_ones, num_warps):
     src = ASTSource(kernel, sig, cx, attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
+NONE = None
 count = 0
 for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")):
     ACC = tl.float64 if acc == "fp64" else tl.float32
     for flat, ones in ((0, False), (1, True)):
-        red = dict(BLOCK_C=4, BLOCK_M=512, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1)
-        ew = dict(BLOCK_C=64, BLOCK_M=64, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
-        single = dict(BLOCK_C=2, SLICE_M=2048, FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1, SPLIT=0)
+        tiles = dict(FLAT=flat, ACC=ACC, BLOCK_HW=0, ALIGN=1)
+        red = dict(tiles, BLOCK_C=4, BLOCK_M=512)
+        ew = dict(tiles, BLOCK_C=64, BLOCK_M=64, SPLIT=0)
+        single = dict(tiles, BLOCK_C=2, SLICE_M=2048, SPLIT=0)
+        no_affine = dict(w_ptr=NONE, b_ptr=NONE)
         jobs = [
             (bn_stats._bn_partial_stats_kernel, red, 8),
+            (bn_stats._bn_combine_stats_kernel, dict(BLOCK_C=64, BLOCK_K=32, ACC=ACC, RUNNING=2 * flat), 4),
             (bn_stats._bn_combine_stats_kernel,
-             dict(BLOCK_C=64, BLOCK_K=32, WITH_PENALTY=1, UPDATE_RUNNING=1, CUMULATIVE=flat, COUNT=1 - flat,
-                  ACC=ACC), 4),
-            (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1), 8),
-            (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=0, HAS_B=0), 8),
-            (bn_chunked._bn_normalize_combine_kernel,
-             dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
-                  CUMULATIVE=flat, COUNT=1 - flat), 8),
-            (bn_backward._bn_bwd_partial_kernel, red, 8),
-            (bn_backward._bn_bwd_combine_kernel,
-             dict(BLOCK_C=64, BLOCK_K=32, HAS_G=1, WRITE_DW=1, WRITE_DB=1, ACC=ACC), 4),
-            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1, MEANS=flat), 8),
-            (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=0, TRAINING=0, MEANS=0), 8),
+             dict(BLOCK_C=64, BLOCK_K=32, ACC=ACC, RUNNING=0, pen_ptr=NONE, rmean_ptr=NONE, rvar_ptr=NONE,
+                  nbt_ptr=NONE), 4),
+            (bn_normalize._bn_normalize_kernel, ew, 8),
+            (bn_normalize._bn_normalize_kernel, dict(ew, **no_affine), 8),
+            (bn_backward._bn_bwd_partial_kernel, dict(red, SPLIT=0), 8),
+            (bn_backward._bn_bwd_combine_kernel, dict(BLOCK_C=64, BLOCK_K=32, ACC=ACC), 4),
+            (bn_backward._bn_bwd_combine_kernel, dict(BLOCK_C=64, BLOCK_K=32, ACC=ACC, g_ptr=NONE, dw_ptr=NONE), 4),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, MEANS=flat), 8),
+            (bn_backward._bn_bwd_dx_kernel, dict(ew, MEANS=0, x_ptr=NONE, mean_ptr=NONE, w_ptr=NONE,
+                                                 sum_dy_ptr=NONE, sum_dyxhat_ptr=NONE), 8),
+            (bn_single._bn_fwd_single_kernel, dict(single, RUNNING=flat + 1), 8),
             (bn_single._bn_fwd_single_kernel,
-             dict(single, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1, CUMULATIVE=flat, COUNT=1 - flat), 8),
-            (bn_single._bn_fwd_single_kernel,
-             dict(single, HAS_W=0, HAS_B=0, WITH_PENALTY=0, UPDATE_RUNNING=0, CUMULATIVE=0, COUNT=0), 8),
+             dict(single, RUNNING=0, pen_ptr=NONE, rmean_ptr=NONE, rvar_ptr=NONE, nbt_ptr=NONE, **no_affine), 8),
+            (bn_single._bn_bwd_single_kernel, dict(single, TRAINING=1), 8),
             (bn_single._bn_bwd_single_kernel,
-             dict(single, HAS_W=1, HAS_G=1, WRITE_DX=1, WRITE_DW=1, WRITE_DB=1, TRAINING=1), 8),
-            (bn_single._bn_bwd_single_kernel,
-             dict(single, HAS_W=0, HAS_G=0, WRITE_DX=1, WRITE_DW=0, WRITE_DB=0, TRAINING=0), 8),
+             dict(single, TRAINING=0, w_ptr=NONE, g_ptr=NONE, dw_ptr=NONE, db_ptr=NONE), 8),
         ]
         if not flat:  # split tiles (odd H*W): 64-wide bodies, vector-width edges
             vec = 16 // {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[x_dtype]
@@ -1063,19 +1154,12 @@ for x_dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp6
             image = dict(red, BLOCK_HW=128, ALIGN=vec)  # reductions over image tiles
             jobs += [
                 (bn_stats._bn_partial_stats_kernel, image, 8),
-                (bn_backward._bn_bwd_partial_kernel, image, 8),
+                (bn_backward._bn_bwd_partial_kernel, dict(image, SPLIT=0), 8),
                 (bn_backward._bn_bwd_partial_kernel, dict(red, **split), 8),
-                (bn_normalize._bn_normalize_kernel, dict(ew, HAS_W=1, HAS_B=1, **split), 8),
-                (bn_chunked._bn_normalize_combine_kernel,
-                 dict(ew, BLOCK_K=32, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1,
-                      CUMULATIVE=0, COUNT=1, **split), 8),
-                (bn_backward._bn_bwd_dx_kernel, dict(ew, HAS_W=1, TRAINING=1, MEANS=0, **split), 8),
-                (bn_single._bn_fwd_single_kernel,
-                 dict(single, HAS_W=1, HAS_B=1, WITH_PENALTY=1, UPDATE_RUNNING=1, CUMULATIVE=0,
-                      COUNT=1, **split), 8),
-                (bn_single._bn_bwd_single_kernel,
-                 dict(single, HAS_W=1, HAS_G=1, WRITE_DX=1, WRITE_DW=1, WRITE_DB=1, TRAINING=1,
-                      **split), 8),
+                (bn_normalize._bn_normalize_kernel, dict(ew, **split), 8),
+                (bn_backward._bn_bwd_dx_kernel, dict(ew, MEANS=0, **split), 8),
+                (bn_single._bn_fwd_single_kernel, dict(single, RUNNING=1, **split), 8),
+                (bn_single._bn_bwd_single_kernel, dict(single, TRAINING=1, **split), 8),
             ]
         for kernel, consts, warps in jobs:
             build(kernel, consts, x_dtype, acc, ones, warps)
@@ -1102,4 +1186,4 @@ def test_kernels_compile_for_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 136" in done.stdout
+    assert "compiled 140" in done.stdout

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rnip_ext._backend import triton_available  # noqa: E402
-from rnip_ext.kernels._variants import all_kernels, internals_supported, specialisation  # noqa: E402
+from rnip_ext.kernels._variants import all_kernels, internals_supported, variant_key  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
@@ -25,11 +25,6 @@ pytestmark = [
                        reason="counting launches/variants uses Triton internals checked from triton 3.6 on"),
 ]
 DEVICE = torch.device(_DEVICE)
-
-
-def _variant_key(kernel, args, kwargs):
-    params, num_warps = specialisation(kernel, args, kwargs)
-    return tuple((name, ty, str(key)) for name, ty, key in params) + (("num_warps", num_warps),)
 
 
 @pytest.fixture
@@ -40,8 +35,7 @@ def recorder(monkeypatch):
         original = kernel.run
 
         def run(*args, _kernel=kernel, _original=original, **kwargs):
-            launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-            seen.setdefault(_kernel.fn.__name__, set()).add(_variant_key(_kernel, args, launch_kwargs))
+            seen.setdefault(_kernel.fn.__name__, set()).add(variant_key(_kernel, args, kwargs))
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)
@@ -76,7 +70,7 @@ def test_chunked_path_compiles_once_across_batch_sizes(recorder, channels_last):
     assert "_bn_fwd_single_kernel" not in recorder  # the rule sends all of these to chunked
     for name, keys in recorder.items():
         assert len(keys) == 1, f"{name}: {len(keys)} compiled variants"
-    assert {"_bn_partial_stats_kernel", "_bn_normalize_combine_kernel", "_bn_bwd_dx_kernel",
+    assert {"_bn_partial_stats_kernel", "_bn_combine_stats_kernel", "_bn_bwd_dx_kernel",
             "_bn_normalize_kernel"} <= set(recorder)  # fmt: skip
 
 
@@ -112,8 +106,8 @@ def test_nchw_image_tiles_compile_once_per_class(recorder):
     same power of two one split variant (7x7, 5x11: bodies of at most 48 and 52 in 64-wide rows,
     ``_config.split_tiles``).
     ``H*W`` itself stays a runtime argument; smaller images add one variant per power of two."""
-    from rnip_ext.kernels.bn_backward import bn_backward
-    from rnip_ext.kernels.bn_normalize import bn_normalize
+    from rnip_ext.kernels.bn_backward import backward_chunked as bn_backward
+    from rnip_ext.kernels.bn_normalize import normalize as bn_normalize
 
     def run(sizes):
         for h, w in sizes:

@@ -514,3 +514,91 @@ def test_parametrized_weight_is_used_on_the_eager_path():
     torch.testing.assert_close(layer(x), expected)
     layer(x).sum().backward()
     assert original.grad is not None and original.grad.abs().sum() > 0
+
+
+def test_penalty_attachment_is_public_validated_and_not_copied():
+    """attach_penalty / penalty_shift / has_recorded_penalty / take_recorded_penalty: the API a
+    regulariser uses (the eager path records nothing)."""
+    layer = BoundedBatchNorm2d(3)
+    assert layer.penalty_shift is None and not layer.has_recorded_penalty
+    layer.attach_penalty(2)
+    assert layer.penalty_shift == 2.0 and isinstance(layer.penalty_shift, float)
+    layer(torch.randn(4, 3, 2, 2))
+    assert not layer.has_recorded_penalty and layer.take_recorded_penalty(2.0) is None
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.penalty_shift is None  # a copy is not bound to the original's regulariser
+    with pytest.raises(ValueError, match="finite"):
+        layer.attach_penalty(float("nan"))
+    layer.attach_penalty(None)
+    assert layer.penalty_shift is None
+
+
+@pytest.fixture
+def refuse_host_reads(monkeypatch):
+    """Any read of a tensor's value into Python (a device synchronisation on CUDA) fails."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_training_step_reads_no_tensor_value_on_the_host(refuse_host_reads, monkeypatch, momentum):
+    """The eager training step (momentum=None included: its factor 1 / num_batches_tracked stays
+    a tensor, no float(count)) and eval read no value on the host: nothing to synchronise, and
+    nothing that stops a CUDA graph capture."""
+    layer = BoundedBatchNorm2d(3, momentum=momentum, dtype=torch.float64, bias=True)
+    ref = twin_batchnorm(layer)
+    batches = [torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True) * (i + 1) for i in range(3)]
+    for x in batches:
+        layer(x).sum().backward()
+    layer.eval()
+    layer(x)
+    monkeypatch.undo()  # nn.BatchNorm2d itself calls float(num_batches_tracked) for momentum=None
+    for x in batches:
+        ref(x.detach())
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.num_batches_tracked, torch.tensor(3))
+
+
+def test_eval_map_is_folded_once_and_refolded_after_any_change():
+    """Eval without autograd runs ``x * A + B`` with ``A``, ``B`` folded from the parameters and
+    running statistics once; every change (an optimiser step, a training step, load_state_dict,
+    eps, a dtype conversion) refolds them: the output always equals the reference."""
+    layer = BoundedBatchNorm2d(5, bias=True, dtype=torch.float64)
+    nn.init.normal_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+
+    def check(x):
+        ref = twin_batchnorm(layer, dtype=x.dtype).eval()
+        with torch.no_grad():
+            y = layer.eval()(x)
+            torch.testing.assert_close(y, ref(x), rtol=1e-12 if x.dtype == torch.float64 else 1e-5, atol=1e-6)
+        assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+        return y
+
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    check(x)
+    first = layer._eval_cache[1]
+    check(x * 2)
+    assert layer._eval_cache[1] is first  # nothing changed: the folded map is reused
+    layer.train()(x).sum().backward()  # running statistics move
+    check(x)
+    opt.step()  # weight and bias change in place
+    check(x)
+    layer.load_state_dict({k: v * 1.5 for k, v in layer.state_dict().items()})
+    check(x)
+    layer.eps = 0.1
+    check(x)
+    layer.float()
+    check(x.float().contiguous(memory_format=torch.channels_last))
+
+
+def test_eval_with_autograd_keeps_the_gradient():
+    layer = BoundedBatchNorm2d(3, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -90,7 +90,7 @@ def test_fused_penalty_gradient_matches_reference_under_loss_scaling_and_accumul
     batches = [(torch.randn(4, 3, 5, 5, device=DEVICE), torch.randint(3, (4,), device=DEVICE)) for _ in range(2)]
     for x, y in batches:  # two micro-batches accumulated, loss weighted by 1/2 and scaled
         loss = (F.cross_entropy(fused(x), y) + reg()) * 0.5 * scale
-        assert fused[1]._recorded_penalty is None  # consumed by reg()
+        assert not fused[1].has_recorded_penalty  # consumed by reg()
         loss.backward()
         ref_loss = F.cross_entropy(ref(x), y) + 0.05 * (
             RF.receding_penalty(ref[1].weight, 1.0) + RF.receding_penalty(ref[4].weight, 1.0)
@@ -120,7 +120,7 @@ def test_value_equals_the_eager_penalty_and_is_zero_gradient_when_unused():
     reg = RecedingRegularizer(fused, strength=0.1, shift=0.0, normalize=None)
     x = torch.randn(4, 3, 5, 5, device=DEVICE)
     out = fused(x)
-    assert fused[1]._recorded_penalty is not None
+    assert fused[1].has_recorded_penalty
     expected = 0.1 * (RF.receding_penalty(fused[1].weight, 0.0) + RF.receding_penalty(fused[4].weight, 0.0))
     torch.testing.assert_close(reg(), expected.detach(), rtol=1e-5, atol=1e-6)
     # A forward whose penalty never enters the loss: the logits get only the data gradient.
@@ -134,7 +134,7 @@ def test_value_equals_the_eager_penalty_and_is_zero_gradient_when_unused():
     # A copy of a layer that recorded a penalty can still be deep-copied and pickled.
     fused(x)
     copied = copy.deepcopy(fused)
-    assert copied[1]._recorded_penalty is None and copied[1]._receding_shift is None
+    assert not copied[1].has_recorded_penalty and copied[1].penalty_shift is None
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
@@ -180,12 +180,12 @@ def test_penalty_recorded_only_by_training_forwards_with_grad():
     RecedingRegularizer(nn.Sequential(layer), strength=0.1, shift=0.0, normalize=None)
     x = torch.randn(4, 3, 2, 2, device=DEVICE)
     layer(x)
-    assert layer._recorded_penalty is not None
+    assert layer.has_recorded_penalty
     with torch.no_grad():
         layer(x)  # a validation pass drops the record (and the graph it held)
-    assert layer._recorded_penalty is None
+    assert not layer.has_recorded_penalty
     layer.eval()(x)  # batch statistics in eval (no running stats), but no penalty
-    assert layer._recorded_penalty is None
+    assert not layer.has_recorded_penalty
 
 
 def test_one_value_per_channel_in_training_raises_on_the_triton_path():
@@ -193,3 +193,76 @@ def test_one_value_per_channel_in_training_raises_on_the_triton_path():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         layer(torch.randn(1, 4, 1, 1, device=DEVICE))
     assert torch.equal(layer.running_var, torch.ones(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_triton_training_step_reads_no_tensor_value_on_the_host(monkeypatch, momentum):
+    """The layer's Triton training step -- forward with the fused penalty, ``reg()``, backward --
+    with every kernel launch intercepted (what the host does while a CUDA graph is captured)
+    never reads a tensor value into Python: no synchronisation, nothing that stops a capture.
+    The launches it makes are all planned before any runs (the cached plans)."""
+    from rnip_ext.kernels._variants import recorded_launches
+
+    layer = BoundedBatchNorm2d(6, momentum=momentum, device=DEVICE, backend="triton")
+    reg = RecedingRegularizer(nn.Sequential(layer), 1e-3, 3.0, normalize=None)
+    one = torch.ones((), device=DEVICE)
+    with recorded_launches(run=False) as launches:
+        for shape in ((8, 6, 4, 4), (4, 6, 48, 48)):  # single-pass, chunked
+            x = torch.randn(shape, device=DEVICE, requires_grad=True)
+            dy = torch.randn(shape, device=DEVICE)
+            torch.autograd.backward([layer(x), reg()], [dy, one])  # first call: plans are made
+            with monkeypatch.context() as refuse:
+                for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+                    refuse.setattr(torch.Tensor, name, _refuse_host_read)
+                torch.autograd.backward([layer(x), reg()], [dy, one])
+    assert len(launches) == 2 * (1 + 1) + 2 * (3 + 3)
+
+
+def _refuse_host_read(*args, **kwargs):
+    raise AssertionError("a tensor value was read on the host")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("shape", [(8, 16, 4, 4), (4, 4, 48, 48)], ids=["single_pass", "chunked"])
+def test_training_step_captures_in_a_cuda_graph(shape):
+    """A training step (forward with the fused penalty, ``reg()``, backward) captured in a CUDA
+    graph and replayed on new data gives what the same step gives eagerly: outputs, gradients,
+    running statistics and num_batches_tracked, which the captured kernels update."""
+    c = shape[1]
+    layer = BoundedBatchNorm2d(c, device="cuda", backend="triton")
+    reg = RecedingRegularizer(nn.Sequential(layer), 1e-3, 3.0, normalize=None)
+    static_x = torch.randn(shape, device="cuda", requires_grad=True)
+    static_dy = torch.randn(shape, device="cuda")
+    one = torch.ones((), device="cuda")
+
+    def step(model, regulariser, x):
+        y = model(x)
+        torch.autograd.backward([y, regulariser()], [static_dy, one])
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, plans, allocator pools) off the capture
+        for _ in range(3):
+            static_x.grad = layer.weight.grad = None
+            step(layer, reg, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad = layer.weight.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step(layer, reg, static_x)
+    twin = copy.deepcopy(layer)
+    twin.weight.grad = None
+    twin_reg = RecedingRegularizer(nn.Sequential(twin), 1e-3, 3.0, normalize=None)
+    with torch.no_grad():
+        static_x.copy_(torch.randn(shape, device="cuda") * 2 + 1)
+    graph.replay()
+    x = static_x.detach().clone().requires_grad_(True)
+    y = step(twin, twin_reg, x)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, y)
+    torch.testing.assert_close(static_x.grad, x.grad)
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad)
+    torch.testing.assert_close(layer.running_mean, twin.running_mean)
+    torch.testing.assert_close(layer.running_var, twin.running_var)
+    assert torch.equal(layer.num_batches_tracked, twin.num_batches_tracked)

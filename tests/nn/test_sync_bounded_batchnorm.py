@@ -261,7 +261,7 @@ def test_convert_and_revert_keep_state_and_parameters():
     assert all(a is b for a, b in zip(net.parameters(), params))  # optimisers stay valid
     assert opt.param_groups[0]["params"][2] is net[1].weight
     assert not net[1].training and net[1].backend == "eager" and net[1].momentum is None
-    assert net[1]._receding_shift == 2.0 and net[2][0].running_mean is None
+    assert net[1].penalty_shift == 2.0 and net[2][0].running_mean is None
     state = net.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
     assert reg.penalty().isfinite()

@@ -399,3 +399,51 @@ def test_resolve_backend_traces_under_compile(monkeypatch):
     torch._dynamo.reset()
     out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
     assert torch.equal(out, torch.ones(2))
+
+
+@needs_triton
+def test_train_update_rejects_bad_running_buffers():
+    """The checks of the kernels' running-statistics arguments live in the ops, once."""
+    x, w, b = _inputs(requires_grad=False)
+    rm, rv = _running(3)
+    nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+        ops.bounded_bn_train_update(x, w, b, EPS, 0.0, False, rm, rv, None, None)
+    strided = torch.zeros(6, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match="running_mean is updated in place and must be a contiguous"):
+        ops.bounded_bn_train_update(x, w, b, EPS, 0.0, False, strided, rv, nbt, 0.1)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        ops.bounded_bn_train_update(x, w, b, EPS, 0.0, False, rm, None, nbt, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SyncBoundedBatchNorm2d pieces: local statistics, local sums, dx from given means.
+
+
+@needs_triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_sync_pieces_opcheck_and_match_the_reference(channels_last):
+    x, w, _ = _inputs((3, 4, 5, 3), channels_last=channels_last, requires_grad=False)
+    torch.library.opcheck(ops.bounded_bn_stats.default, (x, w, SHIFT, True))
+    mean, var, pen = ops.bounded_bn_stats(x, w, SHIFT, True)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pen.double(), RF.receding_penalty_per_channel(w.double(), SHIFT), rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(x)
+    g = torch.ones((), device=DEVICE).expand(4)
+    args = (dy, x, mean, var, w, g, EPS, SHIFT, [True, False])
+    torch.library.opcheck(ops.bounded_bn_backward_sums.default, args)
+    sums, dw, db = ops.bounded_bn_backward_sums(*args)
+    ref_dx, ref_dw, _ = ops.bounded_bn_backward(dy, x, mean, var, w, g, EPS, SHIFT, True, [True, True, False])
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[0], dy.double().sum((0, 2, 3)).float(), rtol=1e-5, atol=1e-5)
+    assert db.shape == (0,)
+    means = sums / (x.numel() // 4)
+    torch.library.opcheck(ops.bounded_bn_backward_dx.default, (dy, x, mean, var, w, means, EPS))
+    torch.testing.assert_close(ops.bounded_bn_backward_dx(dy, x, mean, var, w, means, EPS), ref_dx, rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"means must be a floating-point \[2, C\]"):
+        ops.bounded_bn_backward_dx(dy, x, mean, var, w, means[:1], EPS)
+    with pytest.raises(ValueError, match="output_mask must hold 2 booleans"):
+        ops.bounded_bn_backward_sums(dy, x, mean, var, w, None, EPS, SHIFT, [True, True, True])

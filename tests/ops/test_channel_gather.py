@@ -615,3 +615,34 @@ class TestCUDA:
             got = channel_gather(src, index, index[:5] % 32)
         stream.synchronize()
         assert_gather_equal(got, src, index, index[:5] % 32)
+
+    @pytest.mark.skipif(not cg._C_HAS_CUDA, reason="rnip_ext._C was built without its CUDA kernel")
+    def test_bad_index_fails_a_device_assertion_that_is_reported(self):
+        """An out-of-range index reaching the CUDA kernel unchecked fails its device assertion,
+        which the CUDA runtime reports (a separate process: the failure poisons the context)."""
+        code = (
+            "import torch, rnip_ext\n"
+            "src = torch.randn(4, 3, device='cuda')\n"
+            "out = torch.ops.rnip_ext.channel_gather(src, torch.tensor([9], device='cuda'), None)\n"
+            "torch.cuda.synchronize()\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        assert "device-side assert" in done.stderr or "index out of range" in done.stderr, done.stderr[-2000:]
+
+    @pytest.mark.skipif(not cg._C_HAS_CUDA, reason="rnip_ext._C was built without its CUDA kernel")
+    def test_gather_many_captures_in_a_cuda_graph(self):
+        """No staging copy: a many-tensor gather (more tensors than one launch's batch) can be
+        captured in a CUDA graph and replayed."""
+        srcs = [torch.randn(32, 16, 3, 3, device="cuda") for _ in range(20)]
+        index = torch.randperm(32, device="cuda")[:12]
+        outs = channel_gather_many(srcs, [index] * 20, [None] * 20)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = torch.ops.rnip_ext.channel_gather_many(srcs, [index] * 20, [None] * 20)
+        for s in srcs:
+            s.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, s in zip(outs, srcs):
+            assert torch.equal(got, s[index])
