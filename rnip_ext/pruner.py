@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import pruning
-from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_target
+from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_budget
 from .nn import BoundedBatchNorm2d
 from .regularizers import RecedingRegularizer
 
@@ -172,7 +172,7 @@ class BudgetPruner:
         if example_inputs is None:
             raise ValueError("example_inputs is required: an input of the size costs are counted for, "
                              "e.g. torch.zeros(1, 3, 32, 32)")
-        self.cost, self.target = check_target(target_flops, target_params)
+        self.cost, self.target = check_budget(target_flops, target_params)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
@@ -335,8 +335,19 @@ class BudgetPruner:
         return self.regularizer()
 
     def __call__(self) -> Tensor:
-        """:meth:`penalty` (so the pruner serves where a regulariser is expected)."""
+        """:meth:`penalty`: the pruner follows the regulariser protocol
+        (:class:`rnip_ext.regularizers.Regularizer`), so a trainer adds it to the loss."""
         return self.penalty()
+
+    def after_step(self) -> None:
+        """Nothing: the decoupled update runs in the bound optimiser's step hook."""
+
+    def rebind(self, model: nn.Module) -> "BudgetPruner":
+        """Re-read the bound layers (after a checkpoint narrowed ``model``, the pruner's own)."""
+        if unwrap_model(model) is not self.model:
+            raise ValueError("the BudgetPruner narrows the model it was built for, not another one")
+        self.regularizer.rebind(self.model)
+        return self
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:

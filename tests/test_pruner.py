@@ -11,7 +11,6 @@ from torch import nn
 
 from budget_helpers import X0, BrightDark, loader, own_net, train_interval
 from rnip_ext import BudgetPruner, pruning
-from rnip_ext.budget import BudgetSchedule, StrengthController
 from rnip_ext.pruner import RecedingLagWarning, narrow_to
 
 
@@ -52,18 +51,23 @@ def test_own_loop_reaches_the_budget_by_receding_with_the_optimizer_bound_and_sl
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 2)
 
 
-def test_the_schedule_is_no_steeper_than_max_step_removal_in_short_runs():
-    s = BudgetSchedule.make(0.2, 10)  # today's one-step cut 100% -> 20%: now over 3 steps
-    assert (s.warmup, s.by, s.settle) == (2, 5, 2)
-    ratios = [s.target_at(i + 1) / s.target_at(i) for i in range(10)]
-    assert min(ratios) >= 0.5 - 1e-12
-    assert [s.cut_at(i) for i in (4, 5)] == [None, pytest.approx(0.2 ** (1 / 3))] and s.cut_at(7) == pytest.approx(0.2)
-    short = BudgetSchedule.make(0.1, 6)  # 4 steps needed: the warm-up and settling shrink
-    assert (short.warmup, short.by, short.settle) == (1, 5, 0)
-    with pytest.raises(ValueError, match="too few to reach 0.02 .* 6 steps after 0 warm-up"):
-        BudgetSchedule.make(0.02, 6)
-    with pytest.raises(ValueError, match="max_step_removal"):
-        BudgetSchedule.make(0.5, 10, max_step_removal=1.0)
+def test_the_same_settings_through_the_projects_trainer_give_the_same_network_bitwise():
+    from rnip_ext.callbacks import BudgetPruning
+    from rnip_ext.training import fit
+
+    own = _own_run()
+    model = own_net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = loader()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=8 * len(data))
+    pruner = BudgetPruner(model, X0, target_flops=0.3, epochs=8)
+    fit(model, data, epochs=8, optimizer=opt, scheduler=sched, scheduler_step="step",
+        scaler=torch.amp.GradScaler("cpu"), loss=lambda out, y: F.cross_entropy(out, y, label_smoothing=0.1),
+        regularizer=pruner, callbacks=[BudgetPruning(pruner)], progress=False)
+    assert pruning.architecture_json(model) == pruning.architecture_json(own["model"])
+    assert [s.removed for s in pruner.history] == [s.removed for s in own["steps"]]
+    for (name, a), b in zip(own["model"].state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
 def test_when_nothing_recedes_the_pruner_warns_with_numbers_and_cuts_in_bounded_steps():
@@ -290,15 +294,3 @@ def test_narrow_to_keeps_parameter_objects_and_refuses_wider_layers():
         narrow_to(small, pruning.architecture_json(own_net()))
     with pytest.raises(ValueError, match="not this network's"):
         narrow_to(model, pruning.architecture_json(nn.Sequential(nn.Conv2d(1, 2, 3))))
-
-
-def test_strength_controller_matches_the_rate_to_what_the_curve_needs():
-    s = BudgetSchedule.make(0.25, 8, warmup=0, settle=0, budget_at=0.5)  # by 4: 1, .707, .5, .354, .25
-    c = StrengthController(s, max_increase=2.0, max_decrease=0.5, eps=1e-3)
-    assert c.update(0, 1.0, 1.0) == pytest.approx(2.0)  # nothing receded, 0.29 needed: as fast as allowed
-    # 0.2 receded, 0.8 - 0.5 = 0.3 still needed by step 2: factor 0.301 / 0.201.
-    assert c.update(1, 0.8, 1.0) == pytest.approx(0.301 / 0.201)
-    assert c.update(2, 0.3, 1.0) == pytest.approx(0.5)  # ahead of the curve
-    assert [r.step for r in c.history] == [0, 1, 2]
-    with pytest.raises(ValueError, match="max_strength"):
-        StrengthController(s, min_strength=1.0, max_strength=0.5)
