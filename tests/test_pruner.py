@@ -294,3 +294,52 @@ def test_narrow_to_keeps_parameter_objects_and_refuses_wider_layers():
         narrow_to(small, pruning.architecture_json(own_net()))
     with pytest.raises(ValueError, match="not this network's"):
         narrow_to(model, pruning.architecture_json(nn.Sequential(nn.Conv2d(1, 2, 3))))
+
+
+def _ddp_worker(rank, port, results):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = own_net()  # identical on both ranks (DDP also broadcasts rank 0's)
+        ddp = DDP(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        pruner = BudgetPruner(ddp, X0, target_flops=0.3, epochs=6, optimizer=opt)  # unwraps the DDP wrapper
+        data = BrightDark(64, seed=rank)  # each rank its own share
+        rebuilt = 0
+        for _ in range(6):
+            for i in range(0, 64, 16):
+                opt.zero_grad()
+                F.cross_entropy(ddp(data.x[i:i + 16]), data.y[i:i + 16]).backward()
+                opt.step()
+            if pruner.step(opt).changed:  # DDP keeps gradient buckets of the old shapes: a new wrapper
+                ddp = DDP(model)
+                rebuilt += 1
+        results[rank] = (pruning.architecture_json(model), [p.detach().clone() for p in model.parameters()],
+                         pruner.within_budget, rebuilt)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_both_ranks_narrow_alike_and_a_rebuilt_wrapper_trains_on():
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, results), nprocs=2)
+    (arch0, params0, ok0, rebuilt0), (arch1, params1, ok1, rebuilt1) = results[0], results[1]
+    assert ok0 and ok1 and arch0 == arch1 and rebuilt0 == rebuilt1 >= 2
+    for a, b in zip(params0, params1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # DDP kept the ranks in step across narrowings
