@@ -137,7 +137,7 @@ class BudgetPruner:
             optimiser step the focused logits move by ``-(strength / S) * d(penalty)/d(logit)``,
             ``S`` the optimiser steps per interval, outside the optimiser (as AdamW decouples
             weight decay), so receding is the same under SGD, Adam or anything else;
-            :meth:`penalty` then only reports the value (no gradient). ``"loss"``: the paper's
+            :meth:`penalty` is then zero. ``"loss"``: the paper's
             way, ``penalty()`` is added to the loss and the optimiser moves the logits (works
             with SGD; under Adam a step moves a logit by about the learning rate whatever the
             penalty's scale, so the strength cannot control receding: a warning says so).
@@ -199,6 +199,8 @@ class BudgetPruner:
                      **{f"target_{self.cost}": self.target})
         start = START_STRENGTH[update] if strength is None else strength
         self.regularizer = RecedingRegularizer(self.model, start, shift, fused=False, normalize="layer")
+        logit = self.regularizer.layers[0].weight
+        self._zero = torch.zeros((), dtype=logit.dtype, device=logit.device)
         self._counts: dict = {}
         self.original = self._count(self.model)
         self.original_flops = self._count(self.model, "flops")
@@ -325,13 +327,13 @@ class BudgetPruner:
 
     def penalty(self) -> Tensor:
         """The term to add to the loss: ``strength * focused receding penalty`` (see
-        :class:`rnip_ext.RecedingRegularizer`). With ``update="decoupled"`` its value only (no
-        gradient: the logits move after each optimiser step)."""
+        :class:`rnip_ext.RecedingRegularizer`) with ``update="loss"``; a zero with
+        ``update="decoupled"``, where the focused logits move after each optimiser step instead
+        (the call stays in the loop, so switching ``update`` changes nothing else)."""
         self._penalty_calls += 1
         self._check_widths()
         if self.update == "decoupled":
-            with torch.no_grad():
-                return self.regularizer()
+            return self._zero
         return self.regularizer()
 
     def __call__(self) -> Tensor:

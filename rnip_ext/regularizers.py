@@ -169,7 +169,7 @@ class RecedingRegularizer(BaseRegularizer):
     Focus (:meth:`focus`): ``reg.focus({name: mask})`` restricts the penalty to the channels a
     boolean mask per layer selects (``k_c`` times 0 or 1; a layer not named gets no penalty),
     ``reg.focus(None)`` penalises every channel again (the default). Budget-aware training
-    (:class:`rnip_ext.budget.BudgetPruning`) uses it to make only the channels the budget
+    (:class:`rnip_ext.BudgetPruner`) uses it to make only the channels the budget
     planner would remove next recede, so the channels that stay are not shrunk with them.
     """
 
