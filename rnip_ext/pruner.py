@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -279,7 +280,15 @@ class BudgetPruner:
                           "its learning rate whatever the penalty's scale, so the strength cannot control receding; "
                           "use update='decoupled' (the default)", RecedingLagWarning, stacklevel=3)
         self.optimizer = optimizer
-        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        # A weak reference: a pruner that is gone (e.g. replaced by a new one) stops pushing.
+        me = weakref.ref(self)
+
+        def hook(opt, args, kwargs):
+            pruner = me()
+            if pruner is not None:
+                pruner._after_optimizer_step()
+
+        self._hook = optimizer.register_step_post_hook(hook)
         self._opt_steps = 0
         self._count_from = count_from
 
@@ -352,7 +361,7 @@ class BudgetPruner:
         return self
 
     @torch.no_grad()
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _after_optimizer_step(self) -> None:
         self._opt_steps += 1
         if self.update != "decoupled" or not self._focused:
             return

@@ -343,3 +343,23 @@ def test_under_ddp_both_ranks_narrow_alike_and_a_rebuilt_wrapper_trains_on():
     assert ok0 and ok1 and arch0 == arch1 and rebuilt0 == rebuilt1 >= 2
     for a, b in zip(params0, params1):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # DDP kept the ranks in step across narrowings
+
+
+def test_a_pruner_that_is_gone_stops_pushing_the_optimizers_parameters():
+    import gc
+
+    model = own_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the decoupled update could move a logit
+    pruner = BudgetPruner(model, X0, target_flops=0.3, epochs=6, optimizer=opt, warmup=1)
+    data = loader()
+    train_interval(model, data, opt, pruner)
+    pruner.step(opt)  # focused from here on
+    logits = [m.weight.detach().clone() for m in pruner.regularizer.layers]
+    train_interval(model, data, opt, pruner)
+    assert any(not torch.equal(a, m.weight) for a, m in zip(logits, pruner.regularizer.layers))
+    layers = pruner.regularizer.layers
+    del pruner
+    gc.collect()
+    logits = [m.weight.detach().clone() for m in layers]
+    train_interval(model, data, opt, None)
+    assert all(torch.equal(a, m.weight) for a, m in zip(logits, layers))
