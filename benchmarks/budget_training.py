@@ -17,7 +17,7 @@ Methods (small VGG, or ``--model residual`` an own residual CNN; digits at 16x16
   training batches before and after, no training in between);
 * ``budget``: :class:`rnip_ext.BudgetPruner` with its defaults (``update="decoupled"``) in the
   project's trainer; ``budget-loss``: the same with ``update="loss"`` (the penalty in the loss);
-* ``adamw``: the same BudgetPruner (decoupled) with AdamW (lr 1e-3, weight decay 5e-2, all
+* ``adamw``: the same BudgetPruner (decoupled) with AdamW (lr 1e-2, weight decay 5e-2, all
   parameters in one group, lr / 10 at 50% and 75%); ``adamw-loss``: AdamW with ``update="loss"``;
 * ``pretrained``: a plain-BatchNorm network trained ``--epochs`` without a regulariser (once per
   seed), converted with :func:`rnip_ext.convert_batchnorm` (its accuracy right after the
@@ -53,7 +53,9 @@ from rnip_ext.regularizers import RecedingRegularizer  # noqa: E402
 from rnip_ext.training import bn_kind, evaluate, fit, make_optimizer, make_regularizer, make_scheduler  # noqa: E402
 
 STRENGTH, SHIFT, LR, BATCH = 5e-2, 1.0, 0.05, 64
-ADAMW_LR, ADAMW_WD = 1e-3, 5e-2
+# AdamW: lr 1e-2 chosen on the validation split: from scratch for 30 epochs, the full network reaches
+# 99.4% at lr 1e-3, 3e-3 and 1e-2 alike, a network at 2% of the FLOPs 48% / 74% / 96% (1e-3 underfits it).
+ADAMW_LR, ADAMW_WD = 1e-2, 5e-2
 # Train-prune-fine-tune regularisers (strength, shift): the demo's, chosen on validation by
 # docs/demo/sweep_strengths.py.
 TPF = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
