@@ -130,9 +130,10 @@ def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) 
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     if not targets:
         raise ValueError("targets must name at least one FLOPs fraction")
+    from .budget import check_budget
+
     for t in targets:
-        if not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"every target must be a FLOPs fraction in (0, 1], got {t!r}")
+        check_budget(target_flops=t)
     if len(set(targets)) != len(targets) or len({_label(t) for t in targets}) != len(targets):
         raise ValueError(f"targets must differ by at least 1% of the FLOPs, got {list(targets)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
