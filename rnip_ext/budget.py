@@ -161,7 +161,8 @@ class StrengthController:
 
     def __init__(self, schedule: BudgetSchedule, *, max_increase: float = 2.0, max_decrease: float = 0.5,
                  eps: float = 1e-3, min_strength: float = 1e-4, max_strength: float = 10.0) -> None:
-        checks = (("max_increase", max_increase, max_increase > 1), ("max_decrease", max_decrease, 0 < max_decrease < 1),
+        checks = (("max_increase", max_increase, max_increase > 1),
+                  ("max_decrease", max_decrease, 0 < max_decrease < 1),
                   ("eps", eps, eps > 0), ("min_strength", min_strength, min_strength > 0),
                   ("max_strength", max_strength, max_strength >= min_strength))
         for name, value, ok in checks:

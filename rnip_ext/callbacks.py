@@ -64,8 +64,8 @@ class _RunFile(Callback):
         # Any run file there (not only this one): the first such callback refuses before any writes.
         existing = [f for f in ("metrics.jsonl", "best.pt", "last.pt") if os.path.exists(os.path.join(self.out, f))]
         if not trainer.resuming and existing:
-            raise OutputDirError(f"{self.out} already holds {', '.join(existing)}: pass "
-                                 "resume_from=load_checkpoint(<out>/last.pt) to continue that run, or use another directory")
+            raise OutputDirError(f"{self.out} already holds {', '.join(existing)}: pass resume_from="
+                                 "load_checkpoint(<out>/last.pt) to continue that run, or use another directory")
         os.makedirs(self.out, exist_ok=True)
         record(self.out, self.name)
 
@@ -214,16 +214,17 @@ class BudgetPruning(Callback):
             self.pruner.load_state_dict(state)
 
 
-def run_callbacks(out, data=None, *, val=None, test=None, budget=None) -> list[Callback]:
+def run_callbacks(out, data=None, *, val=None, test=None, budget=None, num_workers: int = 0) -> list[Callback]:
     """The callbacks of a run directory ``out``: :class:`Evaluate` (``data.val``/``data.test`` of
-    a :class:`~rnip_ext.data.DataSplits`, or ``val``/``test``), :class:`BestModel` (only epochs
+    a :class:`~rnip_ext.data.DataSplits`, or ``val``/``test``; ``num_workers`` loader processes
+    for datasets read from disk), :class:`BestModel` (only epochs
     within the budget compete when ``budget``, a :class:`~rnip_ext.BudgetPruner`, is given),
     :class:`BudgetPruning` (with ``budget``), :class:`MetricsLog` and :class:`Checkpoint`."""
     if data is not None:
         val, test = data.val, data.test
     if val is None:
         raise ValueError("run_callbacks needs validation data for model selection: data=DataSplits or val=")
-    callbacks: list[Callback] = [Evaluate(val, test)]
+    callbacks: list[Callback] = [Evaluate(val, test, num_workers=num_workers)]
     callbacks.append(BestModel(out, selectable=None if budget is None else (lambda model: budget.within_budget)))
     if budget is not None:
         callbacks.append(BudgetPruning(budget))

@@ -116,7 +116,8 @@ class PruneStep:
     def metrics(self) -> dict:
         """The keys a metrics row of the project's trainer gets (``metrics.jsonl``)."""
         return {"params": self.params, "flops": self.flops, "flops_fraction": self.flops_fraction,
-                f"{self.cost}_fraction": self.fraction, f"active_{self.cost}_fraction": self.active, f"{self.cost}_schedule": self.target,
+                f"{self.cost}_fraction": self.fraction, f"active_{self.cost}_fraction": self.active,
+                f"{self.cost}_schedule": self.target,
                 "strength": self.strength, "next_strength": self.next_strength, "removed": self.removed,
                 "forced": self.forced, "focused": self.focused, "channels": self.channels}
 
@@ -276,8 +277,8 @@ class BudgetPruner:
         if self.update == "loss" and not logits & {id(p) for g in optimizer.param_groups for p in g["params"]}:
             raise ValueError("update='loss' needs the BatchNorm logits in the optimizer (they recede through it)")
         if self.update == "loss" and not isinstance(optimizer, torch.optim.SGD):
-            warnings.warn(f"update='loss' under {type(optimizer).__name__}: an adaptive optimiser moves a logit by about "
-                          "its learning rate whatever the penalty's scale, so the strength cannot control receding; "
+            warnings.warn(f"update='loss' under {type(optimizer).__name__}: an adaptive optimiser moves a logit by "
+                          "about its learning rate whatever the penalty's scale, so the strength cannot control receding; "
                           "use update='decoupled' (the default)", RecedingLagWarning, stacklevel=3)
         self.optimizer = optimizer
         # A weak reference: a pruner that is gone (e.g. replaced by a new one) stops pushing.
@@ -304,7 +305,8 @@ class BudgetPruner:
         i = self.steps_done + 1
         self._bind(optimizer if optimizer is not None else self.optimizer, i + 1)
         if scheduler is not None and getattr(scheduler, "optimizer", self.optimizer) is not self.optimizer:
-            raise ValueError("the scheduler drives another optimizer than the one given: pass the scheduler built on it")
+            raise ValueError("the scheduler drives another optimizer than the one given: pass the scheduler "
+                             "built on it")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         counted = self._count_from is not None and self._count_from <= i
@@ -503,8 +505,8 @@ class BudgetPruner:
         cause.append("give receding more steps (more epochs, a later budget_at) or aim at a larger budget")
         warnings.warn(
             f"BudgetPruner step {i}/{self.schedule.steps}: the schedule cuts to {cut:.1%} "
-            f"of the {self.cost} but {active:.1%} are still active (importance >= {self.threshold:g}); this cut removes "
-            f"{share:.1%} of the network's {self.cost} in channels that still carry signal. To fix: "
+            f"of the {self.cost} but {active:.1%} are still active (importance >= {self.threshold:g}); this cut "
+            f"removes {share:.1%} of the network's {self.cost} in channels that still carry signal. To fix: "
             + "; ".join(cause), RecedingLagWarning, stacklevel=3)
 
     def _check_ranks_agree(self) -> None:
@@ -611,8 +613,9 @@ def narrow_to(model: nn.Module, architecture: str | dict, optimizer: torch.optim
     modules = dict(model.named_modules())
     for name, spec in stored.items():
         have = current[name]
-        if _SYNC.get(have["type"], have["type"]) != _SYNC.get(spec["type"], spec["type"]) or any(
-                spec.get(k, 0) > have.get(k, 0) for k in ("in", "out", "features")) or (have.get("bias") and not spec.get("bias")):
+        same_type = _SYNC.get(have["type"], have["type"]) == _SYNC.get(spec["type"], spec["type"])
+        wider = any(spec.get(k, 0) > have.get(k, 0) for k in ("in", "out", "features"))
+        if not same_type or wider or (have.get("bias") and not spec.get("bias")):
             raise ValueError(f"the recorded layer '{name}' ({spec}) cannot come from this network's ({have}) by pruning")
     for name, spec in stored.items():
         if spec == current[name]:

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
                 if resume_from is not None:  # widths differ if the source run changed since
                     small.load_state_dict(resume_from["model"])
             best = fit(small, splits, epochs=args.finetune_epochs, resume_from=resume_from,
-                       callbacks=run_callbacks(args.out, splits), num_workers=workers,
+                       callbacks=run_callbacks(args.out, splits, num_workers=workers), num_workers=workers,
                        progress=not args.no_progress, description="fine-tune", **fit_settings(ft_config))
         except KeyboardInterrupt:
             saved = os.path.isfile(os.path.join(args.out, "last.pt"))

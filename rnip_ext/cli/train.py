@@ -351,7 +351,7 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
     try:
         best = fit(model, splits, epochs=config["epochs"], resume_from=resume_from, optimizer=optimizer,
                    scheduler=scheduler, regularizer=regularizer,
-                   callbacks=run_callbacks(out, splits, budget=pruner), num_workers=workers,
+                   callbacks=run_callbacks(out, splits, budget=pruner, num_workers=workers), num_workers=workers,
                    progress=is_main and not args.no_progress, description=f"train {config['method']}",
                    dist_ctx=dist_ctx, **fit_settings(config))
     except KeyboardInterrupt:
