@@ -17,6 +17,7 @@ from .nn import (
 from . import models, pruning
 from .pruning import prune
 from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, param_groups
+from .pruner import BudgetPruner
 
 __all__ = [
     "__version__",
@@ -30,6 +31,7 @@ __all__ = [
     "L1Regularizer",
     "PolarizationRegularizer",
     "param_groups",
+    "BudgetPruner",
     "models",
     "pruning",
     "prune",

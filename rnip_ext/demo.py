@@ -8,7 +8,7 @@ threshold on the relative score (the paper's method), ``none`` with ``scope="loc
 smallest uniform per-layer fraction that meets the same budget (the paper's "uniform" baseline at
 equal cost, not at an equal channel fraction). Each pruned network is then fine-tuned without the
 regulariser. The fourth method, ``rni-budget``, is the budget-aware receding run
-(:func:`rnip_ext.budget.train_to_budget`): one training run per seed and target, same recipe,
+(:class:`rnip_ext.BudgetPruner` in the trainer): one training run per seed and target, same recipe,
 data and epochs, in which receded channels leave during training and the budget is met exactly
 from a third of the epochs on (the library's defaults, :data:`DEMO_BUDGET`); no fine-tuning phase follows. Every row
 of the table is ``mean +- sd`` over the seeds (sample standard deviation, ``n - 1``; ``n/a`` with
@@ -26,7 +26,7 @@ receding (the next BatchNorm renormalising them) shows as layers whose absolute 
 below ``RECEDED`` while the relative ones are not. For ``rni-budget`` it records each run's final
 width per layer.
 
-Every step is a library call (:func:`rnip_ext.training.fit`, :func:`rnip_ext.budget.train_to_budget`,
+Every step is a library call (:func:`rnip_ext.training.fit`, :class:`rnip_ext.BudgetPruner`,
 :func:`rnip_ext.pipeline.prune_and_measure`); each sub-run directory still holds what ``rnip
 train`` / ``rnip prune`` would write (``config.json``, ``metrics.jsonl``, checkpoints,
 ``summary.json``, ``pruned.pt``), so ``rnip prune``, ``report`` and ``export`` work on them.
@@ -77,14 +77,15 @@ METHODS = ("rni", "l1", "none", BUDGET_METHOD)
 # and docs/demo/sweep.md. Far stronger than the paper's (1e-3, shift 3 over 160 CIFAR epochs):
 # here ~500 steps must polarise the importances.
 DEMO_STRENGTH = {"rni": (5e-2, 1.0), "l1": (1e-3, 0.0), "none": (0.0, 0.0)}
-# The budget-aware run's settings: keyword arguments of rnip_ext.budget.train_to_budget (any of
-# BUDGET_KEYS) over the library's defaults, which the demo uses unchanged: the penalty focused on
-# the channels the planner would remove next, its strength starting at 2.0 (shift 1) and adapted
-# by the controller, a geometric FLOPs schedule after 2 full-width epochs, the budget met at a
-# third of the epochs, leaving the rest to train the network at its final width. Those defaults
-# were chosen on the validation split of benchmarks/budget_training.py (digits, 30 epochs).
+# The budget-aware run's settings: keyword arguments of rnip_ext.BudgetPruner (any of BUDGET_KEYS)
+# over the library's defaults, which the demo uses unchanged: the penalty focused on the channels the
+# planner would remove next, the focused logits moved after each optimiser step (update='decoupled'),
+# the strength adapted by the controller, a geometric FLOPs schedule after 2 full-width epochs, the
+# network cut to it 2 epochs behind, the budget met at a third of the epochs or later when the curve
+# would remove more than half of the FLOPs in one epoch.
 DEMO_BUDGET: dict = {}
-BUDGET_KEYS = ("strength", "shift", "budget_at", "prune_every", "threshold", "normalize", "scope", "focus")
+BUDGET_KEYS = ("strength", "shift", "update", "budget_at", "threshold", "scope", "warmup", "settle",
+               "max_step_removal")
 # Fractions of the unpruned network's FLOPs (MACs) every method is pruned to.
 DEMO_TARGETS = (0.5, 0.2, 0.1)
 # Sized for the 5-minute budget on 2 CPU cores: the default demo is 3 seeds x (3 methods x
@@ -129,9 +130,10 @@ def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) 
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     if not targets:
         raise ValueError("targets must name at least one FLOPs fraction")
+    from .budget import check_budget
+
     for t in targets:
-        if not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"every target must be a FLOPs fraction in (0, 1], got {t!r}")
+        check_budget(target_flops=t)
     if len(set(targets)) != len(targets) or len({_label(t) for t in targets}) != len(targets):
         raise ValueError(f"targets must differ by at least 1% of the FLOPs, got {list(targets)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -143,23 +145,48 @@ def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) 
     if not methods or unknown or len(set(methods)) != len(methods):
         raise ValueError(f"methods must be a non-empty subset of {known}, got {list(methods)}")
     if BUDGET_METHOD in methods:
-        if epochs < 2:
-            raise ValueError(f"{BUDGET_METHOD} needs epochs >= 2 (the budget is met after an epoch and at least one "
-                             f"more trains at it), got {epochs}; leave {BUDGET_METHOD} out of methods to train 1 epoch")
         bad = [k for k in budget if k not in BUDGET_KEYS]
         if bad:
             raise ValueError(f"budget settings must be among {BUDGET_KEYS}, got {bad}")
 
 
-def _check_reachable(targets, in_channels: int, num_classes: int, size: int) -> None:
-    """The planner's ``ValueError`` for a target ``MIN_CHANNELS`` makes unreachable, before anything is written."""
+def _budget_pruner(model, example, target: float, epochs: int, budget: dict, device):
+    """The demo's optimiser (the recipe's SGD and schedule) and a BudgetPruner bound to it."""
+    from .pruner import BudgetPruner
+    from .training import make_optimizer, make_scheduler
+
+    optimizer = make_optimizer(model, RECIPE["lr"], RECIPE["weight_decay"], RECIPE["bn_lr_scale"])
+    pruner = BudgetPruner(model, example, target_flops=target, epochs=epochs, optimizer=optimizer,
+                          min_channels=MIN_CHANNELS, **budget)
+    return optimizer, make_scheduler(optimizer, epochs), pruner
+
+
+def _check_reachable(targets, in_channels: int, num_classes: int, size: int, *, epochs: int, methods, budget,
+                     explicit: bool):
+    """Before anything is written: the planner's ``ValueError`` for a target ``MIN_CHANNELS`` makes
+    unreachable, and the budget runs' own checks (:class:`rnip_ext.BudgetPruner`). Returns
+    ``methods``, without ``rni-budget`` when its runs are too short for a target and it was not
+    asked for explicitly (a 1-epoch smoke run still works)."""
     from . import pruning
+    from .budget import RunTooShortError
     from .pipeline import build_model
 
+    example = torch.zeros(1, in_channels, size, size)
     model = build_model({"arch": ARCH, "method": "rni"}, num_classes, in_channels)
     for t in targets:
-        pruning.plan(model, min_channels=MIN_CHANNELS, example_inputs=torch.zeros(1, in_channels, size, size),
-                     target_flops=t)
+        pruning.plan(model, min_channels=MIN_CHANNELS, example_inputs=example, target_flops=t)
+    if BUDGET_METHOD not in methods:
+        return methods
+    try:
+        if epochs < 2:
+            raise RunTooShortError(f"{BUDGET_METHOD} needs at least 2 epochs, got {epochs}")
+        for t in targets:
+            _budget_pruner(model, example, t, epochs, budget, "cpu")
+    except RunTooShortError as exc:
+        if explicit:
+            raise ValueError(f"{BUDGET_METHOD}: {exc}") from exc
+        return tuple(m for m in methods if m != BUDGET_METHOD)
+    return methods
 
 
 def _device(name: str) -> torch.device:
@@ -269,7 +296,7 @@ class _Demo:
                 "image_size_used": splits.image_size, "resolved_device": str(self.device),
                 "params": count_params(model), "flops": count_flops(model, example), "train_size": len(splits.train),
                 "val_size": len(splits.val), "test_size": len(splits.test), "target_flops": None,
-                "prune_every": None, "receded_below": None, "made_by": "rnip demo"}
+                "receded_below": None, "receding": None, "made_by": "rnip demo"}
 
     def fit_kwargs(self, seed: int) -> dict:
         return {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "weight_decay": RECIPE["weight_decay"],
@@ -281,6 +308,7 @@ class _Demo:
     def train(self, method: str, strength: float, shift: float, seed: int):
         """``rnip train`` for one method and seed: the trained network (best validation epoch) and its summary."""
         from .pipeline import build_model
+        from .callbacks import run_callbacks
         from .pruning import count_flops, count_params, restore
         from .rundir import load_checkpoint
         from .training import fit, make_regularizer
@@ -290,8 +318,9 @@ class _Demo:
         model = build_model({"arch": ARCH, "method": method}, splits.num_classes, splits.in_channels).to(self.device)
         directory = _start_run(self.out, f"train-{method}-s{seed}",
                                self.config(method, strength, shift, seed, model, example, splits))
-        best = fit(model, splits, directory, epochs=self.epochs, description=f"train {method}",
-                   regularizer=make_regularizer(model, method, strength, shift), **self.fit_kwargs(seed))
+        best = fit(model, splits, epochs=self.epochs, description=f"train {method}",
+                   regularizer=make_regularizer(model, method, strength, shift),
+                   callbacks=run_callbacks(directory, splits), **self.fit_kwargs(seed))
         restore(model, load_checkpoint(os.path.join(directory, "best.pt"))["model"])
         summary = {"kind": "train", "arch": ARCH, "dataset": DATASET, "method": method, "ratio": 0.0,
                    "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
@@ -305,6 +334,7 @@ class _Demo:
     def prune(self, model, config: dict, method: str, seed: int, target: float):
         """``rnip prune --target-flops target`` with fine-tuning: the plan and the prune run's summary."""
         from . import pruning
+        from .callbacks import run_callbacks
         from .pipeline import prune_and_measure, prune_summary
         from .rundir import load_checkpoint
         from .training import fit
@@ -322,8 +352,8 @@ class _Demo:
         small = outcome.small
         best = {"test_accuracy": outcome.acc_pruned, "val_accuracy": outcome.val_pruned, "epoch": 0}
         if self.finetune_epochs > 0:
-            best = fit(small, splits, directory, epochs=self.finetune_epochs, regularizer=None,
-                       description="fine-tune", **self.fit_kwargs(seed))
+            best = fit(small, splits, epochs=self.finetune_epochs, description="fine-tune",
+                       callbacks=run_callbacks(directory, splits), **self.fit_kwargs(seed))
             small.load_state_dict(load_checkpoint(os.path.join(directory, "best.pt"))["model"])
         rundir.record(directory, "pruned.pt")
         pruning.save(small, os.path.join(directory, "pruned.pt"))
@@ -337,25 +367,28 @@ class _Demo:
     def budget_run(self, seed: int, target: float, budget: dict) -> dict:
         """``rnip train --target-flops target``: one budget-aware receding run, no fine-tuning; its summary."""
         from .benchmarking import measure_throughput
-        from .budget import BUDGET_SHIFT, BUDGET_START_STRENGTH, train_to_budget
+        from .budget import BUDGET_SHIFT, START_STRENGTH
+        from .callbacks import run_callbacks
         from .pipeline import budget_summary, build_model
         from .pruning import restore
         from .rundir import load_checkpoint
-        from .training import evaluate
+        from .training import evaluate, fit
 
         splits, example = self.data(seed)
         torch.manual_seed(seed)
         model = build_model({"arch": ARCH, "method": "rni"}, splits.num_classes, splits.in_channels).to(self.device)
         original = copy.deepcopy(model)
-        config = self.config("rni", budget.get("strength", BUDGET_START_STRENGTH), budget.get("shift", BUDGET_SHIFT),
+        optimizer, scheduler, pruner = _budget_pruner(model, example, target, self.epochs, budget, self.device)
+        update = budget.get("update", "decoupled")
+        config = self.config("rni", budget.get("strength", START_STRENGTH[update]), budget.get("shift", BUDGET_SHIFT),
                              seed, model, example, splits)
-        config.update(target_flops=target, prune_every=budget.get("prune_every", 1),
-                      receded_below=budget.get("threshold", 0.01), min_channels=MIN_CHANNELS,
-                      budget=f"train_to_budget({', '.join(f'{k}={v!r}' for k, v in budget.items()) or 'defaults'})")
+        config.update(target_flops=target, receded_below=budget.get("threshold", 0.01), receding=update,
+                      min_channels=MIN_CHANNELS,
+                      budget=f"BudgetPruner({', '.join(f'{k}={v!r}' for k, v in budget.items()) or 'defaults'})")
         directory = _start_run(self.out, f"train-{BUDGET_METHOD}-s{seed}-{_label(target)}", config)
-        best = train_to_budget(model, splits, directory, target_flops=target, epochs=self.epochs,
-                               example_inputs=example, min_channels=MIN_CHANNELS, description=f"train {BUDGET_METHOD}",
-                               **budget, **self.fit_kwargs(seed))
+        best = fit(model, splits, epochs=self.epochs, optimizer=optimizer, scheduler=scheduler, regularizer=pruner,
+                   description=f"train {BUDGET_METHOD}", callbacks=run_callbacks(directory, splits, budget=pruner),
+                   **self.fit_kwargs(seed))
         # The run's network: best.pt, the best validation epoch among those within the budget
         # (model selection as in every other row), not necessarily the last epoch's width.
         state = load_checkpoint(os.path.join(directory, "best.pt"))
@@ -378,7 +411,7 @@ class _Demo:
 def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DEMO_EPOCHS,
              finetune_epochs: int = DEMO_FINETUNE_EPOCHS, methods=None, strengths=None, budget=None,
              device: str = "auto", progress: bool | str = True, plots: bool = True, overwrite: bool = False,
-             log_name: str = "demo_log.txt", threads: int | None = None) -> dict:
+             log_name: str = "demo_log.txt", threads: int | None = 1) -> dict:
     """Run the demo into ``out`` and return its report (also written as ``out/report.json``).
 
     ``out`` must be new, empty, or an earlier demo's output (replaced; with ``overwrite`` any
@@ -388,19 +421,20 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     ``out/train-<method>-s<seed>``, then for each FLOPs target ``t`` prune
     (:func:`rnip_ext.pipeline.prune_and_measure`, ``scope="local"`` for ``none``) and fine-tune
     ``finetune_epochs`` into ``out/prune-<method>-s<seed>-f<100 t>``. ``methods`` defaults to
-    :data:`METHODS`, without ``rni-budget`` when ``epochs`` is 1 (a budget run needs 2: one to
-    reach the budget, one at it; a note says it was left out, so a 1-epoch smoke run still works;
-    naming it explicitly with 1 epoch is a ``ValueError``). For ``rni-budget``, per seed and target one
-    :func:`rnip_ext.budget.train_to_budget` run of ``epochs`` into
+    :data:`METHODS`, without ``rni-budget`` when ``epochs`` are too few for its schedule to reach
+    a target (:class:`rnip_ext.budget.RunTooShortError`; a note says it was left out, so a short
+    smoke run still works; naming it explicitly then is a ``ValueError``). For ``rni-budget``, per seed and target one
+    budget run of ``epochs`` (:class:`rnip_ext.BudgetPruner` in :func:`rnip_ext.training.fit`) into
     ``out/train-rni-budget-s<seed>-f<100 t>`` with ``budget`` (keyword arguments of
-    ``train_to_budget`` among :data:`BUDGET_KEYS`, over :data:`DEMO_BUDGET`). Every sub-run is
+    ``BudgetPruner`` among :data:`BUDGET_KEYS`, over :data:`DEMO_BUDGET`). Every sub-run is
     written as ``rnip train`` / ``rnip prune`` would write it. A log of the runs goes to
     ``out/<log_name>``; ``progress`` shows one tqdm bar over the stages on a terminal (``"bar"``
     forces it), one printed line per stage otherwise (``"lines"``), or nothing (``False``).
     ``threads``: CPU threads torch uses during the demo (restored afterwards; ``None`` keeps
-    torch's setting). On a shared machine 1 thread can be several times faster than 2: the tiny
-    network gains little from intra-op parallelism, and spinning OpenMP threads lose badly to
-    other processes for the cores. Bad settings (and a target ``min_channels=3`` makes
+    torch's setting). The default, 1, is robust: the tiny network gains little from intra-op
+    parallelism, and spinning OpenMP threads lose badly to other processes for the cores (2
+    threads ran the demo ~10x slower than 1 on a 2-core machine another job was using).
+    Bad settings (and a target ``min_channels=3`` makes
     unreachable) raise ``ValueError``, a missing scikit-learn ``ImportError``, before anything
     is written.
 
@@ -417,14 +451,17 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     strengths = dict(DEMO_STRENGTH if strengths is None else strengths)
     budget = dict(DEMO_BUDGET, **(budget or {}))
     targets = tuple(float(t) for t in targets)
-    left_out = methods is None and epochs == 1
-    methods = tuple(m for m in METHODS if not (left_out and m == BUDGET_METHOD)) if methods is None else tuple(methods)
+    explicit = methods is not None
+    methods = METHODS if methods is None else tuple(methods)
     _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     dev = _device(device)
     num_classes, in_channels = DATASETS[DATASET][0], 1
-    _check_reachable(targets, in_channels, num_classes, 16)
+    asked = methods
+    methods = _check_reachable(targets, in_channels, num_classes, 16, epochs=epochs, methods=methods, budget=budget,
+                               explicit=explicit)
+    left_out = methods != asked
     if plots:
         from .plots import require_matplotlib
 
@@ -435,7 +472,7 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     rundir.record(out, log_name)
     tpf = [m for m in methods if m != BUDGET_METHOD]
     if left_out and progress:
-        print(f"note: {BUDGET_METHOD} left out (its runs need --epochs >= 2)", flush=True)
+        print(f"note: {BUDGET_METHOD} left out (its runs need more epochs to reach these targets)", flush=True)
     stages = len(tpf) * seeds * (1 + len(targets)) + (seeds * len(targets) if BUDGET_METHOD in methods else 0)
     use_bar = progress == "bar" or (progress is True and sys.stdout.isatty() and sys.stderr.isatty())
     bar = None

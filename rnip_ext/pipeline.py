@@ -22,10 +22,50 @@ from .nn import BoundedBatchNorm2d
 from .pruning import PruningPlan, apply, count_flops, count_params, plan
 from .training import bn_kind, evaluate
 
-__all__ = ["ARCHS", "PruneOutcome", "budget_summary", "build_model", "image_size_for", "prune_and_measure",
-           "prune_summary"]
+__all__ = ["ARCHS", "DATASET_CHOICES", "PruneOutcome", "budget_summary", "build_model", "image_size_for",
+           "load_splits", "prune_and_measure", "prune_summary", "resolve_threads"]
 
 ARCHS = ("vgg16", "resnet56", "vgg_small")
+DATASET_CHOICES = ("cifar10", "cifar100", "digits", "imagefolder")
+
+
+def load_splits(config: dict, device, *, download: bool = False):
+    """The :class:`~rnip_ext.data.DataSplits` a run config names: in memory on ``device`` for
+    ``cifar10``/``cifar100``/``digits`` (:func:`~rnip_ext.data.load_dataset`), streamed from
+    ``config["data_dir"]`` for ``imagefolder`` (:func:`~rnip_ext.data.load_image_folder` with
+    ``image_size``, ``mean``, ``std``)."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_image_folder
+
+    if config["dataset"] == "imagefolder":
+        if config.get("data_dir") is None:
+            raise ValueError("imagefolder needs a data directory (--data-dir DIR holding DIR/train/<class>/...)")
+        return load_image_folder(config["data_dir"], config["image_size"], config.get("mean") or IMAGENET_MEAN,
+                                 config.get("std") or IMAGENET_STD, val_fraction=config["val_fraction"],
+                                 seed=config["seed"])
+    return load_dataset(config["dataset"], config["data_dir"], config["val_fraction"], config["seed"], device,
+                        download=download, image_size=config["image_size"])
+
+
+def resolve_threads(threads: int | str | None) -> int:
+    """CPU threads for torch: an int as given; ``"auto"`` (or ``None``) the CPUs this process may
+    use minus those the 1-minute load average says are busy (at least 1), or torch's setting when
+    ``OMP_NUM_THREADS`` is set (torchrun sets it to 1 per rank). Spinning OpenMP threads lose
+    badly when other processes hold the cores (a 2-core machine shared with one other job ran
+    the demo ~10x slower with 2 threads than with 1)."""
+    import os
+
+    if threads not in (None, "auto"):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1 or 'auto', got {threads!r}")
+        return threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (OSError, AttributeError):
+        busy = 0
+    return max(1, min(usable, torch.get_num_threads() if usable > 1 else 1, usable - busy))
 
 
 def build_model(config: dict, num_classes: int, in_channels: int) -> nn.Module:
@@ -89,19 +129,21 @@ def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *,
     """Prune ``model`` once (:func:`rnip_ext.pruning.plan` with these arguments, then
     :func:`~rnip_ext.pruning.apply`, which leaves ``model`` unchanged) and measure it.
 
-    Test accuracy of ``model`` and of the pruned network (on ``splits.test``), and a rough
+    Test accuracy of ``model`` and of the pruned network (on ``splits.test``; ``splits.val`` when
+    there is no test split), and a rough
     inference speed of both on their device (:func:`rnip_ext.benchmarking.measure_throughput`:
     median of 5 batches of ``speed_batch_size`` random images after 2 warm-up batches). Bad
     budgets raise the planner's ``ValueError`` before anything else runs.
     """
     device = example_inputs.device
-    acc_before = evaluate(model, splits.test)
+    test = splits.test if splits.test is not None else splits.val  # an image folder may have no test split
+    acc_before = evaluate(model, test)
     pruning_plan = plan(model, ratio, scope, min_channels, example_inputs=example_inputs, target_flops=target_flops,
                         target_params=target_params)
     small = apply(model, pruning_plan)
     batch = torch.randn(speed_batch_size, *example_inputs.shape[1:], device=device)
     speed_before, speed_after = (measure_throughput(m, batch, warmup=2, repeats=5) for m in (model, small))
-    return PruneOutcome(pruning_plan, small, acc_before, evaluate(small, splits.test), evaluate(small, splits.val),
+    return PruneOutcome(pruning_plan, small, acc_before, evaluate(small, test), evaluate(small, splits.val),
                         speed_before, speed_after)
 
 

@@ -4,15 +4,20 @@ Each regulariser binds the layers present in the model when it is built and, whe
 returns a differentiable scalar to add to the loss::
 
     loss = criterion(model(x), y) + reg()
+    loss.backward(); optimizer.step(); reg.after_step()
 
-A model converted afterwards needs a new regulariser; after pruning,
-``RecedingRegularizer.rebind(pruned)`` binds the pruned model's layers.
+The protocol a training loop relies on (:class:`Regularizer`): ``reg()`` (the term to add,
+``strength * penalty()``), ``after_step()`` (after each optimiser step: e.g. the polarisation
+clamp), ``rebind(model)`` (after the model was narrowed or rebuilt), ``state_dict()`` /
+``load_state_dict()`` (plain values for checkpoints). :class:`rnip_ext.BudgetPruner` follows it
+too. A model converted afterwards needs a new regulariser.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import functional as RF
 from .nn import BoundedBatchNorm2d
 
-__all__ = ["RecedingRegularizer", "L1Regularizer", "PolarizationRegularizer", "param_groups"]
+__all__ = ["BaseRegularizer", "L1Regularizer", "PolarizationRegularizer", "RecedingRegularizer", "Regularizer",
+           "param_groups"]
 
 
 def _check_strength(strength: float) -> float:
@@ -51,11 +57,52 @@ def _flat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+@runtime_checkable
+class Regularizer(Protocol):
+    """What :func:`rnip_ext.training.fit` asks of a regulariser (see the module docstring)."""
+
+    def __call__(self) -> Tensor: ...
+
+    def after_step(self) -> None: ...
+
+    def rebind(self, model: nn.Module): ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class BaseRegularizer:
+    """Defaults of the :class:`Regularizer` protocol for a regulariser with a ``strength``:
+    ``reg() = strength * penalty()``, nothing after a step, the strength as its state."""
+
+    strength: float
+
+    def penalty(self) -> Tensor:
+        """The unscaled penalty."""
+        raise NotImplementedError
+
+    def __call__(self) -> Tensor:
+        """``strength * penalty()``: the term to add to the loss."""
+        return self.strength * self.penalty()
+
+    def after_step(self) -> None:
+        """Called after each optimiser step; nothing by default."""
+
+    def state_dict(self) -> dict:
+        """Plain values for a checkpoint (``weights_only=True``): the strength."""
+        return {"strength": self.strength}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.strength = _check_strength(state["strength"])
+
+
 NORMALIZE = ("layer", None)
 COSTS = ("channels", "flops", "params")
 
 
-class RecedingRegularizer:
+class RecedingRegularizer(BaseRegularizer):
     r"""The receding regulariser over every affine ``BoundedBatchNorm2d`` of a model.
 
     ``normalize="layer"`` (default), on layer-relative importances:
@@ -122,7 +169,7 @@ class RecedingRegularizer:
     Focus (:meth:`focus`): ``reg.focus({name: mask})`` restricts the penalty to the channels a
     boolean mask per layer selects (``k_c`` times 0 or 1; a layer not named gets no penalty),
     ``reg.focus(None)`` penalises every channel again (the default). Budget-aware training
-    (:class:`rnip_ext.budget.BudgetPruning`) uses it to make only the channels the budget
+    (:class:`rnip_ext.BudgetPruner`) uses it to make only the channels the budget
     planner would remove next recede, so the channels that stay are not shrunk with them.
     """
 
@@ -294,10 +341,6 @@ class RecedingRegularizer:
             self._layout_cache = (key, layer, cost)
         return self._layout_cache[1], self._layout_cache[2]
 
-    def __call__(self) -> Tensor:
-        """``strength * penalty()``: the term to add to the loss."""
-        return self.strength * self.penalty()
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(strength={self.strength}, shift={self.shift}, "
@@ -305,7 +348,25 @@ class RecedingRegularizer:
         )
 
 
-class L1Regularizer:
+class _PlainBatchNormRegularizer(BaseRegularizer):
+    """A regulariser of every affine ``torch.nn`` BatchNorm's scale ``gamma``."""
+
+    layers: list[_BatchNorm]
+
+    def rebind(self, model: nn.Module) -> "_PlainBatchNormRegularizer":
+        """Bind the affine plain BatchNorms of ``model``; returns ``self``."""
+        _check_model(model)
+        layers = _plain_bn_layers(model)
+        if not layers:
+            raise ValueError(
+                f"{type(self).__name__} found no affine nn.BatchNorm layer in the model (it regularises "
+                "plain BatchNorm scales; bounded layers use RecedingRegularizer)"
+            )
+        self.layers = layers
+        return self
+
+
+class L1Regularizer(_PlainBatchNormRegularizer):
     r"""Network slimming (Liu et al. 2017) on plain BatchNorm scales: ``strength * sum |gamma|``.
 
     Binds every affine ``torch.nn`` BatchNorm (``_BatchNorm`` subclasses; bounded layers are not
@@ -313,24 +374,18 @@ class L1Regularizer:
     """
 
     def __init__(self, model: nn.Module, strength: float = 1e-4) -> None:
-        _check_model(model)
         self.strength = _check_strength(strength)
-        self.layers = _plain_bn_layers(model)
-        if not self.layers:
-            raise ValueError(
-                "L1Regularizer found no affine nn.BatchNorm layer in the model (it regularises "
-                "plain BatchNorm scales; bounded layers use RecedingRegularizer)"
-            )
+        self.rebind(model)
 
-    def __call__(self) -> Tensor:
-        """``strength * sum over layers and channels of |gamma|``."""
-        return self.strength * torch.stack([m.weight.abs().sum() for m in self.layers]).sum()
+    def penalty(self) -> Tensor:
+        """``sum over layers and channels of |gamma|``."""
+        return torch.stack([m.weight.abs().sum() for m in self.layers]).sum()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strength={self.strength}, layers={len(self.layers)})"
 
 
-class PolarizationRegularizer:
+class PolarizationRegularizer(_PlainBatchNormRegularizer):
     r"""Polarization regulariser (Zhuang et al., NeurIPS 2020) on plain BatchNorm scales.
 
     .. math::
@@ -340,24 +395,25 @@ class PolarizationRegularizer:
     over every scaling factor :math:`\gamma_i` of every affine BatchNorm in the model, with
     :math:`\bar\gamma` the mean over all of them. As in the authors' code, :math:`\bar\gamma` is
     treated as a constant in the gradient (``detach``), and they clamp the scales to [0, 1] after
-    each optimiser step: call :meth:`clamp_` for that.
+    each optimiser step: :meth:`after_step` does (it is :meth:`clamp_`).
     """
 
     def __init__(self, model: nn.Module, strength: float = 1e-4, t: float = 1.0) -> None:
-        _check_model(model)
-        self.strength = _check_strength(strength)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ValueError(f"t must be a finite number, got {t!r}")
         self.t = float(t)
-        self.layers = _plain_bn_layers(model)
-        if not self.layers:
-            raise ValueError("PolarizationRegularizer found no affine nn.BatchNorm layer in the model")
+        self.strength = _check_strength(strength)
+        self.rebind(model)
 
-    def __call__(self) -> Tensor:
-        """``strength * sum(t * |gamma| - |gamma - mean(gamma).detach()|)``."""
+    def penalty(self) -> Tensor:
+        """``sum(t * |gamma| - |gamma - mean(gamma).detach()|)``."""
         gammas = torch.cat([m.weight.reshape(-1) for m in self.layers])
         mean = gammas.detach().mean()
-        return self.strength * (self.t * gammas.abs() - (gammas - mean).abs()).sum()
+        return (self.t * gammas.abs() - (gammas - mean).abs()).sum()
+
+    def after_step(self) -> None:
+        """The authors' clamp of the scales to [0, 1] after each optimiser step."""
+        self.clamp_()
 
     @torch.no_grad()
     def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:

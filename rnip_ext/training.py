@@ -1,18 +1,21 @@
-"""The paper's training recipe as reusable pieces: regulariser by method, optimiser, one epoch, evaluation.
+"""The project's trainer: the paper's recipe, one loop, and callbacks for everything else.
 
-Recipe (Suteu & Guo): SGD with Nesterov momentum 0.9, lr 0.1 divided by 10 at 50% and 75% of
-the epochs, weight decay 1e-4 on convolutions and linear layers, BatchNorm parameters with 10x
-the learning rate and no weight decay. :func:`fit` is the whole loop with checkpoints and
-resume, the one the CLI (:mod:`rnip_ext.cli`) runs.
+    best = fit(model, splits, epochs=30, callbacks=run_callbacks("runs/a", splits))
+    best = fit(model, my_loader, epochs=30, optimizer=opt, loss=criterion, callbacks=[...])
+
+Recipe (Suteu & Guo), used when no optimiser is given: SGD with Nesterov momentum 0.9, lr 0.1
+divided by 10 at 50% and 75% of the epochs, weight decay 1e-4 on convolutions and linear layers,
+BatchNorm parameters with 10x the learning rate and no weight decay. :class:`Trainer` runs the
+epochs; evaluation, metrics, checkpoints, model selection and budget pruning are callbacks
+(:mod:`rnip_ext.callbacks`), so a new feature is a callback, not a parameter of the loop. Data:
+an :class:`~rnip_ext.data.InMemoryDataset` (or :class:`~rnip_ext.data.DataSplits`), a
+``DataLoader`` or a map-style/iterable ``Dataset`` (:mod:`rnip_ext.data.loading`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,16 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import InMemoryDataset
+from .callbacks import BestModel, BudgetPruning, Callback, Checkpoint, Evaluate, MetricsLog, run_callbacks
+from .data import DataSplits
+from .data.loading import eval_batches, train_batches
 from .nn import BoundedBatchNorm2d
-from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, param_groups
+from .pruner import _forget_grad_accumulators, _shapes, narrow_to
+from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, Regularizer, param_groups
 
 __all__ = [
     "METHODS",
     "DEFAULT_STRENGTH",
+    "BestModel",
+    "BudgetPruning",
+    "Callback",
+    "Checkpoint",
     "EpochStats",
-    "FitState",
+    "Evaluate",
+    "MetricsLog",
     "NonFiniteLossError",
+    "Trainer",
     "bn_kind",
     "default_strength",
     "evaluate",
@@ -38,7 +50,9 @@ __all__ = [
     "make_optimizer",
     "make_regularizer",
     "make_scheduler",
+    "run_callbacks",
     "train_epoch",
+    "upgrade_checkpoint",
 ]
 
 METHODS = ("rni", "l1", "polarization", "none")
@@ -107,7 +121,7 @@ def make_scheduler(optimizer, epochs: int):
 
 @dataclass
 class EpochStats:
-    """What one training epoch measured."""
+    """What one training epoch measured (``accuracy`` is ``nan`` when the targets are not class indices)."""
 
     loss: float
     accuracy: float
@@ -125,56 +139,49 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss (or penalty) became NaN or infinite: diverged, or non-finite input."""
 
 
-def _crash_hook(step: int) -> None:
-    """Test-only fault injection for the elastic-restart test (see :func:`fit`)."""
-    os.kill(os.getpid(), signal.SIGKILL)
+def train_epoch(model: nn.Module, batches, optimizer, *, loss=None, regularizer=None, amp: str = "none",
+                scaler=None, scheduler=None, channels_last: bool = False, progress: bool = False,
+                description: str = "train", log_every: int = 50, total: int | None = None,
+                on_step=None) -> EpochStats:
+    """One pass over ``batches`` (``(inputs, targets)`` on the model's device) of ``loss(out, y) +
+    regularizer()``; mean loss, accuracy, penalty and images/s.
 
-
-def train_epoch(model: nn.Module, data: InMemoryDataset, optimizer, batch_size: int, regularizer=None, *,
-                amp: str = "none", scaler=None, channels_last: bool = False, generator=None,
-                progress: bool = True, description: str = "train", log_every: int = 50,
-                _crash_at_step: int | None = None) -> EpochStats:
-    """One epoch of ``cross_entropy + reg()`` with augmentation; mean loss, accuracy, penalty, images/s.
-
-    Loss, correct predictions and penalty are summed on the device (``sum_i loss_i * n_i`` over
-    batches) and read back once at the end of the epoch, and every ``log_every`` steps while a
-    progress bar is shown: no per-step host synchronisation. Raises :class:`NonFiniteLossError`
-    at the first read-back that sees a NaN/inf loss or penalty (the optimiser has then already
-    stepped on it, so the model in memory is no longer usable; checkpoints are untouched).
+    ``loss`` defaults to ``cross_entropy``. After each optimiser step: ``regularizer.after_step()``,
+    ``scheduler.step()`` when given (a per-step scheduler), ``on_step(step)``. Loss, correct
+    predictions and penalty are summed on the device and read back once at the end of the epoch,
+    and every ``log_every`` steps while a progress bar is shown: no per-step host synchronisation.
+    Raises :class:`NonFiniteLossError` at the first read-back that sees a NaN/inf loss or penalty
+    (the optimiser has then already stepped on it; checkpoints are untouched).
     """
     from tqdm.auto import tqdm
 
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    criterion = F.cross_entropy if loss is None else loss
     model.train()
-    device = data.images.device
-    # [loss * n, correct, penalty * n] accumulated on the device.
-    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    total = 0
+    sums = None  # [loss * n, correct, penalty * n] on the device
+    total_n, classify = 0, True
     start = time.perf_counter()
-    drop_last = len(data) > batch_size
-    batches = data.batches(batch_size, shuffle=True, augment=True, generator=generator, drop_last=drop_last)
-    bar = tqdm(batches, total=data.num_batches(batch_size, drop_last=drop_last), desc=description,
-               leave=False, disable=not progress)
+    bar = tqdm(batches, total=total, desc=description, leave=False, disable=not progress)
 
     def read_back() -> list[float]:
-        loss_sum, correct, penalty_sum = sums.tolist()
+        loss_sum, correct, penalty_sum = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
         if not (math.isfinite(loss_sum) and math.isfinite(penalty_sum)):
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss_sum / max(total, 1):g}, penalty {penalty_sum / max(total, 1):g})"
-            )
-        return [loss_sum / max(total, 1), correct / max(total, 1), penalty_sum / max(total, 1)]
+                f"non-finite training loss ({loss_sum / max(total_n, 1):g}, penalty {penalty_sum / max(total_n, 1):g})")
+        n = max(total_n, 1)
+        return [loss_sum / n, correct / n if classify else float("nan"), penalty_sum / n]
 
     for step, (x, y) in enumerate(bar, 1):
-        if _crash_at_step == step:
-            _crash_hook(step)
+        if sums is None:
+            sums = torch.zeros(3, dtype=torch.float32 if x.device.type == "mps" else torch.float64, device=x.device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+        with _autocast(x.device, amp):
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            task = criterion(out, y)
         penalty = regularizer() if regularizer is not None else None
-        total_loss = loss if penalty is None else loss + penalty
+        total_loss = task if penalty is None else task + penalty
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total_loss).backward()
@@ -183,94 +190,45 @@ def train_epoch(model: nn.Module, data: InMemoryDataset, optimizer, batch_size: 
         else:
             total_loss.backward()
             optimizer.step()
-        if isinstance(regularizer, PolarizationRegularizer):
-            regularizer.clamp_()
+        if regularizer is not None:
+            regularizer.after_step()
+        if scheduler is not None:
+            scheduler.step()
         n = y.shape[0]
-        total += n
+        total_n += n
+        classify = classify and out.dim() == 2 and not y.is_floating_point() and y.dim() == 1
         with torch.no_grad():
-            sums[0] += loss.detach().double() * n
-            sums[1] += (out.argmax(1) == y).sum()
+            sums[0] += task.detach().double() * n
+            if classify:
+                sums[1] += (out.argmax(1) == y).sum()
             if penalty is not None:
                 sums[2] += penalty.detach().double() * n
+        if on_step is not None:
+            on_step(step)
         if progress and step % log_every == 0:
             loss_mean, acc, _ = read_back()
             bar.set_postfix(loss=f"{loss_mean:.3f}", acc=f"{acc:.3f}")
     loss_mean, acc, penalty_mean = read_back()
     elapsed = time.perf_counter() - start
-    return EpochStats(loss_mean, acc, penalty_mean, total / max(elapsed, 1e-9))
+    return EpochStats(loss_mean, acc, penalty_mean, total_n / max(elapsed, 1e-9))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: InMemoryDataset, batch_size: int = 256, *, amp: str = "none",
-             channels_last: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` in eval mode."""
+def evaluate(model: nn.Module, data, batch_size: int = 256, *, amp: str = "none", channels_last: bool = False,
+             num_workers: int = 0) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on ``data`` (an ``InMemoryDataset``, a ``DataLoader``
+    or a ``Dataset`` of ``(input, class index)``)."""
     model.eval()
-    device = data.images.device
+    device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in data.batches(batch_size):
+    seen = 0
+    for x, y in eval_batches(data, batch_size, device, num_workers=num_workers):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             correct += (model(x).argmax(1) == y).sum()
-    return correct.item() / max(len(data), 1)
-
-
-@dataclass
-class FitState:
-    """What :func:`fit` hands its ``on_epoch_end`` callback after each epoch.
-
-    ``epoch`` is the number of epochs finished (1-based), ``metrics`` that epoch's row of
-    ``metrics.jsonl`` (written after the callback returns, so the callback may add keys; on
-    ranks other than 0 under torchrun it holds the training statistics only). ``is_main`` is
-    whether this process writes (rank 0, or no torchrun).
-
-    The callback may replace ``model``, ``optimizer``, ``scheduler`` and ``regularizer``; the
-    next epoch trains what it leaves there. Pruning between epochs (the contract):
-
-    * set ``state.model`` to the narrower model made with
-      ``rnip_ext.pruning.apply(state.model, plan, optimizer=state.optimizer)`` (or a
-      :class:`rnip_ext.pruning.RecedingSchedule` step): the optimiser is rebound in place, so
-      the scheduler and the ``GradScaler`` keep working and nothing else needs replacing. A new
-      model whose parameters are not exactly the optimiser's is a ``ValueError`` (build a new
-      optimiser *and* scheduler and put both in the state instead);
-    * :func:`fit` then rebinds the regulariser (``regularizer.rebind(model)``, when it has one),
-      rebuilds the ``torch.compile``'d runner and the ``DistributedDataParallel`` wrapper, and
-      under torchrun checks that every rank holds the same architecture (the callback runs on
-      every rank; ranks see identical weights after DDP's all-reduce, so a decision made from
-      the weights is the same everywhere).
-
-    Replacing the optimiser requires replacing the scheduler too (it is bound to the optimiser).
-    """
-
-    epoch: int
-    epochs: int
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    regularizer: object
-    metrics: dict
-    is_main: bool = True
-
-
-# Settings of a run that :func:`fit` reads from a CLI config dict (see ``rnip_ext.cli.train``).
-FIT_SETTINGS = ("lr", "batch_size", "weight_decay", "bn_lr_scale", "seed", "amp", "channels_last", "compile")
-CRASH_ENV = "RNIP_TEST_CRASH_AT"
-
-
-def _crash_step(epoch: int, rank: int) -> int | None:
-    """Test-only: ``RNIP_TEST_CRASH_AT=RANK:EPOCH:STEP`` SIGKILLs that rank at that step of that
-    (1-based) epoch, on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT``
-    unset or 0), to simulate a worker dying. Never set it outside tests."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
-        return None
-    want_rank, want_epoch, want_step = (int(v) for v in spec.split(":"))
-    return want_step if (want_rank, want_epoch) == (rank, epoch) else None
-
-
-def _finite_state(model: nn.Module) -> bool:
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+        seen += y.shape[0]
+    return correct.item() / max(seen, 1)
 
 
 def _use_bars(progress) -> bool:
@@ -279,228 +237,278 @@ def _use_bars(progress) -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def fit(model: nn.Module, splits, out: str | os.PathLike, *, epochs: int, lr: float = 0.1, batch_size: int = 64,
-        weight_decay: float = 1e-4, bn_lr_scale: float = 10.0, seed: int = 0, amp: str = "none",
-        channels_last: bool = False, compile: bool = False, regularizer=None, resume_from: dict | None = None,
-        progress: bool | str = True, description: str = "train", dist_ctx=None, on_epoch_end=None,
-        log_every: int = 50, selectable=None) -> dict:
-    """Train ``model`` on ``splits`` for ``epochs`` with the paper's recipe, checkpointing into ``out``.
+# The checkpoint format of Trainer.checkpoint() (last.pt); runs before it had no "format" key.
+FORMAT = "rnip_ext.train/2"
+# Settings of a run that fit reads from a CLI config dict (see rnip_ext.cli.train).
+FIT_SETTINGS = ("lr", "batch_size", "weight_decay", "bn_lr_scale", "seed", "amp", "channels_last", "compile")
 
-    Per epoch: one pass of ``cross_entropy + regularizer()`` (:func:`train_epoch`; SGD Nesterov
-    0.9 from :func:`make_optimizer`, lr / 10 at 50% and 75% of ``epochs``), top-1 accuracy on
-    ``splits.val`` and ``splits.test``, one row appended to ``out/metrics.jsonl``,
-    ``out/best.pt`` when the validation accuracy improves (``{"model", "architecture", "epoch"}``),
-    then ``on_epoch_end(FitState)`` if given (it may prune the model: see :class:`FitState`),
-    then the epoch's row of ``out/metrics.jsonl`` and ``out/last.pt`` with everything a resume
-    needs (model, architecture, optimiser, scheduler, scaler, generator and torch RNG states, the
-    regulariser's ``strength`` (and its ``state_dict()`` when it has one, e.g. a focus), the
-    callback's ``state_dict()`` when it has one, best so far; all
-    written atomically, loadable with ``weights_only=True``). Returns ``{"val_accuracy",
-    "epoch", "test_accuracy"}`` of the best epoch (model selection on validation only; with
-    ``selectable``, a callable taking the model, only epochs whose model it accepts compete,
-    e.g. those within a FLOPs budget).
 
-    Checkpoints hold the model's current architecture (``"architecture"``, the JSON of
-    :func:`rnip_ext.pruning.io.architecture_json`) next to its ``state_dict``, so a model pruned
-    during training is restored by narrowing a fresh, unpruned one
-    (:func:`rnip_ext.pruning.restore`); a resumed run narrows ``model`` first, then builds the
-    optimiser and rebinds the regulariser. Checkpoints without it (older runs) load as before.
-    Pruning between epochs rebuilds the compiled runner: with ``compile=True`` each prune
-    costs one recompilation (the shapes changed), which is expected.
+class Trainer:
+    """The training loop: state callbacks read and may change, and :meth:`fit`.
 
-    Without ``resume_from``, ``out`` must not hold ``metrics.jsonl``, ``best.pt`` or ``last.pt``
-    yet (:class:`rnip_ext.rundir.OutputDirError` otherwise): a fresh run never replaces another's.
-    ``resume_from`` (a ``last.pt`` payload, :func:`rnip_ext.rundir.load_checkpoint`) continues
-    after its epoch; rows of later epochs in ``metrics.jsonl`` (written before a crash) are
-    dropped, so every epoch appears once. A resumed run replays the same batches and
-    augmentations; results equal an uninterrupted run's up to floating-point nondeterminism of
-    the device (bitwise on CPU).
-
-    ``progress``: ``True`` shows tqdm bars when stdout and stderr are terminals and one printed
-    line per epoch otherwise; ``"bar"``/``"lines"`` force either; ``False`` prints nothing.
-    A NaN/inf loss raises :class:`NonFiniteLossError` before anything of that epoch is written,
-    and a model state with NaN/inf values is never checkpointed: ``last.pt`` keeps the last good
-    epoch. Under torchrun pass ``dist_ctx`` (:mod:`rnip_ext.distributed`): the model trains
-    under ``DistributedDataParallel`` on this rank's shard; rank 0 alone evaluates and writes.
+    Attributes callbacks use: ``model`` (the plain module; a callback may narrow it in place),
+    ``optimizer``, ``scheduler``, ``scaler``, ``regularizer``, ``epoch`` (epochs finished),
+    ``epochs``, ``is_main`` (rank 0, or no torchrun: the process that evaluates and writes),
+    ``dist_ctx``, ``device``, ``eval_model`` (the module to evaluate: compiled when asked),
+    ``resuming`` (whether :meth:`fit` continues a checkpoint), ``best`` (what model selection
+    chose), ``saved`` (``(path, epoch)`` of the last checkpoint written, for messages).
+    See :func:`fit` for the arguments.
     """
-    from tqdm.auto import tqdm
 
-    from . import distributed as D
-    from .rundir import OutputDirError, append_jsonl, record, save_checkpoint
+    def __init__(self, model: nn.Module, data, *, epochs: int, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler=None, scheduler_step: str = "epoch", scaler=None, loss=None, regularizer=None, callbacks=(),
+                 batch_size: int = 64, lr: float = 0.1, weight_decay: float = 1e-4, bn_lr_scale: float = 10.0,
+                 seed: int = 0, amp: str = "none", channels_last: bool = False, compile: bool = False,
+                 dist_ctx=None, num_workers: int = 0, progress: bool | str = True, description: str = "train",
+                 log_every: int = 50) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if scheduler is not None and optimizer is None:
+            raise ValueError("a scheduler needs the optimizer it was built on: pass optimizer= too")
+        if scheduler_step not in ("epoch", "step"):
+            raise ValueError(f"scheduler_step must be 'epoch' or 'step', got {scheduler_step!r}")
+        if amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+        if regularizer is not None and not isinstance(regularizer, Regularizer):
+            raise TypeError(f"{type(regularizer).__name__} is not a regulariser: it needs __call__, after_step, rebind, "
+                            "state_dict and load_state_dict (rnip_ext.regularizers.Regularizer)")
+        keys = [cb.state_key for cb in callbacks]
+        if any(not isinstance(cb, Callback) for cb in callbacks) or len(set(keys)) != len(keys):
+            raise TypeError("callbacks must be rnip_ext.callbacks.Callback instances with distinct state_key values")
+        self.model, self.epochs, self.regularizer = model, epochs, regularizer
+        self.device = next(model.parameters()).device
+        if optimizer is None:
+            optimizer = make_optimizer(model, lr, weight_decay, bn_lr_scale)
+            scheduler = make_scheduler(optimizer, epochs)
+        else:
+            own = {id(p) for p in model.parameters()}
+            if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
+                raise ValueError("the optimizer holds parameters that are not the model's: build it on this model")
+        self.optimizer, self.scheduler, self.scheduler_step = optimizer, scheduler, scheduler_step
+        self.loss = loss
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler if scaler is not None else (torch.amp.GradScaler(self.device.type) if amp == "fp16" else None)
+        self.amp, self.channels_last, self.compile = amp, channels_last, compile
+        self.dist_ctx = dist_ctx
+        self.is_main = dist_ctx is None or dist_ctx.is_main
+        self.generator = torch.Generator().manual_seed(seed)
+        self.train_data = data.train if isinstance(data, DataSplits) else data
+        self.batches = train_batches(self.train_data, batch_size=batch_size, generator=self.generator,
+                                     device=self.device, dist_ctx=dist_ctx, num_workers=num_workers, seed=seed)
+        self.callbacks = list(callbacks)
+        self.progress, self.description, self.log_every = progress, description, log_every
+        self.epoch = 0
+        self.resuming = False
+        self.best: dict = {"val_accuracy": None, "epoch": None, "test_accuracy": None}
+        self.saved: tuple[str, int] | None = None
+        self._ddp = None
+        self.eval_model = self.train_model = model
 
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    out = os.fspath(out)
-    from .pruning.io import architecture_json, restore
+    # -- wrappers ----------------------------------------------------------------------------------
 
-    device = splits.train.images.device
-    is_main = dist_ctx is None or dist_ctx.is_main
-    rank = 0 if dist_ctx is None else dist_ctx.rank
-    if resume_from is not None and resume_from.get("architecture"):
-        # A run that pruned while training: narrow the fresh model before the optimiser sees it.
-        restore(model, resume_from["model"], resume_from["architecture"])
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        _rebind(regularizer, model)
-    optimizer = make_optimizer(model, lr, weight_decay, bn_lr_scale)
-    scheduler = make_scheduler(optimizer, epochs)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    generator = torch.Generator().manual_seed(seed)
-    start_epoch, best = 0, {"val_accuracy": -1.0, "epoch": -1, "test_accuracy": None}
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        if scaler is not None and resume_from.get("scaler"):
-            scaler.load_state_dict(resume_from["scaler"])
-        generator.set_state(resume_from["generator"])
-        torch.set_rng_state(resume_from["torch_rng"])
-        start_epoch = int(resume_from["epoch"]) + 1
-        if resume_from.get("strength") is not None and regularizer is not None:
-            regularizer.strength = float(resume_from["strength"])
-        if resume_from.get("regularizer") is not None and callable(getattr(regularizer, "load_state_dict", None)):
-            regularizer.load_state_dict(resume_from["regularizer"])  # e.g. a RecedingRegularizer's focus
-        if resume_from.get("callback") is not None and callable(getattr(on_epoch_end, "load_state_dict", None)):
-            on_epoch_end.load_state_dict(resume_from["callback"])
-        best = {"val_accuracy": float(resume_from["best_val"]), "epoch": int(resume_from["best_epoch"]),
-                "test_accuracy": resume_from.get("best_test")}
+    def _wrap(self) -> None:
+        """(Re)build the compiled runner and the DDP wrapper around the current model."""
+        model = self.model
+        self._ddp = None  # the old wrapper holds gradient buckets of the old shapes
+        self.eval_model = torch.compile(model) if self.compile else model
+        self.train_model = self.eval_model
+        if self.dist_ctx is not None:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def wrap(m: nn.Module):
-        runner = torch.compile(m) if compile else m
-        if dist_ctx is None:
-            return runner, runner
-        from torch.nn.parallel import DistributedDataParallel
+            d = self.device
+            self._ddp = DistributedDataParallel(model, device_ids=[d.index] if d.type == "cuda" else None)
+            self.train_model = torch.compile(self._ddp) if self.compile else self._ddp
 
-        ddp = DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-        return runner, (torch.compile(ddp) if compile else ddp)
+    # -- checkpoints -------------------------------------------------------------------------------
 
-    runner, train_runner = wrap(model)
-    train_data = splits.train if dist_ctx is None else D.ShardedDataset(splits.train, dist_ctx.rank,
-                                                                         dist_ctx.world_size)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if is_main and resume_from is None:
-        # A fresh run never replaces another's files (the CLI clears its own first on --overwrite).
-        existing = [f for f in ("metrics.jsonl", "best.pt", "last.pt") if os.path.exists(os.path.join(out, f))]
-        if existing:
-            raise OutputDirError(f"{out} already holds {', '.join(existing)}: pass resume_from="
-                                 "load_checkpoint(<out>/last.pt) to continue that run, or use another directory")
-    if is_main:
-        os.makedirs(out, exist_ok=True)
-        record(out, "metrics.jsonl", "best.pt", "last.pt")
-        _drop_rows_after(metrics_path, start_epoch)
-    show = bool(progress) and is_main
-    bars = show and _use_bars(progress)
-    last_saved = start_epoch
-    for epoch in tqdm(range(start_epoch, epochs), desc=description, disable=not bars, initial=start_epoch,
-                      total=epochs):
-        epoch_start = time.perf_counter()
-        try:
-            stats = train_epoch(train_runner, train_data, optimizer, batch_size, regularizer, amp=amp,
-                                scaler=scaler, channels_last=channels_last, generator=generator, progress=bars,
-                                description=f"epoch {epoch + 1}", log_every=log_every,
-                                _crash_at_step=_crash_step(epoch + 1, rank))
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: {_kept(out, last_saved)}. Lower the learning "
-                                     "rate or check the data for NaN/inf") from exc
-        lr_now = optimizer.param_groups[-1]["lr"]
-        scheduler.step()
-        if dist_ctx is not None:
-            # Ranks see equal shares, so the plain mean over ranks is the epoch's mean.
-            loss, accuracy, penalty, speed = D.average_stats(
-                [stats.loss, stats.accuracy, stats.penalty, stats.images_per_second], device)
-            stats = EpochStats(loss, accuracy, penalty, speed * dist_ctx.world_size)
-        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-               "penalty": stats.penalty, "lr": lr_now, "images_per_second": stats.images_per_second}
-        if is_main:
-            if not _finite_state(model):
-                raise NonFiniteLossError(f"the model's weights or running statistics became non-finite in epoch "
-                                         f"{epoch + 1}: {_kept(out, last_saved)}")
-            val = evaluate(runner, splits.val, amp=amp, channels_last=channels_last)
-            test = evaluate(runner, splits.test, amp=amp, channels_last=channels_last)
-            row.update(val_accuracy=val, test_accuracy=test)
-            if val > best["val_accuracy"] and (selectable is None or selectable(model)):
-                best = {"val_accuracy": val, "epoch": epoch + 1, "test_accuracy": test}
-                save_checkpoint(os.path.join(out, "best.pt"), {"model": model.state_dict(),
-                                                               "architecture": architecture_json(model),
-                                                               "epoch": epoch})
-        if on_epoch_end is not None:
-            state = FitState(epoch + 1, epochs, model, optimizer, scheduler, regularizer, row, is_main)
-            on_epoch_end(state)
-            if state.optimizer is not optimizer and state.scheduler is scheduler:
-                raise ValueError("on_epoch_end replaced the optimizer but not the scheduler bound to it")
-            if state.model is not model:
-                _check_bound(state.model, state.optimizer)
-                model = state.model
-                if state.regularizer is regularizer:
-                    _rebind(regularizer, model)
-                runner, train_runner = wrap(model)
-            optimizer, scheduler, regularizer = state.optimizer, state.scheduler, state.regularizer
-            row = state.metrics
-        if dist_ctx is not None:
-            D.check_same(architecture_json(model), device, "the model's architecture after on_epoch_end")
-        row["wall_seconds"] = time.perf_counter() - epoch_start  # the epoch: train, evaluate, callback
-        row["time"] = time.time()
-        if is_main:
-            append_jsonl(metrics_path, row)
-            save_checkpoint(os.path.join(out, "last.pt"), {
-                "model": model.state_dict(), "architecture": architecture_json(model),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-                "best_val": best["val_accuracy"], "best_epoch": best["epoch"], "best_test": best["test_accuracy"],
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "strength": float(regularizer.strength) if isinstance(getattr(regularizer, "strength", None),
-                                                                       (int, float)) else None,
-                "callback": on_epoch_end.state_dict() if callable(getattr(on_epoch_end, "state_dict", None)) else None,
-                "regularizer": regularizer.state_dict() if callable(getattr(regularizer, "state_dict", None)) else None,
-            })
-            last_saved = epoch + 1
-            if show and not bars:
-                print(f"{description} epoch {epoch + 1}/{epochs}: loss {stats.loss:.4f} acc {stats.accuracy:.4f} "
-                      f"penalty {stats.penalty:.4g} val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f} "
-                      f"lr {lr_now:.3g} ({stats.images_per_second:,.0f} img/s)", flush=True)
-        if dist_ctx is not None:
-            D.barrier()
-    return best
+    def checkpoint(self) -> dict:
+        """Everything a resume needs, as plain tensors and containers (``weights_only=True``):
+        model and its architecture, optimiser, scheduler, scaler, epoch (0-based), generator and
+        torch RNG states, the regulariser's and every callback's ``state_dict()``."""
+        from .pruning import architecture_json
 
+        return {"format": FORMAT, "model": self.model.state_dict(), "architecture": architecture_json(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "epoch": self.epoch - 1,
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
+                "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks}}
 
-def _rebind(regularizer, model: nn.Module) -> None:
-    """Point a regulariser that can follow a pruned model (``rebind``) at ``model``'s layers."""
-    if regularizer is not None and callable(getattr(regularizer, "rebind", None)):
-        regularizer.rebind(model)
+    def _restore(self, payload: dict) -> None:
+        payload = upgrade_checkpoint(payload)
+        if payload.get("architecture"):
+            # A run pruned while training: narrow the model in place (the optimiser stays bound).
+            narrow_to(self.model, payload["architecture"], self.optimizer)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.epoch = int(payload["epoch"]) + 1
+        if self.regularizer is not None:
+            self.regularizer.rebind(self.model)
+            if payload.get("regularizer") is not None:
+                self.regularizer.load_state_dict(payload["regularizer"])
+        for cb in self.callbacks:
+            state = payload["callbacks"].get(cb.state_key)
+            if state is not None:
+                cb.load_state_dict(state)
 
+    def saved_note(self) -> str:
+        """Where the last good state is, for error messages."""
+        if self.saved is None:
+            return "nothing of this run was checkpointed"
+        return f"{self.saved[0]} still holds epoch {self.saved[1]}, untouched"
 
-def _check_bound(model: nn.Module, optimizer) -> None:
-    """The optimiser must serve exactly the new model's parameters (rebound by ``apply``)."""
-    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    want = {id(p) for p in model.parameters()}
-    if have != want:
-        raise ValueError("on_epoch_end replaced the model but the optimizer still serves other parameters: prune "
-                         "with rnip_ext.pruning.apply(model, plan, optimizer=state.optimizer), or put a new optimizer "
-                         "and scheduler in the state")
+    # -- the loop ----------------------------------------------------------------------------------
 
+    def fit(self, resume_from: dict | None = None) -> dict:
+        """Train from epoch ``self.epoch`` (or after ``resume_from``'s, a :meth:`checkpoint`) to
+        ``epochs``; returns ``best`` (model selection's choice, when a callback made one) with
+        ``"epoch"`` and the last epoch's ``"metrics"``."""
+        from tqdm.auto import tqdm
 
-def _kept(out: str, last_saved: int) -> str:
-    if last_saved == 0:
-        return "nothing of this run was checkpointed"
-    return f"{os.path.join(out, 'last.pt')} still holds epoch {last_saved}, untouched"
+        from . import distributed as D
 
-
-def _drop_rows_after(path: str, epoch: int) -> None:
-    """Keep the metrics rows of epochs ``<= epoch`` (later ones died before their checkpoint)."""
-    if not os.path.exists(path):
-        return
-    rows = []
-    with open(path) as f:
-        for line in f:
+        self.resuming = resume_from is not None
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self._wrap()
+        show = bool(self.progress) and self.is_main
+        bars = show and _use_bars(self.progress)
+        per_step = [cb for cb in self.callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
+        row: dict = {}
+        for _ in tqdm(range(self.epoch, self.epochs), desc=self.description, disable=not bars, initial=self.epoch,
+                      total=self.epochs):
+            self.epoch_start = time.perf_counter()
+            epoch = self.epoch + 1
             try:
-                if line.strip() and json.loads(line)["epoch"] <= epoch:
-                    rows.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a crash
-    from .rundir import _atomic
+                stats = train_epoch(
+                    self.train_model, self.batches.epoch(self.epoch), self.optimizer, loss=self.loss,
+                    regularizer=self.regularizer, amp=self.amp, scaler=self.scaler,
+                    scheduler=self.scheduler if self.scheduler_step == "step" else None,
+                    channels_last=self.channels_last, progress=bars, description=f"epoch {epoch}",
+                    log_every=self.log_every, total=self.batches.num_batches,
+                    on_step=(lambda step: [cb.on_train_batch_end(self, step) for cb in per_step]) if per_step else None)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(f"{exc} in epoch {epoch}: {self.saved_note()}. Lower the learning rate or "
+                                         "check the data for NaN/inf") from exc
+            lr_now = self.optimizer.param_groups[-1]["lr"]
+            if self.scheduler is not None and self.scheduler_step == "epoch":
+                self.scheduler.step()
+            if self.dist_ctx is not None:
+                # Ranks see equal shares, so the plain mean over ranks is the epoch's mean.
+                loss, accuracy, penalty, speed = D.average_stats(
+                    [stats.loss, stats.accuracy, stats.penalty, stats.images_per_second], self.device)
+                stats = EpochStats(loss, accuracy, penalty, speed * self.dist_ctx.world_size)
+            if not _finite_state(self.model):
+                raise NonFiniteLossError(f"the model's weights or running statistics became non-finite in epoch "
+                                         f"{epoch}: {self.saved_note()}")
+            self.epoch = epoch
+            row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "penalty": stats.penalty, "lr": lr_now, "images_per_second": stats.images_per_second}
+            shapes = _shapes(self.model)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, row)
+            if _shapes(self.model) != shapes:
+                self._narrowed()
+            if show and not bars:
+                print(_line(self.description, epoch, self.epochs, row), flush=True)
+            if self.dist_ctx is not None:
+                D.barrier()
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return dict(self.best, epoch=self.best["epoch"] if self.best["epoch"] is not None else self.epoch, metrics=row)
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(rows)
+    def _narrowed(self) -> None:
+        """A callback narrowed the model: fresh gradient accumulators and wrappers, the
+        regulariser rebound, and (torchrun) every rank checked to hold the same network."""
+        from . import distributed as D
+        from .pruning import architecture_json
 
-    _atomic(path, write)
+        _forget_grad_accumulators(self.model)
+        if self.regularizer is not None:
+            self.regularizer.rebind(self.model)
+        if self.dist_ctx is not None:
+            D.check_same(architecture_json(self.model), self.device, "the model's architecture after a callback")
+        self._wrap()
+
+
+def _line(description: str, epoch: int, epochs: int, row: dict) -> str:
+    def fmt(key, spec):
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    return (f"{description} epoch {epoch}/{epochs}: loss {fmt('train_loss', '.4f')} acc {fmt('train_accuracy', '.4f')} "
+            f"penalty {fmt('penalty', '.4g')} val {fmt('val_accuracy', '.4f')} test {fmt('test_accuracy', '.4f')} "
+            f"lr {fmt('lr', '.3g')} ({row['images_per_second']:,.0f} img/s)")
+
+
+def _finite_state(model: nn.Module) -> bool:
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+OLD_BUDGET_RUN = ("this checkpoint is a budget run of an older rnip_ext (its schedule state has an older format) and "
+                  "cannot be continued by this version: start it over (rnip train --overwrite) or finish it with the "
+                  "version that wrote it")
+
+
+def upgrade_checkpoint(payload: dict) -> dict:
+    """A ``last.pt`` payload in this version's format: the current one as it is, a train run written
+    before it converted; ``ValueError`` for a budget run of an older version (its schedule state
+    cannot be continued) or an unknown format."""
+    if payload.get("format") == FORMAT:
+        return payload
+    if payload.get("format") is not None:
+        raise ValueError(f"unknown checkpoint format {payload['format']!r} (this rnip_ext writes {FORMAT!r})")
+    if payload.get("callback") is not None:
+        raise ValueError(OLD_BUDGET_RUN)
+    best = {"val_accuracy": payload.get("best_val"), "epoch": payload.get("best_epoch"),
+            "test_accuracy": payload.get("best_test")}
+    regularizer = payload.get("regularizer")
+    if regularizer is None and payload.get("strength") is not None:
+        regularizer = {"strength": payload["strength"]}
+    return dict(payload, format=FORMAT, regularizer=regularizer, callbacks={"best": best})
+
+
+def fit(model: nn.Module, data, *, epochs: int, resume_from: dict | None = None, **kwargs) -> dict:
+    """Train ``model`` on ``data`` for ``epochs``: ``Trainer(model, data, epochs=epochs, **kwargs).fit(resume_from)``.
+
+    ``data``: an :class:`~rnip_ext.data.InMemoryDataset` (augmented on the device) or
+    :class:`~rnip_ext.data.DataSplits` (its ``train``), a ``DataLoader`` (used as it is; under
+    torchrun it needs a ``DistributedSampler``, whose ``set_epoch`` is called), a map-style
+    ``Dataset`` (shuffled with the trainer's seeded generator, ``batch_size``, ``num_workers``
+    worker processes, a ``DistributedSampler`` under torchrun) or an ``IterableDataset`` (it must
+    shard itself under torchrun). Batches are ``(inputs, targets)``.
+
+    Keyword arguments: ``optimizer`` (default: the paper's SGD from :func:`make_optimizer` with
+    ``lr``, ``weight_decay``, ``bn_lr_scale``, and :func:`make_scheduler`'s schedule),
+    ``scheduler`` with ``scheduler_step`` (``"epoch"`` or ``"step"``), ``scaler`` (a ``GradScaler``;
+    default: one when ``amp="fp16"``), ``loss`` (``loss(out,
+    targets)``, default cross-entropy), ``regularizer`` (a
+    :class:`~rnip_ext.regularizers.Regularizer`, e.g. a :class:`~rnip_ext.BudgetPruner`),
+    ``callbacks`` (:func:`rnip_ext.callbacks.run_callbacks` gives evaluation, ``best.pt``,
+    ``metrics.jsonl`` and ``last.pt`` in a run directory), ``batch_size``, ``seed`` (shuffling and
+    augmentation), ``amp`` (``"none"``, ``"bf16"``, ``"fp16"`` with a ``GradScaler``),
+    ``channels_last``, ``compile``, ``dist_ctx`` (torchrun: :mod:`rnip_ext.distributed`; DDP, rank
+    0 evaluates and writes), ``num_workers``, ``progress`` (``True``: tqdm bars on a terminal, one
+    line per epoch otherwise; ``"bar"``/``"lines"``; ``False``), ``description``, ``log_every``.
+
+    ``resume_from`` (a :meth:`Trainer.checkpoint`, e.g. ``load_checkpoint(out/last.pt)``)
+    continues after its epoch: the model is narrowed in place to its architecture first, then
+    every state is restored; with the in-memory or ``Dataset`` sources the same batches and
+    augmentations follow (bitwise equal to an uninterrupted run on CPU). Checkpoints of runs
+    written before this format resume too, except budget runs (a clear ``ValueError``). A NaN/inf
+    loss raises :class:`NonFiniteLossError` saying what the last checkpoint holds.
+    """
+    return Trainer(model, data, epochs=epochs, **kwargs).fit(resume_from)

@@ -24,3 +24,29 @@ def write_cifar(root, name="cifar10", n_per_file=20, classes=None, seed=0):
             pickle.dump(entry, f)
         written[fname] = (data, labels)
     return written
+
+
+def write_image_folder(root, classes=("cat", "dog", "owl"), per_class=(6, 2, 2), sizes=((20, 14), (9, 12)), seed=0):
+    """``root/{train,val,test}/<class>/*.png|jpg``: random RGB images (some greyscale, odd sizes) of
+    learnable colours per class; returns ``{split: [(path, class index, uint8 HxWx3 array written)]}``
+    (for JPEG files the array is what Pillow decodes, the format being lossy)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in zip(("train", "val", "test"), per_class):
+        written[split] = []
+        for c, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                h, w = sizes[i % len(sizes)]
+                pixels = rng.integers(0, 64, size=(h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] += np.uint8(160)  # the class shows in one colour channel
+                ext = "jpg" if i % 3 == 2 else "png"
+                path = os.path.join(folder, f"{i:03d}.{ext}")
+                image = Image.fromarray(pixels).convert("L") if i % 4 == 3 else Image.fromarray(pixels)
+                image.save(path)
+                with Image.open(path) as back:
+                    written[split].append((path, c, np.asarray(back.convert("RGB"))))
+    return written

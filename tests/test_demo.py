@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rnip_ext import demo
-from rnip_ext.budget import BUDGET_START_STRENGTH
+from rnip_ext.budget import START_STRENGTH
 from rnip_ext.rundir import MANIFEST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,8 @@ def test_aggregate_is_mean_and_sample_sd_over_seeds():
 
 @pytest.mark.parametrize("bad", [dict(seeds=0), dict(targets=()), dict(targets=(0.5, 1.5)), dict(epochs=0),
                                  dict(targets=(0.5, 0.501)), dict(methods=("rni", "slimming")),
-                                 dict(epochs=1, methods=demo.METHODS),  # the budget-aware runs need 2
+                                 dict(epochs=1, methods=demo.METHODS),  # the budget-aware runs need 3 and more
+                                 dict(epochs=4, targets=(0.05,), methods=(demo.BUDGET_METHOD,)),
                                  dict(budget={"strenght": 1e-2}), dict(targets=(0.5, 1e-4)),  # unreachable
                                  dict(device="tpu")])
 def test_run_demo_refuses_bad_settings_before_writing(tmp_path, bad):
@@ -106,7 +107,7 @@ def test_run_demo_refuses_bad_settings_before_writing(tmp_path, bad):
 
 
 def test_demo_pipeline_tiny(tmp_path, capsys):
-    """1 seed, 2 epochs: every method and budget has a row, before and after fine-tuning, every
+    """1 seed, 3 epochs: every method and budget has a row, before and after fine-tuning, every
     pruned network (and every budget-aware run's network) meets its FLOPs budget, the training
     compute follows its definition, and report.json keeps per-seed values."""
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
@@ -119,8 +120,9 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     import torch
 
     threads = torch.get_num_threads()
-    report = demo.run_demo(str(out), seeds=1, targets=targets, epochs=2, finetune_epochs=1, progress="lines",
-                           plots=False, threads=1)
+    # 3 epochs: enough for the budget runs when one step may remove 85% of the FLOPs (default 50%).
+    report = demo.run_demo(str(out), seeds=1, targets=targets, epochs=3, finetune_epochs=1, progress="lines",
+                           plots=False, threads=1, budget={"max_step_removal": 0.85})
     printed = capsys.readouterr().out
     assert torch.get_num_threads() == threads  # threads=1 held only during the demo
     # Not a terminal: one line per stage (3 trainings, 6 prunings, 2 budget runs), no carriage returns.
@@ -138,12 +140,12 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
         assert len(r["acc_pruned"]["values"]) == 1 and 0 <= r["acc_pruned"]["mean"] <= 1
         compute = r["training_compute"]["values"][0]
         if r["budget_run"]:
-            assert r["acc_finetuned"] is None and r["train_epochs"] == 2
+            assert r["acc_finetuned"] is None and r["train_epochs"] == 3
             # Narrowed during training: less than the full-width runs' compute, never nothing.
             assert 0 < compute < min(unpruned_compute.values()) and compute <= 1
         elif r["pruned"]:
             assert 0 <= r["acc_finetuned"]["mean"] <= 1
-            assert compute == pytest.approx(1 + r["macs_fraction"]["values"][0] / 2, rel=1e-12)
+            assert compute == pytest.approx(1 + r["macs_fraction"]["values"][0] / 3, rel=1e-12)
         if r["pruned"]:
             assert r["macs_fraction"]["values"][0] <= r["target"] + 1e-12
     for method in tpf:
@@ -168,10 +170,11 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
         assert pruning.count_flops(net, x) <= t * full
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["flops"] == pruning.count_flops(net, x) and summary["flops_before"] == full
-        assert config["target_flops"] == t and config["strength"] == demo.DEMO_BUDGET.get("strength", BUDGET_START_STRENGTH)
-        # Its compute from its metrics: epoch 1 at full width, epoch 2 at the width epoch 1 left.
+        assert config["target_flops"] == t and config["strength"] == START_STRENGTH["decoupled"]
+        # Its compute from its metrics: epoch 1 at full width, then the width the epoch before left.
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert summary["training_compute"] == pytest.approx((full + rows[0]["flops"]) / (2 * full), rel=1e-12)
+        assert summary["training_compute"] == pytest.approx((full + rows[0]["flops"] + rows[1]["flops"]) / (3 * full),
+                                                            rel=1e-12)
     budget_run = report["budget_runs"][f"{demo.BUDGET_METHOD}-s0"]
     for layer in budget_run["layers"]:
         assert 1 <= layer["kept"]["f20"] <= layer["channels"] and 1 <= layer["kept"]["f50"] <= layer["channels"]

@@ -83,3 +83,26 @@ def test_budget_summary_counts_the_narrowed_network():
     total = sum(m.num_features for m in model.modules() if isinstance(m, BoundedBatchNorm2d))
     assert s["ratio"] == pytest.approx(1 - sum(c // 2 for _, c, _ in s["kept_channels"]) / total)
     assert all(kept == before // 2 for _, before, kept in s["kept_channels"])
+
+
+def test_resolve_threads_uses_the_idle_cpus_or_what_it_is_told(monkeypatch):
+    import os
+
+    from rnip_ext.pipeline import resolve_threads
+
+    assert resolve_threads(3) == 3
+    for bad in (0, -1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="threads must be an int >= 1 or 'auto'"):
+            resolve_threads(bad)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.0, 1.0))  # another job holds a core
+    assert resolve_threads("auto") == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # idle
+    assert resolve_threads("auto") == 2 and resolve_threads(None) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # very busy: still one
+    assert resolve_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's choice per rank is kept
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert resolve_threads("auto") == 1

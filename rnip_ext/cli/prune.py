@@ -12,13 +12,14 @@ import os
 import torch
 
 from .. import pruning, rundir
-from ..data import load_dataset
-from ..pipeline import build_model, prune_and_measure, prune_summary
+from ..callbacks import run_callbacks
+from ..pipeline import build_model, load_splits, prune_and_measure, prune_summary
 from ..rundir import OutputDirError
 from ..training import NonFiniteLossError, fit
 from .errors import Interrupted, UserError, user_errors
 from .runs import CheckpointError, load_checkpoint, read_json
-from .train import check_number, fit_settings, read_resume, resolve_device, write_run_json
+from .train import (add_threads_argument, apply_threads, check_number, fit_settings, read_resume, resolve_device,
+                    write_run_json)
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
 RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "scope", "min_channels", "finetune_epochs", "lr")
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out, deleting only the files an earlier rnip run wrote there")
+    p.add_argument("--workers", type=int, default=None,
+                   help="imagefolder runs: data-loading worker processes (default min(4, CPUs))")
+    add_threads_argument(p, "auto")
     p.add_argument("--no-progress", action="store_true", help="print nothing per epoch")
 
 
@@ -91,10 +95,15 @@ def run(args: argparse.Namespace) -> dict:
                             hint="pass --resume to continue its fine-tuning, --overwrite to start over, "
                                  "or choose another --out")
     device = resolve_device(args.device or config["device"])
+    apply_threads(getattr(args, "threads", "auto"))
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        check_number("workers", workers, low=0)
+    else:
+        workers = min(4, os.cpu_count() or 1) if config["dataset"] == "imagefolder" else 0
     torch.manual_seed(config["seed"])
     with user_errors(FileNotFoundError, ValueError, RuntimeError, ImportError):
-        splits = load_dataset(config["dataset"], config["data_dir"], config["val_fraction"], config["seed"], device,
-                              image_size=config["image_size"])
+        splits = load_splits(config, device)
     model = build_model(config, splits.num_classes, splits.in_channels).to(device)
     with user_errors(RuntimeError, ValueError, prefix=f"{args.run_dir}/best.pt does not fit the run's model: "):
         # A run that pruned while training stores its architecture: the fresh model is narrowed first.
@@ -127,9 +136,9 @@ def run(args: argparse.Namespace) -> dict:
             with user_errors(RuntimeError, prefix=f"cannot resume {args.out}: "):
                 if resume_from is not None:  # widths differ if the source run changed since
                     small.load_state_dict(resume_from["model"])
-            best = fit(small, splits, args.out, epochs=args.finetune_epochs, regularizer=None,
-                       resume_from=resume_from, progress=not args.no_progress, description="fine-tune",
-                       **fit_settings(ft_config))
+            best = fit(small, splits, epochs=args.finetune_epochs, resume_from=resume_from,
+                       callbacks=run_callbacks(args.out, splits, num_workers=workers), num_workers=workers,
+                       progress=not args.no_progress, description="fine-tune", **fit_settings(ft_config))
         except KeyboardInterrupt:
             saved = os.path.isfile(os.path.join(args.out, "last.pt"))
             raise Interrupted(args.out, saved, rundir.release(args.out, created)) from None

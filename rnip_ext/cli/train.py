@@ -14,13 +14,17 @@ import torch
 
 from .. import distributed as D
 from .. import rundir
-from ..budget import BUDGET_SHIFT, BUDGET_START_STRENGTH, check_budget, train_to_budget
-from ..data import CIFAR_FILES, load_dataset
+from ..budget import BUDGET_SHIFT, START_STRENGTH
+from ..callbacks import run_callbacks
+from ..data import CIFAR_FILES
 from ..nn import convert_sync_batchnorm
-from ..pipeline import ARCHS, budget_summary, build_model, image_size_for  # noqa: F401 (imported from here)
+from ..pipeline import (ARCHS, DATASET_CHOICES, budget_summary, build_model, image_size_for,  # noqa: F401
+                        load_splits, resolve_threads)
+from ..pruner import UPDATES, BudgetPruner
 from ..pruning import count_flops, count_params
 from ..rundir import OutputDirError, record
-from ..training import FIT_SETTINGS, METHODS, NonFiniteLossError, bn_kind, default_strength, fit, make_regularizer
+from ..training import (FIT_SETTINGS, METHODS, NonFiniteLossError, bn_kind, default_strength, fit, make_optimizer,
+                        make_regularizer, make_scheduler)
 from .errors import Interrupted, UserError, user_errors
 from .runs import CheckpointError, load_checkpoint, read_json, versions, write_json
 
@@ -29,14 +33,27 @@ BUDGET_MIN_CHANNELS = 3
 # Settings that must match to resume a run (the rest, e.g. --epochs or --device, may change).
 # --epochs is one of them: the lr milestones sit at 50% and 75% of it.
 RESUME_KEYS = ("arch", "dataset", "method", "strength", "shift", "penalty", "seed", "batch_size", "lr", "val_fraction",
-               "weight_decay", "bn_lr_scale", "image_size", "epochs", "target_flops", "prune_every", "receded_below")
+               "weight_decay", "bn_lr_scale", "image_size", "mean", "std", "epochs", "target_flops", "receded_below",
+               "receding")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS, default="vgg16", help="network: the paper's VGG-16 or ResNet-56, or the demo's small VGG")
-    p.add_argument("--dataset", choices=("cifar10", "cifar100", "digits"), default="digits",
-                   help="digits ships with scikit-learn (no download)")
-    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py / cifar-100-python (required for CIFAR)")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default="digits",
+                   help="digits ships with scikit-learn (no download); imagefolder streams DIR/train/<class>/*.jpg|png "
+                        "(DIR/val, DIR/test optional) from --data-dir with worker processes")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding cifar-10-batches-py / cifar-100-python, or the image folder (required for "
+                        "CIFAR and imagefolder)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder/digits: images are resized to this square size (default 32; digits: 16 for "
+                        "vgg_small, 32 otherwise)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="imagefolder: per-channel mean of the normalisation (default ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="imagefolder: per-channel std of the normalisation (default ImageNet's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="imagefolder: data-loading worker processes (default min(4, CPUs))")
     p.add_argument("--download", action="store_true", help="fetch CIFAR with torchvision (if installed)")
     p.add_argument("--method", choices=METHODS, default="rni",
                    help="rni: receding regulariser on bounded BatchNorm; l1: network slimming; polarization; none")
@@ -59,20 +76,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--target-flops", type=float, default=None,
                    help="train to this fraction of the network's FLOPs (MACs) in one run, in (0, 1]: receded "
-                        "channels leave between epochs (the penalty focused on the channels the planner would "
-                        "remove next, its strength adapted, default start 2.0, shift 1), the budget is met exactly "
-                        "from a third of the epochs on (needs --method rni)")
-    p.add_argument("--prune-every", type=int, default=None,
-                   help="with --target-flops: remove receded channels every K epochs (default 1)")
+                        "channels leave after each epoch, the penalty focused on the channels the planner would "
+                        "remove next (rnip_ext.BudgetPruner; needs --method rni)")
     p.add_argument("--receded-below", type=float, default=None,
                    help="with --target-flops: a channel is receded when its importance is below T, in (0, 1) "
                         "(default 0.01)")
+    p.add_argument("--receding", choices=UPDATES, default=None,
+                   help="with --target-flops: 'decoupled' (default) moves the focused logits after each optimiser "
+                        "step, outside the optimiser; 'loss' adds the penalty to the loss (the paper's way)")
+    add_threads_argument(p, "auto")
     p.add_argument("--out", required=True,
                    help="run directory: must be new, empty, or this run being resumed (required)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out, deleting only the files an earlier rnip run wrote there")
     p.add_argument("--no-progress", action="store_true", help="print nothing per epoch")
+
+
+def add_threads_argument(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--threads", default=default,
+                   help="CPU threads for torch: a number, or 'auto' (the CPUs not busy by the load average; torch's "
+                        "setting when OMP_NUM_THREADS is set)")
+
+
+def parse_threads(value: str) -> int:
+    """``--threads``: a number >= 1, or ``auto`` (:func:`rnip_ext.pipeline.resolve_threads`)."""
+    if value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            raise UserError(f"--threads must be a number >= 1 or 'auto', got {value!r}") from None
+        check_number("threads", value, low=1)
+    return resolve_threads(value)
+
+
+def apply_threads(value: str) -> int:
+    """Set torch's CPU threads from ``--threads``; returns the count."""
+    threads = parse_threads(value)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,18 +145,26 @@ def check_number(name: str, value: float, *, low: float | None = None, high: flo
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run, resolved (the paper's defaults filled in) and validated."""
     strength, shift = default_strength(args.method, args.arch)
-    if getattr(args, "target_flops", None) is not None and args.method == "rni":
-        # A budget run starts its controller at the focused penalty's strength (see rnip_ext.budget).
-        strength, shift = BUDGET_START_STRENGTH, BUDGET_SHIFT
+    target = getattr(args, "target_flops", None)
+    receding = getattr(args, "receding", None)
+    if target is not None and args.method == "rni":
+        # A budget run starts BudgetPruner's controller at the focused penalty's strength.
+        strength, shift = START_STRENGTH[receding or "decoupled"], BUDGET_SHIFT
+    dataset = args.dataset
+    image_size = getattr(args, "image_size", None)
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
     config = {
-        "arch": args.arch, "dataset": args.dataset, "data_dir": args.data_dir, "method": args.method,
+        "arch": args.arch, "dataset": dataset, "data_dir": args.data_dir, "method": args.method,
         "strength": strength if args.strength is None else args.strength,
         "shift": shift if args.shift is None else args.shift,
         "penalty": getattr(args, "penalty", "layer") if args.method == "rni" else None,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "bn_lr_scale": args.bn_lr_scale, "val_fraction": args.val_fraction, "seed": args.seed,
         "device": args.device, "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
-        "image_size": image_size_for(args.arch, args.dataset), "bn": bn_kind(args.method),
+        "image_size": image_size if image_size is not None else (
+            32 if dataset == "imagefolder" else image_size_for(args.arch, dataset)),
+        "mean": list(mean) if mean else None, "std": list(std) if std else None,
+        "bn": bn_kind(args.method),
         "optimizer": "SGD(momentum=0.9, nesterov=True)", "schedule": "lr/10 at 50% and 75% of epochs",
     }
     check_number("epochs", config["epochs"], low=1)
@@ -127,30 +177,43 @@ def resolve_config(args: argparse.Namespace) -> dict:
     # Model selection needs a validation split (never the test set); digits use a fixed split,
     # but a value outside (0, 1) is a mistake there too.
     check_number("val-fraction", config["val_fraction"], low=0, high=1, low_open=True)
-    target = getattr(args, "target_flops", None)
-    every, below = getattr(args, "prune_every", None), getattr(args, "receded_below", None)
-    if target is None and (every is not None or below is not None):
-        raise UserError("--prune-every and --receded-below need --target-flops")
+    if image_size is not None:
+        if dataset.startswith("cifar"):
+            raise UserError("--image-size applies to imagefolder and digits; CIFAR images are 32x32")
+        check_number("image-size", image_size, low=1)
+    if (mean or std) and dataset != "imagefolder":
+        raise UserError("--mean and --std apply to --dataset imagefolder")
+    for name, values in (("std", std or ()),):
+        for v in values:
+            check_number(name, v, low=0, low_open=True)
+    below = getattr(args, "receded_below", None)
+    if target is None and (below is not None or receding is not None):
+        raise UserError("--receded-below and --receding need --target-flops")
     if target is not None:
         check_number("target-flops", target, low=0, high=1, low_open=True, high_open=False)
-        every = 1 if every is None else every
         below = 0.01 if below is None else below
-        if config["epochs"] < 2:
-            raise UserError(f"--target-flops needs --epochs >= 2 (the budget is met after one epoch and at least "
-                            f"one more trains at it), got {config['epochs']}")
-        check_number("prune-every", every, low=1)
         check_number("receded-below", below, low=0, high=1, low_open=True)
         if config["method"] != "rni":
             raise UserError(f"--target-flops trains with the receding regulariser: it needs --method rni, "
                             f"got {config['method']}")
-        config.update(budget="train_to_budget(focused, scope='local', geometric schedule after 2 epochs, "
-                             "budget at 1/3 of epochs)",
-                      min_channels=BUDGET_MIN_CHANNELS)
-    config.update(target_flops=target, prune_every=every, receded_below=below)
-    if config["dataset"] != "digits" and config["data_dir"] is None:
+        receding = receding or "decoupled"
+        config.update(budget=f"BudgetPruner(receding={receding!r}, scope='local', geometric schedule after 2 "
+                             "epochs, budget at 1/3 of epochs)", min_channels=BUDGET_MIN_CHANNELS)
+    config.update(target_flops=target, receded_below=below, receding=receding)
+    if config["dataset"] in CIFAR_FILES and config["data_dir"] is None:
         raise UserError(f"--dataset {config['dataset']} needs --data-dir (the folder holding "
                         f"{CIFAR_FILES[config['dataset']][0]})")
+    if config["dataset"] == "imagefolder" and config["data_dir"] is None:
+        raise UserError("--dataset imagefolder needs --data-dir (a folder holding train/<class>/<image> files)")
     return config
+
+
+def make_pruner(model, config: dict, example, optimizer) -> BudgetPruner:
+    """The run's :class:`~rnip_ext.BudgetPruner` (bad budgets are one ``error:`` line, before anything is written)."""
+    with user_errors(ValueError):
+        return BudgetPruner(model, example, target_flops=config["target_flops"], epochs=config["epochs"],
+                            optimizer=optimizer, threshold=config["receded_below"], min_channels=BUDGET_MIN_CHANNELS,
+                            update=config["receding"], strength=config["strength"], shift=config["shift"])
 
 
 def elastic_state(out: str) -> str | None:
@@ -184,9 +247,13 @@ def read_resume(out: str, config: dict, keys=RESUME_KEYS, command: str = "train"
     if changed:
         raise UserError(f"cannot resume {out}: settings differ from the run's ({', '.join(changed)})")
     try:
-        return load_checkpoint(os.path.join(out, "last.pt"))
+        payload = load_checkpoint(os.path.join(out, "last.pt"))
     except CheckpointError as exc:
         raise UserError(f"cannot resume: {exc}") from exc
+    from ..training import upgrade_checkpoint
+
+    with user_errors(ValueError, prefix=f"cannot resume {out}: "):
+        return upgrade_checkpoint(payload)
 
 
 def write_run_json(out: str, name: str, obj) -> None:
@@ -241,6 +308,7 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
                                 replace_own=elastic == "restart",
                                 hint="pass --resume to continue it, --overwrite to start over, or choose another --out")
     resume_from = read_resume(out, config) if resume else None
+    threads = apply_threads(args.threads)
 
     # Every rank seeds alike, so models start identical (DDP also broadcasts rank 0's).
     torch.manual_seed(config["seed"])
@@ -250,44 +318,42 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
         with user_errors(RuntimeError):
             device = D.setup(dist_ctx, config["device"])
     with user_errors(FileNotFoundError, ValueError, RuntimeError, ImportError):
-        splits = load_dataset(config["dataset"], config["data_dir"], config["val_fraction"], config["seed"], device,
-                              download=args.download, image_size=config["image_size"])
+        splits = load_splits(config, device, download=args.download)
     model = build_model(config, splits.num_classes, splits.in_channels).to(device)
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
     config.update({"num_classes": splits.num_classes, "in_channels": splits.in_channels,
                    "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
-                   "params": count_params(model), "flops": count_flops(model, example),
-                   "train_size": len(splits.train), "val_size": len(splits.val), "test_size": len(splits.test)})
+                   "params": count_params(model), "flops": count_flops(model, example), "threads": threads,
+                   "train_size": len(splits.train), "val_size": len(splits.val),
+                   "test_size": len(splits.test) if splits.test is not None else 0})
     if dist_ctx is not None:
         # Per-process batch: the global batch is world_size * batch_size.
         config["world_size"] = dist_ctx.world_size
         config["elastic_run_id"] = os.environ.get("TORCHELASTIC_RUN_ID")
         model = convert_sync_batchnorm(model)
-    if config["target_flops"] is not None:
-        # Bad budgets (unreachable with min_channels) are refused before anything is written.
-        with user_errors(ValueError):
-            check_budget(model, config["target_flops"], example, threshold=config["receded_below"],
-                         min_channels=BUDGET_MIN_CHANNELS)
+    # The paper's recipe, built here so that a budget run's pruner counts its steps from the start.
+    optimizer = make_optimizer(model, config["lr"], config["weight_decay"], config["bn_lr_scale"])
+    scheduler = make_scheduler(optimizer, config["epochs"])
+    # A bad budget (e.g. unreachable with min_channels) is refused before anything is written.
+    pruner = make_pruner(model, config, example, optimizer) if config["target_flops"] is not None else None
+    regularizer = pruner if pruner is not None else make_regularizer(
+        model, config["method"], config["strength"], config["shift"], config["penalty"] or "layer")
+    workers = args.workers if args.workers is not None else (
+        min(4, os.cpu_count() or 1) if config["dataset"] == "imagefolder" else 0)
+    check_number("workers", workers, low=0)
     created = False
     if is_main:
         with user_errors(OutputDirError):
             created = rundir.claim(out, "train", mode)
         write_run_json(out, "config.json", config)
-    common = dict(epochs=config["epochs"], resume_from=resume_from, progress=is_main and not args.no_progress,
-                  description=f"train {config['method']}", dist_ctx=dist_ctx, **fit_settings(config))
     try:
-        if config["target_flops"] is not None:
-            best = train_to_budget(model, splits, out, target_flops=config["target_flops"], example_inputs=example,
-                                   strength=config["strength"], shift=config["shift"],
-                                   normalize="layer" if config["penalty"] == "layer" else None,
-                                   prune_every=config["prune_every"], threshold=config["receded_below"],
-                                   min_channels=BUDGET_MIN_CHANNELS, **common)
-        else:
-            regularizer = make_regularizer(model, config["method"], config["strength"], config["shift"],
-                                           config["penalty"] or "layer")
-            best = fit(model, splits, out, regularizer=regularizer, **common)
+        best = fit(model, splits, epochs=config["epochs"], resume_from=resume_from, optimizer=optimizer,
+                   scheduler=scheduler, regularizer=regularizer,
+                   callbacks=run_callbacks(out, splits, budget=pruner, num_workers=workers), num_workers=workers,
+                   progress=is_main and not args.no_progress, description=f"train {config['method']}",
+                   dist_ctx=dist_ctx, **fit_settings(config))
     except KeyboardInterrupt:
         saved = os.path.isfile(os.path.join(out, "last.pt"))
         removed = is_main and rundir.release(out, created)
@@ -300,13 +366,13 @@ def _run(args: argparse.Namespace, dist_ctx: D.DistributedContext | None) -> dic
                "ratio": 0.0, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
                "test_accuracy": best["test_accuracy"], "params": config["params"], "flops": config["flops"]}
     if config["target_flops"] is not None:
-        summary.update(budget_summary(build_model(config, splits.num_classes, splits.in_channels), best["model"],
+        summary.update(budget_summary(build_model(config, splits.num_classes, splits.in_channels), model,
                                       example, config["target_flops"]))
     if not is_main:
         return summary
     write_run_json(out, "summary.json", summary)
     if config["target_flops"] is not None:
         _budget_plot(out)
-    print(f"{config['method']}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} "
-          f"test {best['test_accuracy']:.4f} -> {out}")
+    test = "-" if best["test_accuracy"] is None else f"{best['test_accuracy']:.4f}"
+    print(f"{config['method']}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} test {test} -> {out}")
     return summary

@@ -78,11 +78,14 @@ class InMemoryDataset:
 
 @dataclass
 class DataSplits:
-    """Train / validation / test splits of one dataset, and what a model needs to know of it."""
+    """Train / validation / test splits of one dataset, and what a model needs to know of it.
+
+    The splits are :class:`InMemoryDataset` objects or any ``torch.utils.data.Dataset`` (an image
+    folder streamed from disk); ``test`` may be ``None`` (no test set)."""
 
     train: InMemoryDataset
     val: InMemoryDataset
-    test: InMemoryDataset
+    test: InMemoryDataset | None
     num_classes: int
     in_channels: int
     image_size: int

@@ -44,9 +44,12 @@ def _torchrun(tmp_path, out, *extra_env, epochs=3):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     env.update(extra_env)
+    # With RNIP_TEST_CRASH_AT the entry point is the test helper that adds the crashing callback.
+    entry = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "crash_train.py")] if any(
+        k == "RNIP_TEST_CRASH_AT" for k, _ in extra_env) else ["-m", "rnip_ext"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", "1", "--monitor-interval", "0.2",
-           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir",
+           *entry, "train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir",
            str(tmp_path / "data"), "--epochs", str(epochs), "--batch-size", "8", "--val-fraction", "0.2",
            "--device", "cpu", "--out", str(out), "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -122,8 +125,8 @@ def test_elastic_state_resumes_only_this_jobs_run(tmp_path, monkeypatch):
 
 
 def test_torchrun_two_ranks_train_to_a_flops_budget(tmp_path):
-    """Both ranks remove the same channels between epochs (fit checks they agree), DDP is rebuilt
-    after each prune, and the run's checkpoint (synchronised BatchNorms) prunes and reports as a
+    """Both ranks remove the same channels between epochs (the pruner checks they agree), DDP is
+    rebuilt after each narrowing, and the run's checkpoint (synchronised BatchNorms) prunes and reports as a
     single-process one does."""
     from rnip_ext.cli import main
     from rnip_ext.cli.train import build_model
@@ -133,16 +136,16 @@ def test_torchrun_two_ranks_train_to_a_flops_budget(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "digits", "--epochs", "3",
-           "--batch-size", "64", "--strength", "5e-2", "--shift", "1", "--lr", "0.05", "--target-flops", "0.1",
+           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "digits", "--epochs", "4",
+           "--batch-size", "64", "--lr", "0.05", "--target-flops", "0.25",
            "--device", "cpu", "--out", str(run), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     config = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert config["world_size"] == 2 and summary["flops"] <= 0.1 * config["flops"]
+    assert config["world_size"] == 2 and summary["flops"] <= 0.25 * config["flops"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["flops"] == summary["flops"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["flops"] == summary["flops"]
     last = load_checkpoint(str(run / "last.pt"))
     model = restore(build_model(config, config["num_classes"], config["in_channels"]), last["model"],
                     last["architecture"])
@@ -181,3 +184,28 @@ def test_check_same_raises_on_every_rank_when_ranks_disagree(texts, agree):
         assert dict(results) == {0: "same", 1: "same"}
     else:
         assert all("ranks disagree on the architecture" in results[r] for r in (0, 1))
+
+
+def test_torchrun_two_ranks_train_on_an_image_folder_streamed_by_workers(tmp_path):
+    """`--dataset imagefolder`: each rank reads its DistributedSampler share of the folder through a
+    worker process; the run prunes and reports like any other."""
+    from data_helpers import write_image_folder
+
+    write_image_folder(tmp_path / "images", per_class=(8, 2, 2))
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rnip_ext", "train", "--arch", "vgg_small", "--dataset", "imagefolder", "--data-dir",
+           str(tmp_path / "images"), "--image-size", "16", "--workers", "1", "--epochs", "2", "--batch-size", "4",
+           "--device", "cpu", "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2 and config["train_size"] == 24 and config["num_classes"] == 3
+    assert config["in_channels"] == 3 and config["image_size_used"] == 16
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # 24 images, 2 ranks of 12, batches of 4: 3 steps per rank and epoch, every image once.
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "train" and summary["dataset"] == "imagefolder"

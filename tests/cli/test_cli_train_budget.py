@@ -40,10 +40,9 @@ def interrupt_on_call(monkeypatch, n):
     return lambda: monkeypatch.setattr(training, "train_epoch", real)
 
 
-def budget_args(out, *extra, epochs="3"):
+def budget_args(out, *extra, epochs="4"):
     return ["train", "--arch", "vgg_small", "--dataset", "digits", "--epochs", epochs, "--batch-size", "128",
-            "--strength", "5e-2", "--shift", "1", "--lr", "0.05", "--target-flops", "0.1", "--out", str(out),
-            "--no-progress", *extra]
+            "--lr", "0.05", "--target-flops", "0.25", "--out", str(out), "--no-progress", *extra]
 
 
 def _model_of(run):
@@ -58,21 +57,22 @@ def test_budget_run_interrupted_resumed_then_pruned_and_reported(tmp_path, monke
 
     run = tmp_path / "run"
     args = budget_args(run)
-    restore_train = interrupt_on_call(monkeypatch, 3)  # Ctrl-C in the third epoch, after the budget cut
+    restore_train = interrupt_on_call(monkeypatch, 3)  # Ctrl-C in the third epoch, the network narrowed
     assert main(args) == 130
     restore_train()
     capsys.readouterr()
     last = load_checkpoint(str(run / "last.pt"))
-    assert int(last["epoch"]) == 1 and last["architecture"] and last["callback"]["original_flops"] > 0
+    assert int(last["epoch"]) == 1 and last["architecture"] and last["regularizer"]["original"] > 0
+    assert last["regularizer"]["steps_done"] == 2
     assert main(args + ["--resume"]) == 0
     config, fresh = _model_of(run)
-    assert config["target_flops"] == 0.1 and config["prune_every"] == 1 and config["receded_below"] == 0.01
+    assert config["target_flops"] == 0.25 and config["receding"] == "decoupled" and config["receded_below"] == 0.01
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     for key in ("params", "flops", "flops_fraction", "channels", "strength", "wall_seconds", "test_accuracy"):
         assert all(key in r for r in rows), key
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["flops"] <= 0.1 * config["flops"] and summary["achieved_flops"] <= 0.1
+    assert summary["flops"] <= 0.25 * config["flops"] and summary["achieved_flops"] <= 0.25
     assert summary["flops_before"] == config["flops"] and 0 < summary["ratio"] < 1
     # The checkpoint's architecture is the final network's.
     example = torch.zeros(1, config["in_channels"], config["image_size_used"], config["image_size_used"])
@@ -98,10 +98,11 @@ def test_budget_run_interrupted_resumed_then_pruned_and_reported(tmp_path, monke
     (["--target-flops", "1.5"], r"--target-flops must be in \(0, 1\]"),
     (["--receded-below", "1"], r"--receded-below must be in \(0, 1\)"),
     (["--receded-below", "0"], r"--receded-below must be in \(0, 1\)"),
-    (["--prune-every", "0"], "--prune-every must be >= 1"),
-    (["--target-flops", "0.0001"], "target_flops=0.0001 cannot be met.*min_channels=3"),
+    (["--target-flops", "0.0001", "--epochs", "30"], "target_flops=0.0001 cannot be met.*min_channels=3"),
     (["--method", "l1"], "needs --method rni"),
-    (["--epochs", "1"], "needs --epochs >= 2"),
+    (["--epochs", "1"], "epochs must be an int >= 2"),
+    (["--target-flops", "0.02", "--epochs", "3"], "3 steps are too few to reach 0.02"),
+    (["--receding", "adam"], "invalid choice: 'adam'"),
 ])
 def test_bad_budget_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, match):
     out = tmp_path / "run"
@@ -110,7 +111,24 @@ def test_bad_budget_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra
     assert not out.exists()
 
 
-def test_prune_every_without_target_is_refused(tmp_path, capsys):
-    args = [a for a in budget_args(tmp_path / "run") if a not in ("--target-flops", "0.1")]
-    assert main(args + ["--prune-every", "2"]) == 2
+def test_budget_options_without_target_are_refused(tmp_path, capsys):
+    args = [a for a in budget_args(tmp_path / "run") if a not in ("--target-flops", "0.25")]
+    assert main(args + ["--receding", "loss"]) == 2
     one_error_line(capsys, "need --target-flops")
+
+
+def test_a_budget_run_of_an_older_version_is_refused_clearly(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(budget_args(run, epochs="3", *["--target-flops", "0.5"])) == 0
+    capsys.readouterr()
+    import torch
+
+    last = load_checkpoint(str(run / "last.pt"))
+    old = {k: v for k, v in last.items() if k not in ("format", "callbacks")}
+    old["callback"] = {"original_flops": 1, "history": []}  # what the older BudgetPruning stored
+    torch.save(old, run / "last.pt")
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 4
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(budget_args(run, "--resume", epochs="4", *["--target-flops", "0.5"])) == 2
+    one_error_line(capsys, "cannot resume .*budget run of an older rnip_ext")
