@@ -105,7 +105,23 @@ def test_from_batchnorm_keeps_timm_children():
 
 
 @needs_timm
-@pytest.mark.parametrize("name,peak", [("regnetx_002", 2.0), ("efficientnet_b0", 0.95), ("mobilenetv2_100", 2.0)])
+def test_a_silu_norm_act_layer_converts_below_one_and_is_refused_above():
+    from timm.layers import BatchNormAct2d
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), BatchNormAct2d(6, act_layer=nn.SiLU), nn.Conv2d(6, 2, 1))
+    model = trained_looking(model, g, peak=0.95).double()
+    converted = convert_batchnorm(copy.deepcopy(model))
+    assert type(converted[1].act) is nn.SiLU
+    assert_same_function(model, converted, torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64), rtol=1e-12)
+    with torch.no_grad():
+        model[1].weight[0] = -1.25
+    with pytest.raises(ValueError, match=r"'1': \|gamma\| reaches 1.25 >= 1, .* reaches SiLU '1.act'"):
+        convert_batchnorm(model)
+
+
+@needs_timm
+@pytest.mark.parametrize("name,peak", [("regnetx_002", 2.0), ("mobilenetv2_100", 2.0)])
 def test_timm_norm_act_networks_keep_activations_and_function(name, peak):
     g = torch.Generator().manual_seed(0)
     model = trained_looking(zoo_models.build("timm", name), g, peak=peak, signed=False).double()
