@@ -9,6 +9,7 @@ from . import functional
 from ._version import __version__
 from .nn import (
     BoundedBatchNorm2d,
+    BoundedBatchNormAct2d,
     SyncBoundedBatchNorm2d,
     convert_batchnorm,
     convert_sync_batchnorm,
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "functional",
     "BoundedBatchNorm2d",
+    "BoundedBatchNormAct2d",
     "SyncBoundedBatchNorm2d",
     "convert_batchnorm",
     "convert_sync_batchnorm",

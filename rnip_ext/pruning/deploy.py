@@ -10,6 +10,7 @@ with PyTorch alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import os
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..nn import BoundedBatchNorm2d
+from ..nn import BoundedBatchNorm2d, is_norm_act
 from .graph import PruningTraceError, eval_mode, trace
 
 __all__ = ["export", "standard_modules"]
@@ -103,7 +104,7 @@ def standard_modules(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy of ``model`` built from standard PyTorch layers only.
 
     Every ``BoundedBatchNorm2d`` becomes the ``nn.BatchNorm2d`` with weight ``sigmoid(w)`` (and
-    its shift, or 0); then every BatchNorm whose input is the output of a convolution read by
+    its shift, or 0), followed by its ``drop`` and ``act`` for a norm-activation layer; then every BatchNorm whose input is the output of a convolution read by
     nothing else is folded into that convolution (see :func:`_fold`) and replaced by
     ``nn.Identity``. A BatchNorm after anything else (an addition, a pooling), or one without
     running statistics (it normalises with the batch's even in eval), stays a BatchNorm.
@@ -112,7 +113,8 @@ def standard_modules(model: nn.Module) -> nn.Module:
     copied = copy.deepcopy(model).eval()
     for name, m in list(copied.named_modules()):
         if isinstance(m, BoundedBatchNorm2d):
-            _set_module(copied, name, _as_plain_batchnorm(m))
+            plain = _as_plain_batchnorm(m)
+            _set_module(copied, name, nn.Sequential(plain, m.drop, m.act) if is_norm_act(m) else plain)
     modules = dict(copied.named_modules())
     for conv_name, bn_name in _foldable_pairs(copied):
         _fold(modules[conv_name], modules[bn_name])
@@ -158,33 +160,65 @@ def _trace_program(model: nn.Module, inputs: tuple[Tensor, ...]):
     return torch.export.export(model, inputs), False
 
 
-def _atomic_write(path: str, write, suffix: str, overwrite: bool = True) -> None:
-    """``write(tmp)`` to a temporary file in the target's folder, then rename: no half-written file.
-
-    ``overwrite=False`` publishes with a hard link instead, which fails (``FileExistsError``)
-    if ``path`` appeared meanwhile: a file created by someone else is never replaced."""
+def _check_target(path: str, overwrite: bool) -> None:
+    """The file ``path`` can be written: its folder exists, it is not a folder, and it is new unless
+    ``overwrite`` (checked before the export's work; the publish checks again)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}")
-    os.close(fd)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; export writes one file: give a file name such as "
+                                f"{os.path.join(path, 'model.pt2')}")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the folder of {path} does not exist ({folder}); create it first")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; nothing was written (overwrite=True replaces it)")
+
+
+def _atomic_write(path: str, write, suffix: str, overwrite: bool) -> None:
+    """``write(tmp)`` to a temporary file in the target's folder, then publish it at ``path``: no
+    half-written file, and errors name ``path``, not the temporary file.
+
+    ``overwrite=True`` renames over an existing file; ``overwrite=False`` publishes with a hard link,
+    which fails (``FileExistsError``) if ``path`` appeared meanwhile: a file created by someone else
+    is never replaced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
+        with _naming(path):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}")
+            os.close(fd)
         write(tmp)
         umask = os.umask(0)  # mkstemp makes the file private; give it the permissions a new file gets
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+        with _naming(path):
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)
+                os.unlink(tmp)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+    """File-system errors name ``path`` (the user's file), not the temporary file beside it."""
+    try:
+        yield
+    except FileExistsError as exc:
+        raise FileExistsError(f"{path} was created by something else during the export; it was left as it "
+                              "is and nothing was written") from exc
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, f"{exc.strerror} (writing {path})", path) from exc
+
+
 @torch.no_grad()
 def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format: str = "pt2",
-           overwrite: bool = True):
+           overwrite: bool = False):
     """Write ``model`` in eval mode as a self-contained program of standard ATen operations.
 
     ``format="pt2"`` (default) writes a ``torch.export`` program: load it with
@@ -201,16 +235,22 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format:
     dynamic (any batch size) when every input shares it and the model allows; otherwise sizes
     are those of ``example_inputs``.
 
-    ``example_inputs``: a tensor or tuple of tensors the model accepts, on its device. The file
-    is written to a temporary name and renamed (an existing file at ``path`` is replaced only
-    by a complete one; with ``overwrite=False`` an existing file raises ``FileExistsError``, even
-    one created while the export ran). ``model`` is left as it was (mode and parameters). Returns the
-    ``torch.export.ExportedProgram``.
+    ``example_inputs``: a tensor or tuple of tensors the model accepts, on its device. ``path``:
+    a file in an existing folder (``FileNotFoundError`` otherwise, ``IsADirectoryError`` for a
+    folder). An existing file raises ``FileExistsError`` unless ``overwrite=True`` (default
+    ``False``), checked before the work and again when publishing, so a file created while the
+    export ran is never replaced. The file is written to a temporary name and published in one
+    step (an existing file is replaced only by a complete one). ``model`` is left as it was (mode
+    and parameters). Returns the ``torch.export.ExportedProgram``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export expects an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    path = os.fspath(path)
+    _check_target(path, overwrite)
     inputs = _inputs(example_inputs)
     with eval_mode(model):
         try:
@@ -231,13 +271,13 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs, *, format:
     got = program.module()(*inputs)
     _check_same(expected, got)
     if format == "pt2":
-        _atomic_write(os.fspath(path), lambda tmp: torch.export.save(program, tmp), ".pt2", overwrite)
+        _atomic_write(path, lambda tmp: torch.export.save(program, tmp), ".pt2", overwrite)
     else:
         def write_onnx(tmp):
             onnx_program = torch.onnx.export(program, args=inputs, dynamo=True, verbose=False)
             onnx_program.save(tmp)
 
-        _atomic_write(os.fspath(path), write_onnx, ".onnx", overwrite)
+        _atomic_write(path, write_onnx, ".onnx", overwrite)
     return program
 
 

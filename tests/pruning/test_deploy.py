@@ -1,6 +1,7 @@
 """export: a torch.export program (or ONNX) of standard ATen ops that loads without rnip_ext."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -124,12 +125,12 @@ def test_model_untouched_and_atomic_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.export, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        export(model, path, torch.randn(1, 3, 16, 16))
+        export(model, path, torch.randn(1, 3, 16, 16), overwrite=True)
     assert path.read_bytes() == b"the previous, complete file"
     assert sorted(os.listdir(tmp_path)) == ["m.pt2"]  # no temporary file left behind
     monkeypatch.undo()
 
-    export(model, path, torch.randn(1, 3, 16, 16))
+    export(model, path, torch.randn(1, 3, 16, 16), overwrite=True)
     assert torch.export.load(str(path)).module()(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert sorted(os.listdir(tmp_path)) == ["m.pt2"]
     assert [m.training for m in model.modules()] == modes
@@ -157,6 +158,58 @@ def test_no_overwrite_never_replaces_a_file_that_appears_during_the_export(tmp_p
     export(model, fresh, torch.randn(1, 3, 16, 16), overwrite=False)
     assert torch.export.load(str(fresh)).module()(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert sorted(os.listdir(tmp_path)) == ["fresh.pt2", "m.pt2"]
+
+
+def test_an_existing_file_is_refused_by_default_and_replaced_only_when_asked(tmp_path):
+    model = warmed_up(M.vgg_small(widths=(8, 12, 16)), (2, 3, 16, 16))
+    path = tmp_path / "notes.pt2"
+    path.write_bytes(b"the user's unrelated file")
+    with pytest.raises(FileExistsError, match=re.escape(f"{path} already exists; nothing was written")):
+        export(model, path, torch.randn(1, 3, 16, 16))
+    assert path.read_bytes() == b"the user's unrelated file"
+    assert sorted(os.listdir(tmp_path)) == ["notes.pt2"]
+    export(model, path, torch.randn(1, 3, 16, 16), overwrite=True)
+    assert torch.export.load(str(path)).module()(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        export(model, path, torch.randn(1, 3, 16, 16), overwrite="yes")
+
+
+def test_path_errors_name_the_users_path_not_the_temporary_file(tmp_path, monkeypatch):
+    model = warmed_up(M.vgg_small(widths=(8, 12, 16)), (2, 3, 16, 16))
+    x = torch.randn(1, 3, 16, 16)
+    missing = tmp_path / "no" / "such" / "a.pt2"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"the folder of {missing} does not exist")) as caught:
+        export(model, missing, x)
+    folder = tmp_path / "folder.pt2"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{folder} is a directory")) as caught_dir:
+        export(model, folder, x, overwrite=True)
+    assert ".tmp" not in str(caught.value) + str(caught_dir.value)
+
+    def no_permission(src, dst):
+        raise PermissionError(13, "Permission denied", src)
+
+    monkeypatch.setattr(os, "replace", no_permission)
+    target = tmp_path / "m.pt2"
+    with pytest.raises(PermissionError) as denied:
+        export(model, target, x, overwrite=True)
+    assert denied.value.filename == str(target) and ".tmp" not in str(denied.value)
+    assert not os.listdir(tmp_path / "folder.pt2") and sorted(os.listdir(tmp_path)) == ["folder.pt2"]
+
+
+def test_norm_activation_layers_keep_their_activation(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), rnip_ext.BoundedBatchNormAct2d(6, bias=True, act=nn.SiLU()),
+        nn.Conv2d(6, 4, 1), rnip_ext.BoundedBatchNormAct2d(4, act=nn.Hardtanh(0.0, 0.7)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    model = warmed_up(model, (2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    program = export(model, tmp_path / "m.pt2", x)  # checks the outputs before writing
+    found = ops(program)
+    assert "aten.silu.default" in found and "aten.hardtanh.default" in found
+    assert not any("batch_norm" in op for op in found)  # both folded into their convolutions
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), model(x))
 
 
 @pytest.mark.parametrize("inputs,match", [
