@@ -359,6 +359,11 @@ class BoundedBatchNorm2d(_NormBase):
         return y
 
     @classmethod
+    def _can_replace(cls, bn: nn.Module) -> bool:
+        """Whether a layer of this class computes what ``bn`` computes, up to the scale's form."""
+        return type(bn).forward is nn.BatchNorm2d.forward
+
+    @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNorm2d":
         """A ``BoundedBatchNorm2d`` replacing the plain ``bn``, on the same device and dtype.
 
@@ -371,6 +376,12 @@ class BoundedBatchNorm2d(_NormBase):
         """
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, nn.SyncBatchNorm):
             raise TypeError(f"from_batchnorm expects an nn.BatchNorm2d, got {type(bn).__name__}")
+        if not cls._can_replace(bn):
+            raise TypeError(
+                f"from_batchnorm: {type(bn).__qualname__} has its own forward (timm's BatchNormAct2d also "
+                f"applies an activation), which a {cls.__name__} would drop; rnip_ext.convert_batchnorm(model) "
+                "turns norm-activation layers into BoundedBatchNormAct2d and refuses other subclasses"
+            )
         ref = bn.weight if bn.weight is not None else bn.running_mean
         factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         new = cls(

@@ -85,6 +85,10 @@ class BoundedBatchNormAct2d(_ActAfterNorm, BoundedBatchNorm2d):
         self.act = act
 
     @classmethod
+    def _can_replace(cls, bn: nn.Module) -> bool:
+        return super()._can_replace(bn) or is_norm_act(bn)
+
+    @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, *, bias: bool = False) -> "BoundedBatchNormAct2d":
         """:meth:`BoundedBatchNorm2d.from_batchnorm`, keeping ``bn``'s ``drop`` and ``act`` children
         (the same module objects) when it has them."""

@@ -102,6 +102,9 @@ def test_from_batchnorm_keeps_timm_children():
     new = BoundedBatchNormAct2d.from_batchnorm(source, bias=True)
     assert new.act is source.act and new.drop is source.drop
     assert set(new.state_dict()) == set(source.state_dict())
+    # The plain bounded layer would drop the activation: refused, never silently.
+    with pytest.raises(TypeError, match="has its own forward.*convert_batchnorm"):
+        BoundedBatchNorm2d.from_batchnorm(source)
 
 
 @needs_timm
