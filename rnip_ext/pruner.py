@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from . import pruning
 from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_budget
 from .nn import BoundedBatchNorm2d
+from .pruning.apply import replace_data
 from .regularizers import RecedingRegularizer
 
 __all__ = ["BudgetPruner", "PruneStep", "RecedingLagWarning", "UPDATES", "narrow_to", "unwrap_model"]
@@ -65,19 +66,6 @@ def _ema_module(ema) -> nn.Module:
     if isinstance(ema, nn.Module):
         return ema
     raise TypeError(f"ema must be an nn.Module (an AveragedModel, a timm ModelEma or a copy), got {type(ema).__name__}")
-
-
-@torch.no_grad()
-def _forget_grad_accumulators(model: nn.Module) -> None:
-    """Drop each parameter's cached gradient accumulator, so the next forward makes one of the new
-    shape. ``param.data = smaller`` keeps the cached node while any old graph is alive (e.g. the
-    last batch's ``loss`` in the caller's loop); the next backward would then fail with "returned
-    an invalid gradient ... expected shape". Autograd resets the cache when the dtype changes."""
-    for p in model.parameters():
-        data = p.data
-        p.data = torch.empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32,
-                             device=data.device)
-        p.data = data
 
 
 def _shapes(model: nn.Module) -> tuple:
@@ -475,9 +463,7 @@ class BudgetPruner:
             return 0
         for e in emas:  # first: apply checks the plan against the (still unpruned) shapes
             pruning.apply(e, p, inplace=True)
-        pruning.apply(self.model, p, optimizer=self.optimizer, inplace=True)
-        for m in (self.model, *emas):
-            _forget_grad_accumulators(m)
+        pruning.apply(self.model, p, optimizer=self.optimizer, inplace=True)  # leaves no stale grad accumulators
         return n
 
     def _focus_next(self, i: int) -> int:
@@ -636,8 +622,7 @@ def narrow_to(model: nn.Module, architecture: str | dict, optimizer: torch.optim
                                 break
                 continue
             if isinstance(t, nn.Parameter):
-                t.grad = None
-                t.data = torch.empty(shape, dtype=t.dtype, device=t.device)
+                replace_data(t, torch.empty(shape, dtype=t.dtype, device=t.device))
                 if optimizer is not None:
                     optimizer.state.pop(t, None)
             else:
@@ -648,5 +633,4 @@ def narrow_to(model: nn.Module, architecture: str | dict, optimizer: torch.optim
             m.in_features, m.out_features = spec["in"], spec["out"]
         else:
             m.num_features = spec["features"]
-    _forget_grad_accumulators(model)
     return True

@@ -28,7 +28,7 @@ from .callbacks import BestModel, BudgetPruning, Callback, Checkpoint, Evaluate,
 from .data import DataSplits
 from .data.loading import eval_batches, train_batches
 from .nn import BoundedBatchNorm2d
-from .pruner import _forget_grad_accumulators, _shapes, narrow_to
+from .pruner import _shapes, narrow_to
 from .regularizers import L1Regularizer, PolarizationRegularizer, RecedingRegularizer, Regularizer, param_groups
 
 __all__ = [
@@ -430,12 +430,12 @@ class Trainer:
         return dict(self.best, epoch=self.best["epoch"] if self.best["epoch"] is not None else self.epoch, metrics=row)
 
     def _narrowed(self) -> None:
-        """A callback narrowed the model: fresh gradient accumulators and wrappers, the
-        regulariser rebound, and (torchrun) every rank checked to hold the same network."""
+        """A callback narrowed the model (``apply(inplace=True)`` leaves no stale gradient
+        accumulators): fresh wrappers, the regulariser rebound, and (torchrun) every rank
+        checked to hold the same network."""
         from . import distributed as D
         from .pruning import architecture_json
 
-        _forget_grad_accumulators(self.model)
         if self.regularizer is not None:
             self.regularizer.rebind(self.model)
         if self.dist_ctx is not None:

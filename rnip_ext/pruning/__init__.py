@@ -12,7 +12,7 @@ During training, :class:`RecedingSchedule` removes receded channels between epoc
 from .apply import apply, prune
 from .controller import BudgetController, active_flops
 from .deploy import export
-from .channel_graph import ChannelGraph, channel_graph
+from .channels import ChannelGraph, channel_graph
 from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance

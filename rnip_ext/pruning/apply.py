@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import channel_gather_many
-from .channel_graph import cached, module_slices, remember
+from .channels import cached, module_slices, remember
 from .folding import fold_delta
 from .layers import SLICED_TENSORS, handler_for
 from .plan import PruningPlan, _signature, plan

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts, read off the model's :class:`~rnip_ext.pruning.channel_graph.ChannelGraph`.
+"""Parameter and FLOP counts, read off the model's :class:`~rnip_ext.pruning.channels.ChannelGraph`.
 
 FLOPs follow the convention of the pruning literature: multiply-accumulate operations of the
 convolutions and linear layers (and their subclasses) for one forward pass of the given input
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .channel_graph import channel_graph, count_params, layer_shapes_via_hooks
+from .channels import channel_graph, count_params, layer_shapes_via_hooks
 from .graph import PruningTraceError
 from .layers import LayerCost
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .channel_graph import ChannelGraph, channel_graph, module_slices
+from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
 from .graph import Blocker, ChannelGroup
 from .importance import group_scores
