@@ -128,9 +128,8 @@ class RecedingRegularizer(BaseRegularizer):
 
     Why ``"layer"`` is the default: when the layer's channels feed a convolution followed by a
     BatchNorm, that BatchNorm renormalises, so the paper's penalty can fall by shrinking every
-    scale of a layer together at no cost to the loss -- whole layers recede (measured on the
-    digits: four of five layers below ``sigmoid(w) = 0.016`` while the network still works), and
-    ``sigmoid(w)`` stops meaning "removable". The normalised penalty depends only on the ratios
+    scale of a layer together at no cost to the loss -- whole layers recede (docs/method.md has
+    the measurement), and ``sigmoid(w)`` stops meaning "removable". The normalised penalty depends only on the ratios
     ``u_c``, the importance :func:`rnip_ext.pruning.channel_importance` ranks by: its gradient
     along the common-scale direction is exactly zero, the layer's strongest channel has zero
     penalty gradient of its own (it is pulled up by what pushes the others down), and channels
