@@ -38,7 +38,7 @@ def check_option(name: str, value: float, *, low: float | None = None, high: flo
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        span = describe_range(low, high, low_open=low_open, high_open=high_open)
+        span = describe_range(low, high, low_open=low_open, high_open=high_open) or "a finite number"
         raise UserError(f"--{name} must be {span}, got {value}")
 
 
