@@ -178,8 +178,7 @@ class TrainSpec(_FromArgs):
                             f"{CIFAR_FILES[config['dataset']][0]})")
         if config["dataset"] == "imagefolder" and config["data_dir"] is None:
             raise UserError("--dataset imagefolder needs --data-dir (a folder holding train/<class>/<image> files)")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        _check_resume(self.resume, self.overwrite)
 
 
 @dataclass
@@ -215,8 +214,7 @@ class PruneSpec(_FromArgs):
         check_option("finetune-epochs", self.finetune_epochs, low=0)
         if self.lr is not None:
             check_option("lr", self.lr, low=0, low_open=True)
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        _check_resume(self.resume, self.overwrite)
 
 
 @dataclass
@@ -270,6 +268,11 @@ class ReportSpec(_FromArgs):
 
     def __post_init__(self) -> None:
         _check_plots(self.plots)
+
+
+def _check_resume(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def _check_plots(plots: bool) -> None:
