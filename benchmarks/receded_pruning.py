@@ -5,7 +5,7 @@ lr 0.05, batch 32), once per penalty formulation (``normalize="layer"``, rnip_ex
 ``None``, the paper's) and seed. After training: the fraction of channels whose importance
 (:func:`rnip_ext.pruning.channel_importance`, relative score) is below 0.01 and, under the
 paper's absolute score, below 0.01; then the test accuracy of the network with those channels
-removed (:class:`rnip_ext.pruning.RecedingSchedule` with its default threshold 0.01 and
+removed (:func:`rnip_ext.pruning.plan_receded` with its default threshold 0.01 and
 min_channels 3), before and after :func:`rnip_ext.pruning.recalibrate_batchnorm` on the training
 images (running statistics only; no weight changes, no fine-tuning), and its share of the FLOPs.
 
@@ -30,7 +30,7 @@ from _common import environment, write_json  # noqa: E402
 
 from rnip_ext import models as M  # noqa: E402
 from rnip_ext.data import load_dataset  # noqa: E402
-from rnip_ext.pruning import RecedingSchedule, channel_importance, count_flops, recalibrate_batchnorm  # noqa: E402
+from rnip_ext.pruning import apply, channel_importance, count_flops, plan_receded, recalibrate_batchnorm  # noqa: E402
 from rnip_ext.regularizers import RecedingRegularizer  # noqa: E402
 from rnip_ext.training import evaluate, make_optimizer, make_scheduler, train_epoch  # noqa: E402
 
@@ -54,15 +54,16 @@ def run(normalize: str | None, seed: int, epochs: int) -> dict:
     x0 = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     relative = torch.cat(list(channel_importance(model).values()))
     paper = torch.cat(list(channel_importance(model, score="paper").values()))
-    step = RecedingSchedule(x0).step(0, model)
-    pruned = step.model if step.model is not model else copy.deepcopy(model)  # recalibrate a copy
+    receded = plan_receded(model, example_inputs=x0)
+    pruned = apply(model, receded) if receded is not None else copy.deepcopy(model)  # recalibrate a copy
     acc_pruned = evaluate(pruned, splits.test)
     recalibrate_batchnorm(pruned, splits.train.batches(256))
     return {
         "normalize": normalize, "seed": seed, "epochs": epochs, "test_acc": test_acc,
         "receded_relative": float((relative < 0.01).float().mean()),
         "receded_paper_score": float((paper < 0.01).float().mean()),
-        "removed_channels": step.n_removed, "channels": len(relative),
+        "removed_channels": 0 if receded is None else sum(g.channels - len(receded.group_keep[g.name])
+                                                          for g in receded.groups), "channels": len(relative),
         "kept_per_layer": [m.num_features for m in pruned.modules() if hasattr(m, "num_features")],
         "flops_fraction": count_flops(pruned, x0) / count_flops(model, x0),
         "test_acc_pruned": acc_pruned, "test_acc_pruned_recalibrated": evaluate(pruned, splits.test),

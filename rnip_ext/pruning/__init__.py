@@ -5,31 +5,26 @@
     small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
     rnip_ext.pruning.export(small, "small.pt2", torch.randn(1, 3, 32, 32))  # loads without rnip_ext
 
-During training, :class:`RecedingSchedule` removes receded channels between epochs and
-``apply(..., optimizer=opt)`` carries the optimiser's state over.
+During training, :class:`rnip_ext.BudgetPruner` removes receded channels between epochs and
+``apply(..., optimizer=opt)`` carries the optimiser's state over. Every function here reads the
+model's :class:`ChannelGraph` (one trace per model, cached; see docs/pruning.md).
 """
 
 from .apply import apply, prune
-from .controller import BudgetController, active_flops
 from .deploy import export
 from .channels import ChannelGraph, channel_graph
 from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import architecture_json, load, restore, save
-from .plan import PruningPlan, plan, plan_from_keep
+from .plan import PruningPlan, plan, plan_from_keep, plan_receded
 from .recalibrate import recalibrate_batchnorm
-from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
-    "BudgetController",
     "ChannelGraph",
     "ChannelGroup",
     "PruningPlan",
     "PruningTraceError",
-    "RecedingSchedule",
-    "ScheduleStep",
-    "active_flops",
     "apply",
     "architecture_json",
     "channel_costs",
@@ -42,6 +37,7 @@ __all__ = [
     "load",
     "plan",
     "plan_from_keep",
+    "plan_receded",
     "prune",
     "recalibrate_batchnorm",
     "restore",

@@ -14,7 +14,7 @@ from .folding import fold_report
 from .graph import Blocker, ChannelGroup
 from .importance import group_scores
 
-__all__ = ["PruningPlan", "plan", "plan_from_keep", "module_slices"]
+__all__ = ["PruningPlan", "plan", "plan_from_keep", "plan_receded", "module_slices"]
 
 SCOPES = ("global", "local")
 FOLDS = ("approximate", "refuse")
@@ -485,3 +485,30 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
     min_kept = min(len(group_keep[g.name]) for g in groups)
     return _build_plan(model, graph, scores, group_keep, ratio=removed / total, scope="explicit",
                        min_channels=min_kept, fold=fold)
+
+
+@torch.no_grad()
+def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
+                 min_channels: int = 3) -> PruningPlan | None:
+    """The plan removing every receded channel, or ``None`` when none has receded.
+
+    A channel has receded when its score (:func:`rnip_ext.pruning.importance.group_scores`,
+    the minimum over coupled BatchNorms) is below ``threshold``; each group keeps at least
+    ``min(min_channels, channels)`` channels, topped up with its best-scored ones (ties by
+    position). Made by :func:`plan_from_keep`.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    groups = _prunable_graph(model, example_inputs).groups
+    scores = group_scores(model, groups)
+    keep = {}
+    for g in groups:
+        mask = scores[g.name] >= threshold
+        least = min(min_channels, g.channels)
+        if int(mask.sum()) < least:
+            mask[torch.argsort(scores[g.name], descending=True, stable=True)[:least]] = True
+        if not mask.all():
+            keep[g.name] = mask
+    return plan_from_keep(model, keep, example_inputs=example_inputs) if keep else None

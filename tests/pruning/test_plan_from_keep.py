@@ -5,7 +5,7 @@ import torch
 
 from pruning_helpers import assert_same_function, masked_copy, warmed_up
 from rnip_ext import models as M
-from rnip_ext.pruning import apply, count_flops, count_params, plan, plan_from_keep
+from rnip_ext.pruning import apply, count_flops, count_params, plan, plan_from_keep, plan_receded
 
 
 def _model():
@@ -57,3 +57,22 @@ def test_bad_keep(keep, match):
         keep = {name: torch.ones(3, dtype=torch.bool)}
     with pytest.raises(ValueError, match=match):
         plan_from_keep(model, keep, example_inputs=x)
+
+
+def test_plan_receded_removes_exactly_the_channels_below_the_threshold():
+    model, x = _model(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.features[1].weight[:5] = -12.0  # sigmoid < 1e-5 of the layer's strongest: receded
+        model.features[4].weight[:11] = -12.0  # 11 of 12 receded: topped up to 3 with the best
+        model.features[4].weight[3] = -11.0
+    p = plan_receded(model, example_inputs=x)
+    assert p.group_keep["features.1"].tolist() == list(range(5, 8))
+    assert p.group_keep["features.4"].tolist() == [0, 3, 11]  # 11, then 3, then a tie broken by position
+    assert set(p.keep) == {"features.1", "features.4"}  # no other channel is below 0.01
+    assert_same_function(apply(model, p), masked_copy(model, p.keep), x)
+    with torch.no_grad():
+        for bn in (model.features[1], model.features[4]):
+            bn.weight.fill_(2.0)
+    assert plan_receded(model, example_inputs=x) is None
+    with pytest.raises(ValueError, match="threshold"):
+        plan_receded(model, example_inputs=x, threshold=1.0)
