@@ -229,6 +229,11 @@ def _build(model: nn.Module, example_inputs) -> ChannelGraph:
     traces[0] += 1
     costs = _costs(model, gm, example_inputs, opaque) if example_inputs is not None else {}
     groups, blockers = groups_of(model, gm, opaque)
+    # The groups keep nodes of this graph (the consumers' paths): keep nothing else alive with
+    # them (the GraphModule holds the model's layers; a pruned copy's graph must not hold the original's).
+    gm.graph.owning_module = None
+    for node in gm.graph.nodes:
+        node.meta = {"rnip_gate": True} if node.meta.get("rnip_gate") else {}
     for name, why in opaque.items():
         blockers.append(Blocker(name, f"module fx cannot trace, kept whole ({why})", name))
     modules = dict(model.named_modules())
