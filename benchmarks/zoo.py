@@ -53,6 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)  # this checkout's rnip_ext, not an installed one
 
 RATIO = 0.3
 TARGET = 0.5
@@ -135,14 +136,12 @@ def _timed(fn, limit: float):
 def _plan_extras(p) -> dict:
     """Whatever a plan reports beyond the counts (coverage and blockers, where the version has them)."""
     extras = {}
-    for attr in ("prunable_flops", "prunable_share", "blocked", "blockers", "coverage"):
+    for attr in ("prunable_flops", "blocked"):
         if hasattr(p, attr):
             value = getattr(p, attr)
-            try:
-                json.dumps(value)
-            except TypeError:
-                value = str(value)
-            extras[attr] = value
+            extras[attr] = value if isinstance(value, (int, float, str)) else str(value)
+    if hasattr(p, "blockers"):
+        extras["blockers"] = len(p.blockers)
     return extras
 
 
