@@ -402,7 +402,8 @@ def table(payload: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f(stats[fam]) for fam, _ in fams) + " |")
 
     lines += ["", "| model | rnip_ext: FLOPs kept | exact | FLOPs, params = counted | 0.5 reachable | s | "
-              "Torch-Pruning: MACs kept | half | s |", "|---|---|---|---|---|---|---|---|---|"]
+              "prunable FLOPs / warned | Torch-Pruning: MACs kept | half | s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rn = r.get("rnip", {})
         a, b = rn.get("ratio") or {}, rn.get("budget") or {}
@@ -421,10 +422,12 @@ def table(payload: dict) -> str:
                         "yes" if a["flops_match"] and a.get("params_match", True) else "no",
                         ("yes" if b.get("reachable") else
                          ("timeout" if b.get("timeout") else "no" if b else "-")),
-                        f"{a['seconds']:.2f}"]
+                        f"{a['seconds']:.2f}",
+                        (f"{a['prunable_flops']:.3f}" if "prunable_flops" in a else "-")
+                        + (" / warned" if a.get("warnings") else "")]
         else:
             err = (a.get("error") or "").replace("|", "/").split("\n")[0][:90]
-            rn_cells = [state(a, rn.get("died")) + (f": {err}" if err else ""), "", "", "", ""]
+            rn_cells = [state(a, rn.get("died")) + (f": {err}" if err else ""), "", "", "", "", ""]
         if c.get("works"):
             tp_cells = [f"{c['flops_kept']:.3f}",
                         ("yes" if h.get("reaches_half") else "timeout" if h.get("timeout") else "no" if h else "-")
