@@ -60,8 +60,8 @@ TARGET = 0.5
 EXACT_TOL = 1e-4
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """The time limit (a BaseException: libraries that wrap their own errors must not swallow it)."""
 
 
 def _alarm(signum, frame):
