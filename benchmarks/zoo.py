@@ -56,6 +56,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)  # this checkout's rnip_ext, not an installed one
 
 RATIO = 0.3
+# Over ~60M parameters: run last, so that a run stopped early has the rest.
+LARGE = {"efficientnet_b7", "efficientnet_v2_l", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf", "regnet_x_16gf",
+         "regnet_x_32gf", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2", "vgg11_bn",
+         "vgg13_bn", "vgg16_bn", "vgg19_bn"}
 TARGET = 0.5
 EXACT_TOL = 1e-4
 
@@ -477,9 +481,10 @@ def main(argv=None) -> None:
     from _common import environment, package_version
 
     todo = []
-    for source, names in (("torchvision", zoo_models.TORCHVISION_MODELS), ("timm", zoo_models.TIMM_MODELS)):
+    for source, names in (("timm", zoo_models.TIMM_MODELS), ("torchvision", zoo_models.TORCHVISION_MODELS)):
         if args.family in (source, "all"):
             todo += [(source, n) for n in names if not args.models or n in args.models]
+    todo.sort(key=lambda sn: sn[1] in LARGE)  # stable: timm, torchvision, then the largest models
     payload = {} if args.fresh else _load(args.out)
     env = environment(torch.device("cpu"))
     env["torch_pruning"] = package_version("torch-pruning")
