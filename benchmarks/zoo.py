@@ -376,7 +376,12 @@ def _family_stats(rows: list[dict]) -> dict:
 
 def table(payload: dict) -> str:
     """The Markdown tables of docs/zoo.md: a summary per family, then one row per model."""
-    rows = list(payload["rows"].values())
+    import zoo_models
+
+    everything = [("timm", n) for n in zoo_models.TIMM_MODELS] + [("torchvision", n) for n in zoo_models.TORCHVISION_MODELS]
+    # rnip_ext is the subject: a model counts once rnip_ext has run on it (Torch-Pruning's row beside it).
+    rows = [payload["rows"][f"{s}/{n}"] for s, n in everything if "rnip" in payload["rows"].get(f"{s}/{n}", {})]
+    missing = [f"{s}/{n}" for s, n in everything if "rnip" not in payload["rows"].get(f"{s}/{n}", {})]
     fams = [("torchvision", [r for r in rows if r["source"] == "torchvision"]),
             ("timm", [r for r in rows if r["source"] == "timm"])]
     fams = [(f, rs) for f, rs in fams if rs]
@@ -441,6 +446,8 @@ def table(payload: dict) -> str:
             err = (c.get("error") or "").replace("|", "/").split("\n")[0][:60]
             tp_cells = [state(c, t.get("died")) + (f": {err}" if err else ""), "", ""]
         lines.append(f"| {r['source']}/{r['name']} | " + " | ".join(rn_cells + tp_cells) + " |")
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): " + ", ".join(missing) + "."]
     return "\n".join(lines)
 
 
