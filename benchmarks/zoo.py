@@ -53,14 +53,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)  # this checkout's rnip_ext, not an installed one
 
 RATIO = 0.3
+# Over ~60M parameters: run last, so that a run stopped early has the rest.
+LARGE = {"efficientnet_b7", "efficientnet_v2_l", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf", "regnet_x_16gf",
+         "regnet_x_32gf", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2", "vgg11_bn",
+         "vgg13_bn", "vgg16_bn", "vgg19_bn"}
 TARGET = 0.5
 EXACT_TOL = 1e-4
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """The time limit (a BaseException: libraries that wrap their own errors must not swallow it)."""
 
 
 def _alarm(signum, frame):
@@ -135,14 +140,12 @@ def _timed(fn, limit: float):
 def _plan_extras(p) -> dict:
     """Whatever a plan reports beyond the counts (coverage and blockers, where the version has them)."""
     extras = {}
-    for attr in ("prunable_flops", "prunable_share", "blocked", "blockers", "coverage"):
+    for attr in ("prunable_flops", "blocked"):
         if hasattr(p, attr):
             value = getattr(p, attr)
-            try:
-                json.dumps(value)
-            except TypeError:
-                value = str(value)
-            extras[attr] = value
+            extras[attr] = value if isinstance(value, (int, float, str)) else str(value)
+    if hasattr(p, "blockers"):
+        extras["blockers"] = len(p.blockers)
     return extras
 
 
@@ -373,7 +376,12 @@ def _family_stats(rows: list[dict]) -> dict:
 
 def table(payload: dict) -> str:
     """The Markdown tables of docs/zoo.md: a summary per family, then one row per model."""
-    rows = list(payload["rows"].values())
+    import zoo_models
+
+    everything = [("timm", n) for n in zoo_models.TIMM_MODELS] + [("torchvision", n) for n in zoo_models.TORCHVISION_MODELS]
+    # rnip_ext is the subject: a model counts once rnip_ext has run on it (Torch-Pruning's row beside it).
+    rows = [payload["rows"][f"{s}/{n}"] for s, n in everything if "rnip" in payload["rows"].get(f"{s}/{n}", {})]
+    missing = [f"{s}/{n}" for s, n in everything if "rnip" not in payload["rows"].get(f"{s}/{n}", {})]
     fams = [("torchvision", [r for r in rows if r["source"] == "torchvision"]),
             ("timm", [r for r in rows if r["source"] == "timm"])]
     fams = [(f, rs) for f, rs in fams if rs]
@@ -403,7 +411,8 @@ def table(payload: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f(stats[fam]) for fam, _ in fams) + " |")
 
     lines += ["", "| model | rnip_ext: FLOPs kept | exact | FLOPs, params = counted | 0.5 reachable | s | "
-              "Torch-Pruning: MACs kept | half | s |", "|---|---|---|---|---|---|---|---|---|"]
+              "prunable FLOPs / warned | Torch-Pruning: MACs kept | half | s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rn = r.get("rnip", {})
         a, b = rn.get("ratio") or {}, rn.get("budget") or {}
@@ -422,10 +431,12 @@ def table(payload: dict) -> str:
                         "yes" if a["flops_match"] and a.get("params_match", True) else "no",
                         ("yes" if b.get("reachable") else
                          ("timeout" if b.get("timeout") else "no" if b else "-")),
-                        f"{a['seconds']:.2f}"]
+                        f"{a['seconds']:.2f}",
+                        (f"{a['prunable_flops']:.3f}" if "prunable_flops" in a else "-")
+                        + (" / warned" if a.get("warnings") else "")]
         else:
             err = (a.get("error") or "").replace("|", "/").split("\n")[0][:90]
-            rn_cells = [state(a, rn.get("died")) + (f": {err}" if err else ""), "", "", "", ""]
+            rn_cells = [state(a, rn.get("died")) + (f": {err}" if err else ""), "", "", "", "", ""]
         if c.get("works"):
             tp_cells = [f"{c['flops_kept']:.3f}",
                         ("yes" if h.get("reaches_half") else "timeout" if h.get("timeout") else "no" if h else "-")
@@ -435,6 +446,8 @@ def table(payload: dict) -> str:
             err = (c.get("error") or "").replace("|", "/").split("\n")[0][:60]
             tp_cells = [state(c, t.get("died")) + (f": {err}" if err else ""), "", ""]
         lines.append(f"| {r['source']}/{r['name']} | " + " | ".join(rn_cells + tp_cells) + " |")
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): " + ", ".join(missing) + "."]
     return "\n".join(lines)
 
 
@@ -475,9 +488,10 @@ def main(argv=None) -> None:
     from _common import environment, package_version
 
     todo = []
-    for source, names in (("torchvision", zoo_models.TORCHVISION_MODELS), ("timm", zoo_models.TIMM_MODELS)):
+    for source, names in (("timm", zoo_models.TIMM_MODELS), ("torchvision", zoo_models.TORCHVISION_MODELS)):
         if args.family in (source, "all"):
             todo += [(source, n) for n in names if not args.models or n in args.models]
+    todo.sort(key=lambda sn: sn[1] in LARGE)  # stable: timm, torchvision, then the largest models
     payload = {} if args.fresh else _load(args.out)
     env = environment(torch.device("cpu"))
     env["torch_pruning"] = package_version("torch-pruning")
