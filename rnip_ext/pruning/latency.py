@@ -379,12 +379,18 @@ class LatencyTable:
         return result
 
     def select(self, scores: dict[str, Tensor], budget: float, *, round_to: int | None = None,
-               min_channels: int = 3) -> Selection:
+               min_channels: int = 3, widths: dict[str, int] | None = None) -> Selection:
         """The widths keeping the most importance with predicted latency <= ``budget`` seconds
-        (:func:`~rnip_ext.pruning.knapsack.select_widths` over :meth:`terms`). The widths
-        ``round_to``/``min_channels`` allow must lie within the measured ones."""
+        (:func:`~rnip_ext.pruning.knapsack.select_widths` over :meth:`terms`), starting from
+        ``widths`` (the current widths of a network already narrowed; default the table's) and
+        never widening. The widths ``round_to``/``min_channels`` allow must lie within the
+        measured ones."""
         round_to = check_round_to(round_to)
-        for g, c in self.channels.items():
+        start = self._widths(widths)
+        for g, c in start.items():
+            if c > self.channels[g]:
+                raise ValueError(f"group {g!r} has {c} channels, the latency table was measured up to "
+                                 f"{self.channels[g]}")
             lowest = allowed_widths(c, round_to, min_channels)[0]
             if lowest < self.grid[g][0]:
                 raise ValueError(
@@ -392,7 +398,7 @@ class LatencyTable:
                     f"{lowest} (round_to={round_to}, min_channels={min_channels}); build the table with the same "
                     f"round_to and min_channels (it has round_to={self.settings.get('round_to')}, "
                     f"min_channels={self.settings.get('min_channels')})")
-        return select_widths(self.channels, scores, self.terms(), budget, constant=self.rest,
+        return select_widths(start, scores, self.terms(), budget, constant=self.rest,
                              round_to=round_to, min_channels=min_channels)
 
     @property
@@ -456,24 +462,35 @@ class LatencyTable:
         return table
 
     def validate(self, model: nn.Module, example_inputs, *, layout: str = "contiguous",
-                 source: str = "the latency table") -> None:
+                 source: str = "the latency table", narrowed: bool = False) -> dict[str, int]:
         """``ValueError`` naming the first field in which this table's measurements differ from
         ``model`` on ``example_inputs`` here (device, torch, threads, dtype, layout, inputs,
-        groups, layers); nothing when it fits."""
+        groups, layers). ``narrowed=True`` accepts a network pruned from the table's (the same
+        groups and layers, each group at most as wide). Returns the model's group widths."""
         inputs = _as_tuple(example_inputs)
         channels, layers = _layers(model, inputs)
-        here = _key(model, inputs, layout, channels, layers)
+        here = json.loads(json.dumps(_key(model, inputs, layout, channels, layers)))
+        loose = ("groups", "layers") if narrowed else ()
         for field, stored in self.key.items():
             now = here.get(field)
-            if json.loads(json.dumps(now)) != stored:
-                if field == "layers":
-                    diff = next((f"layer {a['name']}" for a, b in zip(stored, json.loads(json.dumps(now))) if a != b),
-                                f"{len(stored)} layers in the table, {len(now)} here")
-                    detail = f"the timed layers differ ({diff})"
-                else:
-                    detail = f"{field} is {stored!r} in the table but {now!r} here"
-                raise ValueError(f"{source} does not fit this model and machine: {detail}; build a new table "
-                                 "with LatencyTable.build (tables are per device, torch version and shape)")
+            if field in loose or now == stored:
+                continue
+            if field == "layers":
+                diff = next((f"layer {a['name']}" for a, b in zip(stored, now) if a != b),
+                            f"{len(stored)} layers in the table, {len(now)} here")
+                detail = f"the timed layers differ ({diff})"
+            else:
+                detail = f"{field} is {stored!r} in the table but {now!r} here"
+            raise ValueError(f"{source} does not fit this model and machine: {detail}; build a new table "
+                             "with LatencyTable.build (tables are per device, torch version and shape)")
+        if narrowed:
+            wider = [g for g, c in channels.items() if c > self.channels.get(g, -1)]
+            same = [(a["name"], a["in_group"], a["out_group"], a["block"]) for a in self.key["layers"]] == [
+                (a["name"], a["in_group"], a["out_group"], a["block"]) for a in here["layers"]]
+            if set(channels) != set(self.channels) or wider or not same:
+                raise ValueError(f"{source} does not fit this model: it was measured for channel groups "
+                                 f"{self.channels}, the model has {channels}; build a new table for it")
+        return channels
 
 
 def _layer_workload(modules: dict, layer: TimedLayer, n_in: int, n_out: int, device, dtype, fmt):

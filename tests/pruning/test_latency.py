@@ -10,6 +10,7 @@ from torch import nn
 from rnip_ext import BoundedBatchNorm2d
 from rnip_ext.pruning import apply, plan_from_keep
 from rnip_ext.pruning.latency import LatencyTable, WallClockTimer, grid_widths
+from rnip_ext.pruning.latency_plan import plan_to_latency
 from rnip_ext.pruning.rounding import allowed_widths, keep_best
 
 
@@ -177,3 +178,39 @@ def test_select_against_brute_force_on_the_tiny_network():
         assert sel.importance >= 0.9 * best  # a coupled cost: no bound, but never far off here
     with pytest.raises(ValueError, match="measured down to"):
         table.select(scores, 0.5 * table.full, round_to=1, min_channels=1)
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_plan_to_target_latency_with_a_fake_clock(target):
+    net, x = _net(), torch.randn(2, 3, 8, 8)
+    table = LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+    p = plan_to_latency(net, example_inputs=x, target_latency=target, latency_table=table, round_to=2, min_channels=2)
+    small = apply(net, p)
+    measured = fake_timer(small, (x,))
+    assert p.latency[0] == pytest.approx(table.full, rel=1e-12)
+    assert measured == pytest.approx(p.latency[1], rel=1e-9) and measured <= target * table.full * (1 + 1e-12)
+    for g in p.groups:
+        kept = len(p.group_keep[g.name])
+        assert kept == g.channels or (kept % 2 == 0 and kept >= 2)
+    assert torch.equal(p.keep.get("n1", torch.arange(8)), p.keep.get("n2", torch.arange(8)))  # coupled alike
+    # Further down from the narrowed network, to an absolute limit: never wider than it is.
+    q = plan_to_latency(small, example_inputs=x, max_latency=0.8 * measured, latency_table=table, round_to=2,
+                        min_channels=2)
+    for g in q.groups:
+        assert len(q.group_keep[g.name]) <= g.channels
+    assert fake_timer(apply(small, q), (x,)) <= 0.8 * measured * (1 + 1e-12)
+
+
+def test_latency_budget_errors():
+    net, x = _net(), torch.randn(1, 3, 8, 8)
+    table = LatencyTable.build(net, x, points=2, min_channels=2, timer=fake_timer, progress=False)
+    for kwargs, match in [({}, "exactly one"), ({"target_latency": 0.5, "max_latency": 1.0}, "exactly one"),
+                          ({"target_latency": 0.0}, "target_latency must"), ({"target_latency": 1.5}, "target_latency"),
+                          ({"max_latency": -1.0}, "max_latency must"), ({"max_latency": float("nan")}, "max_latency"),
+                          ({"target_latency": 0.01}, "cannot be met")]:
+        with pytest.raises(ValueError, match=match):
+            plan_to_latency(net, example_inputs=x, latency_table=table, min_channels=2, **kwargs)
+    with pytest.raises(TypeError, match="latency_table"):
+        plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table={"a": 1})
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_to_latency(Net(a=10).eval(), example_inputs=x, target_latency=0.5, latency_table=table, min_channels=2)
