@@ -180,10 +180,15 @@ def test_select_against_brute_force_on_the_tiny_network():
         table.select(scores, 0.5 * table.full, round_to=1, min_channels=1)
 
 
-@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
-def test_plan_to_target_latency_with_a_fake_clock(target):
+@pytest.fixture(scope="module")
+def rounded_table():
     net, x = _net(), torch.randn(2, 3, 8, 8)
-    table = LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+    return LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False), net, x
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_plan_to_target_latency_with_a_fake_clock(target, rounded_table):
+    table, net, x = rounded_table
     p = plan_to_latency(net, example_inputs=x, target_latency=target, latency_table=table, round_to=2, min_channels=2)
     small = apply(net, p)
     measured = fake_timer(small, (x,))
