@@ -128,8 +128,11 @@ def select_widths(channels: dict[str, int], scores: dict[str, Tensor], terms: Se
     while cost > budget:
         candidates = [(p[0], g) for g, p in proposals.items() if p is not None]
         if not candidates:
+            least = {g: a[0] for g, a in allowed.items()}
+            widths.update(least)
             raise ValueError(f"a cost of {budget:.6g} cannot be met: narrowing any layer further saves nothing at "
-                             f"{cost:.6g} (round_to={round_to}, min_channels={min_channels})")
+                             f"{cost:.6g} (every layer at its narrowest costs {total():.6g}; round_to={round_to}, "
+                             f"min_channels={min_channels})")
         _, g = min(candidates)
         _, widths[g], last = proposals[g]
         steps += 1

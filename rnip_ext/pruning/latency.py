@@ -4,14 +4,18 @@ Every layer that pruning narrows (a conv or linear layer whose input or output c
 to a channel group, with the group's BatchNorm right after a producer or depthwise conv) is
 timed on its own, on the model's device, dtype and layout and at the example inputs' batch
 size, for a grid of widths of the groups it touches: a 2-D grid (input width x output width)
-for a conv between two groups, 1-D otherwise. The whole network is timed once at full width;
+for a conv between two groups, 1-D otherwise. The whole network is timed at full width three
+times (before, half-way through and after the layers; the median counts);
 the *rest* (stem, residual streams, activations, pooling: everything not in a timed layer) is
 that time minus the timed layers at full width, and is taken as fixed. The predicted latency
 of a pruned network is::
 
     rest + sum over layers of time(layer, its input width, its output width)
 
-with bilinear (linear on 1-D grids) interpolation between measured widths. Whether that
+with bilinear (linear on 1-D grids) interpolation between measured widths. Each layer's
+measurements are first made monotone: a width's time is the least measured at that or any
+larger width (on a loaded machine a narrower measurement can come out slower than a wider one;
+the raw times stay in :attr:`LatencyTable.times` and the JSON). Whether that
 interpolation is accurate is measured, not assumed: with ``check=True`` every 2-D layer is
 also timed at the middle of each diagonal grid cell, and :attr:`LatencyTable.interpolation_error`
 reports the relative errors (``docs/latency.md`` has the numbers; tables with a large error
@@ -33,6 +37,7 @@ from __future__ import annotations
 import bisect
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -261,6 +266,7 @@ class LatencyTable:
         self.settings, self.check = settings, check or []
         self.layers = [TimedLayer(**layer) for layer in key["layers"]]
         self.channels = dict(key["groups"])
+        self._monotone = {name: _monotone(t) for name, t in times.items()}
         self.rest = self.full - sum(self._layer_time(layer, self.channels) for layer in self.layers)
 
     # -- building ---------------------------------------------------------------------------------
@@ -316,13 +322,18 @@ class LatencyTable:
             ins = widths_of(layer, layer.in_group, layer.in_channels)
             outs = widths_of(layer, layer.out_group, layer.out_channels)
             times[layer.name] = [0.0] * len(ins) if layer.depthwise else [[0.0] * len(outs) for _ in ins]
-        checks = []
+        checks, full = [], []
+        cl_model = model.to(memory_format=fmt) if fmt is torch.channels_last else model
+        cl_inputs = tuple(x.to(memory_format=fmt) if x.dim() == 4 else x for x in inputs)
+        # The whole network at the start, half-way and at the end: the median of the three keeps
+        # a burst of load on a shared machine out of the rest (= full - layers), where it would
+        # shift every prediction.
+        moments = {0, len(jobs) // 2}
         with eval_mode(model):
-            full = timer(model.to(memory_format=fmt) if fmt is torch.channels_last else model,
-                         tuple(x.to(memory_format=fmt) if x.dim() == 4 else x for x in inputs))
-            if fmt is torch.channels_last:
-                model.to(memory_format=torch.contiguous_format)
-            for layer, a, b, where in tqdm(jobs, desc="latency table", disable=not progress, leave=False):
+            for n, (layer, a, b, where) in enumerate(tqdm(jobs, desc="latency table", disable=not progress,
+                                                         leave=False)):
+                if n in moments:
+                    full.append(timer(cl_model, cl_inputs))
                 t = timer(*_layer_workload(modules, layer, a, b, device, dtype, fmt))
                 if where[0] == "check":
                     checks.append({"layer": layer.name, "in": a, "out": b, "measured": t})
@@ -330,9 +341,13 @@ class LatencyTable:
                     times[layer.name][where[1]] = t
                 else:
                     times[layer.name][where[1]][where[2]] = t
+            full.append(timer(cl_model, cl_inputs))
+        if fmt is torch.channels_last:
+            model.to(memory_format=torch.contiguous_format)
         settings = {"points": points, "round_to": round_to, "min_channels": min_channels,
-                    "timer": type(timer).__name__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        table = cls(_key(model, inputs, layout, channels, layers), grid, times, full, settings)
+                    "timer": type(timer).__name__, "full_samples": full,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        table = cls(_key(model, inputs, layout, channels, layers), grid, times, statistics.median(full), settings)
         for c in checks:
             layer = next(x for x in table.layers if x.name == c["layer"])
             c["interpolated"] = table._layer_time(layer, {layer.in_group: c["in"], layer.out_group: c["out"]})
@@ -341,7 +356,7 @@ class LatencyTable:
 
     # -- predicting -------------------------------------------------------------------------------
     def _layer_time(self, layer: TimedLayer, widths: dict) -> float:
-        t = self.times[layer.name]
+        t = self._monotone[layer.name]
         if layer.depthwise:
             i, j, f = _interp(self.grid[layer.in_group], widths[layer.in_group])
             return (1 - f) * t[i] + f * t[j]
@@ -491,6 +506,25 @@ class LatencyTable:
                 raise ValueError(f"{source} does not fit this model: it was measured for channel groups "
                                  f"{self.channels}, the model has {channels}; build a new table for it")
         return channels
+
+
+def _monotone(times: list) -> list:
+    """Each measured time replaced by the least time measured at the same or larger widths (a
+    running minimum from the widest): a narrower copy of a layer does no more work, and a
+    narrower measurement that came out slower is load on the machine, not the layer."""
+    if not times or not isinstance(times[0], list):
+        out, low = list(times), math.inf
+        for i in reversed(range(len(out))):
+            low = out[i] = min(low, out[i])
+        return out
+    out = [list(row) for row in times]
+    for i in reversed(range(len(out))):
+        for j in reversed(range(len(out[i]))):
+            if i + 1 < len(out):
+                out[i][j] = min(out[i][j], out[i + 1][j])
+            if j + 1 < len(out[i]):
+                out[i][j] = min(out[i][j], out[i][j + 1])
+    return out
 
 
 def _layer_workload(modules: dict, layer: TimedLayer, n_in: int, n_out: int, device, dtype, fmt):

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 
+import torch
 from torch import nn
 
-from .latency import LatencyTable
+from .graph import eval_mode
+from .latency import CudaEventTimer, LatencyTable, WallClockTimer
 from .rounding import check_round_to, keep_best
 
 __all__ = ["check_latency_budget", "latency_table_for", "plan_to_latency"]
@@ -56,35 +59,91 @@ def latency_table_for(model: nn.Module, example_inputs, table=None, *, round_to:
     return table, widths
 
 
+def _measured(model: nn.Module, small: nn.Module, inputs: tuple, timer, kind: str, scale: float) -> float:
+    """The pruned network's latency in seconds: for a fraction budget the median over three
+    back-to-back pairs of ``small / model`` times ``scale`` (the table's prediction for
+    ``model``; pairs cancel drifting load on a shared machine), for ``max_latency`` the median of
+    three timings of ``small``."""
+    with eval_mode(small), eval_mode(model):
+        if kind == "max_latency":
+            return statistics.median(timer(small, inputs) for _ in range(3))
+        return scale * statistics.median(timer(small, inputs) / timer(model, inputs) for _ in range(3))
+
+
 def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float | None = None,
                     max_latency: float | None = None, latency_table=None, round_to: int | None = None,
-                    min_channels: int = 3, fold: str = "approximate", progress: bool = True):
-    """A :class:`~rnip_ext.pruning.PruningPlan` whose predicted latency meets the budget (see the
-    module docstring). The plan also carries ``target_latency``/``max_latency`` (the request),
-    ``latency`` (``(before, after)`` predicted seconds) and ``latency_table``."""
+                    min_channels: int = 3, fold: str = "approximate", refine: int = 2,
+                    tolerance: float = 0.05, timer=None, progress: bool = True):
+    """A :class:`~rnip_ext.pruning.PruningPlan` meeting a latency budget (module docstring).
+
+    The table chooses the widths for a budget of predicted seconds. The table's sum of layers
+    timed one by one misses how they interact in the network (caches, the rest of the network
+    is not quite fixed), so with ``refine > 0`` the pruned network itself is then timed
+    (:func:`_measured`), and while it misses ``[1 - tolerance, 1] x budget`` the predicted
+    budget is scaled by ``budget / measured`` and the widths chosen again, at most ``refine``
+    times (bracketed: never beyond a predicted budget already found too loose or too tight).
+    The plan kept is the measured candidate closest to the budget from below (else the fastest). ``timer``: as for :meth:`LatencyTable.build` (default: the device's).
+
+    The plan also carries ``target_latency``/``max_latency`` (the request), ``latency``:
+    ``(before, predicted, measured)`` seconds (``measured`` ``None`` without ``refine``) and
+    ``latency_table``.
+    """
+    from .apply import apply
     from .plan import plan_from_keep
 
     kind, value = check_latency_budget(target_latency, max_latency)
     round_to = check_round_to(round_to)
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
+    if not _is_number(tolerance) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
     table, widths = latency_table_for(model, example_inputs, latency_table, round_to=round_to,
                                       min_channels=min_channels, progress=progress)
-    budget = value * table.full if kind == "target_latency" else value
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if timer is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        timer = CudaEventTimer() if device.type == "cuda" else WallClockTimer()
+    goal = value * table.full if kind == "target_latency" else value
+    before = table.predict(widths)
     current = plan_from_keep(model, {}, example_inputs=example_inputs, fold=fold)
-    try:
-        selection = table.select(current.scores, budget, round_to=round_to, min_channels=min_channels, widths=widths)
-    except ValueError as exc:
-        if "cannot be met" not in str(exc):
-            raise
-        request = f"target_latency={value:g}" if kind == "target_latency" else f"max_latency={value:g} s"
-        raise ValueError(f"{request} cannot be met: {exc} (the unpruned network measured "
-                         f"{table.full * 1e3:.3g} ms)") from exc
-    keep = {g: keep_best(current.scores[g], w) for g, w in selection.widths.items() if w < widths[g]}
-    result = plan_from_keep(model, keep, example_inputs=example_inputs, fold=fold)
+    request = f"target_latency={value:g}" if kind == "target_latency" else f"max_latency={value:g} s"
+
+    budget, candidates, low, high = goal, [], 0.0, math.inf  # predicted budgets known too low / too high
+    for attempt in range(refine + 1):
+        try:
+            selection = table.select(current.scores, budget, round_to=round_to, min_channels=min_channels,
+                                     widths=widths)
+        except ValueError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            if candidates:  # a refined budget below reach: keep what was measured
+                break
+            raise ValueError(f"{request} cannot be met: {exc} (the unpruned network measured "
+                             f"{table.full * 1e3:.3g} ms)") from exc
+        keep = {g: keep_best(current.scores[g], w) for g, w in selection.widths.items() if w < widths[g]}
+        candidate = plan_from_keep(model, keep, example_inputs=example_inputs, fold=fold)
+        measured = None
+        if refine:
+            measured = _measured(model, apply(model, candidate), inputs, timer, kind, before)
+        candidates.append((candidate, selection.cost, measured))
+        if measured is None or (1 - tolerance) * goal <= measured <= goal:
+            break
+        # Scale by what was missed, kept inside the bracket of budgets already tried (a step
+        # in widths can jump over the goal): halfway to the other side when it would leave it.
+        if measured > goal:
+            high = budget
+        else:
+            low = budget
+        scaled = budget * goal / measured
+        budget = scaled if low < scaled < high else (low + high) / 2 if math.isfinite(high) else 2 * budget
+    below = [c for c in candidates if c[2] is None or c[2] <= goal]
+    result, predicted, measured = (max(below, key=lambda c: c[2] or 0.0) if below
+                                   else min(candidates, key=lambda c: c[2]))
     result.min_channels = min_channels
     result.target_latency = value if kind == "target_latency" else None
     result.max_latency = value if kind == "max_latency" else None
-    result.latency = (table.predict(widths), selection.cost)
+    result.latency = (before, predicted, measured)
     result.latency_table = table
     return result

@@ -189,18 +189,20 @@ def rounded_table():
 @pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
 def test_plan_to_target_latency_with_a_fake_clock(target, rounded_table):
     table, net, x = rounded_table
-    p = plan_to_latency(net, example_inputs=x, target_latency=target, latency_table=table, round_to=2, min_channels=2)
+    p = plan_to_latency(net, example_inputs=x, target_latency=target, latency_table=table, round_to=2, min_channels=2,
+                        timer=fake_timer)
     small = apply(net, p)
     measured = fake_timer(small, (x,))
     assert p.latency[0] == pytest.approx(table.full, rel=1e-12)
     assert measured == pytest.approx(p.latency[1], rel=1e-9) and measured <= target * table.full * (1 + 1e-12)
+    assert p.latency[2] == pytest.approx(measured, rel=1e-9)
     for g in p.groups:
         kept = len(p.group_keep[g.name])
         assert kept == g.channels or (kept % 2 == 0 and kept >= 2)
     assert torch.equal(p.keep.get("n1", torch.arange(8)), p.keep.get("n2", torch.arange(8)))  # coupled alike
     # Further down from the narrowed network, to an absolute limit: never wider than it is.
     q = plan_to_latency(small, example_inputs=x, max_latency=0.8 * measured, latency_table=table, round_to=2,
-                        min_channels=2)
+                        min_channels=2, timer=fake_timer)
     for g in q.groups:
         assert len(q.group_keep[g.name]) <= g.channels
     assert fake_timer(apply(small, q), (x,)) <= 0.8 * measured * (1 + 1e-12)
@@ -214,8 +216,29 @@ def test_latency_budget_errors():
                           ({"max_latency": -1.0}, "max_latency must"), ({"max_latency": float("nan")}, "max_latency"),
                           ({"target_latency": 0.01}, "cannot be met")]:
         with pytest.raises(ValueError, match=match):
-            plan_to_latency(net, example_inputs=x, latency_table=table, min_channels=2, **kwargs)
+            plan_to_latency(net, example_inputs=x, latency_table=table, min_channels=2, timer=fake_timer, **kwargs)
     with pytest.raises(TypeError, match="latency_table"):
         plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table={"a": 1})
     with pytest.raises(ValueError, match="does not fit"):
         plan_to_latency(Net(a=10).eval(), example_inputs=x, target_latency=0.5, latency_table=table, min_channels=2)
+
+
+def test_refine_corrects_a_table_that_mispredicts():
+    """The device is slower on wide layers than the table says (time ** 1.3): measuring the
+    pruned network and re-planning brings it from far below the target to just under it."""
+    net, x = Net(16, 16, 8).eval(), torch.randn(2, 3, 8, 8)
+    table = LatencyTable.build(net, x, points=5, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+
+    def device(module, inputs):
+        return fake_timer(module, inputs) ** 1.3
+
+    full = device(net, (x,))
+    fractions = {}
+    for refine in (0, 3):
+        p = plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2,
+                            min_channels=2, refine=refine, timer=device)
+        fractions[refine] = device(apply(net, p), (x,)) / full
+        if refine:
+            assert p.latency[2] == pytest.approx(0.5 * table.full * fractions[refine] / 0.5, rel=1e-9)
+    assert fractions[0] < 0.45  # the table alone overshoots: 0.5 ** 1.3 = 0.41
+    assert fractions[0] < fractions[3] <= 0.5
