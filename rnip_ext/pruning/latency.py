@@ -4,18 +4,21 @@ Every layer that pruning narrows (a conv or linear layer whose input or output c
 to a channel group, with the group's BatchNorm right after a producer or depthwise conv) is
 timed on its own, on the model's device, dtype and layout and at the example inputs' batch
 size, for a grid of widths of the groups it touches: a 2-D grid (input width x output width)
-for a conv between two groups, 1-D otherwise. The whole network is timed at full width three
-times (before, half-way through and after the layers; the median counts);
-the *rest* (stem, residual streams, activations, pooling: everything not in a timed layer) is
-that time minus the timed layers at full width, and is taken as fixed. The predicted latency
-of a pruned network is::
+for a conv between two groups, 1-D otherwise. With ``L(w)`` the sum of the timed layers at
+widths ``w`` (bilinear interpolation between measured widths; linear on 1-D grids), the
+predicted latency of the network is::
 
-    rest + sum over layers of time(layer, its input width, its output width)
+    T(L(w)),  T piecewise linear through the measured points (L(w_k), measured network w_k)
 
-with bilinear (linear on 1-D grids) interpolation between measured widths. Each layer's
-measurements are first made monotone: a width's time is the least measured at that or any
-larger width (on a loaded machine a narrower measurement can come out slower than a wider one;
-the raw times stay in :attr:`LatencyTable.times` and the JSON). Whether that
+where the ``w_k`` are whole networks timed during the build: the unpruned one (three times,
+before, half-way through and after the layers, the median counts) and one with every group
+narrowed alike to each grid step below full width. The *rest* of the network (stem,
+activations, pooling, residual streams, and how layers interact through the caches) is thus
+measured at several sizes rather than assumed fixed: timed alone, the layers of a wide network
+add up to less than the network takes (see ``docs/latency.md``). Each layer's measurements,
+and the measured networks, are made monotone: a width's time is the least measured at that or
+any larger width (on a loaded machine a narrower measurement can come out slower than a wider
+one; the raw times stay in :attr:`LatencyTable.times` and the JSON). Whether that
 interpolation is accurate is measured, not assumed: with ``check=True`` every 2-D layer is
 also timed at the middle of each diagonal grid cell, and :attr:`LatencyTable.interpolation_error`
 reports the relative errors (``docs/latency.md`` has the numbers; tables with a large error
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +47,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -261,13 +266,22 @@ class LatencyTable:
     """
 
     def __init__(self, key: dict, grid: dict[str, list[int]], times: dict[str, list], full: float,
-                 settings: dict, check: list[dict] | None = None) -> None:
+                 settings: dict, check: list[dict] | None = None, networks: list[dict] | None = None) -> None:
         self.key, self.grid, self.times, self.full = key, grid, times, float(full)
-        self.settings, self.check = settings, check or []
+        self.settings, self.check, self.networks = settings, check or [], networks or []
         self.layers = [TimedLayer(**layer) for layer in key["layers"]]
         self.channels = dict(key["groups"])
         self._monotone = {name: _monotone(t) for name, t in times.items()}
-        self.rest = self.full - sum(self._layer_time(layer, self.channels) for layer in self.layers)
+        # (sum of the timed layers, measured whole network): the full one and the narrowed ones,
+        # made monotone like the layers (a network whose layers take less is not slower).
+        points = sorted([(self.layers_time(self.channels), self.full)]
+                        + [(self.layers_time(n["widths"]), n["measured"]) for n in self.networks])
+        low = math.inf
+        for i in reversed(range(len(points))):
+            low = min(low, points[i][1])
+            points[i] = (points[i][0], low)
+        self._calibration = points
+        self.rest = self.full - self.layers_time(self.channels)
 
     # -- building ---------------------------------------------------------------------------------
     @classmethod
@@ -342,12 +356,19 @@ class LatencyTable:
                 else:
                     times[layer.name][where[1]][where[2]] = t
             full.append(timer(cl_model, cl_inputs))
+            networks = []
+            for k in range(points - 1):  # every group narrowed alike, from the narrowest up
+                widths = {g: w[round(k * (len(w) - 1) / (points - 1))] for g, w in grid.items()}
+                small = _narrowed_network(model, inputs, widths)
+                small_model = small.to(memory_format=fmt) if fmt is torch.channels_last else small
+                networks.append({"widths": widths, "measured": timer(small_model, cl_inputs)})
         if fmt is torch.channels_last:
             model.to(memory_format=torch.contiguous_format)
         settings = {"points": points, "round_to": round_to, "min_channels": min_channels,
                     "timer": type(timer).__name__, "full_samples": full,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        table = cls(_key(model, inputs, layout, channels, layers), grid, times, statistics.median(full), settings)
+        table = cls(_key(model, inputs, layout, channels, layers), grid, times, statistics.median(full), settings,
+                    networks=networks)
         for c in checks:
             layer = next(x for x in table.layers if x.name == c["layer"])
             c["interpolated"] = table._layer_time(layer, {layer.in_group: c["in"], layer.out_group: c["out"]})
@@ -376,11 +397,38 @@ class LatencyTable:
             full.update(widths)
         return full
 
+    def layers_time(self, widths: dict[str, int] | None = None) -> float:
+        """The sum of the timed layers' interpolated times at ``widths`` (seconds)."""
+        widths = self._widths(widths)
+        return sum(self._layer_time(layer, widths) for layer in self.layers)
+
+    def _total(self, layers: float) -> float:
+        """Whole-network seconds for a sum of layer times: piecewise linear through the measured
+        networks, the rest (total - layers) held at the nearest measured one outside them."""
+        pts = self._calibration
+        if layers <= pts[0][0]:
+            return pts[0][1] + (layers - pts[0][0])
+        if layers >= pts[-1][0]:
+            return pts[-1][1] + (layers - pts[-1][0])
+        j = bisect.bisect_left([p[0] for p in pts], layers)
+        (x0, y0), (x1, y1) = pts[j - 1], pts[j]
+        return y0 + (y1 - y0) * (layers - x0) / (x1 - x0) if x1 > x0 else y1
+
+    def _layers_budget(self, seconds: float) -> float:
+        """The largest sum of layer times whose predicted whole network fits in ``seconds``."""
+        pts = self._calibration
+        if seconds >= pts[-1][1]:
+            return pts[-1][0] + (seconds - pts[-1][1])
+        for (x0, y0), (x1, y1) in zip(reversed(pts[:-1]), reversed(pts[1:])):
+            if y0 <= seconds:
+                return x1 if y1 <= seconds else (x0 + (x1 - x0) * (seconds - y0) / (y1 - y0) if y1 > y0 else x0)
+        return pts[0][0] + (seconds - pts[0][1])
+
     def predict(self, widths: dict[str, int] | None = None) -> float:
         """Seconds per forward pass with each group at ``widths[group]`` channels (unnamed groups
-        whole): ``rest + sum of the layers' interpolated times``."""
-        widths = self._widths(widths)
-        return self.rest + sum(self._layer_time(layer, widths) for layer in self.layers)
+        whole): the sum of the layers' interpolated times, plus the rest of the network
+        interpolated between the measured whole networks (module docstring)."""
+        return self._total(self.layers_time(widths))
 
     def terms(self) -> list[tuple[tuple[str, ...], Callable[..., float]]]:
         """The cost as :func:`~rnip_ext.pruning.knapsack.select_widths` terms, one per layer."""
@@ -413,8 +461,17 @@ class LatencyTable:
                     f"{lowest} (round_to={round_to}, min_channels={min_channels}); build the table with the same "
                     f"round_to and min_channels (it has round_to={self.settings.get('round_to')}, "
                     f"min_channels={self.settings.get('min_channels')})")
-        return select_widths(start, scores, self.terms(), budget, constant=self.rest,
-                             round_to=round_to, min_channels=min_channels)
+        try:
+            chosen = select_widths(start, scores, self.terms(), self._layers_budget(budget),
+                                   round_to=round_to, min_channels=min_channels)
+        except ValueError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            least = self.predict({g: allowed_widths(c, round_to, min_channels)[0] for g, c in start.items()})
+            raise ValueError(f"a latency of {budget * 1e3:.4g} ms cannot be met: every layer at its narrowest "
+                             f"(round_to={round_to}, min_channels={min_channels}) is predicted at "
+                             f"{least * 1e3:.4g} ms") from exc
+        return dataclasses.replace(chosen, cost=self._total(chosen.cost))
 
     @property
     def interpolation_error(self) -> dict | None:
@@ -428,7 +485,7 @@ class LatencyTable:
     # -- saving and loading -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"latency_table": FORMAT, "key": self.key, "grid": self.grid, "times": self.times,
-                "full": self.full, "settings": self.settings, "check": self.check}
+                "full": self.full, "networks": self.networks, "settings": self.settings, "check": self.check}
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the table as JSON, atomically (a temporary file renamed over ``path``). An
@@ -471,7 +528,8 @@ class LatencyTable:
         if data["latency_table"] != FORMAT:
             raise ValueError(f"{path} is a latency table of format {data['latency_table']}, this rnip_ext reads "
                              f"format {FORMAT}: build a new one")
-        table = cls(data["key"], data["grid"], data["times"], data["full"], data["settings"], data.get("check"))
+        table = cls(data["key"], data["grid"], data["times"], data["full"], data["settings"], data.get("check"),
+                    data.get("networks"))
         if model is not None:
             table.validate(model, example_inputs, layout=layout, source=str(path))
         return table
@@ -506,6 +564,17 @@ class LatencyTable:
                 raise ValueError(f"{source} does not fit this model: it was measured for channel groups "
                                  f"{self.channels}, the model has {channels}; build a new table for it")
         return channels
+
+
+def _narrowed_network(model: nn.Module, inputs: tuple, widths: dict[str, int]) -> nn.Module:
+    """``model`` with each group keeping its first ``widths[group]`` channels (for timing only)."""
+    from .apply import apply
+    from .plan import plan_from_keep
+
+    keep = {g: torch.arange(w) for g, w in widths.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return apply(model, plan_from_keep(model, keep, example_inputs=inputs)).eval()
 
 
 def _monotone(times: list) -> list:

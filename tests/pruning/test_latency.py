@@ -186,7 +186,7 @@ def rounded_table():
     return LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False), net, x
 
 
-@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+@pytest.mark.parametrize("target", [0.5, 0.3])
 def test_plan_to_target_latency_with_a_fake_clock(target, rounded_table):
     table, net, x = rounded_table
     p = plan_to_latency(net, example_inputs=x, target_latency=target, latency_table=table, round_to=2, min_channels=2,
@@ -234,11 +234,11 @@ def test_refine_corrects_a_table_that_mispredicts():
 
     full = device(net, (x,))
     fractions = {}
-    for refine in (0, 3):
+    for refine in (0, 2):
         p = plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2,
                             min_channels=2, refine=refine, timer=device)
         fractions[refine] = device(apply(net, p), (x,)) / full
         if refine:
-            assert p.latency[2] == pytest.approx(0.5 * table.full * fractions[refine] / 0.5, rel=1e-9)
+            assert p.latency[2] == pytest.approx(table.full * fractions[refine], rel=1e-9)
     assert fractions[0] < 0.45  # the table alone overshoots: 0.5 ** 1.3 = 0.41
-    assert fractions[0] < fractions[3] <= 0.5
+    assert fractions[0] < fractions[2] <= 0.5
