@@ -13,19 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from rnip_ext.app.measure import cpu_model
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` often says only "x86_64")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git(*args: str) -> str | None:
@@ -53,7 +43,7 @@ def environment(device: torch.device) -> dict:
     stall torch's parallel regions and make every CPU row slower.
     """
     status = _git("status", "--porcelain", "--untracked-files=no")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "device": name, "device_type": device.type, "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": package_version("triton"), "cuda": torch.version.cuda,

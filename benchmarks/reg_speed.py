@@ -38,7 +38,7 @@ from _common import bench, environment, format_table, write_json  # noqa: E402
 
 import rnip_ext  # noqa: E402
 from rnip_ext import functional as RF  # noqa: E402
-from rnip_ext.benchmarking import kernel_launching_ops  # noqa: E402
+from rnip_ext.app.measure import kernel_launching_ops  # noqa: E402
 
 VGG16_CIFAR_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 

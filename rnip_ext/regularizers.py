@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as RF
+from ._validation import check_number, is_number
 from .nn import BoundedBatchNorm2d
 
 __all__ = ["BaseRegularizer", "L1Regularizer", "PolarizationRegularizer", "RecedingRegularizer", "Regularizer",
@@ -31,7 +32,7 @@ __all__ = ["BaseRegularizer", "L1Regularizer", "PolarizationRegularizer", "Reced
 
 
 def _check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+    if not is_number(strength, finite=False):
         raise TypeError(f"strength must be a number, got {type(strength).__name__}")
     if not (strength >= 0 and math.isfinite(strength)):
         raise ValueError(f"strength must be finite and >= 0, got {strength}")
@@ -127,9 +128,8 @@ class RecedingRegularizer(BaseRegularizer):
 
     Why ``"layer"`` is the default: when the layer's channels feed a convolution followed by a
     BatchNorm, that BatchNorm renormalises, so the paper's penalty can fall by shrinking every
-    scale of a layer together at no cost to the loss -- whole layers recede (measured on the
-    digits: four of five layers below ``sigmoid(w) = 0.016`` while the network still works), and
-    ``sigmoid(w)`` stops meaning "removable". The normalised penalty depends only on the ratios
+    scale of a layer together at no cost to the loss -- whole layers recede (docs/method.md has
+    the measurement), and ``sigmoid(w)`` stops meaning "removable". The normalised penalty depends only on the ratios
     ``u_c``, the importance :func:`rnip_ext.pruning.channel_importance` ranks by: its gradient
     along the common-scale direction is exactly zero, the layer's strongest channel has zero
     penalty gradient of its own (it is pulled up by what pushes the others down), and channels
@@ -399,9 +399,7 @@ class PolarizationRegularizer(_PlainBatchNormRegularizer):
     """
 
     def __init__(self, model: nn.Module, strength: float = 1e-4, t: float = 1.0) -> None:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"t must be a finite number, got {t!r}")
-        self.t = float(t)
+        self.t = check_number("t", t)
         self.strength = _check_strength(strength)
         self.rebind(model)
 
@@ -442,10 +440,7 @@ def param_groups(
     """
     _check_model(model)
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("bn_lr_scale", bn_lr_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            value >= 0 and math.isfinite(value)
-        ):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_number(name, value, 0)
     bn_types = tuple(bn_types)
     seen: set[int] = set()
     bn_params, other_params = [], []

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validation import check_int
 from .callbacks import BestModel, BudgetPruning, Callback, Checkpoint, Evaluate, MetricsLog, run_callbacks
 from .data import DataSplits
 from .data.loading import eval_batches, train_batches
@@ -239,7 +240,7 @@ def _use_bars(progress) -> bool:
 
 # The checkpoint format of Trainer.checkpoint() (last.pt); runs before it had no "format" key.
 FORMAT = "rnip_ext.train/2"
-# Settings of a run that fit reads from a CLI config dict (see rnip_ext.cli.train).
+# Settings of a run that fit reads from a run config dict (see rnip_ext.app.spec).
 FIT_SETTINGS = ("lr", "batch_size", "weight_decay", "bn_lr_scale", "seed", "amp", "channels_last", "compile")
 
 
@@ -261,8 +262,7 @@ class Trainer:
                  seed: int = 0, amp: str = "none", channels_last: bool = False, compile: bool = False,
                  dist_ctx=None, num_workers: int = 0, progress: bool | str = True, description: str = "train",
                  log_every: int = 50) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        check_int("epochs", epochs, 1)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if scheduler is not None and optimizer is None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rnip_ext import BoundedBatchNorm2d, RecedingRegularizer
-from rnip_ext.benchmarking import kernel_launching_ops
+from rnip_ext.app.measure import kernel_launching_ops
 
 VGG16_CIFAR_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 BOUND = {"layer": 45, None: 22}

@@ -1,10 +1,10 @@
 """Offline sweep of the demo's regulariser strengths, judged on the validation split only.
 
 Run once (results committed as ``docs/demo/sweep_results.json`` and ``docs/demo/sweep.md``); the
-demo itself never sweeps, it cites the values chosen here (``rnip_ext.demo.DEMO_STRENGTH``).
+demo itself never sweeps, it cites the values chosen here (``rnip_ext.app.demo.DEMO_STRENGTH``).
 
 For each (method, strength, shift) of a small grid, one seed of the demo's pipeline
-(:func:`rnip_ext.demo.run_demo` with that strength only): train with the demo's epochs, prune to
+(:func:`rnip_ext.app.demo.run_demo` with that strength only): train with the demo's epochs, prune to
 each of the demo's FLOPs targets with the budget planner, fine-tune with the demo's epochs. The
 score of a setting is the mean over targets of the validation accuracy right after pruning (no
 fine-tuning: what the regulariser is for) and of the pruned-and-fine-tuned network's best
@@ -28,9 +28,10 @@ import time
 
 import torch
 
-from rnip_ext import demo, pruning
-from rnip_ext.cli.runs import load_checkpoint
-from rnip_ext.cli.train import build_model
+from rnip_ext import pruning
+from rnip_ext.app import demo
+from rnip_ext.rundir import load_checkpoint
+from rnip_ext.app.runs import build_model
 from rnip_ext.data import load_dataset
 from rnip_ext.training import evaluate
 from rnip_ext.rundir import read_json, write_json

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from . import demo, export, prune, report, train
-from .errors import Interrupted, UserError
+from ..app.errors import Interrupted, UserError
 
 __all__ = ["main", "build_parser"]
 
@@ -76,12 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         message = (str(exc).strip().splitlines() or ["unknown error"])[0]
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
-    except SystemExit as exc:
-        # Commands that still say `raise SystemExit("error: ...")` get the same status 2.
-        if isinstance(exc.code, str) and exc.code.startswith("error: "):
-            print(exc.code.strip().splitlines()[0], file=sys.stderr, flush=True)
-            return 2
-        raise
     except Interrupted as exc:
         if exc.saved:
             print(f"\ninterrupted: the last finished epoch is saved in {exc.run_dir}; continue with: "

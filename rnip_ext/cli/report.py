@@ -1,13 +1,14 @@
-"""``rnip report``: the paper-style table across runs, and the plots (:func:`rnip_ext.report.make_report`)."""
+"""``rnip report``: the paper-style table across runs, and the plots.
+
+Argument parsing only: the report is :func:`rnip_ext.app.report.report` on a :class:`~rnip_ext.app.spec.ReportSpec`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from .. import report as report_lib
-from ..plots import require_matplotlib
-from ..rundir import OutputDirError
-from .errors import UserError, user_errors
+from ..app.report import report
+from ..app.spec import ReportSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,11 +22,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
-    if not args.no_plots:
-        try:
-            require_matplotlib()
-        except ImportError as exc:
-            raise UserError(f"{exc}, or pass --no-plots") from exc
-    with user_errors(FileNotFoundError, report_lib.RunReadError, OutputDirError):
-        return report_lib.make_report(args.runs, args.out, plots=not args.no_plots,
-                                      overwrite=getattr(args, "overwrite", False))
+    return report(ReportSpec.from_args(args))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .._validation import check_int
 from .dataset import DataSplits
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder", "load_image_folder"]
@@ -80,8 +81,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | os.PathLike, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *,
                  train: bool = False, decoder: str = "auto", samples=None, classes=None) -> None:
         root = os.fspath(root)
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
+        check_int("image_size", image_size, 1)
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std need 3 values (RGB), std > 0; got {tuple(mean)} and {tuple(std)}")
         if decoder not in ("auto", "torchvision", "pil"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
+from .._validation import check_int
 from .dataset import InMemoryDataset
 
 __all__ = ["eval_batches", "train_batches"]
@@ -76,8 +77,7 @@ class _LoaderBatches:
 def train_batches(data, *, batch_size: int, generator: torch.Generator, device: torch.device, dist_ctx=None,
                   num_workers: int = 0, seed: int = 0):
     """The trainer's batch source for ``data`` (see the module docstring); ``TypeError`` for anything else."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if isinstance(data, InMemoryDataset):
         if data.images.device != device:
             raise ValueError(f"the in-memory dataset is on {data.images.device}, the model on {device}: "

@@ -8,6 +8,7 @@ import math
 
 from torch import nn
 
+from .._validation import is_int
 from ..nn import BoundedBatchNorm2d
 
 BN_KINDS = ("bounded", "plain")
@@ -25,7 +26,7 @@ def make_bn(bn: str, channels: int) -> nn.Module:
 
 
 def check_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return num_classes
 

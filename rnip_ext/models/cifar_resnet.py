@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import is_int
 from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "PadShortcut", "resnet56_cifar", "resnet_cifar"]
@@ -80,7 +81,7 @@ class CifarResNet(nn.Module):
 def resnet_cifar(depth: int, num_classes: int = 10, bn: str = "bounded", in_channels: int = 3) -> CifarResNet:
     """A CIFAR ResNet of ``depth = 6n + 2`` layers (20, 32, 44, 56, 110, ...), paper initialisation."""
     check_classes(num_classes)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    if not is_int(depth) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n + 2 with n >= 1 (e.g. 20, 56), got {depth!r}")
     return paper_init_(CifarResNet((depth - 2) // 6, num_classes, bn, in_channels))
 

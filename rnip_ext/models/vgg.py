@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .._validation import is_int
 from ._common import builder, check_bn, check_classes, make_bn, paper_init_
 
 __all__ = ["VGG", "vgg16_cifar", "vgg16", "vgg_small", "VGG16_CONFIG"]
@@ -73,7 +74,7 @@ def vgg_small(
     """A small VGG-style network for the demo: conv-BN-ReLU per width, a max-pool after every
     second one, global average pooling and ``Linear(widths[-1], num_classes)``."""
     check_classes(num_classes)
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+    if not widths or any(not is_int(w) or w < 1 for w in widths):
         raise ValueError(f"widths must be positive ints, got {widths!r}")
     config: list = []
     for i, width in enumerate(widths):

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as RF
 from .._backend import BACKENDS, resolve_backend
+from .._validation import is_int
 from ..ops import bounded_bn as ops_bn
 
 # torch 2.13 gave _NormBase a keyword-only ``bias``; older releases (2.6-2.12) always add a shift.
@@ -95,7 +96,7 @@ class BoundedBatchNorm2d(_NormBase):
     ) -> None:
         if backend is not None and (not isinstance(backend, str) or backend.lower() not in BACKENDS):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
+        if not is_int(num_features):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from .._validation import check_number
 from . import fold as _fold
 from .bounded_batchnorm import BoundedBatchNorm2d
 from .norm_act import BoundedBatchNormAct2d, SyncBoundedBatchNormAct2d, is_norm_act
@@ -107,8 +107,7 @@ def _check_arguments(model, mode, bias, headroom) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if bias is not None and not isinstance(bias, bool):
         raise TypeError(f"bias must be True, False or None, got {bias!r}")
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 1.0 < headroom < math.inf:
-        raise ValueError(f"headroom must be a finite number > 1, got {headroom!r}")
+    check_number("headroom", headroom, 1, low_open=True)
 
 
 def _dropped_shifts(targets: dict[str, tuple[nn.Module, type]]) -> None:

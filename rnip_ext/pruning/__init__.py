@@ -12,6 +12,7 @@ During training, :class:`RecedingSchedule` removes receded channels between epoc
 from .apply import apply, prune
 from .controller import BudgetController, active_flops
 from .deploy import export
+from .channel_graph import ChannelGraph, channel_graph
 from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
@@ -22,6 +23,7 @@ from .schedule import RecedingSchedule, ScheduleStep
 
 __all__ = [
     "BudgetController",
+    "ChannelGraph",
     "ChannelGroup",
     "PruningPlan",
     "PruningTraceError",
@@ -31,6 +33,7 @@ __all__ = [
     "apply",
     "architecture_json",
     "channel_costs",
+    "channel_graph",
     "channel_importance",
     "count_flops",
     "count_params",

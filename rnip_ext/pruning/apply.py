@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import channel_gather_many
+from .channel_graph import cached, module_slices, remember
 from .folding import fold_delta
-from .plan import PruningPlan, _signature, module_slices, plan
+from .layers import SLICED_TENSORS, handler_for
+from .plan import PruningPlan, _signature, plan
 
-__all__ = ["KEPT_STATE", "Remap", "SLICED_STATE", "apply", "prune"]
-
-_SLICED_TENSORS = ("weight", "bias", "running_mean", "running_var")
+__all__ = ["KEPT_STATE", "Remap", "SLICED_STATE", "apply", "prune", "replace_data"]
 
 
 def _check_plan_fits(model: nn.Module, pruning_plan: PruningPlan) -> None:
@@ -76,7 +76,7 @@ def _remaps(model: nn.Module, slices: dict[str, list]) -> list[Remap]:
     records = []
     for name, (out_idx, in_idx) in slices.items():
         m = modules[name]
-        for attr in _SLICED_TENSORS:
+        for attr in SLICED_TENSORS:
             t = getattr(m, attr, None)
             if not isinstance(t, Tensor):
                 continue
@@ -175,21 +175,22 @@ def _add_to_groups(optimizer, model: nn.Module, new_biases: dict[str, nn.Paramet
 
 
 def _resize(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
-    """Set a sliced module's width attributes to match its new tensors."""
-    if isinstance(m, nn.Conv2d):
-        if out_idx is not None:
-            m.out_channels = len(out_idx)
-        if m.groups > 1:  # depthwise: channels in == out == groups
-            m.in_channels = m.groups = len(out_idx)
-        elif in_idx is not None:
-            m.in_channels = len(in_idx)
-    elif isinstance(m, nn.Linear):
-        if out_idx is not None:
-            m.out_features = len(out_idx)
-        if in_idx is not None:
-            m.in_features = len(in_idx)
-    else:
-        m.num_features = len(out_idx)
+    """Set a sliced module's width attributes to match its new tensors (its handler's rule)."""
+    handler_for(m).resize(m, out_idx, in_idx)
+
+
+def replace_data(param: nn.Parameter, data: Tensor) -> None:
+    """``param.data = data`` for a tensor of another shape, leaving no stale gradient accumulator.
+
+    Autograd caches each parameter's gradient accumulator, shaped like the parameter, while any
+    graph built from it is alive (e.g. the last batch's ``loss`` in a training loop); a backward
+    through a new graph would then fail with "expected shape". Autograd drops that cache when the
+    tensor's dtype changes, so the data passes through an empty tensor of another dtype first.
+    """
+    param.grad = None  # the old gradient's shape no longer fits
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=data.device)
+    param.data = data
 
 
 def _add_folded_biases(modules: dict[str, nn.Module], slices: dict[str, list],
@@ -218,8 +219,7 @@ def _narrow_in_place(model: nn.Module, records: list[Remap], optimizer) -> None:
     modules = dict(model.named_modules())
     for r in records:
         if isinstance(r.old, nn.Parameter):
-            r.old.grad = None  # the old gradient's shape no longer fits
-            r.old.data = r.new
+            replace_data(r.old, r.new)
             r.old.grad = r.new_grad
             if optimizer is not None and r.new_state:
                 optimizer.state[r.old] = r.new_state
@@ -282,6 +282,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
                 deltas[c.name] = delta if c.name not in deltas else deltas[c.name] + delta
 
     _gather(records, optimizer)
+    graphs = cached(model)  # narrowed below for the pruned model: no new trace
     if inplace:
         _narrow_in_place(model, records, optimizer)
         for name, (out_idx, in_idx) in slices.items():
@@ -289,6 +290,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
         new_biases = _add_folded_biases(modules, slices, deltas)
         if optimizer is not None:
             _add_to_groups(optimizer, model, new_biases)
+        _hand_over(model, graphs, pruning_plan, new_biases)
         return model
 
     memo: dict[int, object] = {}
@@ -312,7 +314,18 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
     new_biases = _add_folded_biases(new_modules, slices, deltas)
     if optimizer is not None:
         _rebind_optimizer(optimizer, model, pruned, records, new_biases)
+    _hand_over(pruned, graphs, pruning_plan, new_biases)
     return pruned
+
+
+def _hand_over(pruned: nn.Module, graphs: list, pruning_plan: PruningPlan, new_biases: dict) -> None:
+    """Cache the original's channel graphs, narrowed to the plan, for the pruned model (when the
+    plan was made on the graph cached for it; otherwise the pruned model is traced on next use)."""
+    sizes = {name: len(b) for name, b in new_biases.items()}
+    narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes)) for key, g in graphs
+                if [x.name for x in g.groups] == [x.name for x in pruning_plan.groups]
+                and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))]
+    remember(pruned, narrowed)
 
 
 def prune(

@@ -1,41 +1,21 @@
-"""Parameter and FLOP counts.
+"""Parameter and FLOP counts, read off the model's :class:`~rnip_ext.pruning.channel_graph.ChannelGraph`.
 
 FLOPs follow the convention of the pruning literature: multiply-accumulate operations of the
-convolutions and linear layers for one forward pass of the given input (BatchNorm, activations
-and pooling are not counted: they are linear in the channel count and negligible).
+convolutions and linear layers (and their subclasses) for one forward pass of the given input
+(BatchNorm, activations and pooling are not counted: they are linear in the channel count and
+negligible). Each layer's cost rule lives in its handler (:mod:`rnip_ext.pruning.layers`): the
+one FLOP counter of the package.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
-import torch.fx as fx
 from torch import nn
 
-from .graph import eval_mode
+from .channel_graph import channel_graph, count_params, layer_shapes_via_hooks
+from .graph import PruningTraceError
+from .layers import LayerCost
 
-__all__ = ["LayerCost", "channel_costs", "costs_from_graph", "count_flops", "count_params", "layer_costs"]
-
-
-@dataclass
-class LayerCost:
-    """What one conv/linear layer costs: ``positions * out * (in / groups) * kernel`` MACs."""
-
-    positions: int
-    out_features: int
-    in_per_group: int
-    kernel: int
-
-    @property
-    def macs(self) -> int:
-        return self.positions * self.out_features * self.in_per_group * self.kernel
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+__all__ = ["LayerCost", "channel_costs", "count_flops", "count_params", "layer_costs"]
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -44,59 +24,14 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-@torch.no_grad()
 def layer_costs(model: nn.Module, example_inputs) -> dict[str, LayerCost]:
-    """Run ``model`` once in eval mode on ``example_inputs`` and record each conv/linear layer's cost."""
-    costs: dict[str, LayerCost] = {}
-    hooks = []
-
-    def hook_for(name):
-        def hook(module, inputs, output):
-            if isinstance(module, nn.Conv2d):
-                positions = output.shape[0] * output.shape[2] * output.shape[3]
-                cost = LayerCost(positions, module.out_channels, module.in_channels // module.groups,
-                                 math.prod(module.kernel_size))
-            else:
-                cost = LayerCost(output.numel() // output.shape[-1], module.out_features, module.in_features, 1)
-            if name in costs:  # a layer called twice costs twice
-                costs[name].positions += cost.positions
-            else:
-                costs[name] = cost
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            hooks.append(module.register_forward_hook(hook_for(name)))
+    """Each conv/linear layer's cost for one forward pass of ``example_inputs`` (from the cached
+    graph; a model fx cannot trace at all is run once with hooks, under the same cost rules)."""
+    inputs = _as_tuple(example_inputs)
     try:
-        with eval_mode(model):
-            model(*_as_tuple(example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    return costs
-
-
-def costs_from_graph(gm: fx.GraphModule) -> dict[str, LayerCost]:
-    """The same costs as :func:`layer_costs`, read from a shape-propagated fx graph (no forward pass)."""
-    costs: dict[str, LayerCost] = {}
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = modules[node.target]
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        shape = tuple(node.meta["tensor_meta"].shape)
-        if isinstance(module, nn.Conv2d):
-            cost = LayerCost(shape[0] * shape[2] * shape[3], module.out_channels,
-                             module.in_channels // module.groups, math.prod(module.kernel_size))
-        else:
-            cost = LayerCost(math.prod(shape) // shape[-1], module.out_features, module.in_features, 1)
-        if node.target in costs:
-            costs[node.target].positions += cost.positions
-        else:
-            costs[node.target] = cost
-    return costs
+        return dict(channel_graph(model, inputs).costs)
+    except PruningTraceError:
+        return layer_shapes_via_hooks(model, inputs)
 
 
 def count_flops(model: nn.Module, example_inputs) -> int:
@@ -112,19 +47,17 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
 
     ``cost="flops"``: the multiply-accumulates (for ``example_inputs``) that go with the channel
     when it is removed -- its producer conv's filter (``positions * in/groups * k*k``), a
-    depthwise conv's filter on the way, and its consumers' input slices (``positions * out *
-    k*k`` for a conv, ``rows * out * block`` for a linear layer after a flatten). ``"params"``:
-    the parameters removed with it (those filter slices, biases, and the BatchNorms' scale and
-    shift). Every channel of a group costs the same, and a group of coupled BatchNorms
-    (depthwise) splits its channel cost equally among them. BatchNorms outside any prunable
-    group are not listed (their channels cannot be removed).
+    depthwise or grouped conv's filter and a gate conv's filter on the way, and its consumers'
+    input slices (``positions * out * k*k`` for a conv, ``rows * out * block`` for a linear layer
+    after a flatten). ``"params"``: the parameters removed with it (those filter slices, biases,
+    and the BatchNorms' scale and shift). Every channel of a group costs the same, and a group of
+    coupled BatchNorms (depthwise) splits its channel cost equally among them. BatchNorms outside
+    any prunable group are not listed (their channels cannot be removed).
     """
-    from .graph import analyse
-
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-    groups, gm = analyse(model, _as_tuple(example_inputs))
-    costs = costs_from_graph(gm)
+    graph = channel_graph(model, _as_tuple(example_inputs))
+    costs = graph.costs
     modules = dict(model.named_modules())
 
     def n_params(m: nn.Module, *, out: bool) -> int:
@@ -138,19 +71,17 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
         return total
 
     result: dict[str, float] = {}
-    for g in groups:
+    for g in graph.groups:
         if cost == "flops":
-            c = costs[g.producer]
-            per_channel = c.positions * c.in_per_group * c.kernel
-            for name in g.depthwise:
-                d = costs[name]
-                per_channel += d.positions * d.in_per_group * d.kernel
+            per_channel = 0
+            for name in [g.producer, *g.depthwise, *g.gates]:
+                c = costs[name]
+                per_channel += c.positions * c.in_per_group * c.kernel
             for consumer in g.consumers:
                 d = costs[consumer.name]
                 per_channel += d.positions * d.out_features * d.kernel * consumer.block
         else:
-            per_channel = n_params(modules[g.producer], out=True)
-            per_channel += sum(n_params(modules[n], out=True) for n in g.bns + g.depthwise)
+            per_channel = sum(n_params(modules[n], out=True) for n in [g.producer, *g.bns, *g.depthwise, *g.gates])
             per_channel += sum(n_params(modules[c.name], out=False) * c.block for c in g.consumers)
         for name in g.bns:
             result[name] = per_channel / len(g.bns)

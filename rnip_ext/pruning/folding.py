@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..nn.norm_act import is_norm_act
 from .graph import POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer
 
 __all__ = ["fold_report", "fold_delta", "constant_outputs"]
@@ -40,12 +41,23 @@ def _apply_node(node: fx.Node, value: Tensor, modules: dict) -> Tensor:
     return getattr(value.clone(), node.target)(*node.args[1:], **node.kwargs)
 
 
+def _gated(path: list[fx.Node]) -> bool:
+    return any(node.meta.get("rnip_gate") for node in path)
+
+
 def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], modules: dict) -> Tensor:
-    """``f(beta)`` for the removed channels of ``bn`` after the ``path`` of pointwise ops."""
+    """``f(beta)`` for the removed channels of ``bn`` after the ``path`` of pointwise ops (the
+    activation of a norm-activation layer first). Through a gate ``x * gate(x)`` a constant stays
+    constant only when it is 0; a non-zero one is reported by :func:`fold_report` as approximate
+    and dropped."""
     bias = getattr(bn, "bias", None)
     beta = bias.detach()[removed] if bias is not None else torch.zeros(len(removed), device=removed.device)
     value = beta.reshape(1, -1, 1, 1)
+    if is_norm_act(bn):
+        value = bn.act(value.clone())  # drop: identity on a constant (as in eval mode)
     for node in path:
+        if node.meta.get("rnip_gate"):
+            continue  # multiplies by a varying gate: only a zero constant survives as a constant
         value = _apply_node(node, value, modules)
     return value.reshape(-1)
 
@@ -76,7 +88,7 @@ def _keeps_constants(node: fx.Node, modules: dict) -> bool:
 
 
 def _exact(consumer: Consumer, path: list[fx.Node], modules: dict) -> bool:
-    if not all(_keeps_constants(node, modules) for node in path):
+    if _gated(path) or not all(_keeps_constants(node, modules) for node in path):
         return False
     if consumer.kind == "conv":
         conv = modules[consumer.name]
@@ -88,8 +100,8 @@ def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: d
     """The bias change of ``consumer`` for the ``removed`` channels (``None`` when all constants are 0)."""
     modules = modules or dict(model.named_modules())
     v = constant_outputs(modules[consumer.source], removed, consumer.path, modules)
-    if not torch.any(v != 0):
-        return None
+    if not torch.any(v != 0) or _gated(consumer.path):
+        return None  # nothing to fold, or a gated constant (not constant: reported approximate)
     layer = modules[consumer.name]
     weight = layer.weight.detach()
     if consumer.kind == "conv":
@@ -119,6 +131,6 @@ def fold_report(model: nn.Module, groups: list[ChannelGroup], group_keep: dict[s
             if not _exact(c, c.path, modules) and c.name not in inexact:
                 inexact.append(c.name)
             layer = modules[c.name]
-            if layer.bias is None and c.name not in needs_bias:
+            if layer.bias is None and c.name not in needs_bias and not _gated(c.path):
                 needs_bias.append(c.name)
     return inexact, needs_bias

@@ -3,21 +3,27 @@
 A *channel group* is a set of BatchNorm layers whose channels must be removed together, with
 every weight those channels touch:
 
-    producer conv (groups=1) -> BN -> [pointwise / pooling / flatten ...] -> consumers
+    producer conv (groups=1) -> BN -> [pointwise / pooling / flatten / gate ...] -> consumers
 
 Consumers are convolutions with ``groups=1`` (their input channels are sliced) and linear layers
-after a flatten (blocks of ``H*W`` input features per channel are sliced). A depthwise
-convolution (``groups == in_channels == out_channels``) passes the removal through itself: it
-is sliced too and the BatchNorm right after it joins the group with identical indices. Anything
-else on the way (a residual addition, a concatenation, a reshape that mixes channels, the
-graph's output, a module used twice) leaves the group alone: that is how residual streams stay
+after a flatten (blocks of ``H*W`` input features per channel are sliced). A depthwise or grouped
+convolution with as many outputs as inputs passes the removal through itself: it is sliced too
+(grouped ones lose whole groups of ``unit`` channels) and the BatchNorm right after it joins the
+group with identical indices. A channel-wise gate ``x * gate(x)`` (squeeze-and-excitation: the
+gate is a conv through an elementwise activation) couples the gate conv's output channels with
+the group. Anything else on the way (a residual addition, a concatenation, a reshape that mixes
+channels, the graph's output, a module used twice, a module fx cannot trace) leaves the group
+alone, and is recorded as the *blocker* of that BatchNorm: that is how residual streams stay
 untouched while the inner channels of each block are pruned, as in the paper.
+
+Per-layer-type rules (roles, costs, slicing) come from :mod:`rnip_ext.pruning.layers`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -27,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BoundedBatchNorm2d
+from ..nn.norm_act import is_norm_act
+from .layers import handler_for
 
-__all__ = ["ChannelGroup", "Consumer", "PruningTraceError", "find_channel_groups", "is_prunable_bn"]
+__all__ = ["Blocker", "ChannelGroup", "Consumer", "PruningTraceError", "find_channel_groups", "is_prunable_bn"]
 
 
 class PruningTraceError(RuntimeError):
@@ -36,8 +44,10 @@ class PruningTraceError(RuntimeError):
 
 
 def is_prunable_bn(module: nn.Module) -> bool:
-    """Bounded BatchNorms and plain ``nn.BatchNorm2d`` (not ``SyncBatchNorm``) can be pruned."""
-    return isinstance(module, (BoundedBatchNorm2d, nn.BatchNorm2d))
+    """Bounded BatchNorms and ``nn.BatchNorm2d`` with their subclasses (norm-activation layers
+    included; not ``SyncBatchNorm``) can be pruned."""
+    handler = handler_for(module)
+    return handler is not None and handler.role(module) == "norm"
 
 
 # Modules and functions that act on each element independently: channel-preserving, and a
@@ -58,6 +68,9 @@ POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "c
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
+MUL_TARGETS = {operator.mul, torch.mul, "mul"}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+CAT_TARGETS = {torch.cat, torch.concat}
 
 
 @dataclass
@@ -78,7 +91,13 @@ class Consumer:
 
 @dataclass
 class ChannelGroup:
-    """BatchNorms whose channels go together, and every layer sliced with them."""
+    """BatchNorms whose channels go together, and every layer sliced with them.
+
+    ``depthwise``: the channel-wise convolutions (depthwise or grouped, ``in == out``) the group
+    passes through; ``gates``: convolutions whose output channels gate the group's channels
+    (``x * sigmoid(conv(...))``), sliced on their outputs; ``unit``: channels are removed in
+    aligned blocks of this many (the widest group of a grouped convolution on the way; 1 without).
+    """
 
     bns: list[str]
     producer: str
@@ -88,11 +107,29 @@ class ChannelGroup:
     # Every consumer is a conv whose output goes straight into a BatchNorm: that BatchNorm
     # renormalises, so a common scale of the group's channels carries no information.
     renormalised: bool = False
+    gates: list[str] = field(default_factory=list)
+    unit: int = 1
 
     @property
     def name(self) -> str:
         """The group's name: its first BatchNorm."""
         return self.bns[0]
+
+    def modules(self) -> list[str]:
+        """Every module the group slices: producer, BatchNorms, channel-wise convs, gates, consumers."""
+        return [self.producer, *self.bns, *self.depthwise, *self.gates, *(c.name for c in self.consumers)]
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the BatchNorm ``bn`` is not prunable: ``construct`` (e.g. ``"residual addition"``) at ``where``."""
+
+    bn: str
+    construct: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.bn}: {self.construct} at {self.where}"
 
 
 class _Tracer(fx.Tracer):
@@ -117,20 +154,58 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
+class _PruningTracer(_Tracer):
+    """Also keeps every layer with a handler (subclasses of Conv2d/Linear/BatchNorm2d: timm's
+    ``Linear``, ``Conv2dSame``, ``BatchNormAct2d``) and the modules in ``opaque`` as leaves."""
+
+    def __init__(self, opaque: set[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (qualname in self.opaque or handler_for(m) is not None or is_norm_act(m)
+                or super().is_leaf_module(m, qualname))
+
+
+def _trace_error(model: nn.Module, where: str | None, exc: Exception) -> PruningTraceError:
+    where = where or type(model).__name__
+    return PruningTraceError(
+        f"torch.fx could not trace module '{where}' of {type(model).__name__} "
+        f"({type(exc).__name__}: {exc}). rnip_ext.pruning needs a traceable model (no "
+        "data-dependent control flow); for other architectures use the Torch-Pruning "
+        "integration: rnip_ext.integrations.torch_pruning"
+    )
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` with BatchNorms as leaves; clear error when impossible."""
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean the same to the user
-        where = tracer.failed_in or type(model).__name__
-        raise PruningTraceError(
-            f"torch.fx could not trace module '{where}' of {type(model).__name__} "
-            f"({type(exc).__name__}: {exc}). rnip_ext.pruning needs a traceable model (no "
-            "data-dependent control flow); for other architectures use the Torch-Pruning "
-            "integration: rnip_ext.integrations.torch_pruning"
-        ) from exc
+        raise _trace_error(model, tracer.failed_in, exc) from exc
     return fx.GraphModule(model, graph)
+
+
+MAX_OPAQUE = 64
+
+
+def trace_for_pruning(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """A trace with every handled layer as a leaf. A submodule fx cannot trace through is kept
+    whole as an opaque leaf (its channels cannot be pruned, its layers still count), and the
+    trace is retried; ``{opaque module: why}`` comes back with the graph. Raises
+    :class:`PruningTraceError` when the model's own forward cannot be traced."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _PruningTracer(set(opaque))
+        try:
+            graph = tracer.trace(model)
+            return fx.GraphModule(model, graph), opaque
+        except Exception as exc:  # fx raises many types; all mean the same to the user
+            where = tracer.failed_in
+            if not where or where in opaque or where == type(model).__name__ or len(opaque) >= MAX_OPAQUE:
+                raise _trace_error(model, where, exc) from exc
+            opaque[where] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _shape(node: fx.Node):
@@ -159,15 +234,22 @@ def _other_node_args(node: fx.Node, source: fx.Node) -> bool:
     return bool(found)
 
 
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
+        self.opaque = opaque or {}
         self.calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
         self.gm = gm
+        self.unit: dict[str, int] = {}
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op == "call_module" and self.calls.get(node.target) == 1:
@@ -187,17 +269,13 @@ class _Analysis:
                 return "flatten" if m.start_dim == 1 and m.end_dim == -1 else "other"
             if self.module(node) is None:
                 return "other"  # ... but slicing a layer called twice would break its other call
-            if isinstance(m, nn.Conv2d):
-                if m.groups == 1:
-                    return "conv"
-                if m.groups == m.in_channels == m.out_channels:
-                    return "depthwise"
-                return "other"
-            if isinstance(m, nn.Linear):
-                return "linear"
-            if is_prunable_bn(m):
+            handler = handler_for(m)
+            role = handler.role(m) if handler is not None else None
+            if role == "norm":
                 return "bn"
-            return "other"
+            if role == "channelwise":
+                return "depthwise"
+            return role or "other"
         if node.op == "call_function":
             if node.target in POINTWISE_FUNCTIONS:
                 return "pointwise"
@@ -207,12 +285,26 @@ class _Analysis:
                 return "flatten" if self._flattens_from_channels(node) else "other"
             if node.target is operator.getitem:
                 return "other"
+            if node.target in MUL_TARGETS:
+                return "mul"
         if node.op == "call_method":
             if node.target in POINTWISE_METHODS:
                 return "pointwise"
             if node.target in FLATTEN_METHODS:
                 return "flatten" if self._flattens_from_channels(node) else "other"
+            if node.target == "mean" and self._spatial_mean(node):
+                return "pool"
+            if node.target in MUL_TARGETS:
+                return "mul"
         return "other"
+
+    @staticmethod
+    def _spatial_mean(node: fx.Node) -> bool:
+        """``x.mean((2, 3), keepdim=True)``: a global average pool (squeeze-and-excitation)."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        return keep is True and sorted(d % 4 if isinstance(d, int) else d for d in dims) == [2, 3]
 
     def _flattens_from_channels(self, node: fx.Node) -> bool:
         """``(N, C, H, W) -> (N, C*H*W)``: the only reshape that keeps channel blocks intact."""
@@ -244,22 +336,76 @@ class _Analysis:
         kind = self.kind(src)
         return (kind, src) if kind in ("conv", "depthwise") else None
 
+    def describe(self, node: fx.Node) -> str:
+        """What a blocking node is, in words."""
+        if node.op == "output":
+            return "the network's output"
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if node.target in self.opaque:
+                return f"module fx cannot trace ({type(m).__name__}, {self.opaque[node.target]})"
+            if self.calls.get(node.target, 0) > 1:
+                return f"module called {self.calls[node.target]} times ({type(m).__name__})"
+            if isinstance(m, nn.Conv2d) and m.groups > 1:
+                return f"grouped convolution with in != out channels ({type(m).__name__})"
+            return f"module {type(m).__name__}"
+        if node.target in ADD_TARGETS or node.target in (operator.sub, torch.sub, "sub"):
+            return "residual addition"
+        if node.target in CAT_TARGETS:
+            return "concatenation"
+        if node.target in MUL_TARGETS:
+            return "multiplication by a tensor that is not a channel-wise gate"
+        if node.target in FLATTEN_METHODS or node.target is torch.flatten:
+            return "reshape that mixes channels"
+        if node.target is operator.getitem:
+            return "indexing / split"
+        return f"{_target_name(node)}"
+
+    def gate_conv(self, gate: fx.Node, channels: int) -> str | None:
+        """The conv whose output, through elementwise ops only, is ``gate`` of shape (N, C, 1, 1)."""
+        shape = _shape(gate)
+        if shape is None or len(shape) != 4 or shape[1] != channels or shape[2:] != (1, 1):
+            return None
+        node = gate
+        while True:
+            if len(node.users) != 1:
+                return None
+            kind = self.kind(node)
+            if kind == "conv":
+                conv = self.modules[node.target]
+                return node.target if conv.out_channels == channels else None
+            if kind != "pointwise" or not isinstance(node.args[0], fx.Node) or _other_node_args(node, node.args[0]):
+                return None
+            node = node.args[0]
+
     def follow(self, start: fx.Node, source: str, group: ChannelGroup, channels: int,
-               path: list[fx.Node], flattened: bool, seen: set) -> bool:
-        """Walk forward from ``start``; fill ``group``; False when something blocks the group."""
+               path: list[fx.Node], flattened: bool, seen: set) -> fx.Node | None:
+        """Walk forward from ``start``; fill ``group``; the node that blocks the group, or None."""
         if not start.users:
-            return False
+            return start  # the graph's output
         for user in start.users:
             if user in seen or _is_shape_query(user):
                 continue
             kind = self.kind(user)
             if kind in ("pointwise", "pool", "flatten"):
                 if _other_node_args(user, start) or (kind != "pointwise" and flattened):
-                    return False
+                    return user
                 seen.add(user)
-                if not self.follow(user, source, group, channels, path + [user],
-                                   flattened or kind == "flatten", seen):
-                    return False
+                blocker = self.follow(user, source, group, channels, path + [user],
+                                      flattened or kind == "flatten", seen)
+                if blocker is not None:
+                    return blocker
+            elif kind == "mul" and not flattened:
+                others = [a for a in user.args if isinstance(a, fx.Node) and a is not start]
+                gate = self.gate_conv(others[0], channels) if len(others) == 1 and not user.kwargs else None
+                if gate is None or gate in group.gates:
+                    return user
+                user.meta["rnip_gate"] = True
+                group.gates.append(gate)
+                seen.add(user)
+                blocker = self.follow(user, source, group, channels, path + [user], False, seen)
+                if blocker is not None:
+                    return blocker
             elif kind == "conv" and not flattened and not _other_node_args(user, start):
                 group.consumers.append(Consumer(user.target, "conv", 1, source, path))
             elif kind == "linear" and not _other_node_args(user, start):
@@ -269,23 +415,25 @@ class _Analysis:
                 elif not flattened and _shape(start) is not None and len(_shape(start)) == 2:
                     block = 1  # (N, C) straight into the linear layer
                 else:
-                    return False
+                    return user
                 group.consumers.append(Consumer(user.target, "linear", block, source, path))
             elif kind == "depthwise" and not flattened and not _other_node_args(user, start):
                 dw = self.modules[user.target]
                 (bn_user,) = user.users if len(user.users) == 1 else (None,)
                 if dw.in_channels != channels or bn_user is None or self.kind(bn_user) != "bn":
-                    return False
+                    return user
                 if self.modules[bn_user.target].num_features != channels or len(bn_user.args) != 1:
-                    return False
+                    return bn_user
                 group.depthwise.append(user.target)
+                group.unit = math.lcm(group.unit, handler_for(dw).unit(dw))
                 group.bns.append(bn_user.target)
                 seen.update((user, bn_user))
-                if not self.follow(bn_user, bn_user.target, group, channels, [], False, seen):
-                    return False
+                blocker = self.follow(bn_user, bn_user.target, group, channels, [], False, seen)
+                if blocker is not None:
+                    return blocker
             else:
-                return False
-        return True
+                return user
+        return None
 
 
 @contextlib.contextmanager
@@ -304,10 +452,13 @@ def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGr
     """Every prunable channel group of ``model``, in graph order.
 
     ``example_inputs`` (a tensor or a tuple of tensors), when given, runs a shape propagation so
-    that ``view``/``reshape`` calls that flatten ``(N, C, H, W)`` into ``(N, C*H*W)`` are
-    recognised too; ``flatten(1)`` and ``nn.Flatten`` are recognised without it.
+    that ``view``/``reshape`` calls that flatten ``(N, C, H, W)`` into ``(N, C*H*W)`` and
+    channel-wise gates are recognised too; ``flatten(1)`` and ``nn.Flatten`` are recognised
+    without it. The analysis is cached per model (see :func:`rnip_ext.pruning.channel_graph`).
     """
-    return analyse(model, example_inputs)[0]
+    from .channel_graph import channel_graph
+
+    return channel_graph(model, example_inputs).groups
 
 
 def _shapes(inputs) -> str:
@@ -324,48 +475,73 @@ def _check_example_inputs(model: nn.Module, inputs) -> None:
                          f"got {_shapes(inputs)}")
 
 
-def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], fx.GraphModule]:
-    """The channel groups and the traced graph (with output shapes when ``example_inputs`` is given)."""
-    gm = trace(model)
-    if example_inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
+def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
+    """Run ``gm`` once on ``example_inputs`` (eval mode, no grad) to record every node's output shape."""
+    from torch.fx.passes.shape_prop import ShapeProp
 
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        _check_example_inputs(model, inputs)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        required = sum(1 for n in placeholders if not n.args)
-        if not required <= len(inputs) <= len(placeholders):
-            raise ValueError(f"example_inputs do not fit {type(model).__name__}: its forward takes "
-                             f"{required}{'' if required == len(placeholders) else f' to {len(placeholders)}'} "
-                             f"input(s), got {len(inputs)} ({_shapes(inputs)})")
-        try:
-            # ShapeProp prints a traceback of its own before raising: the ValueError below says it all.
-            with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:  # ShapeProp wraps the real error in a long graph dump
-            cause = exc.__cause__ or exc
-            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            raise ValueError(
-                f"example_inputs do not fit {type(model).__name__}: got {_shapes(inputs)} "
-                f"({type(cause).__name__}: {detail})"
-            ) from exc
-    analysis = _Analysis(model, gm)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    _check_example_inputs(model, inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = sum(1 for n in placeholders if not n.args)
+    if not required <= len(inputs) <= len(placeholders):
+        raise ValueError(f"example_inputs do not fit {type(model).__name__}: its forward takes "
+                         f"{required}{'' if required == len(placeholders) else f' to {len(placeholders)}'} "
+                         f"input(s), got {len(inputs)} ({_shapes(inputs)})")
+    try:
+        # ShapeProp prints a traceback of its own before raising: the ValueError below says it all.
+        with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # ShapeProp wraps the real error in a long graph dump
+        cause = exc.__cause__ or exc
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(
+            f"example_inputs do not fit {type(model).__name__}: got {_shapes(inputs)} "
+            f"({type(cause).__name__}: {detail})"
+        ) from exc
+
+
+def groups_of(model: nn.Module, gm: fx.GraphModule,
+              opaque: dict[str, str] | None = None) -> tuple[list[ChannelGroup], list[Blocker]]:
+    """The channel groups of a traced (and possibly shape-propagated) model, and for every
+    BatchNorm left out, what blocks it."""
+    analysis = _Analysis(model, gm, opaque)
     groups: list[ChannelGroup] = []
+    blockers: list[Blocker] = []
     claimed: set[str] = set()
     for node in gm.graph.nodes:
         if analysis.kind(node) != "bn" or node.target in claimed:
+            if node.op == "call_module" and node.target not in claimed and analysis.module(node) is None \
+                    and is_prunable_bn(analysis.modules[node.target]):
+                blockers.append(Blocker(node.target, analysis.describe(node), node.target))
             continue
         produced = analysis.producer(node)
         if produced is None or produced[0] != "conv":
+            if produced is None:
+                src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+                what = (f"no conv of its own before it ({analysis.describe(src)})" if src is not None
+                        else "no conv of its own before it")
+                blockers.append(Blocker(node.target, what, src.name if src is not None else node.target))
             continue  # a BN after a depthwise conv belongs to the group of the BN before it
         bn = analysis.modules[node.target]
         conv = analysis.modules[produced[1].target]
         if conv.out_channels != bn.num_features:
             continue
         group = ChannelGroup([node.target], produced[1].target, bn.num_features)
-        if analysis.follow(node, node.target, group, bn.num_features, [], False, {node}):
+        blocker = analysis.follow(node, node.target, group, bn.num_features, [], False, {node})
+        if blocker is None:
             group.renormalised = bool(group.consumers) and all(
                 c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
             groups.append(group)
             claimed.update(group.bns)
-    return groups, gm
+        else:
+            where = blocker.target if blocker.op == "call_module" else blocker.name
+            blockers.append(Blocker(node.target, analysis.describe(blocker), str(where)))
+    return groups, blockers
+
+
+def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], fx.GraphModule]:
+    """The channel groups and a fresh traced graph (with output shapes when ``example_inputs`` is given)."""
+    gm, opaque = trace_for_pruning(model)
+    if example_inputs is not None:
+        propagate_shapes(model, gm, example_inputs)
+    return groups_of(model, gm, opaque)[0], gm

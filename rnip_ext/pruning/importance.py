@@ -89,13 +89,18 @@ def group_scores(model: nn.Module, groups, score: str = "relative") -> dict[str,
     """Per channel group (see :func:`rnip_ext.pruning.find_channel_groups`), the scores the
     pruning plan ranks channels by: the minimum over the group's coupled BatchNorms of
     :func:`bn_scores` (a channel is only as important as its least important coupled copy),
-    each relative to its layer where the group is renormalised and ``score="relative"``."""
+    each relative to its layer where the group is renormalised and ``score="relative"``; in a
+    group through a grouped convolution every channel of a block of ``unit`` channels gets the
+    block's maximum (blocks are removed whole)."""
     _check_score(score)
     modules = dict(model.named_modules())
-    return {
-        g.name: torch.stack([bn_scores(modules[n], score, renormalised=g.renormalised) for n in g.bns]).amin(0)
-        for g in groups
-    }
+    result = {}
+    for g in groups:
+        s = torch.stack([bn_scores(modules[n], score, renormalised=g.renormalised) for n in g.bns]).amin(0)
+        if g.unit > 1:  # a block of a grouped conv goes whole: it is as important as its best channel
+            s = s.reshape(-1, g.unit).amax(1, keepdim=True).expand(-1, g.unit).reshape(-1)
+        result[g.name] = s
+    return result
 
 
 def channel_importance(model: nn.Module, example_inputs=None, score: str = "relative") -> dict[str, Tensor]:

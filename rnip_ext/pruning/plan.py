@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .flops import costs_from_graph, count_params
+from .channel_graph import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
-from .graph import ChannelGroup, analyse
+from .graph import Blocker, ChannelGroup
 from .importance import group_scores
 
 __all__ = ["PruningPlan", "plan", "plan_from_keep", "module_slices"]
@@ -41,7 +41,13 @@ class PruningPlan:
         threshold: the highest score removed (``None`` when nothing is).
         inexact_folds: consumers into which removed channels' constant outputs are folded only
             approximately (a kxk zero-padded convolution sees the constant only away from the
-            border). Empty when every fold is exact or there is nothing to fold.
+            border; a gated path drops a non-zero constant). Empty when every fold is exact or
+            there is nothing to fold.
+        prunable_flops: the share of the network's FLOPs in layers some channel group slices
+            (what any plan can change at all); ``blockers``: for every BatchNorm outside all
+            groups, the construct that keeps it whole (a residual addition, a concatenation, a
+            module fx cannot trace, ...). A plan that leaves the FLOPs essentially unchanged
+            warns with them.
     """
 
     keep: dict[str, Tensor]
@@ -60,6 +66,9 @@ class PruningPlan:
     signature: dict[str, tuple] = field(default_factory=dict, repr=False)
     target_flops: float | None = None
     target_params: float | None = None
+    prunable_flops: float = 1.0
+    blockers: list[Blocker] = field(default_factory=list, repr=False)
+    blocked: str = ""
 
     @property
     def achieved_flops(self) -> float:
@@ -97,8 +106,10 @@ class PruningPlan:
                      f"{1 - self.achieved_params:.1%} fewer)")
         lines.append(f"FLOPs (MACs): {f0:,} -> {f1:,} ({self.achieved_flops:.1%} kept, "
                      f"{1 - self.achieved_flops:.1%} fewer)")
+        lines.append(f"prunable: {self.prunable_flops:.1%} of the FLOPs are in layers some channel group slices"
+                     + (f"; kept whole: {self.blocked}" if self.blockers else ""))
         if self.inexact_folds:
-            lines.append("approximate folds (kxk zero-padded convs): " + ", ".join(self.inexact_folds))
+            lines.append("approximate folds (kxk zero-padded convs, gates): " + ", ".join(self.inexact_folds))
         return "\n".join(lines)
 
 
@@ -148,8 +159,17 @@ def _check_min_channels(groups: list[ChannelGroup], min_channels: int, ratio: fl
                       "they keep all their channels", UserWarning, stacklevel=3)
 
 
-def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int) -> list[Tensor]:
-    """Boolean keep-masks: drop the lowest-scored channels, ties broken by position (stable)."""
+def _round_units(mask: Tensor, unit: int) -> Tensor:
+    """A block of ``unit`` channels (a group of a grouped conv) goes only if all its channels go."""
+    if unit == 1:
+        return mask
+    return mask.reshape(-1, unit).any(1, keepdim=True).expand(-1, unit).reshape(-1)
+
+
+def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int,
+            units: list[int] | None = None) -> list[Tensor]:
+    """Boolean keep-masks: drop the lowest-scored channels, ties broken by position (stable);
+    with ``units``, a block of a group's channels is removed only whole."""
     masks = [torch.ones(len(s), dtype=torch.bool) for s in scores]
     if scope == "global":
         flat = torch.cat(scores)
@@ -168,81 +188,20 @@ def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int) -
             removed = (~mask).nonzero().flatten()
             best = removed[torch.argsort(s[removed], descending=True, stable=True)[:short]]
             mask[best] = True
+    if units is not None:
+        masks = [_round_units(m, u) for m, u in zip(masks, units)]
     return masks
-
-
-def _expand(index: Tensor, block: int) -> Tensor:
-    """Channel indices -> the feature indices of their ``block``-sized blocks after a flatten."""
-    if block == 1:
-        return index
-    return (index[:, None] * block + torch.arange(block)).flatten()
-
-
-def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> dict[str, list]:
-    """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices."""
-    slices: dict[str, list] = {}
-
-    def put(name: str, dim: int, index: Tensor) -> None:
-        entry = slices.setdefault(name, [None, None])
-        entry[dim] = index
-
-    for g in groups:
-        keep = group_keep[g.name]
-        if len(keep) == g.channels:
-            continue
-        put(g.producer, 0, keep)
-        for name in g.bns + g.depthwise:
-            put(name, 0, keep)
-        for c in g.consumers:
-            put(c.name, 1, _expand(keep, c.block))
-    return slices
 
 
 def _signature(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, tuple]:
     modules = dict(model.named_modules())
-    names = {n for g in groups for n in [g.producer, *g.bns, *g.depthwise, *(c.name for c in g.consumers)]}
+    names = {n for g in groups for n in g.modules()}
     sig = {}
     for name in sorted(names):
         m = modules[name]
         shape = tuple(m.weight.shape) if getattr(m, "weight", None) is not None else (m.num_features,)
         sig[name] = (type(m).__name__, shape)
     return sig
-
-
-def _params_after(model: nn.Module, slices: dict[str, list], new_biases: list[str]) -> int:
-    modules = dict(model.named_modules())
-    added = 0
-    for name in new_biases:  # sized by the consumer's outputs, themselves possibly pruned
-        out_idx = slices.get(name, [None, None])[0]
-        added += modules[name].weight.shape[0] if out_idx is None else len(out_idx)
-    removed = 0
-    for name, (out_idx, in_idx) in slices.items():
-        m = modules[name]
-        for p in m.parameters(recurse=False):
-            shape = list(p.shape)
-            if out_idx is not None:
-                shape[0] = len(out_idx)
-            if in_idx is not None and p.dim() > 1:
-                shape[1] = len(in_idx)
-            removed += p.numel() - math.prod(shape)
-    return count_params(model) - removed + added
-
-
-def _flops_after(model: nn.Module, costs: dict, slices: dict[str, list]) -> int:
-    modules = dict(model.named_modules())
-    total = 0
-    for name, cost in costs.items():
-        out_f, in_g = cost.out_features, cost.in_per_group
-        if name in slices:
-            out_idx, in_idx = slices[name]
-            m = modules[name]
-            depthwise = isinstance(m, nn.Conv2d) and m.groups > 1
-            if out_idx is not None:
-                out_f = len(out_idx)
-            if in_idx is not None and not depthwise:
-                in_g = len(in_idx)
-        total += cost.positions * out_f * in_g * cost.kernel
-    return total
 
 
 @torch.no_grad()
@@ -297,49 +256,68 @@ def plan(
     """
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)
-    groups, gm = _analyse_prunable(model, example_inputs)
+    graph = _prunable_graph(model, example_inputs)
+    groups = graph.groups
     # A budget that min_channels makes unreachable is reported by the budget search itself.
     _check_min_channels(groups, min_channels, float(ratio) if ratio is not None else 0.0)
     scores = group_scores(model, groups)
     if budget is None:
-        masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels)
+        masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels,
+                        [g.unit for g in groups])
         group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
-        return _build_plan(model, groups, gm, scores, group_keep, ratio=float(ratio), scope=scope,
-                           min_channels=min_channels, fold=fold)
-    kind, target = budget
-    group_keep, local_ratio = _select_budget(model, groups, gm, scores, kind, target, scope, min_channels)
-    result = _build_plan(model, groups, gm, scores, group_keep, ratio=local_ratio, scope=scope,
-                         min_channels=min_channels, fold=fold)
-    if kind == "flops":
-        result.target_flops = target
+        result = _build_plan(model, graph, scores, group_keep, ratio=float(ratio), scope=scope,
+                             min_channels=min_channels, fold=fold)
     else:
-        result.target_params = target
+        kind, target = budget
+        group_keep, local_ratio = _select_budget(model, graph, scores, kind, target, scope, min_channels)
+        result = _build_plan(model, graph, scores, group_keep, ratio=local_ratio, scope=scope,
+                             min_channels=min_channels, fold=fold)
+        if kind == "flops":
+            result.target_flops = target
+        else:
+            result.target_params = target
+    _warn_if_unchanged(model, result, requested=budget is not None or ratio > 0)
     return result
 
 
-def _removal_order(groups: list[ChannelGroup], scores: dict[str, Tensor], min_channels: int) -> list[tuple[int, int]]:
-    """``(group index, channel)`` in removal order: ascending score, ties by position, each group
-    stopping at ``min(min_channels, channels)`` kept channels."""
+NO_OP = 0.95  # a plan keeping more than this share of the FLOPs leaves the network essentially unchanged
+
+
+def _warn_if_unchanged(model: nn.Module, p: PruningPlan, requested: bool) -> None:
+    """No silent no-op: say why a plan asked to remove channels barely changes the network."""
+    if not requested or p.achieved_flops <= NO_OP or p.flops[0] == 0:
+        return
+    if p.target_flops is not None and p.target_flops > NO_OP:
+        return  # the budget itself asks for almost nothing
+    warnings.warn(
+        f"this plan keeps {p.achieved_flops:.1%} of the FLOPs of {type(model).__name__}: only "
+        f"{p.prunable_flops:.1%} of them are in prunable layers; kept whole: {p.blocked or 'nothing'}",
+        UserWarning, stacklevel=3)
+
+
+def _removal_order(groups: list[ChannelGroup], scores: dict[str, Tensor], min_channels: int) -> Tensor:
+    """Flat channel positions (groups concatenated) in removal order: ascending score, ties by
+    position, each group stopping at ``min(min_channels, channels)`` kept channels."""
     flat = torch.cat([scores[g.name] for g in groups])
     owner = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.channels for g in groups]))
-    offsets = [0]
-    for g in groups:
-        offsets.append(offsets[-1] + g.channels)
-    room = [g.channels - min(min_channels, g.channels) for g in groups]
-    order = []
-    for i in torch.argsort(flat, stable=True).tolist():
-        gi = int(owner[i])
-        if room[gi] > 0:
-            room[gi] -= 1
-            order.append((gi, i - offsets[gi]))
-    return order
+    order = torch.argsort(flat, stable=True)
+    room = torch.tensor([g.channels - min(min_channels, g.channels) for g in groups])
+    # rank of each channel among its own group's channels in the order
+    owners = owner[order]
+    by_group = torch.argsort(owners, stable=True)
+    counts = torch.bincount(owners, minlength=len(groups))
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[by_group] = torch.arange(len(order)) - starts[owners[by_group]]
+    return order[rank < room[owners]]
 
 
-def _keep_after(groups: list[ChannelGroup], order: list[tuple[int, int]], k: int) -> dict[str, Tensor]:
-    """Kept channels per group once the first ``k`` channels of ``order`` are removed."""
-    masks = [torch.ones(g.channels, dtype=torch.bool) for g in groups]
-    for gi, c in order[:k]:
-        masks[gi][c] = False
+def _keep_after(groups: list[ChannelGroup], order: Tensor, k: int) -> dict[str, Tensor]:
+    """Kept channels per group once the first ``k`` channels of ``order`` are removed (a block
+    of a grouped conv goes only whole)."""
+    mask = torch.ones(sum(g.channels for g in groups), dtype=torch.bool)
+    mask[order[:k]] = False
+    masks = [_round_units(m, g.unit) for g, m in zip(groups, mask.split([g.channels for g in groups]))]
     return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
 
 
@@ -348,7 +326,7 @@ def _local_ratios(groups: list[ChannelGroup]) -> list[float]:
     return sorted({k / g.channels for g in groups for k in range(g.channels)})
 
 
-def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor], kind: str,
+def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor], kind: str,
                    target: float, scope: str, min_channels: int) -> tuple[dict[str, Tensor], float | None]:
     """The kept channels of the first candidate whose network meets the budget, and (local scope)
     the per-layer ratio it removes.
@@ -356,16 +334,15 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
     Candidates are nested, each removing a superset of the previous one's channels, so the counts
     fall along them and a binary search finds the first that meets the budget: prefixes of the
     global removal order (``scope="global"``) or the local ratios ``k / channels`` in increasing
-    order (``scope="local"``).
+    order (``scope="local"``). Each candidate is counted on the channel graph (no trace).
     """
-    costs = costs_from_graph(gm)
-    before = sum(c.macs for c in costs.values()) if kind == "flops" else count_params(model)
+    groups = graph.groups
+    before = graph.flops_total if kind == "flops" else graph.params_total
 
     def count(group_keep: dict[str, Tensor]) -> int:
-        slices = module_slices(groups, group_keep)
         if kind == "flops":
-            return _flops_after(model, costs, slices)
-        return _params_after(model, slices, fold_report(model, groups, group_keep)[1])
+            return graph.flops(group_keep)
+        return graph.params(group_keep, fold_report(model, groups, group_keep)[1])
 
     if scope == "global":
         order = _removal_order(groups, scores, min_channels)
@@ -379,7 +356,7 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
         score_list = [scores[g.name] for g in groups]
 
         def keep_of(i: int) -> dict[str, Tensor]:
-            masks = _select(score_list, ratios[i], "local", min_channels)
+            masks = _select(score_list, ratios[i], "local", min_channels, [g.unit for g in groups])
             return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
 
     budget = target * before
@@ -390,7 +367,8 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
         raise ValueError(
             f"target_{kind}={target:g} cannot be met: removing every prunable channel down to "
             f"min_channels={min_channels} per layer (the layers that cannot be pruned stay whole) keeps "
-            f"{smallest:.4f} of the {'FLOPs' if kind == 'flops' else 'parameters'}, the smallest reachable fraction"
+            f"{smallest:.4f} of the {'FLOPs' if kind == 'flops' else 'parameters'}, the smallest reachable fraction; "
+            f"kept whole: {graph.blocked_summary()}"
         )
     lo, hi = 0, n_candidates - 1  # invariant: candidate hi meets the budget
     while lo < hi:
@@ -402,25 +380,27 @@ def _select_budget(model: nn.Module, groups: list[ChannelGroup], gm, scores: dic
     return keep_of(hi), (None if scope == "global" else ratios[hi])
 
 
-def _analyse_prunable(model: nn.Module, example_inputs) -> tuple[list[ChannelGroup], "torch.fx.GraphModule"]:
-    """One traced forward: the channel groups and every layer's cost; errors when there is nothing to prune."""
+def _prunable_graph(model: nn.Module, example_inputs) -> ChannelGraph:
+    """The model's channel graph (one trace, cached); errors when there is nothing to prune."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         raise ValueError("example_inputs is required to count FLOPs: pass e.g. torch.randn(1, 3, 32, 32)")
-    groups, gm = analyse(model, example_inputs)
-    if not groups:
+    graph = channel_graph(model, example_inputs)
+    if not graph.groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
-            "convs/linear layers reading it, with no residual addition or concatenation in between)"
+            "convs/linear layers reading it, with no residual addition or concatenation in between); "
+            f"kept whole: {graph.blocked_summary()}"
         )
-    return groups, gm
+    return graph
 
 
-def _build_plan(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[str, Tensor],
+def _build_plan(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor],
                 group_keep: dict[str, Tensor], *, ratio: float | None, scope: str, min_channels: int,
                 fold: str) -> PruningPlan:
     """The :class:`PruningPlan` keeping ``group_keep`` (sorted int64 indices per group name)."""
+    groups = graph.groups
     keep = {n: group_keep[g.name] for g in groups for n in g.bns if len(group_keep[g.name]) < g.channels}
     removed_scores = []
     for g in groups:
@@ -433,18 +413,16 @@ def _build_plan(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[s
     if inexact and fold == "refuse":
         raise ValueError(
             "removing these channels needs an approximate fold of their constant output into "
-            f"kxk zero-padded convolutions ({', '.join(inexact)}); pass fold='approximate' to "
+            f"kxk zero-padded convolutions or through gates ({', '.join(inexact)}); pass fold='approximate' to "
             "accept it"
         )
-    slices = module_slices(groups, group_keep)
-    costs = costs_from_graph(gm)
     return PruningPlan(
         keep=keep,
         groups=groups,
         group_keep=group_keep,
         scores=scores,
-        params=(count_params(model), _params_after(model, slices, new_biases)),
-        flops=(sum(c.macs for c in costs.values()), _flops_after(model, costs, slices)),
+        params=(graph.params_total, graph.params(group_keep, new_biases)),
+        flops=(graph.flops_total, graph.flops(group_keep)),
         ratio=ratio,
         achieved_ratio=len(removed_scores) / total,
         scope=scope,
@@ -453,6 +431,9 @@ def _build_plan(model: nn.Module, groups: list[ChannelGroup], gm, scores: dict[s
         fold=fold,
         inexact_folds=inexact,
         signature=_signature(model, groups),
+        prunable_flops=graph.prunable_flops() / max(graph.flops_total, 1),
+        blockers=list(graph.blockers),
+        blocked=graph.blocked_summary(),
     )
 
 
@@ -463,13 +444,15 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
 
     ``keep`` maps a channel group's name (its first BatchNorm, see
     :func:`rnip_ext.pruning.find_channel_groups`) to the indices (or a boolean mask) of the
-    channels to keep; groups not named keep every channel. Used by schedules that decide
+    channels to keep; groups not named keep every channel (in a group through a grouped convolution,
+    ``unit > 1``, a block of ``unit`` channels is kept whole when any of its channels is named). Used by schedules that decide
     themselves which channels go (e.g. every channel whose importance fell below a threshold).
     ``ratio``/``scope`` of the result are the achieved fraction and ``"explicit"``.
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
-    groups, gm = _analyse_prunable(model, example_inputs)
+    graph = _prunable_graph(model, example_inputs)
+    groups = graph.groups
     by_name = {g.name: g for g in groups}
     unknown = [n for n in keep if n not in by_name]
     if unknown:
@@ -491,10 +474,14 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
             raise ValueError(f"keep for '{g.name}' is empty: a layer must keep at least one channel")
         if k.min() < 0 or k.max() >= g.channels:
             raise ValueError(f"keep for '{g.name}' has indices outside [0, {g.channels})")
+        if g.unit > 1:  # whole blocks of a grouped conv: a block stays if any of its channels does
+            mask = torch.zeros(g.channels, dtype=torch.bool)
+            mask[k] = True
+            k = _round_units(mask, g.unit).nonzero().flatten()
         group_keep[g.name] = k
     scores = group_scores(model, groups)
     removed = sum(g.channels - len(group_keep[g.name]) for g in groups)
     total = sum(g.channels for g in groups)
     min_kept = min(len(group_keep[g.name]) for g in groups)
-    return _build_plan(model, groups, gm, scores, group_keep, ratio=removed / total, scope="explicit",
+    return _build_plan(model, graph, scores, group_keep, ratio=removed / total, scope="explicit",
                        min_channels=min_kept, fold=fold)

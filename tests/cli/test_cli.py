@@ -11,7 +11,7 @@ import torch
 from data_helpers import write_cifar
 from rnip_ext import training
 from rnip_ext.cli import main
-from rnip_ext.cli.runs import load_checkpoint
+from rnip_ext.rundir import load_checkpoint
 from rnip_ext.rundir import MANIFEST
 
 
@@ -372,7 +372,7 @@ def test_report_groups_by_arch_dataset_method_scope(tmp_path, capsys):
                     ("vgg16", "cifar10", "rni", "-", "0%"), ("vgg16", "cifar10", "rni", "global", "50%"),
                     ("vgg16", "cifar10", "rni", "local", "50%"), ("vgg16", "cifar100", "rni", "-", "0%")]
     pytest.importorskip("matplotlib", reason="the plots need matplotlib")
-    from rnip_ext import plots, report
+    from rnip_ext.app import plots, report
 
     rows = report.collect_runs(runs)
     plotted = []
@@ -506,17 +506,6 @@ def test_demo_that_fails_before_any_run_leaves_no_directory(tmp_path, monkeypatc
     assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress", "--no-plots"]) == 2
     one_error_line(capsys, "scikit-learn")
     assert not out.exists()
-
-
-def test_a_command_raising_systemexit_error_gets_status_2(monkeypatch, capsys):
-    from rnip_ext.cli import report
-
-    def old_style(args):
-        raise SystemExit("error: something the user must fix")
-
-    monkeypatch.setattr(report, "run", old_style)
-    assert main(["report", "x"]) == 2
-    one_error_line(capsys, "something the user must fix")
 
 
 def test_report_without_matplotlib_is_one_error_line(tmp_path, monkeypatch, capsys):

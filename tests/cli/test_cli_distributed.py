@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from data_helpers import write_cifar
-from rnip_ext.cli.runs import load_checkpoint
+from rnip_ext.rundir import load_checkpoint
 from rnip_ext.distributed import ShardedDataset, context_from_env
 from rnip_ext.data import InMemoryDataset
 
@@ -108,7 +108,7 @@ def test_sharded_dataset_splits_each_global_batch():
 
 
 def test_elastic_state_resumes_only_this_jobs_run(tmp_path, monkeypatch):
-    from rnip_ext.cli.train import elastic_state
+    from rnip_ext.app.train import elastic_state
 
     run = tmp_path / "run"
     run.mkdir()
@@ -129,7 +129,7 @@ def test_torchrun_two_ranks_train_to_a_flops_budget(tmp_path):
     rebuilt after each narrowing, and the run's checkpoint (synchronised BatchNorms) prunes and reports as a
     single-process one does."""
     from rnip_ext.cli import main
-    from rnip_ext.cli.train import build_model
+    from rnip_ext.app.runs import build_model
     from rnip_ext.pruning import count_flops, restore
 
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ import torch
 from data_helpers import write_cifar
 from rnip_ext import models as M
 from rnip_ext.cli import main
-from rnip_ext.cli.runs import load_checkpoint
+from rnip_ext.rundir import load_checkpoint
 from rnip_ext.pruning import load
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rnip_ext.cli import main
-from rnip_ext.cli.runs import load_checkpoint
+from rnip_ext.rundir import load_checkpoint
 from rnip_ext.pruning import count_flops, restore
 
 from rnip_ext import training
@@ -46,7 +46,7 @@ def budget_args(out, *extra, epochs="4"):
 
 
 def _model_of(run):
-    from rnip_ext.cli.train import build_model
+    from rnip_ext.app.runs import build_model
 
     config = json.loads((run / "config.json").read_text())
     return config, build_model(config, config["num_classes"], config["in_channels"])

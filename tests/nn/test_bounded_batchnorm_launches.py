@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 import rnip_ext  # noqa: E402
 from rnip_ext._backend import triton_available  # noqa: E402
-from rnip_ext.benchmarking import kernel_launching_ops  # noqa: E402
+from rnip_ext.app.measure import kernel_launching_ops  # noqa: E402
 from rnip_ext.kernels._variants import all_kernels, internals_supported  # noqa: E402
 
 pytestmark = [

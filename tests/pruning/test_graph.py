@@ -7,7 +7,7 @@ from torch import nn
 
 from rnip_ext import BoundedBatchNorm2d
 from rnip_ext import models as M
-from rnip_ext.pruning import PruningTraceError, channel_importance, find_channel_groups
+from rnip_ext.pruning import PruningTraceError, channel_importance, count_flops, find_channel_groups, plan
 
 
 def test_vgg16_every_bn_is_its_own_group_and_the_last_feeds_the_linear():
@@ -97,9 +97,27 @@ class Gate(nn.Module):
         return x if x.sum() > 0 else -x  # data-dependent control flow
 
 
+class UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), BoundedBatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y  # in the model's own forward: nothing to keep as a leaf
+
+
+def test_untraceable_submodule_is_kept_whole_and_named_by_the_plan():
+    model, x = Untraceable(), torch.randn(1, 3, 4, 4)
+    assert find_channel_groups(model, x) == []  # the BatchNorm feeds the opaque module
+    with pytest.raises(ValueError, match=r"no prunable BatchNorm2d.*fx cannot trace.*gate"):
+        plan(model, 0.3, example_inputs=x)
+    assert count_flops(model, x) == 3 * 3 * 16  # the layers still count
+
+
 def test_untraceable_model_error_names_the_module_and_points_to_torch_pruning():
-    with pytest.raises(PruningTraceError, match=r"module 'gate'.*torch_pruning"):
-        find_channel_groups(Untraceable())
+    with pytest.raises(PruningTraceError, match=r"module 'UntraceableRoot'.*torch_pruning"):
+        find_channel_groups(UntraceableRoot())
 
 
 def test_channel_importance_scores():

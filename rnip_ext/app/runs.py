@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import models
-from .benchmarking import Throughput, measure_throughput
-from .nn import BoundedBatchNorm2d
-from .pruning import PruningPlan, apply, count_flops, count_params, plan
-from .training import bn_kind, evaluate
+from .. import models
+from .._validation import is_int
+from .measure import Throughput, measure_throughput
+from ..nn import BoundedBatchNorm2d
+from ..pruning import PruningPlan, apply, count_flops, count_params, plan
+from ..training import bn_kind, evaluate
 
 __all__ = ["ARCHS", "DATASET_CHOICES", "PruneOutcome", "budget_summary", "build_model", "image_size_for",
            "load_splits", "prune_and_measure", "prune_summary", "resolve_threads"]
@@ -34,7 +35,7 @@ def load_splits(config: dict, device, *, download: bool = False):
     ``cifar10``/``cifar100``/``digits`` (:func:`~rnip_ext.data.load_dataset`), streamed from
     ``config["data_dir"]`` for ``imagefolder`` (:func:`~rnip_ext.data.load_image_folder` with
     ``image_size``, ``mean``, ``std``)."""
-    from .data import IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_image_folder
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_image_folder
 
     if config["dataset"] == "imagefolder":
         if config.get("data_dir") is None:
@@ -55,7 +56,7 @@ def resolve_threads(threads: int | str | None) -> int:
     import os
 
     if threads not in (None, "auto"):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if not (is_int(threads) and threads >= 1):
             raise ValueError(f"threads must be an int >= 1 or 'auto', got {threads!r}")
         return threads
     if os.environ.get("OMP_NUM_THREADS"):
@@ -131,7 +132,7 @@ def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *,
 
     Test accuracy of ``model`` and of the pruned network (on ``splits.test``; ``splits.val`` when
     there is no test split), and a rough
-    inference speed of both on their device (:func:`rnip_ext.benchmarking.measure_throughput`:
+    inference speed of both on their device (:func:`rnip_ext.app.measure.measure_throughput`:
     median of 5 batches of ``speed_batch_size`` random images after 2 warm-up batches). Bad
     budgets raise the planner's ``ValueError`` before anything else runs.
     """

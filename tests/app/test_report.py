@@ -1,11 +1,11 @@
-"""rnip_ext.report: reading finished runs, the grouped table, and where it may write."""
+"""rnip_ext.app.report: reading finished runs, the grouped table, and where it may write."""
 
 import json
 import sys
 
 import pytest
 
-from rnip_ext import report
+from rnip_ext.app import report
 from rnip_ext.rundir import OutputDirError
 
 

@@ -18,7 +18,7 @@ Per method and target: test accuracy right after pruning (no fine-tuning; for ``
 accuracy of the run's network, which had no fine-tuning phase) and after fine-tuning (``-`` where
 there is none), parameters, MACs (as a fraction of the unpruned network's), inference images/s
 measured on the run's device (rough: median of 5 batches of 32, see
-:func:`rnip_ext.benchmarking.measure_throughput`) and the total training compute
+:func:`rnip_ext.app.measure.measure_throughput`) and the total training compute
 (:func:`training_compute`), plus each method's unpruned row. Per trained run it also records,
 per prunable layer, how many channels receded (relative score ``< RECEDED``, and the paper's
 absolute score ``< RECEDED``) and how many each budget kept: a method that "wins" by whole layers
@@ -27,7 +27,7 @@ below ``RECEDED`` while the relative ones are not. For ``rni-budget`` it records
 width per layer.
 
 Every step is a library call (:func:`rnip_ext.training.fit`, :class:`rnip_ext.BudgetPruner`,
-:func:`rnip_ext.pipeline.prune_and_measure`); each sub-run directory still holds what ``rnip
+:func:`rnip_ext.app.runs.prune_and_measure`); each sub-run directory still holds what ``rnip
 train`` / ``rnip prune`` would write (``config.json``, ``metrics.jsonl``, checkpoints,
 ``summary.json``, ``pruned.pt``), so ``rnip prune``, ``report`` and ``export`` work on them.
 
@@ -48,8 +48,21 @@ import time
 
 import torch
 
-from . import rundir
-from .data import DATASETS
+from .. import pruning, rundir
+from .._validation import check_int, is_int
+from ..budget import BUDGET_SHIFT, START_STRENGTH, RunTooShortError, check_budget
+from ..callbacks import run_callbacks
+from ..data import DATASETS, load_dataset
+from ..pruner import BudgetPruner
+from ..pruning import count_flops, count_params, restore
+from ..pruning.importance import group_scores
+from ..rundir import OutputDirError, load_checkpoint, write_json
+from ..training import NonFiniteLossError, bn_kind, evaluate, fit, make_optimizer, make_regularizer, make_scheduler
+from .demo_plots import write_plots
+from .errors import user_errors
+from .measure import cpu_model, measure_throughput
+from .plots import require_matplotlib
+from .runs import budget_summary, build_model, image_size_for, prune_and_measure, prune_summary
 
 __all__ = [
     "BUDGET_METHOD",
@@ -61,6 +74,7 @@ __all__ = [
     "METHODS",
     "RECEDED",
     "aggregate",
+    "demo",
     "format_table",
     "run_demo",
     "table_header",
@@ -126,20 +140,16 @@ def training_compute(macs_per_epoch, full_macs: float, epochs: int) -> float:
 
 
 def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) -> None:
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    check_int("seeds", seeds, 1)
     if not targets:
         raise ValueError("targets must name at least one FLOPs fraction")
-    from .budget import check_budget
 
     for t in targets:
         check_budget(target_flops=t)
     if len(set(targets)) != len(targets) or len({_label(t) for t in targets}) != len(targets):
         raise ValueError(f"targets must differ by at least 1% of the FLOPs, got {list(targets)}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
+    check_int("epochs", epochs, 1)
+    check_int("finetune_epochs", finetune_epochs, 0)
     known = tuple(strengths) + (BUDGET_METHOD,)
     unknown = [m for m in methods if m not in known]
     if not methods or unknown or len(set(methods)) != len(methods):
@@ -152,8 +162,6 @@ def _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget) 
 
 def _budget_pruner(model, example, target: float, epochs: int, budget: dict, device):
     """The demo's optimiser (the recipe's SGD and schedule) and a BudgetPruner bound to it."""
-    from .pruner import BudgetPruner
-    from .training import make_optimizer, make_scheduler
 
     optimizer = make_optimizer(model, RECIPE["lr"], RECIPE["weight_decay"], RECIPE["bn_lr_scale"])
     pruner = BudgetPruner(model, example, target_flops=target, epochs=epochs, optimizer=optimizer,
@@ -167,9 +175,6 @@ def _check_reachable(targets, in_channels: int, num_classes: int, size: int, *, 
     unreachable, and the budget runs' own checks (:class:`rnip_ext.BudgetPruner`). Returns
     ``methods``, without ``rni-budget`` when its runs are too short for a target and it was not
     asked for explicitly (a 1-epoch smoke run still works)."""
-    from . import pruning
-    from .budget import RunTooShortError
-    from .pipeline import build_model
 
     example = torch.zeros(1, in_channels, size, size)
     model = build_model({"arch": ARCH, "method": "rni"}, num_classes, in_channels)
@@ -200,7 +205,6 @@ def _device(name: str) -> torch.device:
 def _layer_analysis(model, plans: dict, prunes: dict) -> dict:
     """Per prunable layer of a trained network: channels, receded (relative and absolute score),
     kept per target; the scores and the removal threshold per target (for the histogram)."""
-    from .pruning.importance import group_scores
 
     plan = next(iter(plans.values()))  # scores and groups do not depend on the target
     paper = group_scores(model, plan.groups, "paper")
@@ -225,7 +229,6 @@ def _stage(progress, bar, line: str) -> None:
 
 def _start_run(parent: str, name: str, config: dict) -> str:
     """A new sub-run directory of the demo, recorded in the demo's manifest, with its ``config.json``."""
-    from .rundir import write_json
 
     directory = os.path.join(parent, name)
     rundir.record(parent, name)
@@ -236,7 +239,6 @@ def _start_run(parent: str, name: str, config: dict) -> str:
 
 
 def _finish_run(directory: str, summary: dict) -> None:
-    from .rundir import write_json
 
     rundir.record(directory, "summary.json")
     write_json(os.path.join(directory, "summary.json"), summary)
@@ -252,8 +254,6 @@ def _epoch_macs(directory: str, original: int, epochs: int) -> list[int]:
 
 
 def _load(seed: int, device: torch.device):
-    from .data import load_dataset
-    from .pipeline import image_size_for
 
     return load_dataset(DATASET, None, RECIPE["val_fraction"], seed, device, image_size=image_size_for(ARCH, DATASET))
 
@@ -283,9 +283,6 @@ class _Demo:
 
     def config(self, method: str, strength: float, shift: float, seed: int, model, example, splits) -> dict:
         """What ``rnip train`` records in ``config.json`` for these settings (what the other commands read)."""
-        from .pipeline import image_size_for
-        from .pruning import count_flops, count_params
-        from .training import bn_kind
 
         return {"arch": ARCH, "dataset": DATASET, "data_dir": None, "method": method, "strength": strength,
                 "shift": shift, "penalty": "layer" if method == "rni" else None, "epochs": self.epochs, **RECIPE,
@@ -307,11 +304,6 @@ class _Demo:
 
     def train(self, method: str, strength: float, shift: float, seed: int):
         """``rnip train`` for one method and seed: the trained network (best validation epoch) and its summary."""
-        from .pipeline import build_model
-        from .callbacks import run_callbacks
-        from .pruning import count_flops, count_params, restore
-        from .rundir import load_checkpoint
-        from .training import fit, make_regularizer
 
         splits, example = self.data(seed)
         torch.manual_seed(seed)
@@ -333,11 +325,6 @@ class _Demo:
 
     def prune(self, model, config: dict, method: str, seed: int, target: float):
         """``rnip prune --target-flops target`` with fine-tuning: the plan and the prune run's summary."""
-        from . import pruning
-        from .callbacks import run_callbacks
-        from .pipeline import prune_and_measure, prune_summary
-        from .rundir import load_checkpoint
-        from .training import fit
 
         splits, example = self.data(seed)
         scope = "local" if method == "none" else "global"
@@ -366,13 +353,6 @@ class _Demo:
 
     def budget_run(self, seed: int, target: float, budget: dict) -> dict:
         """``rnip train --target-flops target``: one budget-aware receding run, no fine-tuning; its summary."""
-        from .benchmarking import measure_throughput
-        from .budget import BUDGET_SHIFT, START_STRENGTH
-        from .callbacks import run_callbacks
-        from .pipeline import budget_summary, build_model
-        from .pruning import restore
-        from .rundir import load_checkpoint
-        from .training import evaluate, fit
 
         splits, example = self.data(seed)
         torch.manual_seed(seed)
@@ -419,7 +399,7 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     train-prune-fine-tune method (``strengths[method] = (strength, shift)``, default
     :data:`DEMO_STRENGTH`) and seed ``0 .. seeds-1``: train (:func:`rnip_ext.training.fit`) into
     ``out/train-<method>-s<seed>``, then for each FLOPs target ``t`` prune
-    (:func:`rnip_ext.pipeline.prune_and_measure`, ``scope="local"`` for ``none``) and fine-tune
+    (:func:`rnip_ext.app.runs.prune_and_measure`, ``scope="local"`` for ``none``) and fine-tune
     ``finetune_epochs`` into ``out/prune-<method>-s<seed>-f<100 t>``. ``methods`` defaults to
     :data:`METHODS`, without ``rni-budget`` when ``epochs`` are too few for its schedule to reach
     a target (:class:`rnip_ext.budget.RunTooShortError`; a note says it was left out, so a short
@@ -444,9 +424,8 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     receded, kept per target), the scores and the removal thresholds, ``budget_runs`` per seed of
     ``rni-budget`` the final width of every layer per target; ``table`` the markdown of
     :func:`format_table`. With ``plots`` (needs matplotlib) the figures of
-    :mod:`rnip_ext.demo_plots` are written too.
+    :mod:`rnip_ext.app.demo_plots` are written too.
     """
-    from .rundir import write_json
 
     strengths = dict(DEMO_STRENGTH if strengths is None else strengths)
     budget = dict(DEMO_BUDGET, **(budget or {}))
@@ -454,7 +433,7 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     explicit = methods is not None
     methods = METHODS if methods is None else tuple(methods)
     _check(seeds, targets, epochs, finetune_epochs, methods, strengths, budget)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and not (is_int(threads) and threads >= 1):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     dev = _device(device)
     num_classes, in_channels = DATASETS[DATASET][0], 1
@@ -463,7 +442,6 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
                                explicit=explicit)
     left_out = methods != asked
     if plots:
-        from .plots import require_matplotlib
 
         require_matplotlib()  # fail before hours of training, not after
     splits = {0: _load(0, dev)}  # a missing scikit-learn fails here, before anything is written
@@ -549,22 +527,34 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
     os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
     write_json(os.path.join(out, "report.json"), report)
     if plots:
-        from .demo_plots import write_plots
 
         report["plots"] = write_plots(report, out)
     return report
 
 
+def demo(spec) -> dict:
+    """``rnip demo``: :func:`run_demo` with a :class:`~rnip_ext.app.spec.DemoSpec`, the table and where
+    everything went printed; returns the report."""
+    with user_errors(OutputDirError, ValueError, NonFiniteLossError, ImportError):
+        report = run_demo(spec.out, seeds=spec.seeds, targets=spec.target_flops, epochs=spec.epochs,
+                          finetune_epochs=spec.finetune_epochs, device=spec.device, progress=spec.progress,
+                          plots=spec.plots, overwrite=spec.overwrite, threads=spec.threads)
+    print(report["table"])
+    m = report["machine"]
+    print(f"\n{len(report['settings']['seeds'])} seed(s), {report['wall_s']:.0f} s on {m['cpu']} "
+          f"({m['torch_threads']} torch threads{', ' + m['cuda'] if m['cuda'] else ''}); full report: "
+          f"{spec.out}/report.json, run logs: {spec.out}/demo_log.txt")
+    for path in report.get("plots", {}).values():
+        print(f"wrote {path}")
+    return report
+
+
 def machine() -> dict:
     """Where the demo ran: CPU model (``/proc/cpuinfo``), threads torch uses, CUDA device, load."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     load = None
     with contextlib.suppress(OSError, AttributeError):
         load = list(os.getloadavg())
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average_1_5_15": load, "torch": torch.__version__, "python": platform.python_version()}
 

@@ -1,4 +1,4 @@
-"""rnip_ext.pipeline: the steps `rnip train`, `rnip prune` and `rnip demo` share."""
+"""rnip_ext.app.runs: the steps `rnip train`, `rnip prune` and `rnip demo` share."""
 
 import copy
 
@@ -9,7 +9,7 @@ from torch import nn
 from rnip_ext import pruning
 from rnip_ext.data.dataset import DataSplits, InMemoryDataset
 from rnip_ext.nn import BoundedBatchNorm2d
-from rnip_ext.pipeline import budget_summary, build_model, image_size_for, prune_and_measure, prune_summary
+from rnip_ext.app.runs import budget_summary, build_model, image_size_for, prune_and_measure, prune_summary
 from rnip_ext.training import evaluate
 
 from pruning_helpers import warmed_up
@@ -88,7 +88,7 @@ def test_budget_summary_counts_the_narrowed_network():
 def test_resolve_threads_uses_the_idle_cpus_or_what_it_is_told(monkeypatch):
     import os
 
-    from rnip_ext.pipeline import resolve_threads
+    from rnip_ext.app.runs import resolve_threads
 
     assert resolve_threads(3) == 3
     for bad in (0, -1, 1.5, True, "two"):

@@ -1,4 +1,4 @@
-"""rnip_ext.demo: the demo pipeline's report, its statistics, and the README's table."""
+"""rnip_ext.app.demo: the demo pipeline's report, its statistics, and the README's table."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import statistics
 import numpy as np
 import pytest
 
-from rnip_ext import demo
+from rnip_ext.app import demo
 from rnip_ext.budget import START_STRENGTH
 from rnip_ext.rundir import MANIFEST
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fake_results(rng, methods, seeds, targets):
@@ -112,7 +112,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     compute follows its definition, and report.json keeps per-seed values."""
     pytest.importorskip("sklearn", reason="the demo's digits ship with scikit-learn")
     from rnip_ext import pruning
-    from rnip_ext.pipeline import build_model
+    from rnip_ext.app.runs import build_model
     from rnip_ext.rundir import load_checkpoint
 
     out = tmp_path / "demo"
@@ -199,7 +199,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
 
 def test_demo_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from rnip_ext.demo_plots import write_plots
+    from rnip_ext.app.demo_plots import write_plots
 
     rng = np.random.default_rng(int(np.random.randint(2**31)))
     targets = (0.5, 0.1)

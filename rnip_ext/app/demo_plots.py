@@ -1,11 +1,11 @@
-"""The demo's figures, from the report :func:`rnip_ext.demo.run_demo` returns (matplotlib needed).
+"""The demo's figures, from the report :func:`rnip_ext.app.demo.run_demo` returns (matplotlib needed).
 
 * ``importance_histogram.png``: per method, every seed's prunable channel scores (the score the
   planner ranks by: relative to the layer's strongest channel where the next BatchNorm
   renormalises, the absolute score elsewhere, e.g. the last layer before the pooling head) on a
   log axis, the removal threshold of each FLOPs target drawn as
   a vertical line (seed 0's plan), and the fraction of channels that receded (score below
-  :data:`rnip_ext.demo.RECEDED`, mean over seeds) in the title.
+  :data:`rnip_ext.app.demo.RECEDED`, mean over seeds) in the title.
 * ``accuracy_vs_flops.png``: test accuracy against the MACs kept (fraction of the unpruned
   network's), mean with ``sd`` error bars over seeds, right after pruning (dashed) and after
   fine-tuning (solid), one colour per method; the budget-aware runs (``rni-budget``, no
@@ -130,7 +130,7 @@ def plot_layers(report: dict, path: str) -> str:
 
 def write_plots(report: dict, out: str) -> dict[str, str]:
     """All three figures into ``out`` (recorded in its manifest first); ``{name: path}``."""
-    from . import rundir
+    from .. import rundir
 
     rundir.record(out, *(f"{name}.png" for name in FIGURES))
     funcs = (plot_importance, plot_accuracy_vs_flops, plot_layers)

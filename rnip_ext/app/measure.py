@@ -1,6 +1,7 @@
-"""A rough, honest measurement of inference speed: images per second of a model on one batch.
+"""Measurements the commands and benchmarks share: inference images/s of a model on one batch, the
+kernel-launching ops of a profile, and where a number was measured (CPU model, versions).
 
-Used by ``rnip prune`` to print the speed before and after pruning next to the FLOPs, since a
+:func:`measure_throughput` is used by ``rnip prune`` to print the speed before and after pruning next to the FLOPs, since a
 FLOPs reduction is not a speed-up by itself (narrow layers use the hardware less well, and
 BatchNorm, activations and memory traffic are not counted in FLOPs). For careful numbers see
 ``benchmarks/pruned_speed.py``.
@@ -8,6 +9,7 @@ BatchNorm, activations and memory traffic are not counted in FLOPs). For careful
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .pruning.graph import eval_mode
+from .. import __version__
+from .._validation import check_int
+from ..pruning.graph import eval_mode
 
-__all__ = ["NO_KERNEL_OPS", "Throughput", "kernel_launching_ops", "measure_throughput"]
+__all__ = ["NO_KERNEL_OPS", "Throughput", "cpu_model", "kernel_launching_ops", "measure_throughput", "versions"]
 
 
 @dataclass
@@ -70,8 +74,7 @@ def measure_throughput(model: nn.Module, example_batch, *, warmup: int = 2, repe
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure_throughput expects an nn.Module, got {type(model).__name__}")
     for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, low)
     batch = _batch_size(example_batch)
     args = tuple(example_batch) if isinstance(example_batch, (tuple, list)) else (example_batch,)
     device = args[0].device
@@ -120,3 +123,28 @@ def kernel_launching_ops(events, owners: tuple[str, ...] = ("aten::",)) -> list[
         if parent is None:
             ops.append(event.name)
     return ops
+
+
+def cpu_model() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` often says only "x86_64")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    """Library, torch, Python, CUDA and Triton versions (recorded with every training run)."""
+    info = {"rnip_ext": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnip_ext.benchmarking import Throughput, measure_throughput
+from rnip_ext.app.measure import Throughput, measure_throughput
 
 
 def _model():

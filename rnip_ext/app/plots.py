@@ -26,7 +26,7 @@ def require_matplotlib():
 
 def save_figure(plt, fig, path: str, dpi: int = 120) -> str:
     """Lay out, write ``fig`` to ``path`` atomically (format from the suffix) and close it."""
-    from .rundir import _atomic
+    from ..rundir import _atomic
 
     fig.tight_layout()
     # Atomic, like every file rnip writes; the format is named because the temporary name hides it.
@@ -122,5 +122,5 @@ def plot_budget_training(rows: list[dict], path: str) -> str:
 
 
 def figure_paths(out: str) -> dict[str, str]:
-    """Where :func:`rnip_ext.report.write_report` puts each figure in ``out``."""
+    """Where :func:`rnip_ext.app.report.write_report` puts each figure in ``out``."""
     return {name: os.path.join(out, f"{name}.png") for name in ("importance_histogram", "accuracy_vs_ratio", "kept_channels")}

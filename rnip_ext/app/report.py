@@ -1,9 +1,9 @@
 """The paper-style table across finished runs (``summary.json`` of ``rnip train`` / ``rnip prune``
-or :mod:`rnip_ext.pipeline`), and its figures: what ``rnip report`` does, as library calls.
+or :mod:`rnip_ext.app.runs`), and its figures: what ``rnip report`` does, as library calls.
 
 Rows are grouped by ``(arch, dataset, method, scope)`` (a trained run has no scope) and sorted by
 pruning ratio within a group; :func:`make_report` writes ``report.md``, ``report.json`` and the
-figures of :mod:`rnip_ext.plots` into a folder that is new, empty or an earlier report's.
+figures of :mod:`rnip_ext.app.plots` into a folder that is new, empty or an earlier report's.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import os
 
 import torch
 
-from . import rundir
-from .data import DATASETS
-from .pipeline import build_model
-from .pruning import channel_importance, restore
-from .rundir import CheckpointError, load_checkpoint, read_json, write_json
+from .. import rundir
+from ..data import DATASETS
+from .errors import user_errors
+from .runs import build_model
+from ..pruning import channel_importance, restore
+from ..rundir import CheckpointError, OutputDirError, load_checkpoint, read_json, write_json
 
 __all__ = ["PRUNE_KEYS", "SUMMARY_KEYS", "RunReadError", "collect_runs", "group_key", "importance_scores",
-           "make_report", "report_table", "write_report"]
+           "make_report", "report", "report_table", "write_report"]
 
 
 class RunReadError(ValueError):
@@ -161,3 +162,9 @@ def make_report(run_dirs: list[str], out: str, *, plots: bool = True, overwrite:
     mode = rundir.check(out, "report", overwrite=overwrite, replace_own=True)
     rundir.claim(out, "report", mode)
     return write_report(rows, out, plots=plots, scores=scores)
+
+
+def report(spec) -> dict[str, str]:
+    """``rnip report``: :func:`make_report` with a :class:`~rnip_ext.app.spec.ReportSpec`; returns its paths."""
+    with user_errors(FileNotFoundError, RunReadError, OutputDirError):
+        return make_report(spec.runs, spec.out, plots=spec.plots, overwrite=spec.overwrite)

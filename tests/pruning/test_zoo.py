@@ -1,0 +1,150 @@
+"""Pruning the torchvision and timm BatchNorm CNNs of tests/zoo_models.py.
+
+Each model is prepared as a trained network looks to the pruner: BatchNorm scales drawn from
+U(0.05, 1), shifts from U(-0.1, 0.1), running statistics from one batch. Then, at ``ratio=0.3``:
+
+* a model the pruner supports is pruned **exactly**: the removed channels' shifts are set to 0
+  after planning (a zero-scale channel then outputs 0, nothing is left to fold), and the pruned
+  output equals the original with the removed channels' scales also set to 0, to float32 rounding;
+  the plan's predicted FLOPs and parameters equal those counted on both networks; whether it
+  cuts at least 10% of the FLOPs is pinned per model (``NEAR_NOOP``: the models where grouped
+  convolutions or gates leave only a sliver prunable);
+* a model it does not support raises the documented error (``ValueError`` or
+  ``PruningTraceError``) whose message is pinned in ``REFUSED``: never another exception;
+* ``target_flops=0.5`` is reached, or refused with the ``ValueError`` naming the smallest
+  reachable fraction, as pinned in ``UNREACHABLE``.
+
+Conversion (``convert_batchnorm``) over the same zoo is tests/nn/test_convert_zoo.py's. CI runs
+``CI_MODELS`` (about 30 s on the 2-core machine); ``RNIP_ZOO=all`` runs all 86 (see docs/zoo.md
+and ``benchmarks/zoo.py`` for the table with Torch-Pruning side by side). Skipped with a reason
+when torchvision or timm is not installed (optional test dependencies).
+"""
+
+import copy
+import math
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import zoo_models
+from rnip_ext.pruning import PruningTraceError, apply, count_flops, count_params, plan
+
+ALL = [("torchvision", n) for n in zoo_models.TORCHVISION_MODELS] + [("timm", n) for n in zoo_models.TIMM_MODELS]
+CI_MODELS = {
+    ("torchvision", "resnet18"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "shufflenet_v2_x0_5"),
+    ("torchvision", "regnet_y_400mf"), ("torchvision", "googlenet"),
+    ("timm", "regnetx_002"), ("timm", "lcnet_050"), ("timm", "tf_efficientnet_b0"), ("timm", "skresnet18"),
+}  # fmt: skip
+RUN_ALL = os.environ.get("RNIP_ZOO", "") == "all"
+
+_NO_BN = r"has no prunable BatchNorm2d \(a BatchNorm between a conv and the convs/linear layers reading it"
+# Today's refusals: timm's BatchNormAct2d (a BatchNorm2d subclass that applies the activation too)
+# is traced into F.batch_norm, so these networks show the pruner no BatchNorm module at all.
+NORM_ACT = ["regnetx_002", "regnety_002", "efficientnet_b0", "mobilenetv2_100", "mobilenetv3_large_100",
+            "mixnet_s", "fbnetc_100", "lcnet_050", "ghostnet_100", "dpn68", "cspresnet50", "cspdarknet53",
+            "repvgg_a2", "gernet_s", "densenet121", "ese_vovnet19b_dw", "inception_v3"]
+REFUSED = {
+    **{("timm", n): (ValueError, _NO_BN) for n in NORM_ACT},
+    # Conv2dSame computes its padding from the input size: fx cannot trace it.
+    ("timm", "tf_efficientnet_b0"): (PruningTraceError, r"could not trace module 'conv_stem' .*control flow"),
+}
+# Pruned, but ratio=0.3 of the prunable channels removes < 10% of the FLOPs (grouped
+# convolutions, squeeze-and-excitation gates and splits block the rest).
+NEAR_NOOP = {
+    **{("torchvision", n): None for n in zoo_models.TORCHVISION_MODELS if n.startswith(("regnet", "efficientnet_b"))},
+    ("torchvision", "resnext50_32x4d"): None, ("torchvision", "resnext101_32x8d"): None,
+    ("torchvision", "resnext101_64x4d"): None, ("torchvision", "mobilenet_v3_large"): None,
+    ("torchvision", "mobilenet_v3_small"): None,
+    ("timm", "resnext50_32x4d"): None, ("timm", "seresnext26d_32x4d"): None, ("timm", "res2net50_26w_4s"): None,
+    ("timm", "skresnet18"): None, ("timm", "rexnet_100"): None,
+}  # fmt: skip
+# Pruned, but target_flops=0.5 is out of reach (the smallest reachable fraction is named).
+UNREACHABLE = {**NEAR_NOOP}
+
+PARAMS = [pytest.param(s, n, id=f"{s}-{n}") for s, n in ALL if RUN_ALL or (s, n) in CI_MODELS]
+
+
+def _library(source):
+    return zoo_models.torchvision_models() if source == "torchvision" else zoo_models.timm_module()
+
+
+@torch.no_grad()
+def prepared(source: str, name: str) -> nn.Module:
+    """The model with spread scales, small shifts and one batch of running statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = zoo_models.build(source, name)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.weight.uniform_(0.05, 1.0)
+        m.bias.uniform_(-0.1, 0.1)
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, exactly its statistics
+    model.train()
+    model(torch.randn(4, *zoo_models.input_size(name)[1:]))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@torch.no_grad()
+def _zero_removed(model: nn.Module, keep: dict, scales: bool) -> None:
+    modules = dict(model.named_modules())
+    for name, kept in keep.items():
+        bn = modules[name]
+        removed = torch.ones(bn.num_features, dtype=torch.bool)
+        removed[kept] = False
+        bn.bias[removed] = 0.0
+        if scales:
+            bn.weight[removed] = 0.0
+
+
+@pytest.mark.parametrize("source,name", PARAMS)
+def test_zoo_prunes_exactly_or_refuses_clearly(source, name):
+    if _library(source) is None:
+        pytest.skip(f"{source} is not installed (optional test dependency)")
+    model = prepared(source, name)
+    x = torch.randn(*zoo_models.input_size(name))
+    if (source, name) in REFUSED:
+        error, message = REFUSED[(source, name)]
+        with pytest.raises(error, match=message):
+            plan(model, 0.3, example_inputs=x)
+        return
+
+    p = plan(model, 0.3, example_inputs=x)
+    assert p.keep and 0.25 < p.achieved_ratio <= 0.3
+    _zero_removed(model, p.keep, scales=False)
+    # The choice reads scales only; the predicted parameters count the biases the folds will add.
+    p0, p = p, plan(model, 0.3, example_inputs=x)
+    assert p.keep.keys() == p0.keep.keys() and all(torch.equal(p.keep[k], p0.keep[k]) for k in p.keep)
+    pruned = apply(model, p)
+    masked = copy.deepcopy(model)
+    _zero_removed(masked, p.keep, scales=True)
+    x = torch.randn(*zoo_models.input_size(name))
+    with torch.no_grad():
+        got, want = pruned(x), masked(x)
+    scale = want.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+    assert p.flops == (count_flops(model, x), count_flops(pruned, x))
+    assert p.params == (count_params(model), count_params(pruned))
+    assert (p.achieved_flops > 0.9) == ((source, name) in NEAR_NOOP), p.achieved_flops
+
+    if (source, name) in UNREACHABLE:
+        with pytest.raises(ValueError, match=r"target_flops=0\.5 cannot be met: .*smallest reachable fraction"):
+            plan(model, target_flops=0.5, example_inputs=x)
+    else:
+        b = plan(model, target_flops=0.5, example_inputs=x)
+        assert b.achieved_flops <= 0.5
+        assert b.flops[0] == p.flops[0] and math.isclose(b.achieved_flops, b.flops[1] / b.flops[0])
+
+
+def test_expectations_name_only_zoo_models():
+    listed = set(ALL)
+    for table in (REFUSED, NEAR_NOOP, UNREACHABLE):
+        assert set(table) <= listed, set(table) - listed
+    assert not set(REFUSED) & set(NEAR_NOOP)
+    assert all(re.compile(m) for _, m in REFUSED.values())
