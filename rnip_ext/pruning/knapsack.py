@@ -67,13 +67,15 @@ def _prefix_importance(scores: Tensor) -> list[float]:
 
 
 def select_widths(channels: dict[str, int], scores: dict[str, Tensor], terms: Sequence[Term], budget: float, *,
-                  constant: float = 0.0, round_to: int = 1, min_channels: int = 1) -> Selection:
+                  constant: float = 0.0, round_to: int = 1, min_channels: int = 1,
+                  fixed: Sequence[str] = ()) -> Selection:
     """Widths per group keeping the most importance with ``constant + sum f(...) <= budget``.
 
     ``channels``: each group's full width; ``scores``: its per-channel importance (1-D, that
     length); ``terms``: ``(group names, f)`` pairs, ``f`` called with those groups' widths in
-    that order. Greedy by importance per unit of cost, then a fill step (algorithm and
-    optimality gap in this module's docstring). ``ValueError`` when the budget cannot be met.
+    that order; groups named in ``fixed`` keep their width. Greedy by importance per unit of
+    cost, then a fill step (algorithm and optimality gap in this module's docstring).
+    ``ValueError`` when the budget cannot be met.
     """
     if not channels:
         raise ValueError("no channel groups to choose widths for")
@@ -88,7 +90,7 @@ def select_widths(channels: dict[str, int], scores: dict[str, Tensor], terms: Se
     if not (isinstance(budget, (int, float)) and math.isfinite(budget)):
         raise ValueError(f"budget must be a finite number, got {budget!r}")
 
-    allowed = {g: allowed_widths(c, round_to, min_channels) for g, c in channels.items()}
+    allowed = {g: [c] if g in fixed else allowed_widths(c, round_to, min_channels) for g, c in channels.items()}
     worth = {g: _prefix_importance(scores[g]) for g in channels}
     of_group: dict[str, list[int]] = {g: [] for g in channels}
     neighbours: dict[str, set[str]] = {g: {g} for g in channels}

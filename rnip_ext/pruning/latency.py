@@ -442,15 +442,17 @@ class LatencyTable:
         return result
 
     def select(self, scores: dict[str, Tensor], budget: float, *, round_to: int | None = None,
-               min_channels: int = 3, widths: dict[str, int] | None = None) -> Selection:
+               min_channels: int = 3, widths: dict[str, int] | None = None, fixed=()) -> Selection:
         """The widths keeping the most importance with predicted latency <= ``budget`` seconds
         (:func:`~rnip_ext.pruning.knapsack.select_widths` over :meth:`terms`), starting from
         ``widths`` (the current widths of a network already narrowed; default the table's) and
-        never widening. The widths ``round_to``/``min_channels`` allow must lie within the
+        never widening; groups in ``fixed`` keep their width. The widths ``round_to``/``min_channels`` allow must lie within the
         measured ones."""
         round_to = check_round_to(round_to)
         start = self._widths(widths)
         for g, c in start.items():
+            if g in fixed:
+                continue
             if c > self.channels[g]:
                 raise ValueError(f"group {g!r} has {c} channels, the latency table was measured up to "
                                  f"{self.channels[g]}")
@@ -463,11 +465,12 @@ class LatencyTable:
                     f"min_channels={self.settings.get('min_channels')})")
         try:
             chosen = select_widths(start, scores, self.terms(), self._layers_budget(budget),
-                                   round_to=round_to, min_channels=min_channels)
+                                   round_to=round_to, min_channels=min_channels, fixed=fixed)
         except ValueError as exc:
             if "cannot be met" not in str(exc):
                 raise
-            least = self.predict({g: allowed_widths(c, round_to, min_channels)[0] for g, c in start.items()})
+            least = self.predict({g: c if g in fixed else allowed_widths(c, round_to, min_channels)[0]
+                                  for g, c in start.items()})
             raise ValueError(f"a latency of {budget * 1e3:.4g} ms cannot be met: every layer at its narrowest "
                              f"(round_to={round_to}, min_channels={min_channels}) is predicted at "
                              f"{least * 1e3:.4g} ms") from exc

@@ -5,7 +5,8 @@
 an absolute limit in seconds per forward pass at the table's batch size. The channels kept are
 chosen by :meth:`LatencyTable.select` (a knapsack over importance per unit of measured latency,
 :mod:`rnip_ext.pruning.knapsack`), each group keeping its best-scored channels, with every
-width a multiple of ``round_to`` or the group's whole width.
+width a multiple of ``round_to`` or the group's whole width. Groups of a grouped convolution
+(which lose whole blocks of channels) are kept whole by latency plans.
 """
 
 from __future__ import annotations
@@ -108,13 +109,15 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     goal = value * table.full if kind == "target_latency" else value
     before = table.predict(widths)
     current = plan_from_keep(model, {}, example_inputs=example_inputs, fold=fold)
+    # Grouped convs lose whole groups of channels: not in the latency plans yet, kept whole.
+    blocks = [g.name for g in current.groups if getattr(g, "unit", 1) > 1]
     request = f"target_latency={value:g}" if kind == "target_latency" else f"max_latency={value:g} s"
 
     budget, candidates, low, high = goal, [], 0.0, math.inf  # predicted budgets known too low / too high
     for attempt in range(refine + 1):
         try:
             selection = table.select(current.scores, budget, round_to=round_to, min_channels=min_channels,
-                                     widths=widths)
+                                     widths=widths, fixed=blocks)
         except ValueError as exc:
             if "cannot be met" not in str(exc):
                 raise
@@ -142,6 +145,7 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     result, predicted, measured = (max(below, key=lambda c: c[2] or 0.0) if below
                                    else min(candidates, key=lambda c: c[2]))
     result.min_channels = min_channels
+    result.round_to = round_to
     result.target_latency = value if kind == "target_latency" else None
     result.max_latency = value if kind == "max_latency" else None
     result.latency = (before, predicted, measured)

@@ -122,3 +122,64 @@ def test_select_widths_keeps_everything_within_budget_and_refuses_the_impossible
         select_widths(channels, {"a": torch.rand(8), "b": torch.rand(7)}, terms, 24.0)
     with pytest.raises(ValueError, match="not given"):
         select_widths(channels, scores, [(("c",), float)], 24.0)
+
+
+class _CoupledNet(torch.nn.Module):
+    """A conv group coupled through a depthwise conv, a plain group and a flattened linear consumer."""
+
+    def __init__(self):
+        super().__init__()
+        from rnip_ext import BoundedBatchNorm2d
+
+        nn = torch.nn
+        self.c1, self.b1 = nn.Conv2d(3, 21, 3, padding=1, bias=False), BoundedBatchNorm2d(21)
+        self.dw, self.b2 = nn.Conv2d(21, 21, 3, padding=1, groups=21, bias=False), BoundedBatchNorm2d(21)
+        self.c2, self.b3 = nn.Conv2d(21, 30, 3, stride=2, padding=1, bias=False), BoundedBatchNorm2d(30)
+        self.c3, self.b4 = nn.Conv2d(30, 13, 1, bias=False), BoundedBatchNorm2d(13)
+        self.fc = nn.Linear(13 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b2(self.dw(torch.relu(self.b1(self.c1(x))))))
+        x = torch.relu(self.b4(self.c3(torch.relu(self.b3(self.c2(x))))))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.3, "scope": "local"}, {"target_flops": 0.4},
+                                    {"target_flops": 0.5, "scope": "local"}, {"target_params": 0.35}])
+def test_plan_round_to(budget):
+    from rnip_ext import BoundedBatchNorm2d
+    from rnip_ext.pruning import apply, count_flops, plan
+
+    net = _CoupledNet().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, BoundedBatchNorm2d):
+                m.weight.copy_(torch.randn(m.num_features) * 2)
+    x = torch.randn(1, 3, 8, 8)
+    p = plan(net, example_inputs=x, round_to=4, **budget)
+    assert p.round_to == 4 and "round_to=4" in str(p)
+    assert any(len(p.group_keep[g.name]) < g.channels for g in p.groups)
+    for g in p.groups:
+        kept = p.group_keep[g.name]
+        assert len(kept) == g.channels or (len(kept) % 4 == 0 and len(kept) >= 4)
+        assert torch.equal(kept, keep_best(p.scores[g.name], len(kept)))  # the best-scored channels
+    assert torch.equal(p.keep["b1"], p.keep["b2"])  # coupled through the depthwise conv
+    small = apply(net, p)
+    if "target_flops" in budget:
+        assert count_flops(small, x) <= budget["target_flops"] * count_flops(net, x)
+    if "target_params" in budget:
+        assert p.achieved_params <= budget["target_params"]
+    with pytest.raises(ValueError, match="round_to"):
+        plan(net, example_inputs=x, round_to=0, **budget)
+
+
+def test_plan_latency_arguments_refused():
+    from rnip_ext.pruning import plan
+
+    net, x = _CoupledNet().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        plan(net, example_inputs=x, target_latency=0.5, target_flops=0.5)
+    with pytest.raises(ValueError, match="scope must be 'global'"):
+        plan(net, example_inputs=x, target_latency=0.5, scope="local")
+    with pytest.raises(ValueError, match="latency_table goes with"):
+        plan(net, 0.5, example_inputs=x, latency_table="t.json")
