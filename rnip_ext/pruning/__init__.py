@@ -5,6 +5,9 @@
     small = rnip_ext.pruning.apply(model, plan)      # or rnip_ext.prune(model, 0.5, ...)
     rnip_ext.pruning.export(small, "small.pt2", torch.randn(1, 3, 32, 32))  # loads without rnip_ext
 
+To a measured latency: ``plan(model, target_latency=0.5, round_to=8, example_inputs=...)``
+times the network's layers on its device first (:class:`LatencyTable`, save it for reuse).
+
 During training, :class:`RecedingSchedule` removes receded channels between epochs and
 ``apply(..., optimizer=opt)`` carries the optimiser's state over.
 """
@@ -17,6 +20,8 @@ from .flops import channel_costs, count_flops, count_params
 from .graph import ChannelGroup, PruningTraceError, find_channel_groups
 from .importance import channel_importance
 from .io import architecture_json, load, restore, save
+from .latency import LatencyTable, WallClockTimer
+from .latency_plan import plan_to_latency
 from .plan import PruningPlan, plan, plan_from_keep
 from .recalibrate import recalibrate_batchnorm
 from .schedule import RecedingSchedule, ScheduleStep
@@ -25,9 +30,11 @@ __all__ = [
     "BudgetController",
     "ChannelGraph",
     "ChannelGroup",
+    "LatencyTable",
     "PruningPlan",
     "PruningTraceError",
     "RecedingSchedule",
+    "WallClockTimer",
     "ScheduleStep",
     "active_flops",
     "apply",
@@ -42,6 +49,7 @@ __all__ = [
     "load",
     "plan",
     "plan_from_keep",
+    "plan_to_latency",
     "prune",
     "recalibrate_batchnorm",
     "restore",
