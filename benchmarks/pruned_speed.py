@@ -39,7 +39,8 @@ a run within minutes on 2 CPU cores) at batch ``--batch``, a
 :class:`~rnip_ext.pruning.latency.LatencyTable` is measured (``round_to=8`` grid), then each
 ``--latency-targets`` fraction of the unpruned latency is planned with
 ``plan(target_latency=t, round_to=8)``, and next to it the FLOPs-budget plan (``round_to=8``)
-whose *predicted* latency is the same (``target_flops`` found by bisection). All of them, and
+at the same *measured* latency (``target_flops`` found by bisection on measured latency, starting
+from the one whose predicted latency is the same). All of them, and
 the unpruned network, eager and exported (``pruning.export`` ``.pt2``, loaded with
 ``torch.export.load``), are timed in interleaved rounds; rows give the target, the predicted and
 measured latency (``measured_fraction`` = pruned / unpruned median in the same run, the
@@ -236,20 +237,28 @@ def flops_at_latency(model, table: LatencyTable, latency: float, example, round_
 
 
 def flops_at_measured(model, table: LatencyTable, latency_plan, example, args, timer):
-    """The rounded FLOPs-budget plan at the latency plan's *measured* latency: bisection on
-    predicted latency, then the aim scaled by measured / goal (as ``plan_to_latency`` refines),
-    ``--refine`` times; the candidate measured closest to the goal."""
+    """The rounded FLOPs-budget plan at the latency plan's *measured* latency: the first guess
+    matches the predicted latency, then a bisection on ``target_flops`` over measured latency
+    (``_measured``: pruned / unpruned in back-to-back pairs), ``--match-steps`` measurements in
+    all; the candidate measured closest to the goal."""
     goal = latency_plan.latency[2] or latency_plan.latency[1]
-    aim, tried = latency_plan.latency[1], []
-    for _ in range(args.refine + 1):
-        found = flops_at_latency(model, table, aim, example, args.round_to, 3)
-        if found is None:
+    first = flops_at_latency(model, table, latency_plan.latency[1], example, args.round_to, 3)
+    lo, hi, tried = 0.0, 1.0, []
+    for step in range(args.match_steps):
+        f = first[1] if step == 0 and first is not None else (lo + hi) / 2
+        try:
+            p = flops_plan_rounded(model, f, example, args.round_to, 3)
+        except ValueError:  # below the smallest reachable FLOPs
+            lo = f
+            continue
+        measured = _measured(model, apply(model, p), (example,), timer, "target_latency", table.full)
+        tried.append((abs(measured / goal - 1), (p, f, table.predict(widths_of(p)))))
+        if abs(measured / goal - 1) <= 0.02:
             break
-        measured = _measured(model, apply(model, found[0]), (example,), timer, "target_latency", table.full)
-        tried.append((abs(measured / goal - 1), found))
-        if abs(measured / goal - 1) <= 0.03:
-            break
-        aim *= goal / measured
+        if measured > goal:
+            hi = f
+        else:
+            lo = f
     return min(tried, key=lambda x: x[0])[1] if tried else None
 
 
@@ -336,7 +345,7 @@ def main_latency(args, device: torch.device) -> None:
                                    "machine_note": note},
                    "settings": {"rounds": args.rounds, "warmup": args.warmup, "b1_repeats": args.b1_repeats,
                                 "round_to": args.round_to, "points": args.points, "seed": args.seed,
-                                "refine": args.refine, "threads": torch.get_num_threads(),
+                                "refine": args.refine, "match_steps": args.match_steps, "threads": torch.get_num_threads(),
                                 "table_timer": {"warmup": args.table_warmup, "repeats": args.table_repeats},
                                 "importances": "bounded BatchNorm logits ~ N(0, 2^2), seed above",
                                 "wall_s": time.perf_counter() - start},
@@ -366,7 +375,9 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true", help="prune to measured latency targets (see above)")
     parser.add_argument("--latency-targets", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--refine", type=int, default=2, help="plan_to_latency(refine=...)")
+    parser.add_argument("--refine", type=int, default=3, help="plan_to_latency(refine=...)")
+    parser.add_argument("--match-steps", type=int, default=6,
+                        help="measurements to match the FLOPs plan's latency to the latency plan's")
     parser.add_argument("--points", type=int, default=5, help="latency table: widths measured per group")
     parser.add_argument("--table-warmup", type=int, default=2)
     parser.add_argument("--table-repeats", type=int, default=7)
