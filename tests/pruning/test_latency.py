@@ -242,3 +242,21 @@ def test_refine_corrects_a_table_that_mispredicts():
             assert p.latency[2] == pytest.approx(table.full * fractions[refine], rel=1e-9)
     assert fractions[0] < 0.45  # the table alone overshoots: 0.5 ** 1.3 = 0.41
     assert fractions[0] < fractions[2] <= 0.5
+
+
+def test_channels_last_layout_is_timed_and_keyed():
+    net, x = _net(), torch.randn(1, 3, 8, 8)
+    layouts = []
+
+    def timer(module, inputs):
+        if inputs[0].dim() == 4:
+            layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+        return fake_timer(module, inputs)
+
+    table = LatencyTable.build(net, x, points=2, min_channels=2, layout="channels_last", timer=timer, progress=False)
+    assert layouts and all(layouts) and table.key["layout"] == "channels_last"
+    assert table.predict() == pytest.approx(table.full, rel=1e-12)
+    assert all(p.is_contiguous() for p in net.parameters())  # the model is handed back as it came
+    table.validate(net, x, layout="channels_last")
+    with pytest.raises(ValueError, match="layout"):
+        table.validate(net, x)
