@@ -351,6 +351,36 @@ class _Demo:
               f"fine-tuned", file=self.log, flush=True)
         return outcome.plan, summary
 
+    def train_and_prune(self, method: str, strength: float, shift: float, seed: int, targets):
+        """Train one method and seed, then prune and fine-tune it to each target: the trained run's
+        summary, the prune runs' summaries per target label, and the per-layer analysis."""
+        self.stage(f"train {method} seed {seed} ({self.epochs} epochs)")
+        t0 = time.perf_counter()
+        model, trained = self.train(method, strength, shift, seed)
+        trained["wall_s"] = time.perf_counter() - t0
+        self.stage_done()
+        config = rundir.read_json(os.path.join(self.out, f"train-{method}-s{seed}", "config.json"))
+        prunes, plans = {}, {}
+        for t in targets:
+            self.stage(f"prune {method} seed {seed} to {t:.0%} of the FLOPs, fine-tune {self.finetune_epochs} "
+                       f"epochs")
+            t0 = time.perf_counter()
+            plans[_label(t)], prunes[_label(t)] = self.prune(model, config, method, seed, t)
+            prunes[_label(t)]["wall_s"] = time.perf_counter() - t0
+            self.stage_done()
+        return trained, prunes, _layer_analysis(model, plans, prunes)
+
+    def budget_runs(self, seed: int, targets, budget: dict) -> dict:
+        """One budget-aware run per target for ``seed``: their summaries per target label."""
+        summaries = {}
+        for t in targets:
+            self.stage(f"train {BUDGET_METHOD} seed {seed} to {t:.0%} of the FLOPs ({self.epochs} epochs, "
+                       f"no fine-tuning)")
+            t0 = time.perf_counter()
+            summaries[_label(t)] = dict(self.budget_run(seed, t, budget), wall_s=time.perf_counter() - t0)
+            self.stage_done()
+        return summaries
+
     def budget_run(self, seed: int, target: float, budget: dict) -> dict:
         """``rnip train --target-flops target``: one budget-aware receding run, no fine-tuning; its summary."""
 
@@ -442,7 +472,6 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
                                explicit=explicit)
     left_out = methods != asked
     if plots:
-
         require_matplotlib()  # fail before hours of training, not after
     splits = {0: _load(0, dev)}  # a missing scikit-learn fails here, before anything is written
     mode = rundir.check(out, "demo", overwrite=overwrite, replace_own=True)
@@ -470,39 +499,14 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
             for seed in range(seeds):
                 if method == BUDGET_METHOD:
                     # One training run to each budget, no fine-tuning phase: its own row per target.
-                    summaries = {}
-                    for t in targets:
-                        demo.stage(f"train {method} seed {seed} to {t:.0%} of the FLOPs ({epochs} epochs, "
-                                   f"no fine-tuning)")
-                        t0 = time.perf_counter()
-                        summaries[_label(t)] = dict(demo.budget_run(seed, t, budget), wall_s=time.perf_counter() - t0)
-                        demo.stage_done()
+                    summaries = demo.budget_runs(seed, targets, budget)
                     results[(method, seed)] = (None, summaries)
-                    budget_runs[f"{method}-s{seed}"] = {
-                        "method": method, "seed": seed,
-                        "layers": [{"layer": layer, "channels": channels,
-                                    "kept": {lab: next(k[2] for k in s["kept_channels"] if k[0] == layer)
-                                             for lab, s in summaries.items()}}
-                                   for layer, channels, _ in next(iter(summaries.values()))["kept_channels"]]}
+                    budget_runs[f"{method}-s{seed}"] = _final_widths(method, seed, summaries)
                     continue
                 strength, shift = strengths[method]
-                demo.stage(f"train {method} seed {seed} ({epochs} epochs)")
-                t0 = time.perf_counter()
-                model, trained = demo.train(method, strength, shift, seed)
-                trained["wall_s"] = time.perf_counter() - t0
-                demo.stage_done()
-                config = rundir.read_json(os.path.join(out, f"train-{method}-s{seed}", "config.json"))
-                prunes, plans = {}, {}
-                for t in targets:
-                    demo.stage(f"prune {method} seed {seed} to {t:.0%} of the FLOPs, fine-tune {finetune_epochs} "
-                               f"epochs")
-                    t0 = time.perf_counter()
-                    plans[_label(t)], prunes[_label(t)] = demo.prune(model, config, method, seed, t)
-                    prunes[_label(t)]["wall_s"] = time.perf_counter() - t0
-                    demo.stage_done()
+                trained, prunes, analysis = demo.train_and_prune(method, strength, shift, seed, targets)
                 results[(method, seed)] = (trained, prunes)
-                runs[f"{method}-s{seed}"] = dict(_layer_analysis(model, plans, prunes), method=method, seed=seed,
-                                                 strength=strength, shift=shift)
+                runs[f"{method}-s{seed}"] = dict(analysis, method=method, seed=seed, strength=strength, shift=shift)
     finally:
         torch.set_num_threads(old_threads)
         log.close()
@@ -521,15 +525,27 @@ def run_demo(out: str, *, seeds: int = 3, targets=DEMO_TARGETS, epochs: int = DE
         "machine": dict(machine(), torch_threads=threads or old_threads), "wall_s": wall, "rows": rows, "runs": runs,
         "budget_runs": budget_runs, "table": format_table(rows),
     }
+    _write_report(out, report)
+    if plots:
+        report["plots"] = write_plots(report, out)
+    return report
+
+
+def _write_report(out: str, report: dict) -> None:
     rundir.record(out, "report.md", "report.json")
     with open(os.path.join(out, "report.md.tmp"), "w") as f:
         f.write(report["table"] + "\n")
     os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
     write_json(os.path.join(out, "report.json"), report)
-    if plots:
 
-        report["plots"] = write_plots(report, out)
-    return report
+
+def _final_widths(method: str, seed: int, summaries: dict) -> dict:
+    """Per layer of a seed's budget runs: its channels and the width each target's run ended at."""
+    return {"method": method, "seed": seed,
+            "layers": [{"layer": layer, "channels": channels,
+                        "kept": {lab: next(k[2] for k in s["kept_channels"] if k[0] == layer)
+                                 for lab, s in summaries.items()}}
+                       for layer, channels, _ in next(iter(summaries.values()))["kept_channels"]]}
 
 
 def demo(spec) -> dict:

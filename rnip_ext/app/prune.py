@@ -40,17 +40,10 @@ def _describe(spec: PruneSpec, plan) -> str:
 
 def prune(spec: PruneSpec) -> dict:
     """Prune the run in ``spec.run_dir`` once, fine-tune into ``spec.out``; returns the summary (also ``summary.json``)."""
-    try:
-        config = read_json(os.path.join(spec.run_dir, "config.json"))
-        state = load_checkpoint(os.path.join(spec.run_dir, "best.pt"))
-    except (FileNotFoundError, CheckpointError) as exc:
-        raise UserError(f"{spec.run_dir} is not a finished `rnip train` run ({exc})") from exc
-    if not isinstance(config, dict) or not {"arch", "method", "dataset", "seed"} <= set(config):
-        raise UserError(f"{spec.run_dir}/config.json is not an `rnip train` run's config")
-    resume = spec.resume
+    config, state = _read_source(spec.run_dir)
     with user_errors(OutputDirError):
         rundir.refuse_overlap(spec.out, [spec.run_dir])
-        mode = rundir.check(spec.out, "prune", resume=resume, overwrite=spec.overwrite,
+        mode = rundir.check(spec.out, "prune", resume=spec.resume, overwrite=spec.overwrite,
                             hint="pass --resume to continue its fine-tuning, --overwrite to start over, "
                                  "or choose another --out")
     device = resolve_device(spec.device or config["device"])
@@ -74,46 +67,68 @@ def prune(spec: PruneSpec) -> dict:
                                     target_params=spec.target_params, target_latency=spec.target_latency,
                                     round_to=spec.round_to, scope=spec.scope,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
-    plan, small, speed = outcome.plan, outcome.small, (outcome.speed_before, outcome.speed_after)
-    before, pruned_acc = outcome.acc_before, outcome.acc_pruned
-    print(plan)
-    print(f"measured speed (rough: median of {speed[0].timed_batches} batches of {speed[0].batch_size} after "
-          f"{speed[0].warmup} warm-up, eval, {device}, {speed[0].threads} threads): {speed[0]} -> {speed[1]} "
-          f"({speed[1].images_per_s / speed[0].images_per_s:.2f}x); FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,} "
-          f"({plan.flops[0] / max(plan.flops[1], 1):.2f}x fewer)")
+    _print_plan(outcome, device)
     ft_config = dict(config, lr=spec.lr or config["lr"], device=spec.device or config["device"], compile=False)
     ft_config.update(source_run=os.path.abspath(spec.run_dir), ratio=spec.ratio, target_flops=spec.target_flops,
                      target_params=spec.target_params, target_latency=spec.target_latency,
                      round_to=spec.round_to, scope=spec.scope,
                      min_channels=spec.min_channels, finetune_epochs=spec.finetune_epochs)
-    resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if resume else None
+    resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if spec.resume else None
     with user_errors(OutputDirError):
         created = rundir.claim(spec.out, "prune", mode)
     write_run_json(spec.out, "config.json", ft_config)
-    best = {"test_accuracy": pruned_acc, "val_accuracy": outcome.val_pruned, "epoch": 0}
+    small = outcome.small
+    best = {"test_accuracy": outcome.acc_pruned, "val_accuracy": outcome.val_pruned, "epoch": 0}
     if spec.finetune_epochs > 0:
-        # Fine-tuning: the paper's schedule again from the run's lr, without the regulariser.
-        try:
-            with user_errors(RuntimeError, prefix=f"cannot resume {spec.out}: "):
-                if resume_from is not None:  # widths differ if the source run changed since
-                    small.load_state_dict(resume_from["model"])
-            best = fit(small, splits, epochs=spec.finetune_epochs, resume_from=resume_from,
-                       callbacks=run_callbacks(spec.out, splits, num_workers=workers), num_workers=workers,
-                       progress=spec.progress, description="fine-tune", **fit_settings(ft_config))
-        except KeyboardInterrupt:
-            saved = os.path.isfile(os.path.join(spec.out, "last.pt"))
-            raise Interrupted(spec.out, saved, rundir.release(spec.out, created)) from None
-        except NonFiniteLossError as exc:
-            rundir.release(spec.out, created)
-            raise UserError(str(exc)) from exc
-        small.load_state_dict(load_checkpoint(os.path.join(spec.out, "best.pt"))["model"])
+        best = _finetune(spec, small, splits, ft_config, resume_from, created, workers)
     rundir.record(spec.out, "pruned.pt")
     pruning.save(small, os.path.join(spec.out, "pruned.pt"))
     summary = prune_summary(outcome, best, config=config, ratio=spec.ratio, scope=spec.scope,
                             target_flops=spec.target_flops, target_params=spec.target_params,
                             target_latency=spec.target_latency, round_to=spec.round_to)
     write_run_json(spec.out, "summary.json", summary)
-    print(f"{config['method']} pruned {_describe(spec, plan)} ({spec.scope}): test accuracy {before:.4f} -> "
-          f"{pruned_acc:.4f} pruned -> {best['test_accuracy']:.4f} fine-tuned; params {plan.params[0]:,} -> "
-          f"{plan.params[1]:,}; FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,}")
+    plan = outcome.plan
+    print(f"{config['method']} pruned {_describe(spec, plan)} ({spec.scope}): test accuracy {outcome.acc_before:.4f} "
+          f"-> {outcome.acc_pruned:.4f} pruned -> {best['test_accuracy']:.4f} fine-tuned; params {plan.params[0]:,} "
+          f"-> {plan.params[1]:,}; FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,}")
     return summary
+
+
+def _read_source(run_dir: str) -> tuple[dict, dict]:
+    """The ``config.json`` and ``best.pt`` of a finished training run, or a :class:`UserError`."""
+    try:
+        config = read_json(os.path.join(run_dir, "config.json"))
+        state = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise UserError(f"{run_dir} is not a finished `rnip train` run ({exc})") from exc
+    if not isinstance(config, dict) or not {"arch", "method", "dataset", "seed"} <= set(config):
+        raise UserError(f"{run_dir}/config.json is not an `rnip train` run's config")
+    return config, state
+
+
+def _print_plan(outcome, device) -> None:
+    plan, speed = outcome.plan, (outcome.speed_before, outcome.speed_after)
+    print(plan)
+    print(f"measured speed (rough: median of {speed[0].timed_batches} batches of {speed[0].batch_size} after "
+          f"{speed[0].warmup} warm-up, eval, {device}, {speed[0].threads} threads): {speed[0]} -> {speed[1]} "
+          f"({speed[1].images_per_s / speed[0].images_per_s:.2f}x); FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,} "
+          f"({plan.flops[0] / max(plan.flops[1], 1):.2f}x fewer)")
+
+
+def _finetune(spec: PruneSpec, small, splits, ft_config: dict, resume_from, created: bool, workers: int) -> dict:
+    """The paper's schedule again from the run's lr, without the regulariser; ``small`` ends at its best epoch."""
+    try:
+        with user_errors(RuntimeError, prefix=f"cannot resume {spec.out}: "):
+            if resume_from is not None:  # widths differ if the source run changed since
+                small.load_state_dict(resume_from["model"])
+        best = fit(small, splits, epochs=spec.finetune_epochs, resume_from=resume_from,
+                   callbacks=run_callbacks(spec.out, splits, num_workers=workers), num_workers=workers,
+                   progress=spec.progress, description="fine-tune", **fit_settings(ft_config))
+    except KeyboardInterrupt:
+        saved = os.path.isfile(os.path.join(spec.out, "last.pt"))
+        raise Interrupted(spec.out, saved, rundir.release(spec.out, created)) from None
+    except NonFiniteLossError as exc:
+        rundir.release(spec.out, created)
+        raise UserError(str(exc)) from exc
+    small.load_state_dict(load_checkpoint(os.path.join(spec.out, "best.pt"))["model"])
+    return best

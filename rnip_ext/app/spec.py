@@ -132,6 +132,20 @@ class TrainSpec(_FromArgs):
             "bn": bn_kind(self.method),
             "optimizer": "SGD(momentum=0.9, nesterov=True)", "schedule": "lr/10 at 50% and 75% of epochs",
         }
+        self._check(config)
+        below, receding = self.receded_below, self.receding
+        if target is not None:
+            below = 0.01 if below is None else below
+            receding = receding or "decoupled"
+            config.update(budget=f"BudgetPruner(receding={receding!r}, scope='local', geometric schedule after 2 "
+                                 "epochs, budget at 1/3 of epochs)", min_channels=BUDGET_MIN_CHANNELS)
+        config.update(target_flops=target, receded_below=below, receding=receding)
+        return config
+
+    def _check(self, config: dict) -> None:
+        """Every setting in range, and the combinations that make sense (a :class:`UserError` otherwise)."""
+        dataset, image_size, mean, std = self.dataset, self.image_size, self.mean, self.std
+        target, receding = self.target_flops, self.receding
         check_option("epochs", config["epochs"], low=1)
         check_option("batch-size", config["batch_size"], low=1)
         check_option("lr", config["lr"], low=0, low_open=True)
@@ -155,23 +169,16 @@ class TrainSpec(_FromArgs):
             raise UserError("--receded-below and --receding need --target-flops")
         if target is not None:
             check_option("target-flops", target, low=0, high=1, low_open=True, high_open=False)
-            below = 0.01 if below is None else below
-            check_option("receded-below", below, low=0, high=1, low_open=True)
+            check_option("receded-below", 0.01 if below is None else below, low=0, high=1, low_open=True)
             if config["method"] != "rni":
                 raise UserError(f"--target-flops trains with the receding regulariser: it needs --method rni, "
                                 f"got {config['method']}")
-            receding = receding or "decoupled"
-            config.update(budget=f"BudgetPruner(receding={receding!r}, scope='local', geometric schedule after 2 "
-                                 "epochs, budget at 1/3 of epochs)", min_channels=BUDGET_MIN_CHANNELS)
-        config.update(target_flops=target, receded_below=below, receding=receding)
         if config["dataset"] in CIFAR_FILES and config["data_dir"] is None:
             raise UserError(f"--dataset {config['dataset']} needs --data-dir (the folder holding "
                             f"{CIFAR_FILES[config['dataset']][0]})")
         if config["dataset"] == "imagefolder" and config["data_dir"] is None:
             raise UserError("--dataset imagefolder needs --data-dir (a folder holding train/<class>/<image> files)")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-        return config
+        _check_resume(self.resume, self.overwrite)
 
 
 @dataclass
@@ -214,8 +221,7 @@ class PruneSpec(_FromArgs):
         check_option("finetune-epochs", self.finetune_epochs, low=0)
         if self.lr is not None:
             check_option("lr", self.lr, low=0, low_open=True)
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        _check_resume(self.resume, self.overwrite)
 
 
 @dataclass
@@ -269,6 +275,11 @@ class ReportSpec(_FromArgs):
 
     def __post_init__(self) -> None:
         _check_plots(self.plots)
+
+
+def _check_resume(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 def _check_plots(plots: bool) -> None:

@@ -142,27 +142,8 @@ def _train(spec: TrainSpec, dist_ctx: D.DistributedContext | None) -> dict:
             device = D.setup(dist_ctx, config["device"])
     with user_errors(FileNotFoundError, ValueError, RuntimeError, ImportError):
         splits = load_splits(config, device, download=spec.download)
-    model = build_model(config, splits.num_classes, splits.in_channels).to(device)
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
-    config.update({"num_classes": splits.num_classes, "in_channels": splits.in_channels,
-                   "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
-                   "params": count_params(model), "flops": count_flops(model, example), "threads": threads,
-                   "train_size": len(splits.train), "val_size": len(splits.val),
-                   "test_size": len(splits.test) if splits.test is not None else 0})
-    if dist_ctx is not None:
-        # Per-process batch: the global batch is world_size * batch_size.
-        config["world_size"] = dist_ctx.world_size
-        config["elastic_run_id"] = os.environ.get("TORCHELASTIC_RUN_ID")
-        model = convert_sync_batchnorm(model)
-    # The paper's recipe, built here so that a budget run's pruner counts its steps from the start.
-    optimizer = make_optimizer(model, config["lr"], config["weight_decay"], config["bn_lr_scale"])
-    scheduler = make_scheduler(optimizer, config["epochs"])
-    # A bad budget (e.g. unreachable with min_channels) is refused before anything is written.
-    pruner = make_pruner(model, config, example, optimizer) if config["target_flops"] is not None else None
-    regularizer = pruner if pruner is not None else make_regularizer(
-        model, config["method"], config["strength"], config["shift"], config["penalty"] or "layer")
+    model, example = _build(config, splits, device, dist_ctx, threads)
+    optimizer, scheduler, pruner, regularizer = _recipe(model, config, example)
     workers = spec.workers if spec.workers is not None else (
         min(4, os.cpu_count() or 1) if config["dataset"] == "imagefolder" else 0)
     check_option("workers", workers, low=0)
@@ -185,17 +166,57 @@ def _train(spec: TrainSpec, dist_ctx: D.DistributedContext | None) -> dict:
         if is_main:
             rundir.release(out, created)
         raise UserError(str(exc)) from exc
+    summary = _summary(config, best, splits, model, example)
+    if is_main:
+        _finish(out, config, best, summary)
+    return summary
+
+
+def _build(config: dict, splits, device: torch.device, dist_ctx, threads: int):
+    """The run's network on ``device`` and an example input; records what was resolved in ``config``."""
+    model = build_model(config, splits.num_classes, splits.in_channels).to(device)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
+    config.update({"num_classes": splits.num_classes, "in_channels": splits.in_channels,
+                   "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
+                   "params": count_params(model), "flops": count_flops(model, example), "threads": threads,
+                   "train_size": len(splits.train), "val_size": len(splits.val),
+                   "test_size": len(splits.test) if splits.test is not None else 0})
+    if dist_ctx is not None:
+        # Per-process batch: the global batch is world_size * batch_size.
+        config["world_size"] = dist_ctx.world_size
+        config["elastic_run_id"] = os.environ.get("TORCHELASTIC_RUN_ID")
+        model = convert_sync_batchnorm(model)
+    return model, example
+
+
+def _recipe(model, config: dict, example):
+    """The paper's optimiser and schedule, and the regulariser (a budget run's :class:`BudgetPruner`),
+    built before training so that the pruner counts its steps from the start."""
+    optimizer = make_optimizer(model, config["lr"], config["weight_decay"], config["bn_lr_scale"])
+    scheduler = make_scheduler(optimizer, config["epochs"])
+    # A bad budget (e.g. unreachable with min_channels) is refused before anything is written.
+    pruner = make_pruner(model, config, example, optimizer) if config["target_flops"] is not None else None
+    regularizer = pruner if pruner is not None else make_regularizer(
+        model, config["method"], config["strength"], config["shift"], config["penalty"] or "layer")
+    return optimizer, scheduler, pruner, regularizer
+
+
+def _summary(config: dict, best: dict, splits, model, example) -> dict:
     summary = {"kind": "train", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
                "ratio": 0.0, "best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"],
                "test_accuracy": best["test_accuracy"], "params": config["params"], "flops": config["flops"]}
     if config["target_flops"] is not None:
         summary.update(budget_summary(build_model(config, splits.num_classes, splits.in_channels), model,
                                       example, config["target_flops"]))
-    if not is_main:
-        return summary
+    return summary
+
+
+def _finish(out: str, config: dict, best: dict, summary: dict) -> None:
+    """Rank 0: ``summary.json``, a budget run's plot, one line on stdout."""
     write_run_json(out, "summary.json", summary)
     if config["target_flops"] is not None:
         _budget_plot(out)
     test = "-" if best["test_accuracy"] is None else f"{best['test_accuracy']:.4f}"
     print(f"{config['method']}: best epoch {best['epoch']} val {best['val_accuracy']:.4f} test {test} -> {out}")
-    return summary
