@@ -32,6 +32,20 @@ The JSON (``benchmarks/results/pruned_speed_<device>.json``) records the environ
 on a busy machine every CPU number is slower and noisier, see ``machine_note``).
 
 Run: ``python benchmarks/pruned_speed.py [--device cuda] [--batch 32] [--rounds 9] [--threads N]``.
+
+``--latency`` answers another question, pruning to a *measured latency* (issue 22): for
+``--models`` (VGG-16 CIFAR at 32x32, ResNet-50 at ``--resnet-size`` pixels, default 64 to keep
+a run within minutes on 2 CPU cores) at batch ``--batch``, a
+:class:`~rnip_ext.pruning.latency.LatencyTable` is measured (``round_to=8`` grid), then each
+``--latency-targets`` fraction of the unpruned latency is planned with
+``plan(target_latency=t, round_to=8)``, and next to it the FLOPs-budget plan (``round_to=8``)
+at the same *measured* latency (``target_flops`` found by bisection on measured latency, starting
+from the one whose predicted latency is the same). All of them, and
+the unpruned network, eager and exported (``pruning.export`` ``.pt2``, loaded with
+``torch.export.load``), are timed in interleaved rounds; rows give the target, the predicted and
+measured latency (``measured_fraction`` = pruned / unpruned median in the same run, the
+number the target is about), the importance each plan keeps and the speed-up. Written to
+``results/pruned_speed_latency_<model>_b<batch>_<device>.json``.
 ``results/pruned_speed_cpu.json`` was measured with ``--threads 1`` on 2 cores shared with other
 jobs (load average 4-5): with 2 threads each parallel region waits for its slowest thread, and
 on oversubscribed cores that made single timings swing by 10x.
@@ -53,9 +67,13 @@ from _common import environment, format_table, write_json  # noqa: E402
 
 from rnip_ext import BoundedBatchNorm2d  # noqa: E402
 from rnip_ext import models as M  # noqa: E402
-from rnip_ext.pruning import apply, count_flops, count_params, plan  # noqa: E402
+from rnip_ext.pruning import apply, count_flops, count_params, export, plan, plan_from_keep  # noqa: E402
+from rnip_ext.pruning.latency import LatencyTable, WallClockTimer  # noqa: E402
+from rnip_ext.pruning.latency_plan import _measured, plan_to_latency  # noqa: E402
+from rnip_ext.pruning.rounding import keep_best, round_width  # noqa: E402
 
 MODELS = {"vgg16_cifar": M.vgg16_cifar, "resnet56_cifar": M.resnet56_cifar}
+LATENCY_MODELS = {"vgg16_cifar": M.vgg16_cifar, "resnet50": lambda: M.resnet50(num_classes=1000)}
 TARGETS = (1.0, 0.7, 0.5, 0.3, 0.1)
 MEASURES = ("infer_b1", "infer_bN", "train_step")
 
@@ -174,10 +192,196 @@ def bench_model(name: str, args, device: torch.device, unreachable: list) -> lis
     return rows
 
 
+# -- --latency: pruning to a measured latency ---------------------------------------------------
+
+def flops_plan_rounded(model, target_flops: float, example, round_to: int, min_channels: int):
+    """``plan(target_flops=...)`` with every group's kept count rounded to ``round_to`` (nearest
+    allowed width, the best channels kept): the FLOPs-budget plan on the same widths grid."""
+    p = plan(model, target_flops=target_flops, example_inputs=example, min_channels=min_channels)
+    keep = {}
+    for g in p.groups:
+        w = round_width(len(p.group_keep[g.name]), g.channels, round_to, min_channels)
+        if w < g.channels:
+            keep[g.name] = keep_best(p.scores[g.name], w)
+    return plan_from_keep(model, keep, example_inputs=example)
+
+
+def widths_of(p) -> dict[str, int]:
+    return {g.name: len(p.group_keep[g.name]) for g in p.groups}
+
+
+def importance_kept(p) -> float:
+    """The fraction of the summed channel importance (the plan's scores) that the plan keeps."""
+    total = sum(float(p.scores[g.name].double().sum()) for g in p.groups)
+    return sum(float(p.scores[g.name][p.group_keep[g.name]].double().sum()) for g in p.groups) / total
+
+
+def flops_at_latency(model, table: LatencyTable, latency: float, example, round_to: int, min_channels: int,
+                     iterations: int = 14):
+    """The rounded FLOPs-budget plan whose predicted latency is closest to ``latency`` from
+    below (bisection on ``target_flops``; predicted latency falls with it, up to rounding)."""
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        try:
+            p = flops_plan_rounded(model, mid, example, round_to, min_channels)
+        except ValueError:  # below the smallest reachable FLOPs
+            lo = mid
+            continue
+        predicted = table.predict(widths_of(p))
+        if predicted <= latency:
+            best, lo = (p, mid, predicted), mid
+        else:
+            hi = mid
+    return best
+
+
+def flops_at_measured(model, table: LatencyTable, latency_plan, example, args, timer):
+    """The rounded FLOPs-budget plan at the latency plan's *measured* latency: the first guess
+    matches the predicted latency, then a bisection on ``target_flops`` over measured latency
+    (``_measured``: pruned / unpruned in back-to-back pairs), ``--match-steps`` measurements in
+    all; the candidate measured closest to the goal."""
+    goal = latency_plan.latency[2] or latency_plan.latency[1]
+    first = flops_at_latency(model, table, latency_plan.latency[1], example, args.round_to, 3)
+    lo, hi, tried = 0.0, 1.0, []
+    for step in range(args.match_steps):
+        f = first[1] if step == 0 and first is not None else (lo + hi) / 2
+        try:
+            p = flops_plan_rounded(model, f, example, args.round_to, 3)
+        except ValueError:  # below the smallest reachable FLOPs
+            lo = f
+            continue
+        measured = _measured(model, apply(model, p), (example,), timer, "target_latency", table.full)
+        tried.append((abs(measured / goal - 1), (p, f, table.predict(widths_of(p)))))
+        if abs(measured / goal - 1) <= 0.02:
+            break
+        if measured > goal:
+            hi = f
+        else:
+            lo = f
+    return min(tried, key=lambda x: x[0])[1] if tried else None
+
+
+def _loaded_program(model, example, folder: str, name: str):
+    path = os.path.join(folder, f"{name}.pt2")
+    export(model, path, example)
+    return torch.export.load(path).module()
+
+
+def bench_latency(name: str, args, device: torch.device) -> dict:
+    """One model at one batch size: table, plans, interleaved timings (see the module docstring)."""
+    import tempfile
+
+    torch.manual_seed(args.seed)
+    model = spread_importances(LATENCY_MODELS[name](), args.seed).eval().to(device)
+    size = 32 if name.endswith("cifar") else args.resnet_size
+    example = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    t0 = time.perf_counter()
+    timer = WallClockTimer(warmup=args.table_warmup, repeats=args.table_repeats)
+    table = LatencyTable.build(model, example, points=args.points, round_to=args.round_to, timer=timer)
+    table_s = time.perf_counter() - t0
+    print(f"  {name} b{args.batch}: table in {table_s:.0f} s, unpruned {table.full * 1e3:.2f} ms, "
+          f"interpolation check {table.interpolation_error}", flush=True)
+    flops0 = count_flops(model, example)
+    plans = [("unpruned", None, None, model, None)]
+    for t in args.latency_targets:
+        p = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
+                            round_to=args.round_to, refine=args.refine, timer=timer)
+        plans.append(("latency", t, p, apply(model, p), p.latency[1]))
+        found = flops_at_measured(model, table, p, example, args, timer)
+        if found is not None:
+            fp, f, predicted = found
+            plans.append(("flops", t, fp, apply(model, fp), predicted))
+            plans[-1][2].target_flops = f
+    with tempfile.TemporaryDirectory() as folder:
+        runners = []
+        for i, (kind, t, p, m, _) in enumerate(plans):
+            runners.append((i, "eager", m))
+            runners.append((i, "pt2", _loaded_program(m, example, folder, f"m{i}")))
+        times = {(i, mode): [] for i, mode, _ in runners}
+        reps = args.b1_repeats if args.batch == 1 else 1
+        with torch.no_grad():
+            for round_ in range(args.warmup + args.rounds):
+                for i, mode, m in runners:
+                    for _ in range(reps):
+                        ms = _timed(lambda: m(example), device)
+                        if round_ >= args.warmup:
+                            times[(i, mode)].append(ms)
+                print(f"  {name} b{args.batch}: round {round_ + 1}/{args.warmup + args.rounds}", flush=True)
+    rows = []
+    for i, (kind, t, p, m, predicted) in enumerate(plans):
+        row = {"model": name, "batch": args.batch, "input": [3, size, size], "plan": kind, "target_latency": t,
+               "target_flops": None if p is None else p.target_flops,
+               "predicted_ms": (table.full if p is None else predicted) * 1e3,
+               "measured_while_planning_ms": (None if p is None or getattr(p, "latency", None) is None
+                                              else p.latency[2] * 1e3),
+               "flops_fraction": 1.0 if p is None else p.achieved_flops,
+               "importance_kept": 1.0 if p is None else importance_kept(p),
+               "widths": None if p is None else widths_of(p)}
+        for mode in ("eager", "pt2"):
+            stats = quantiles(times[(i, mode)])
+            base = times[(0, mode)]
+            fraction = statistics.median(a / b for a, b in zip(times[(i, mode)], base))
+            row[mode] = {**stats, "measured_fraction": fraction, "speedup": 1.0 / fraction,
+                         "vs_target": None if t is None else fraction / t - 1.0}
+        rows.append(row)
+    return {"model": name, "batch": args.batch, "input": [3, size, size], "table_build_s": table_s,
+            "table_full_ms": table.full * 1e3, "table_rest_ms": table.rest * 1e3,
+            "interpolation_error": table.interpolation_error, "table_settings": table.settings,
+            "grid": table.grid, "flops_before": flops0, "rows": rows}
+
+
+def main_latency(args, device: torch.device) -> None:
+    env = environment(device)
+    for name in args.models:
+        start = time.perf_counter()
+        result = bench_latency(name, args, device)
+        load_end = os.getloadavg()[0]
+        note = (f"shared machine: 1-minute load average {env['load_average_1min']:.2f} at the start and "
+                f"{load_end:.2f} at the end on {os.cpu_count()} cores (other jobs running); CPU timings are noisy, "
+                "ratios are medians of per-round ratios within one run")
+        payload = {"benchmark": "pruned_speed_latency",
+                   "environment": {**env, "load_average_1min_end": load_end, "cpu_count": os.cpu_count(),
+                                   "machine_note": note},
+                   "settings": {"rounds": args.rounds, "warmup": args.warmup, "b1_repeats": args.b1_repeats,
+                                "round_to": args.round_to, "points": args.points, "seed": args.seed,
+                                "refine": args.refine, "match_steps": args.match_steps, "threads": torch.get_num_threads(),
+                                "table_timer": {"warmup": args.table_warmup, "repeats": args.table_repeats},
+                                "importances": "bounded BatchNorm logits ~ N(0, 2^2), seed above",
+                                "wall_s": time.perf_counter() - start},
+                   **result}
+        path = write_json(f"pruned_speed_latency_{name}_b{args.batch}_{device.type}.json", payload)
+        print(f"{env['device']} | torch {env['torch']} | {env['cpu_threads']} threads | {note}")
+        table = []
+        for r in result["rows"]:
+            table.append({"plan": r["plan"], "target": r["target_latency"], "tflops": r["target_flops"],
+                          "pred": r["predicted_ms"], "eager": r["eager"]["median_ms"],
+                          "frac": r["eager"]["measured_fraction"], "pt2": r["pt2"]["median_ms"],
+                          "pt2frac": r["pt2"]["measured_fraction"], "flops": r["flops_fraction"],
+                          "imp": r["importance_kept"]})
+        print(format_table(table, [
+            ("plan", "plan", "s"), ("target", "target", ".2f"), ("target_flops", "tflops", ".3f"),
+            ("predicted ms", "pred", ".2f"), ("eager ms", "eager", ".2f"), ("eager fraction", "frac", ".3f"),
+            (".pt2 ms", "pt2", ".2f"), (".pt2 fraction", "pt2frac", ".3f"), ("FLOPs kept", "flops", ".3f"),
+            ("importance kept", "imp", ".3f")]))
+        print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(set(MODELS) | set(LATENCY_MODELS)),
+                        help=f"default {list(MODELS)}, with --latency {list(LATENCY_MODELS)}")
+    parser.add_argument("--latency", action="store_true", help="prune to measured latency targets (see above)")
+    parser.add_argument("--latency-targets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--refine", type=int, default=3, help="plan_to_latency(refine=...)")
+    parser.add_argument("--match-steps", type=int, default=6,
+                        help="measurements to match the FLOPs plan's latency to the latency plan's")
+    parser.add_argument("--points", type=int, default=5, help="latency table: widths measured per group")
+    parser.add_argument("--table-warmup", type=int, default=2)
+    parser.add_argument("--table-repeats", type=int, default=7)
+    parser.add_argument("--resnet-size", type=int, default=64, help="--latency: ResNet-50 input size")
     parser.add_argument("--batch", type=int, default=32, help="batch of infer_bN and train_step")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
@@ -195,6 +399,17 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is available")
 
+    if args.latency:
+        args.models = args.models or list(LATENCY_MODELS)
+        wrong = [m for m in args.models if m not in LATENCY_MODELS]
+        if wrong:
+            raise SystemExit(f"--latency runs {list(LATENCY_MODELS)}, not {wrong}")
+        main_latency(args, device)
+        return
+    args.models = args.models or list(MODELS)
+    wrong = [m for m in args.models if m not in MODELS]
+    if wrong:
+        raise SystemExit(f"without --latency the models are {list(MODELS)}, not {wrong}")
     env = environment(device)
     start = time.perf_counter()
     rows, unreachable = [], []

@@ -34,6 +34,8 @@ from . import pruning
 from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_budget
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
+from .pruning.latency_plan import check_latency_budget, latency_table_for
+from .pruning.rounding import allowed_widths, check_round_to, keep_best
 from .regularizers import RecedingRegularizer
 
 __all__ = ["BudgetPruner", "PruneStep", "RecedingLagWarning", "UPDATES", "narrow_to", "unwrap_model"]
@@ -118,7 +120,16 @@ class BudgetPruner:
             ``torch.compile`` wrapper is unwrapped. It is narrowed in place.
         example_inputs: an input (or tuple) of the size costs are counted for.
         target_flops / target_params: the fraction of the FLOPs (multiply-accumulates) or of
-            the parameters to keep, in (0, 1]; exactly one.
+            the parameters to keep, in (0, 1]; or ``target_latency`` (a fraction in (0, 1] of the
+            unpruned network's measured latency) / ``max_latency`` (seconds per forward pass of
+            ``example_inputs``): the latency predicted by ``latency_table`` (a
+            :class:`~rnip_ext.pruning.latency.LatencyTable`, the path of a saved one, or measured
+            at construction when ``None``), cuts chosen by the latency knapsack
+            (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`, without the refining timings);
+            exactly one budget.
+        round_to: every layer the pruner narrows keeps a multiple of it or all its channels
+            (cuts round to the nearest, removals of receded channels round up: the best-scored
+            receded channels stay).
         epochs: call :meth:`step` once per epoch, ``epochs`` times; or ``steps`` and ``every``:
             the run has ``steps`` optimiser steps and :meth:`step` comes every ``every`` of them.
         optimizer: the optimiser training ``model``; may instead be given to the first
@@ -151,7 +162,9 @@ class BudgetPruner:
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, target_flops: float | None = None,
-                 target_params: float | None = None, epochs: int | None = None, steps: int | None = None,
+                 target_params: float | None = None, target_latency: float | None = None,
+                 max_latency: float | None = None, latency_table=None, round_to: int | None = None,
+                 epochs: int | None = None, steps: int | None = None,
                  every: int | None = None, optimizer: torch.optim.Optimizer | None = None,
                  update: str = "decoupled", strength: float | None = None, shift: float = BUDGET_SHIFT,
                  max_strength: float | None = None, threshold: float = 0.01, min_channels: int = 3,
@@ -162,7 +175,15 @@ class BudgetPruner:
         if example_inputs is None:
             raise ValueError("example_inputs is required: an input of the size costs are counted for, "
                              "e.g. torch.zeros(1, 3, 32, 32)")
-        self.cost, self.target = check_budget(target_flops, target_params)
+        latency = target_latency is not None or max_latency is not None
+        if latency:
+            if target_flops is not None or target_params is not None:
+                raise ValueError("give exactly one budget: a latency budget and target_flops/target_params were given")
+            latency_kind, self.target = check_latency_budget(target_latency, max_latency)
+            self.cost = "latency"
+        else:
+            self.cost, self.target = check_budget(target_flops, target_params)
+        self.round_to = check_round_to(round_to)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
@@ -180,13 +201,22 @@ class BudgetPruner:
         # The decoupled update spreads an interval's push over its optimiser steps, which must be
         # known (every=, or counted during an interval with the optimiser bound) before a focus.
         min_warmup = 0 if update == "loss" or self.every is not None else (1 if optimizer is not None else 2)
+        self.latency_table = None
+        if latency:
+            self.latency_table, _ = latency_table_for(self.model, example_inputs, latency_table,
+                                                      round_to=self.round_to, min_channels=min_channels)
+            if latency_kind == "max_latency":  # the schedule works in fractions of the unpruned latency
+                self.target = min(1.0, self.target / self.latency_table.full)
         self.schedule = BudgetSchedule.make(self.target, n, budget_at=budget_at, warmup=warmup, settle=settle,
                                             max_step_removal=max_step_removal, min_warmup=min_warmup)
         self.controller = StrengthController(self.schedule, max_strength=(
             MAX_STRENGTH[update] if max_strength is None else max_strength))
         # The planner's own message for a budget min_channels makes unreachable, before training.
-        pruning.plan(self.model, scope=scope, min_channels=min_channels, example_inputs=example_inputs,
-                     **{f"target_{self.cost}": self.target})
+        if latency:
+            self._plan_latency(self.model, self.target * self.latency_table.full)
+        else:
+            pruning.plan(self.model, scope=scope, min_channels=min_channels, example_inputs=example_inputs,
+                         round_to=self.round_to, **{f"target_{self.cost}": self.target})
         start = START_STRENGTH[update] if strength is None else strength
         self.regularizer = RecedingRegularizer(self.model, start, shift, fused=False, normalize="layer")
         logit = self.regularizer.layers[0].weight
@@ -236,8 +266,12 @@ class BudgetPruner:
         cost = cost or self.cost
         key = (cost, id(model), _shapes(model))
         if key not in self._counts:
-            self._counts[key] = (pruning.count_flops(model, self.example_inputs) if cost == "flops"
-                                 else pruning.count_params(model))
+            if cost == "latency":
+                groups = pruning.find_channel_groups(model, self.example_inputs)
+                self._counts[key] = self.latency_table.predict({g.name: g.channels for g in groups})
+            else:
+                self._counts[key] = (pruning.count_flops(model, self.example_inputs) if cost == "flops"
+                                     else pruning.count_params(model))
         return self._counts[key]
 
     def bind(self, optimizer: torch.optim.Optimizer) -> "BudgetPruner":
@@ -422,8 +456,18 @@ class BudgetPruner:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _plan_cost(self, p) -> int:
+    def _plan_cost(self, p) -> float:
+        if self.cost == "latency":  # a plan_from_keep plan (receded channels) has no latency of its own
+            return p.latency[1] if p.latency else self.latency_table.predict(
+                {g.name: len(k) for g in p.groups for k in [p.group_keep[g.name]]})
         return (p.flops if self.cost == "flops" else p.params)[1]
+
+    def _plan_latency(self, model: nn.Module, seconds: float):
+        from .pruning.latency_plan import plan_to_latency
+
+        return plan_to_latency(model, example_inputs=self.example_inputs, max_latency=seconds,
+                               latency_table=self.latency_table, round_to=self.round_to,
+                               min_channels=self.min_channels, refine=0)
 
     def _receded_plan(self, model: nn.Module):
         """The plan removing every channel below ``threshold`` (each layer keeping ``min_channels``,
@@ -437,6 +481,11 @@ class BudgetPruner:
             least = min(self.min_channels, g.channels)
             if int(mask.sum()) < least:
                 mask[torch.argsort(scores, descending=True, stable=True)[:least]] = True
+            if self.round_to > 1 and not mask.all():  # round up: the best receded channels stay
+                step = math.lcm(self.round_to, g.unit)
+                width = next(w for w in allowed_widths(g.channels, step, self.min_channels) if w >= int(mask.sum()))
+                mask = torch.zeros_like(mask)
+                mask[keep_best(scores, width)] = True
             if not mask.all():
                 keep[g.name] = mask
         if not keep:
@@ -449,12 +498,14 @@ class BudgetPruner:
         that ``after <= fraction * original`` holds in floating point)."""
         current = self._count(self.model)
         budget = fraction * self.original
+        if self.cost == "latency":
+            return None if current <= budget else self._plan_latency(self.model, budget)
         relative = budget / current
         while relative * current > budget:
             relative = math.nextafter(relative, 0.0)
         if relative >= 1.0 or math.isclose(relative, 1.0):
             return None
-        return pruning.plan(self.model, scope=scope, min_channels=self.min_channels,
+        return pruning.plan(self.model, scope=scope, min_channels=self.min_channels, round_to=self.round_to,
                             example_inputs=self.example_inputs, **{f"target_{self.cost}": relative})
 
     def _apply(self, p, emas) -> int:
@@ -530,7 +581,7 @@ class BudgetPruner:
         s = self.schedule
         return {"cost": self.cost, "target": self.target, "steps": s.steps, "every": self.every, "warmup": s.warmup,
                 "by": s.by, "settle": s.settle, "update": self.update, "threshold": self.threshold,
-                "min_channels": self.min_channels, "scope": self.scope}
+                "min_channels": self.min_channels, "scope": self.scope, "round_to": self.round_to}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where :meth:`state_dict` was taken: narrows the model (a fresh, unpruned

@@ -22,7 +22,8 @@ from .train import fit_settings, read_resume, write_run_json
 __all__ = ["RESUME_KEYS", "prune"]
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
-RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "scope", "min_channels", "finetune_epochs", "lr")
+RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "target_latency", "round_to", "scope",
+               "min_channels", "finetune_epochs", "lr")
 
 
 def _describe(spec: PruneSpec, plan) -> str:
@@ -30,6 +31,10 @@ def _describe(spec: PruneSpec, plan) -> str:
         return f"to {plan.achieved_flops:.1%} of the FLOPs (target {spec.target_flops:g})"
     if spec.target_params is not None:
         return f"to {plan.achieved_params:.1%} of the parameters (target {spec.target_params:g})"
+    if spec.target_latency is not None:
+        before, predicted, measured = plan.latency
+        return (f"to {(measured or predicted) / before:.1%} of the {'measured' if measured else 'predicted'} latency "
+                f"(target {spec.target_latency:g})")
     return f"{spec.ratio:.0%} of channels"
 
 
@@ -59,12 +64,14 @@ def prune(spec: PruneSpec) -> dict:
     # A rough speed figure next to the FLOPs, on the run's device: FLOPs alone overstate speed-ups.
     with user_errors(ValueError):
         outcome = prune_and_measure(model, splits, example, ratio=spec.ratio, target_flops=spec.target_flops,
-                                    target_params=spec.target_params, scope=spec.scope,
+                                    target_params=spec.target_params, target_latency=spec.target_latency,
+                                    round_to=spec.round_to, scope=spec.scope,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
     _print_plan(outcome, device)
     ft_config = dict(config, lr=spec.lr or config["lr"], device=spec.device or config["device"], compile=False)
     ft_config.update(source_run=os.path.abspath(spec.run_dir), ratio=spec.ratio, target_flops=spec.target_flops,
-                     target_params=spec.target_params, scope=spec.scope,
+                     target_params=spec.target_params, target_latency=spec.target_latency,
+                     round_to=spec.round_to, scope=spec.scope,
                      min_channels=spec.min_channels, finetune_epochs=spec.finetune_epochs)
     resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if spec.resume else None
     with user_errors(OutputDirError):
@@ -77,7 +84,8 @@ def prune(spec: PruneSpec) -> dict:
     rundir.record(spec.out, "pruned.pt")
     pruning.save(small, os.path.join(spec.out, "pruned.pt"))
     summary = prune_summary(outcome, best, config=config, ratio=spec.ratio, scope=spec.scope,
-                            target_flops=spec.target_flops, target_params=spec.target_params)
+                            target_flops=spec.target_flops, target_params=spec.target_params,
+                            target_latency=spec.target_latency, round_to=spec.round_to)
     write_run_json(spec.out, "summary.json", summary)
     plan = outcome.plan
     print(f"{config['method']} pruned {_describe(spec, plan)} ({spec.scope}): test accuracy {outcome.acc_before:.4f} "

@@ -190,6 +190,8 @@ class PruneSpec(_FromArgs):
     ratio: float | None = None
     target_flops: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
+    round_to: int | None = None
     scope: str = "global"
     min_channels: int = 3
     finetune_epochs: int = 160
@@ -202,11 +204,16 @@ class PruneSpec(_FromArgs):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.ratio is None and self.target_flops is None and self.target_params is None:
+        if self.ratio is None and self.target_flops is None and self.target_params is None \
+                and self.target_latency is None:
             self.ratio = 0.5
         if self.ratio is not None:
             check_option("ratio", self.ratio, low=0, high=1)
-        for name in ("target-flops", "target-params"):
+        if self.round_to is not None:
+            check_option("round-to", self.round_to, low=1)
+        if self.target_latency is not None and self.scope != "global":
+            raise UserError("--target-latency plans over all layers at once: --scope must be global")
+        for name in ("target-flops", "target-params", "target-latency"):
             value = getattr(self, name.replace("-", "_"))
             if value is not None:
                 check_option(name, value, low=0, low_open=True, high=1, high_open=False)

@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="keep at most this fraction of the FLOPs (MACs), in (0, 1]")
     budget.add_argument("--target-params", type=float, default=None,
                         help="keep at most this fraction of the parameters, in (0, 1]")
+    budget.add_argument("--target-latency", type=float, default=None,
+                        help="at most this fraction of the unpruned network's latency, in (0, 1], measured on the "
+                             "run's device at batch 1 (a latency table is measured first)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="every pruned layer keeps a multiple of this many channels, or all (default: no rounding)")
     p.add_argument("--scope", choices=("global", "local"), default="global",
                    help="global: one threshold over all layers (the paper's); local: the same fraction per layer")
     p.add_argument("--min-channels", type=int, default=3, help="channels every layer keeps at least, >= 1")

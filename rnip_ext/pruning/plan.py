@@ -13,6 +13,7 @@ from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
 from .graph import Blocker, ChannelGroup
 from .importance import group_scores
+from .rounding import check_round_to, keep_best, round_width
 
 __all__ = ["PruningPlan", "plan", "plan_from_keep", "plan_receded", "module_slices"]
 
@@ -48,6 +49,10 @@ class PruningPlan:
             groups, the construct that keeps it whole (a residual addition, a concatenation, a
             module fx cannot trace, ...). A plan that leaves the FLOPs essentially unchanged
             warns with them.
+        round_to: every pruned group keeps a multiple of it (or all its channels).
+        target_latency, max_latency: a latency budget (:mod:`rnip_ext.pruning.latency_plan`);
+            ``latency``: ``(before, predicted, measured)`` seconds per forward pass for such a
+            plan (``measured`` ``None`` when not refined), ``latency_table`` the table used.
     """
 
     keep: dict[str, Tensor]
@@ -69,6 +74,11 @@ class PruningPlan:
     prunable_flops: float = 1.0
     blockers: list[Blocker] = field(default_factory=list, repr=False)
     blocked: str = ""
+    round_to: int = 1
+    target_latency: float | None = None
+    max_latency: float | None = None
+    latency: tuple | None = None
+    latency_table: object = field(default=None, repr=False)
 
     @property
     def achieved_flops(self) -> float:
@@ -83,7 +93,14 @@ class PruningPlan:
     def __str__(self) -> str:
         if self.target_flops is not None or self.target_params is not None:
             per_layer = f", {self.ratio:.4f} per layer" if self.ratio is not None else ""
-        if self.target_flops is not None:
+        if self.target_latency is not None or self.max_latency is not None:
+            before, predicted, measured = self.latency
+            asked = (f"target_latency={self.target_latency:g}" if self.target_latency is not None
+                     else f"max_latency={self.max_latency * 1e3:.4g} ms")
+            request = (f"{asked} requested, {predicted * 1e3:.4g} ms predicted"
+                       + (f", {measured * 1e3:.4g} ms measured" if measured is not None else "")
+                       + f" of {before * 1e3:.4g} ms ({self.achieved_ratio:.4f} of channels removed)")
+        elif self.target_flops is not None:
             request = (f"target_flops={self.target_flops:g} requested, {self.achieved_flops:.4f} achieved "
                        f"({self.achieved_ratio:.4f} of channels removed{per_layer})")
         elif self.target_params is not None:
@@ -93,6 +110,7 @@ class PruningPlan:
             request = f"ratio={self.ratio:g} requested, {self.achieved_ratio:.4f} achieved"
         lines = [
             f"PruningPlan: scope={self.scope}, {request}, min_channels={self.min_channels}"
+            + (f", round_to={self.round_to}" if self.round_to > 1 else "")
             + (f", threshold={self.threshold:.4g}" if self.threshold is not None else ""),
             f"{'layer':<40} {'channels':>15} {'kept':>7}",
         ]
@@ -215,6 +233,10 @@ def plan(
     target_flops: float | None = None,
     target_params: float | None = None,
     fold: str = "approximate",
+    round_to: int | None = None,
+    target_latency: float | None = None,
+    max_latency: float | None = None,
+    latency_table=None,
 ) -> PruningPlan:
     """Plan a one-shot channel pruning of ``model``, to a channel ``ratio`` or to a budget.
 
@@ -222,7 +244,20 @@ def plan(
 
     * ``ratio``: the fraction of prunable channels to remove, in [0, 1);
     * ``target_flops``: keep at most this fraction of the original's FLOPs (MACs), in (0, 1];
-    * ``target_params``: keep at most this fraction of the original's parameters, in (0, 1].
+    * ``target_params``: keep at most this fraction of the original's parameters, in (0, 1];
+    * ``target_latency``: at most this fraction, in (0, 1], of the unpruned network's measured
+      latency, or ``max_latency``: at most this many seconds per forward pass of
+      ``example_inputs`` (batch size included), on the model's device
+      (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`: a knapsack over importance per
+      unit of latency measured in ``latency_table``, a :class:`~rnip_ext.pruning.latency.LatencyTable`
+      or the path of a saved one, measured now when ``None``; then the pruned network is timed
+      and the choice refined; ``scope`` must be ``"global"``).
+
+    ``round_to`` (an int, default ``None``: no rounding): every pruned layer keeps a multiple of
+    it or all its channels (coupled layers alike; a grouped conv's groups: a multiple of both),
+    the best-scored channels; kept counts are rounded to the nearest such width. A ratio plan
+    then removes about ``ratio``; a budget plan searches the rounded candidates, so the budget
+    is still met. 8 suits float32 vector units on CPU and fp16/bf16 tensor cores on CUDA.
 
     Scores are :func:`rnip_ext.pruning.channel_importance`'s default (``"relative"``: relative
     to the layer's strongest channel where the next BatchNorm renormalises, ``sigmoid(weight)``
@@ -254,6 +289,22 @@ def plan(
     linear layers, 1x1 and unpadded convolutions, approximately for kxk zero-padded ones:
     ``fold="refuse"`` raises instead of planning such a fold.
     """
+    if target_latency is not None or max_latency is not None:
+        others = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
+                  if v is not None]
+        if others:
+            raise ValueError(f"pass exactly one budget: a latency budget and {', '.join(others)} were given")
+        _check_args(scope, min_channels, fold)
+        if scope != "global":
+            raise ValueError("a latency budget is planned over all layers at once: scope must be 'global'")
+        from .latency_plan import plan_to_latency
+
+        return plan_to_latency(model, example_inputs=example_inputs, target_latency=target_latency,
+                               max_latency=max_latency, latency_table=latency_table, round_to=round_to,
+                               min_channels=min_channels, fold=fold)
+    if latency_table is not None:
+        raise ValueError("latency_table goes with target_latency= or max_latency=")
+    round_to = check_round_to(round_to)
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)
     graph = _prunable_graph(model, example_inputs)
@@ -265,19 +316,41 @@ def plan(
         masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels,
                         [g.unit for g in groups])
         group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+        group_keep = _rounded(groups, scores, group_keep, round_to, min_channels)
         result = _build_plan(model, graph, scores, group_keep, ratio=float(ratio), scope=scope,
                              min_channels=min_channels, fold=fold)
     else:
         kind, target = budget
-        group_keep, local_ratio = _select_budget(model, graph, scores, kind, target, scope, min_channels)
+        group_keep, local_ratio = _select_budget(model, graph, scores, kind, target, scope, min_channels, round_to)
         result = _build_plan(model, graph, scores, group_keep, ratio=local_ratio, scope=scope,
                              min_channels=min_channels, fold=fold)
         if kind == "flops":
             result.target_flops = target
         else:
             result.target_params = target
+    result.round_to = round_to
     _warn_if_unchanged(model, result, requested=budget is not None or ratio > 0)
     return result
+
+
+def _rounded(groups: list[ChannelGroup], scores: dict[str, Tensor], group_keep: dict[str, Tensor], round_to: int,
+             min_channels: int) -> dict[str, Tensor]:
+    """``group_keep`` with each kept count rounded to the nearest multiple of ``round_to`` (and
+    of a grouped conv's ``unit``) or the whole group, the best-scored channels (blocks) kept."""
+    if round_to == 1:
+        return group_keep
+    out = {}
+    for g in groups:
+        step = math.lcm(round_to, g.unit)
+        width = round_width(len(group_keep[g.name]), g.channels, step, min_channels)
+        if width == len(group_keep[g.name]) and (width == g.channels or width % step == 0) and g.unit == 1:
+            out[g.name] = group_keep[g.name]  # already aligned: the planner's own choice stands
+        elif g.unit == 1:
+            out[g.name] = keep_best(scores[g.name], width)
+        else:  # whole blocks, by their summed score
+            blocks = keep_best(scores[g.name].reshape(-1, g.unit).sum(1), width // g.unit)
+            out[g.name] = (blocks[:, None] * g.unit + torch.arange(g.unit)).flatten()
+    return out
 
 
 NO_OP = 0.95  # a plan keeping more than this share of the FLOPs leaves the network essentially unchanged
@@ -327,14 +400,17 @@ def _local_ratios(groups: list[ChannelGroup]) -> list[float]:
 
 
 def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor], kind: str,
-                   target: float, scope: str, min_channels: int) -> tuple[dict[str, Tensor], float | None]:
+                   target: float, scope: str, min_channels: int,
+                   round_to: int = 1) -> tuple[dict[str, Tensor], float | None]:
     """The kept channels of the first candidate whose network meets the budget, and (local scope)
     the per-layer ratio it removes.
 
     Candidates are nested, each removing a superset of the previous one's channels, so the counts
     fall along them and a binary search finds the first that meets the budget: prefixes of the
     global removal order (``scope="global"``) or the local ratios ``k / channels`` in increasing
-    order (``scope="local"``). Each candidate is counted on the channel graph (no trace).
+    order (``scope="local"``). Each candidate is counted on the channel graph (no trace). With
+    ``round_to``, each candidate's kept counts are rounded (:func:`_rounded`; non-decreasing in
+    the count, and the best channels of a group are nested), so the counts still fall.
     """
     groups = graph.groups
     before = graph.flops_total if kind == "flops" else graph.params_total
@@ -349,7 +425,7 @@ def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tens
         n_candidates = len(order) + 1
 
         def keep_of(i: int) -> dict[str, Tensor]:
-            return _keep_after(groups, order, i)
+            return _rounded(groups, scores, _keep_after(groups, order, i), round_to, min_channels)
     else:
         ratios = _local_ratios(groups)
         n_candidates = len(ratios)
@@ -357,7 +433,8 @@ def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tens
 
         def keep_of(i: int) -> dict[str, Tensor]:
             masks = _select(score_list, ratios[i], "local", min_channels, [g.unit for g in groups])
-            return {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
+            return _rounded(groups, scores, {g.name: m.nonzero().flatten().to(torch.int64)
+                                             for g, m in zip(groups, masks)}, round_to, min_channels)
 
     budget = target * before
     # Integer-vs-float comparisons are exact in Python: ``after <= target * before`` as written.
