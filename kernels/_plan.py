@@ -57,14 +57,11 @@ class Reduction:
     num_chunks: int
     chunk_positions: int  # positions of the largest chunk (for the partial-traffic bound)
 
-    @property
-    def rows(self) -> int:
-        """Rows of each ``[K, C]`` partial buffer: ``K``, at least one (the combine kernel never
-        gets a zero-size buffer). The launchers allocate each buffer on its own, not as views of
-        one: a view's offset (``K * C``) would change the pointer's 16-byte alignment, i.e. the
-        compiled variant, with the batch size (and a view costs the host about what an
-        allocation does)."""
-        return self.num_chunks or 1
+    # Rows of each [K, C] partial buffer: K, at least one (the combine kernel never gets a
+    # zero-size buffer). The launchers allocate each buffer on its own, not as views of one: a
+    # view's offset (K * C) would change the pointer's 16-byte alignment, i.e. the compiled
+    # variant, with the batch size (and a view costs the host about what an allocation does).
+    rows: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +196,7 @@ def _reduction(g: Geometry, cfg: BNConfig, acc, elem: int, cl: bool, device, spl
         partials = Launch((num_chunks, num_cblocks), _sizes(g, flat) + (chunk, seg), consts, cfg.num_warps)
     combine = Launch((triton.cdiv(g.c, cfg.comb_block_c),), (g.c, num_chunks),
                      (cfg.comb_block_c, cfg.comb_block_k, acc), combine_warps)  # fmt: skip
-    return Reduction(partials, combine, num_chunks, chunk_positions)
+    return Reduction(partials, combine, num_chunks, chunk_positions, max(num_chunks, 1))
 
 
 def position_tiles(g: Geometry, elem: int, cfg: BNConfig, cl: bool):

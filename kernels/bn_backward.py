@@ -295,21 +295,23 @@ def _param_grad(num_channels: int, needed: bool, dtype: torch.dtype, device) -> 
 
 def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db) -> None:
     """The sums reduction ``plan`` (an ``_plan.Reduction``: partials + combine):
-    ``sums[0] = sum(dy)``, ``sums[1] = sum(dy * xhat)``, and ``dw``/``db`` when given (``None``:
-    not wanted). The caller holds ``device_guard(x)``."""
-    rows, c, acc, device = plan.rows, x.shape[1], sums.dtype, x.device
+    ``sums = (sum(dy), sum(dy * xhat))`` (the rows of a ``[2, C]`` buffer, as a pair of views:
+    each view costs the host an op), and ``dw``/``db`` when given (``None``: not wanted). The
+    caller holds ``device_guard(x)``."""
+    rows, c, acc, device = plan.rows, x.shape[1], sums[0].dtype, x.device
     dy_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
     dyxmu_part = torch.empty((rows, c), dtype=acc, device=device)
     launch_reduction(plan, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
-                     (dy_part, dyxmu_part, var, weight, g, sums[0], sums[1], dw, db),
+                     (dy_part, dyxmu_part, var, weight, g, *sums, dw, db),
                      (0 if g is None else g.stride(0), float(eps), float(shift)))  # fmt: skip
 
 
 def _launch_dx(launch, dy, x, dx, mean, var, weight, sums, eps, means: bool) -> None:
-    """The elementwise ``dx`` launch (the caller holds ``device_guard(x)``)."""
+    """The elementwise ``dx`` launch; ``sums``: the pair of ``[C]`` rows (``_launch_sums``) or
+    ``None``. The caller holds ``device_guard(x)``."""
     _bn_bwd_dx_kernel.run(
         dy, x if sums is not None else None, dx, mean if sums is not None else None, var, weight,
-        None if sums is None else sums[0], None if sums is None else sums[1], *launch.sizes, float(eps),
+        *((None, None) if sums is None else sums), *launch.sizes, float(eps),
         *launch.consts, int(means), grid=launch.grid, warmup=False, num_warps=launch.num_warps,
     )  # fmt: skip
 
@@ -353,7 +355,8 @@ def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shif
     sums = None
     with device_guard(x):
         if need_sums:
-            sums = torch.empty((2, c), dtype=acc, device=device)
+            buf = torch.empty((2, c), dtype=acc, device=device)
+            sums = (buf[0], buf[1])
             _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None, eps, shift, sums,
                          dw if need_dw else None, db if need_db else None)  # fmt: skip
         if need_dx and n_pos:
@@ -380,7 +383,7 @@ def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tens
     if c:
         with device_guard(x):
             _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None,
-                         eps, shift, sums, dw if need_dw else None, db if need_db else None)  # fmt: skip
+                         eps, shift, (sums[0], sums[1]), dw if need_dw else None, db if need_db else None)  # fmt: skip
     return sums, dw, db
 
 
@@ -396,5 +399,5 @@ def backward_dx(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor
     dx = empty_as(x)
     if plan.elementwise is not None:
         with device_guard(x):
-            _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, means, eps, True)
+            _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, (means[0], means[1]), eps, True)
     return dx
