@@ -71,7 +71,8 @@ class Plan:
     ``single``: the single-pass kernels' launch (forward and backward share it), ``None`` for the
     chunked path. ``elementwise``: normalise / dx (``None`` without positions). ``stats`` /
     ``sums``: the forward's statistics and the backward's sums reductions. ``acc``: the
-    accumulation dtype (``_layout.acc_dtype``); ``n_pos``: positions per channel, ``N*H*W``.
+    accumulation dtype (``_layout.acc_dtype``); ``n_pos``: positions per channel, ``N*H*W``;
+    ``shape``, ``strides``, ``dtype``: the input's, which its outputs (``y``, ``dx``) share.
     """
 
     single: Launch | None
@@ -81,6 +82,9 @@ class Plan:
     dense: bool = True  # False: the kernels cannot read x in place (see prepared)
     acc: torch.dtype | None = None
     n_pos: int = 0
+    shape: tuple = ()
+    strides: tuple = ()
+    dtype: torch.dtype | None = None
 
 
 _CACHE: dict = {}
@@ -146,7 +150,8 @@ def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: B
     elem = torch.empty((), dtype=dtype).element_size()
     cl = channels_contiguous(g)
     if g.c == 0:
-        return Plan(None, None, None, None, acc=acc_dtype(dtype))
+        return Plan(None, None, None, None, acc=acc_dtype(dtype), shape=tuple(shape), strides=tuple(strides),
+                    dtype=dtype)  # fmt: skip
     single_cfg = None
     if config is not None and config.single_m:
         single_cfg = config
@@ -159,7 +164,8 @@ def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: B
     # 8 warps: at 4 the [32 x 64] accumulators plus the penalty's sigmoid/log pieces spilled
     # 4 bytes on sm_90 (benchmarks/aot_sm90.py).
     sums = _reduction(g, tiles, acc, elem, cl, device, split=True, combine_warps=8)
-    return Plan(single, elementwise, stats, sums, acc=acc_dtype(dtype), n_pos=g.n_pos)
+    return Plan(single, elementwise, stats, sums, acc=acc_dtype(dtype), n_pos=g.n_pos, shape=tuple(shape),
+                strides=tuple(strides), dtype=dtype)  # fmt: skip
 
 
 def _sizes(g: Geometry, flat: bool) -> tuple[int, ...]:

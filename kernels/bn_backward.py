@@ -342,7 +342,7 @@ def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shif
     dy = in_layout_of(dy, x)
     c, n_pos, acc, device = x.shape[1], plan.n_pos, plan.acc, x.device
     if out is None:
-        dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device) if need_dx else x.new_empty(0)
+        dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
         dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)  # _param_grad, inlined
         db = torch.empty(c if need_db else 0, dtype=acc, device=device)
     else:

@@ -254,7 +254,7 @@ def run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running,
         _plan.check_out(y, x)
     else:
         c, acc, device = x.shape[1], plan.acc, x.device
-        y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)  # _layout.empty_as, inlined
+        y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
         mean = torch.empty(c, dtype=acc, device=device)
         var = torch.empty(c, dtype=acc, device=device)
         penalty = torch.empty(c if penalize else 0, dtype=acc, device=device)
@@ -286,7 +286,7 @@ def run_backward_single(x, plan, dy, mean, var, weight, penalty_grad, eps, shift
     dy = in_layout_of(dy, x)
     c, acc, device = x.shape[1], plan.acc, x.device
     if out is None:
-        dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device) if need_dx else x.new_empty(0)
+        dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
         dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)
         db = torch.empty(c if need_db else 0, dtype=acc, device=device)
     else:

@@ -58,7 +58,7 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
                                   num_batches_tracked)  # fmt: skip
     c, acc, device = x.shape[1], plan.acc, x.device
     penalize = bool(with_penalty) and weight is not None
-    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)  # _layout.empty_as, inlined
+    y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
     mean = torch.empty(c, dtype=acc, device=device)
     var = torch.empty(c, dtype=acc, device=device)
     penalty = torch.empty(c if penalize else 0, dtype=acc, device=device)
