@@ -63,18 +63,22 @@ def device_guard(t: Tensor):
     return _NO_GUARD
 
 
-def launch_reduction(reduction, x: Tensor, partial_kernel, partial_pointers: tuple, combine_kernel,
-                     combine_pointers: tuple, combine_scalars: tuple, combine_flags: tuple = ()) -> None:
-    """Launch a reduction of ``_plan.Reduction`` ``reduction`` on ``x``'s device: the chunk
-    partials (when there are chunks), then their combine. Each kernel gets its pointers, then the
-    plan's sizes, then (combine) the per-call scalars, the plan's constexprs and per-call flags."""
-    with device_guard(x):
-        if reduction.num_chunks:
-            p = reduction.partials
-            partial_kernel[p.grid](*partial_pointers, *p.sizes, *p.consts, num_warps=p.num_warps)
-        m = reduction.combine
-        combine_kernel[m.grid](*combine_pointers, *m.sizes, *combine_scalars, *m.consts, *combine_flags,
-                               num_warps=m.num_warps)  # fmt: skip
+def launch_reduction(reduction, partial_kernel, partial_pointers: tuple, combine_kernel, combine_pointers: tuple,
+                     combine_scalars: tuple, combine_flags: tuple = ()) -> None:  # fmt: skip
+    """Launch a reduction of ``_plan.Reduction`` ``reduction``: the chunk partials (when there are
+    chunks), then their combine. Each kernel gets its pointers, then the plan's sizes, then
+    (combine) the per-call scalars, the plan's constexprs and per-call flags. The caller holds
+    :func:`device_guard` of the input.
+
+    Launches here and in the other launchers call ``kernel.run(..., grid=, warmup=False)``, what
+    ``kernel[grid](...)`` forwards to, without building its proxy per launch (host time).
+    """
+    if reduction.num_chunks:
+        p = reduction.partials
+        partial_kernel.run(*partial_pointers, *p.sizes, *p.consts, grid=p.grid, warmup=False, num_warps=p.num_warps)
+    m = reduction.combine
+    combine_kernel.run(*combine_pointers, *m.sizes, *combine_scalars, *m.consts, *combine_flags, grid=m.grid,
+                       warmup=False, num_warps=m.num_warps)  # fmt: skip
 
 
 def running_mode(running, momentum: float | None, num_batches_tracked: Tensor | None, n_pos: int):

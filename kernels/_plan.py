@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ._config import BNConfig, bn_config, image_tiles, plan_chunks, plan_image_chunks, single_pass_config, split_tiles
 from ._launch import tl_dtype
-from ._layout import Geometry, dense_strides, geometry
+from ._layout import Geometry, acc_dtype, dense_strides, geometry
 
-__all__ = ["Launch", "Plan", "MAX_PLANS", "check_out", "partial_buffers", "plan", "plan_for", "prepared"]
+__all__ = ["Launch", "Plan", "MAX_PLANS", "check_out", "plan", "plan_for", "prepared"]
 
 MAX_PLANS = 4096
 
@@ -57,6 +57,12 @@ class Reduction:
     num_chunks: int
     chunk_positions: int  # positions of the largest chunk (for the partial-traffic bound)
 
+    # Rows of each [K, C] partial buffer: K, at least one (the combine kernel never gets a
+    # zero-size buffer). The launchers allocate each buffer on its own, not as views of one: a
+    # view's offset (K * C) would change the pointer's 16-byte alignment, i.e. the compiled
+    # variant, with the batch size (and a view costs the host about what an allocation does).
+    rows: int = 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -64,7 +70,9 @@ class Plan:
 
     ``single``: the single-pass kernels' launch (forward and backward share it), ``None`` for the
     chunked path. ``elementwise``: normalise / dx (``None`` without positions). ``stats`` /
-    ``sums``: the forward's statistics and the backward's sums reductions.
+    ``sums``: the forward's statistics and the backward's sums reductions. ``acc``: the
+    accumulation dtype (``_layout.acc_dtype``); ``n_pos``: positions per channel, ``N*H*W``;
+    ``shape``, ``strides``, ``dtype``: the input's, which its outputs (``y``, ``dx``) share.
     """
 
     single: Launch | None
@@ -72,6 +80,11 @@ class Plan:
     stats: Reduction | None
     sums: Reduction | None
     dense: bool = True  # False: the kernels cannot read x in place (see prepared)
+    acc: torch.dtype | None = None
+    n_pos: int = 0
+    shape: tuple = ()
+    strides: tuple = ()
+    dtype: torch.dtype | None = None
 
 
 _CACHE: dict = {}
@@ -84,29 +97,28 @@ def plan(x: Tensor, config: BNConfig | None = None) -> Plan:
     path, another one the chunked path with its tiles."""
     key = (x.shape, x.stride(), x.dtype, x.device, config)
     found = _CACHE.get(key)
-    if found is None:
-        if len(_CACHE) >= MAX_PLANS:
-            _CACHE.clear()
-        found = _CACHE[key] = plan_for(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, config)
+    return _build(key) if found is None else found
+
+
+def _build(key) -> Plan:
+    """Plan ``key`` (a cache miss) and cache it."""
+    if len(_CACHE) >= MAX_PLANS:
+        _CACHE.clear()
+    shape, strides, dtype, device, config = key
+    found = _CACHE[key] = plan_for(tuple(shape), tuple(strides), dtype, device, config)
     return found
 
 
 def prepared(x: Tensor, config: BNConfig | None = None) -> tuple[Tensor, Plan]:
     """``(x, plan)`` with ``x`` as the kernels read it: itself when dense with collapsible spatial
     dims (``_layout.dense_layout``; decided once per layout, with its plan), else an NCHW copy."""
-    found = plan(x, config)
+    # plan()'s lookup inlined: this runs on every launcher call.
+    key = (x.shape, x.stride(), x.dtype, x.device, config)
+    found = _CACHE.get(key) or _build(key)
     if not found.dense:
         x = x.contiguous()
         found = plan(x, config)
     return x, found
-
-
-def partial_buffers(reduction: Reduction, c: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-    """The two ``[K, C]`` partial buffers of ``reduction`` (at least one row: the combine kernel
-    never gets a zero-size buffer). Two allocations, not views of one: a view's offset (``K * C``)
-    would change the pointer's 16-byte alignment, i.e. the compiled variant, with the batch size."""
-    rows = max(reduction.num_chunks, 1)
-    return torch.empty((rows, c), dtype=dtype, device=device), torch.empty((rows, c), dtype=dtype, device=device)
 
 
 def check_out(out: Tensor, x: Tensor) -> Tensor:
@@ -138,7 +150,8 @@ def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: B
     elem = torch.empty((), dtype=dtype).element_size()
     cl = channels_contiguous(g)
     if g.c == 0:
-        return Plan(None, None, None, None)
+        return Plan(None, None, None, None, acc=acc_dtype(dtype), shape=tuple(shape), strides=tuple(strides),
+                    dtype=dtype)  # fmt: skip
     single_cfg = None
     if config is not None and config.single_m:
         single_cfg = config
@@ -151,7 +164,8 @@ def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: B
     # 8 warps: at 4 the [32 x 64] accumulators plus the penalty's sigmoid/log pieces spilled
     # 4 bytes on sm_90 (benchmarks/aot_sm90.py).
     sums = _reduction(g, tiles, acc, elem, cl, device, split=True, combine_warps=8)
-    return Plan(single, elementwise, stats, sums)
+    return Plan(single, elementwise, stats, sums, acc=acc_dtype(dtype), n_pos=g.n_pos, shape=tuple(shape),
+                strides=tuple(strides), dtype=dtype)  # fmt: skip
 
 
 def _sizes(g: Geometry, flat: bool) -> tuple[int, ...]:
@@ -188,7 +202,7 @@ def _reduction(g: Geometry, cfg: BNConfig, acc, elem: int, cl: bool, device, spl
         partials = Launch((num_chunks, num_cblocks), _sizes(g, flat) + (chunk, seg), consts, cfg.num_warps)
     combine = Launch((triton.cdiv(g.c, cfg.comb_block_c),), (g.c, num_chunks),
                      (cfg.comb_block_c, cfg.comb_block_k, acc), combine_warps)  # fmt: skip
-    return Reduction(partials, combine, num_chunks, chunk_positions)
+    return Reduction(partials, combine, num_chunks, chunk_positions, max(num_chunks, 1))
 
 
 def position_tiles(g: Geometry, elem: int, cfg: BNConfig, cl: bool):

@@ -295,21 +295,25 @@ def _param_grad(num_channels: int, needed: bool, dtype: torch.dtype, device) -> 
 
 def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db) -> None:
     """The sums reduction ``plan`` (an ``_plan.Reduction``: partials + combine):
-    ``sums[0] = sum(dy)``, ``sums[1] = sum(dy * xhat)``, and ``dw``/``db`` when given (``None``:
-    not wanted)."""
-    dy_part, dyxmu_part = _plan.partial_buffers(plan, x.shape[1], sums.dtype, x.device)
-    launch_reduction(plan, x, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
-                     (dy_part, dyxmu_part, var, weight, g, sums[0], sums[1], dw, db),
+    ``sums = (sum(dy), sum(dy * xhat))`` (the rows of a ``[2, C]`` buffer, as a pair of views:
+    each view costs the host an op), and ``dw``/``db`` when given (``None``: not wanted). The
+    caller holds ``device_guard(x)``."""
+    rows, c, acc, device = plan.rows, x.shape[1], sums[0].dtype, x.device
+    dy_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
+    dyxmu_part = torch.empty((rows, c), dtype=acc, device=device)
+    launch_reduction(plan, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
+                     (dy_part, dyxmu_part, var, weight, g, *sums, dw, db),
                      (0 if g is None else g.stride(0), float(eps), float(shift)))  # fmt: skip
 
 
 def _launch_dx(launch, dy, x, dx, mean, var, weight, sums, eps, means: bool) -> None:
-    with device_guard(x):
-        _bn_bwd_dx_kernel[launch.grid](
-            dy, x if sums is not None else None, dx, mean if sums is not None else None, var, weight,
-            None if sums is None else sums[0], None if sums is None else sums[1], *launch.sizes, float(eps),
-            *launch.consts, int(means), num_warps=launch.num_warps,
-        )  # fmt: skip
+    """The elementwise ``dx`` launch; ``sums``: the pair of ``[C]`` rows (``_launch_sums``) or
+    ``None``. The caller holds ``device_guard(x)``."""
+    _bn_bwd_dx_kernel.run(
+        dy, x if sums is not None else None, dx, mean if sums is not None else None, var, weight,
+        *((None, None) if sums is None else sums), *launch.sizes, float(eps),
+        *launch.consts, int(means), grid=launch.grid, warmup=False, num_warps=launch.num_warps,
+    )  # fmt: skip
 
 
 def backward_chunked(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
@@ -334,25 +338,29 @@ def backward_chunked(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: T
 def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shift, training, output_mask,
                          out=None):  # fmt: skip
     """:func:`backward_chunked` on a prepared ``x`` and its plan (``_plan.prepared``)."""
-    need_dx, need_dw, need_db = (bool(v) for v in output_mask)
+    need_dx, need_dw, need_db = output_mask
     dy = in_layout_of(dy, x)
-    c = x.shape[1]
-    n_pos = x.numel() // c if c else 0
-    acc = acc_dtype(x.dtype)
-    given = out if out is not None else (None, None, None)
-    dx = (_plan.check_out(given[0], x) if given[0] is not None else empty_as(x)) if need_dx else x.new_empty(0)
-    dw = given[1] if given[1] is not None else _param_grad(c, need_dw, acc, x.device)
-    db = given[2] if given[2] is not None else _param_grad(c, need_db, acc, x.device)
+    c, n_pos, acc, device = x.shape[1], plan.n_pos, plan.acc, x.device
+    if out is None:
+        dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
+        dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)  # _param_grad, inlined
+        db = torch.empty(c if need_db else 0, dtype=acc, device=device)
+    else:
+        dx = (_plan.check_out(out[0], x) if out[0] is not None else empty_as(x)) if need_dx else x.new_empty(0)
+        dw = out[1] if out[1] is not None else _param_grad(c, need_dw, acc, device)
+        db = out[2] if out[2] is not None else _param_grad(c, need_db, acc, device)
     need_sums = need_dw or need_db or (need_dx and training)
     if c == 0 or not (need_sums or (need_dx and n_pos)):
         return dx, dw, db
     sums = None
-    if need_sums:
-        sums = torch.empty((2, c), dtype=acc, device=x.device)
-        _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None, eps, shift, sums,
-                     dw if need_dw else None, db if need_db else None)  # fmt: skip
-    if need_dx and n_pos:
-        _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, sums if training else None, eps, False)
+    with device_guard(x):
+        if need_sums:
+            buf = torch.empty((2, c), dtype=acc, device=device)
+            sums = (buf[0], buf[1])
+            _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None, eps, shift, sums,
+                         dw if need_dw else None, db if need_db else None)  # fmt: skip
+        if need_dx and n_pos:
+            _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, sums if training else None, eps, False)
     return dx, dw, db
 
 
@@ -373,8 +381,9 @@ def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tens
     sums = torch.empty((2, c), dtype=acc, device=x.device)
     dw, db = _param_grad(c, need_dw, acc, x.device), _param_grad(c, need_db, acc, x.device)
     if c:
-        _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None,
-                     eps, shift, sums, dw if need_dw else None, db if need_db else None)  # fmt: skip
+        with device_guard(x):
+            _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None,
+                         eps, shift, (sums[0], sums[1]), dw if need_dw else None, db if need_db else None)  # fmt: skip
     return sums, dw, db
 
 
@@ -389,5 +398,6 @@ def backward_dx(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor
     dy = in_layout_of(dy, x)
     dx = empty_as(x)
     if plan.elementwise is not None:
-        _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, means, eps, True)
+        with device_guard(x):
+            _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, (means[0], means[1]), eps, True)
     return dx

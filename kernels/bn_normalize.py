@@ -84,8 +84,8 @@ def _normalize_part(x_ptr, y_ptr, off, mask, mean, scale, b, ACC: tl.constexpr):
 def launch_normalize(launch, x: Tensor, y: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> None:
     """Run the normalise ``launch`` (an ``_plan.Launch``) from ``x`` into ``y`` (same strides)."""
     with device_guard(x):
-        _bn_normalize_kernel[launch.grid](x, y, mean, var, weight, bias, *launch.sizes, float(eps), *launch.consts,
-                                          num_warps=launch.num_warps)  # fmt: skip
+        _bn_normalize_kernel.run(x, y, mean, var, weight, bias, *launch.sizes, float(eps), *launch.consts,
+                                 grid=launch.grid, warmup=False, num_warps=launch.num_warps)  # fmt: skip
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import _plan
 from ._launch import RUNTIME_SIZES, device_guard, running_mode
-from ._layout import acc_dtype, empty_as, in_layout_of
+from ._layout import empty_as, in_layout_of
 from ._math import (
     channel_sum,
     channel_tile_offsets,
@@ -245,25 +245,25 @@ def forward_single(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
 def run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running, momentum, num_batches_tracked,
                        out=None):  # fmt: skip
     """:func:`forward_single` on a prepared ``x`` and its plan (``_plan.prepared``)."""
-    if plan.single is None:
+    s = plan.single
+    if s is None:
         raise ValueError(f"no single-pass configuration for x of shape {tuple(x.shape)}")
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
     penalize = bool(with_penalty) and weight is not None
     if out is not None:
         y, mean, var, penalty = out
         _plan.check_out(y, x)
     else:
-        y = empty_as(x)
-        mean = torch.empty(c, dtype=acc, device=x.device)
-        var = torch.empty(c, dtype=acc, device=x.device)
-        penalty = torch.empty(c if penalize else 0, dtype=acc, device=x.device)
-    rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
-    s = plan.single
+        c, acc, device = x.shape[1], plan.acc, x.device
+        y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
+        mean = torch.empty(c, dtype=acc, device=device)
+        var = torch.empty(c, dtype=acc, device=device)
+        penalty = torch.empty(c if penalize else 0, dtype=acc, device=device)
+    rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, plan.n_pos)
     with device_guard(x):
-        _bn_fwd_single_kernel[s.grid](
+        _bn_fwd_single_kernel.run(
             x, y, weight, bias, mean, var, penalty if penalize else None, rm, rv, nbt, *s.sizes, float(eps),
-            float(shift), 0.0 if momentum is None else float(momentum), *s.consts, mode, num_warps=s.num_warps,
+            float(shift), 0.0 if momentum is None else float(momentum), *s.consts, mode, grid=s.grid, warmup=False,
+            num_warps=s.num_warps,
         )  # fmt: skip
     return y, mean, var, penalty
 
@@ -279,24 +279,27 @@ def backward_single(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Te
 def run_backward_single(x, plan, dy, mean, var, weight, penalty_grad, eps, shift, training, output_mask,
                         out=None):  # fmt: skip
     """:func:`backward_single` on a prepared ``x`` and its plan (``_plan.prepared``)."""
-    if plan.single is None:
+    s = plan.single
+    if s is None:
         raise ValueError(f"no single-pass configuration for x of shape {tuple(x.shape)}")
-    need_dx, need_dw, need_db = (bool(v) for v in output_mask)
+    need_dx, need_dw, need_db = output_mask
     dy = in_layout_of(dy, x)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    given = out if out is not None else (None, None, None)
-    dx = (_plan.check_out(given[0], x) if given[0] is not None else empty_as(x)) if need_dx else x.new_empty(0)
-    dw = given[1] if given[1] is not None else torch.empty(c if need_dw else 0, dtype=acc, device=x.device)
-    db = given[2] if given[2] is not None else torch.empty(c if need_db else 0, dtype=acc, device=x.device)
+    c, acc, device = x.shape[1], plan.acc, x.device
+    if out is None:
+        dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
+        dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)
+        db = torch.empty(c if need_db else 0, dtype=acc, device=device)
+    else:
+        dx = (_plan.check_out(out[0], x) if out[0] is not None else empty_as(x)) if need_dx else x.new_empty(0)
+        dw = out[1] if out[1] is not None else torch.empty(c if need_dw else 0, dtype=acc, device=device)
+        db = out[2] if out[2] is not None else torch.empty(c if need_db else 0, dtype=acc, device=device)
     if not (need_dx or need_dw or need_db):
         return dx, dw, db
     g = penalty_grad if need_dw else None
-    s = plan.single
     with device_guard(x):
-        _bn_bwd_single_kernel[s.grid](
+        _bn_bwd_single_kernel.run(
             dy, x, dx if need_dx else None, mean, var, weight, g, dw if need_dw else None, db if need_db else None,
             *s.sizes, 0 if g is None else g.stride(0), float(eps), float(shift), *s.consts, int(bool(training)),
-            num_warps=s.num_warps,
+            grid=s.grid, warmup=False, num_warps=s.num_warps,
         )  # fmt: skip
     return dx, dw, db

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, launch_reduction, running_mode
+from ._launch import RUNTIME_SIZES, device_guard, launch_reduction, running_mode
 from ._layout import acc_dtype
 from ._math import aligned, chunk_image_lanes, count_batch, position_offsets, sigmoid_parts, update_running
 
@@ -212,16 +212,19 @@ def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tenso
     """The statistics reduction ``plan`` (an ``_plan.Reduction``: partials + combine) on ``x``
     (kernel-ready): writes ``mean``, ``var`` (``[C]``, accumulation dtype), ``penalty`` (given:
     ``[C]``; ``None``: none) and the running statistics."""
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    mean_part, m2_part = _plan.partial_buffers(plan, c, acc, x.device)
-    counts = torch.empty(max(plan.num_chunks, 1), dtype=acc, device=x.device)
+    c, acc, device = x.shape[1], acc_dtype(x.dtype), x.device
+    rows = plan.rows
+    mean_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
+    m2_part = torch.empty((rows, c), dtype=acc, device=device)
+    counts = torch.empty(rows, dtype=acc, device=device)
     # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
-    pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=x.device)
+    pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=device)
     rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
-    launch_reduction(plan, x, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot), _bn_combine_stats_kernel,
-                     (mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt),
-                     (float(shift), 0.0 if momentum is None else float(momentum)), (mode,))  # fmt: skip
+    with device_guard(x):
+        launch_reduction(plan, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot),
+                         _bn_combine_stats_kernel, (mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv,
+                                                    nbt),
+                         (float(shift), 0.0 if momentum is None else float(momentum)), (mode,))  # fmt: skip
 
 
 def batch_stats(x: Tensor, weight: Tensor | None = None, shift: float = 0.0, with_penalty: bool = False, *,

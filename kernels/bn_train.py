@@ -20,7 +20,6 @@ from torch import Tensor
 from . import _plan
 from ._config import BNConfig
 from ._launch import ensure_launchable
-from ._layout import acc_dtype, empty_as
 from .bn_backward import run_backward_chunked
 from .bn_normalize import launch_normalize
 from .bn_single import _bn_fwd_single_kernel, run_backward_single, run_forward_single
@@ -57,13 +56,12 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     if plan.single is not None:
         return run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running, momentum,
                                   num_batches_tracked)  # fmt: skip
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
+    c, acc, device = x.shape[1], plan.acc, x.device
     penalize = bool(with_penalty) and weight is not None
-    y = empty_as(x)
-    mean = torch.empty(c, dtype=acc, device=x.device)
-    var = torch.empty(c, dtype=acc, device=x.device)
-    penalty = torch.empty(c if penalize else 0, dtype=acc, device=x.device)
+    y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
+    mean = torch.empty(c, dtype=acc, device=device)
+    var = torch.empty(c, dtype=acc, device=device)
+    penalty = torch.empty(c if penalize else 0, dtype=acc, device=device)
     if c == 0:
         return y, mean, var, penalty
     launch_stats(plan.stats, x, weight, shift, mean, var, penalty if penalize else None, running, momentum,

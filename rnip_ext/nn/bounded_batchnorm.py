@@ -170,22 +170,19 @@ class BoundedBatchNorm2d(_NormBase):
         if record is None:  # the eager path's every step: no nn.Module.__setattr__ call
             return None
         self._recorded_penalty = None
-        if record.shift != shift or record.weight_version != self.weight._version:
+        if record.shift != shift or record.weight_version != self._fast_attr("weight")._version:
             return None
         return record.penalty
 
     def _wants_penalty(self) -> bool:
         """Whether this training forward should return the attached regulariser's penalty."""
-        return (
-            self.training
-            and self._receding_shift is not None
-            and self.weight is not None
-            and self.weight.requires_grad
-            and torch.is_grad_enabled()
-        )
+        if not self.training or self._receding_shift is None:
+            return False
+        weight = self._fast_attr("weight")
+        return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
     def _record_penalty(self, shift: float, penalty: Tensor) -> None:
-        self._recorded_penalty = _PenaltyRecord(shift, penalty, self.weight._version)
+        self._recorded_penalty = _PenaltyRecord(shift, penalty, self._fast_attr("weight")._version)
 
     def extra_repr(self) -> str:
         # Written here so the repr names the shift on every torch (2.13's _NormBase does, older
@@ -334,11 +331,12 @@ class BoundedBatchNorm2d(_NormBase):
 
     def _forward_triton(self, input: Tensor) -> Tensor:
         """The fused kernels (``rnip_ext.ops``); running statistics are updated inside them."""
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Parameters and buffers by dict lookup (_fast_attr): this runs every training step.
+        get = self._fast_attr
+        running_mean, running_var = get("running_mean"), get("running_var")
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         if not use_batch_stats:
-            return ops_bn.bounded_batch_norm_eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
+            return ops_bn.bounded_batch_norm_eval(input, running_mean, running_var, get("weight"), get("bias"), self.eps)
         if input.numel() == input.shape[1]:  # F.batch_norm's rule, which the kernels do not check
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
@@ -349,10 +347,10 @@ class BoundedBatchNorm2d(_NormBase):
         # host sync, no per-step host-to-device copy, no extra launches).
         track = self.training and self.track_running_stats
         y, _, _, penalty = ops_bn.bounded_batch_norm_train(
-            input, self.weight, self.bias, self.eps, shift, with_penalty,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.num_batches_tracked if track else None,
+            input, get("weight"), get("bias"), self.eps, shift, with_penalty,
+            running_mean if track else None,
+            running_var if track else None,
+            get("num_batches_tracked") if track else None,
             self.momentum,
         )  # fmt: skip
         if with_penalty:

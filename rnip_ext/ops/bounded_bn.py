@@ -56,7 +56,9 @@ Double backward is not supported.
 Paths: ``rnip_ext.kernels.train_forward`` runs a training step single-pass (one launch each way)
 when a channel block's whole ``N*H*W`` slice fits on chip, else chunked (``kernels/_config.py``).
 
-Arguments are checked here, once, for the real and the fake kernels alike (``_checks``); the
+The wrappers and autograd formulas call each op's ``.default`` overload (what
+``torch.ops.rnip_ext.<op>(...)`` resolves to, one Python call less per step). Arguments are
+checked here, once, for the real and the fake kernels alike (``_checks``); the
 kernels' launchers assume them valid. The ops need Triton (imported lazily: this module imports
 without it, and raises a ``RuntimeError`` naming ``pip install triton`` only when an op actually
 runs). On CPU tensors they need the Triton interpreter (``TRITON_INTERPRET=1`` before
@@ -96,6 +98,11 @@ def _kernels(x: Tensor):
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
     """A ``[C]`` input as the kernels index it: unit stride (a no-op for parameters and buffers)."""
     return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the dispatch when ``t`` already has it (``.to`` then returns ``t``)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _stats_like(x: Tensor, size) -> Tensor:
@@ -186,13 +193,13 @@ def _train_backward(ctx, dy, dmean, dvar, dpenalty):
     if dy is None:
         dy = torch.zeros_like(x)
     g = dpenalty if (ctx.penalized and need_w and dpenalty is not None) else None
-    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward(
+    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward.default(
         dy, x, mean, var, weight, g, ctx.eps, ctx.shift, True, [need_x, need_w, need_b]
     )
     return (
         dx if need_x else None,
-        dw.to(weight.dtype) if need_w else None,
-        db.to(ctx.bias_dtype) if need_b else None,
+        _as_dtype(dw, weight.dtype) if need_w else None,
+        _as_dtype(db, ctx.bias_dtype) if need_b else None,
         None,
         None,
         None,
@@ -237,7 +244,7 @@ def _eval_backward(ctx, dy):
     x, running_mean, running_var, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_x, need_w, need_b = need[0], need[3], need[4]
-    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward(
+    dx, dw, db = torch.ops.rnip_ext.bounded_bn_backward.default(
         dy, x, running_mean, running_var, weight, None, ctx.eps, 0.0, False,
         [need_x, need_w, need_b],
     )  # fmt: skip
@@ -245,8 +252,8 @@ def _eval_backward(ctx, dy):
         dx if need_x else None,
         None,  # running statistics are constants
         None,
-        dw.to(weight.dtype) if need_w else None,
-        db.to(ctx.bias_dtype) if need_b else None,
+        _as_dtype(dw, weight.dtype) if need_w else None,
+        _as_dtype(db, ctx.bias_dtype) if need_b else None,
         None,
     )
 
@@ -368,7 +375,7 @@ def bounded_batch_norm_train(
     cumulative average. ``penalty`` is empty unless ``with_penalty`` and ``weight`` is given.
     """
     if running_mean is None and num_batches_tracked is None:
-        return torch.ops.rnip_ext.bounded_bn_train(
+        return torch.ops.rnip_ext.bounded_bn_train.default(
             x, weight, bias, float(eps), float(shift), bool(with_penalty)
         )
     return _TrainWithRunningStats.apply(
@@ -385,7 +392,7 @@ class _TrainWithRunningStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, shift, with_penalty, running_mean, running_var,
                 num_batches_tracked, momentum):  # fmt: skip
-        out = torch.ops.rnip_ext.bounded_bn_train_update(
+        out = torch.ops.rnip_ext.bounded_bn_train_update.default(
             x, weight, bias, eps, shift, with_penalty, running_mean, running_var,
             num_batches_tracked, momentum,
         )  # fmt: skip
@@ -408,6 +415,6 @@ def bounded_batch_norm_eval(
     eps: float,
 ) -> Tensor:
     """Bounded BN on running statistics, through the Triton op."""
-    return torch.ops.rnip_ext.bounded_bn_eval(
+    return torch.ops.rnip_ext.bounded_bn_eval.default(
         x, running_mean, running_var, weight, bias, float(eps)
     )
