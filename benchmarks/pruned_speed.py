@@ -283,10 +283,15 @@ def bench_latency(name: str, args, device: torch.device) -> dict:
     print(f"  {name} b{args.batch}: table in {table_s:.0f} s, unpruned {table.full * 1e3:.2f} ms, "
           f"interpolation check {table.interpolation_error}", flush=True)
     flops0 = count_flops(model, example)
-    plans = [("unpruned", None, None, model, None)]
+    plans, unreachable = [("unpruned", None, None, model, None)], []
     for t in args.latency_targets:
-        p = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
-                            round_to=args.round_to, refine=args.refine, timer=timer)
+        try:
+            p = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
+                                round_to=args.round_to, refine=args.refine, timer=timer)
+        except ValueError as exc:  # e.g. ResNet-50 at 30%: its residual streams stay whole
+            unreachable.append({"target_latency": t, "error": str(exc)})
+            print(f"  {name} b{args.batch}: target {t} not reachable: {exc}", flush=True)
+            continue
         plans.append(("latency", t, p, apply(model, p), p.latency[1]))
         found = flops_at_measured(model, table, p, example, args, timer)
         if found is not None:
@@ -328,7 +333,7 @@ def bench_latency(name: str, args, device: torch.device) -> dict:
     return {"model": name, "batch": args.batch, "input": [3, size, size], "table_build_s": table_s,
             "table_full_ms": table.full * 1e3, "table_rest_ms": table.rest * 1e3,
             "interpolation_error": table.interpolation_error, "table_settings": table.settings,
-            "grid": table.grid, "flops_before": flops0, "rows": rows}
+            "grid": table.grid, "flops_before": flops0, "rows": rows, "unreachable": unreachable}
 
 
 def main_latency(args, device: torch.device) -> None:
