@@ -1,0 +1,191 @@
+"""Latency-budget plan vs. FLOPs-budget plan at equal measured latency: importance and accuracy.
+
+Per seed: the demo's small VGG trained on the digits (16x16) with the receding regulariser at the
+demo's strength (:data:`rnip_ext.app.demo.DEMO_STRENGTH`) and recipe (:data:`rnip_ext.app.demo.RECIPE`)
+through :func:`rnip_ext.training.fit`, for ``--epochs`` epochs. The trained network is then pruned
+to each ``--targets`` fraction of its measured latency (batch ``--batch``, one latency table per
+seed) by :func:`rnip_ext.pruning.plan_to_latency` (``round_to=8``), and by the FLOPs-budget plan
+whose measured latency matches it (``benchmarks/pruned_speed.py``'s ``flops_at_measured``:
+``plan(target_flops=t)`` rounded to multiples of 8, ``t`` bisected on measured latency). For
+both: importance kept (the plan's scores), test accuracy right after pruning and after
+``--finetune`` epochs of the same recipe without the regulariser (same epochs and seed for both
+plans), and the latency of every pruned network, timed in interleaved rounds with the unpruned one
+(median of the per-round ratios).
+
+    python benchmarks/latency_accuracy.py [--seeds 0 1 2] [--epochs 15] [--finetune 3]
+
+Writes ``benchmarks/results/latency_accuracy_cpu.json`` (``--out``), after every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, format_table, write_json  # noqa: E402
+from pruned_speed import _timed, flops_at_measured, importance_kept, widths_of  # noqa: E402
+
+from rnip_ext.app.demo import ARCH, DATASET, DEMO_STRENGTH, MIN_CHANNELS, RECIPE  # noqa: E402
+from rnip_ext.app.runs import build_model, image_size_for  # noqa: E402
+from rnip_ext.data import load_dataset  # noqa: E402
+from rnip_ext.pruning import apply  # noqa: E402
+from rnip_ext.pruning.latency import LatencyTable, WallClockTimer  # noqa: E402
+from rnip_ext.pruning.latency_plan import plan_to_latency  # noqa: E402
+from rnip_ext.training import evaluate, fit, make_regularizer  # noqa: E402
+
+
+def fit_kwargs(seed: int) -> dict:
+    return {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "weight_decay": RECIPE["weight_decay"],
+            "bn_lr_scale": RECIPE["bn_lr_scale"], "seed": seed, "progress": False}
+
+
+def time_rounds(nets: list, example: torch.Tensor, rounds: int, warmup: int) -> list[list[float]]:
+    """Milliseconds per forward pass of every net, ``rounds`` interleaved rounds after ``warmup``."""
+    times = [[] for _ in nets]
+    with torch.no_grad():
+        for r in range(warmup + rounds):
+            for i, net in enumerate(nets):
+                ms = _timed(lambda: net(example), example.device)
+                if r >= warmup:
+                    times[i].append(ms)
+    return times
+
+
+def run_seed(seed: int, args) -> dict:
+    splits = load_dataset(DATASET, seed=seed, image_size=image_size_for(ARCH, DATASET))
+    torch.manual_seed(seed)
+    model = build_model({"arch": ARCH, "method": "rni"}, splits.num_classes, splits.in_channels)
+    t0 = time.perf_counter()
+    fit(model, splits, epochs=args.epochs, regularizer=make_regularizer(model, "rni", *DEMO_STRENGTH["rni"]),
+        **fit_kwargs(seed))
+    train_s = time.perf_counter() - t0
+    model.eval()
+    acc = evaluate(model, splits.test)
+    size = splits.image_size
+    example = torch.randn(args.batch, splits.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    timer = WallClockTimer(warmup=args.table_warmup, repeats=args.table_repeats)
+    t0 = time.perf_counter()
+    table = LatencyTable.build(model, example, points=args.points, round_to=args.round_to, timer=timer,
+                               min_channels=MIN_CHANNELS, progress=False)
+    table_s = time.perf_counter() - t0
+    print(f"seed {seed}: trained {args.epochs} epochs in {train_s:.0f} s, test {acc:.4f}; table {table_s:.0f} s, "
+          f"unpruned {table.full * 1e3:.2f} ms", flush=True)
+    match = SimpleNamespace(round_to=args.round_to, match_steps=args.match_steps)
+    plans, unreachable = [], []
+    for t in args.targets:
+        try:
+            lp = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
+                                 round_to=args.round_to, min_channels=MIN_CHANNELS, refine=args.refine, timer=timer,
+                                 progress=False)
+        except ValueError as exc:
+            unreachable.append({"target_latency": t, "error": str(exc)})
+            print(f"seed {seed}: target {t} not reachable: {exc}", flush=True)
+            continue
+        plans.append(("latency", t, lp, None))
+        found = flops_at_measured(model, table, lp, example, match, timer)
+        if found is not None:
+            plans.append(("flops", t, found[0], found[1]))
+    nets = [model] + [apply(model, p).eval() for _, _, p, _ in plans]
+    times = time_rounds(nets, example, args.rounds, args.warmup)
+    rows = []
+    for (kind, t, p, target_flops), net, ms in zip(plans, nets[1:], times[1:]):
+        acc_pruned = evaluate(net, splits.test)
+        torch.manual_seed(seed)
+        fit(net, splits, epochs=args.finetune, **fit_kwargs(seed))
+        rows.append({
+            "seed": seed, "plan": kind, "target_latency": t, "target_flops": target_flops,
+            "measured_fraction": statistics.median(a / b for a, b in zip(ms, times[0])),
+            "median_ms": statistics.median(ms), "unpruned_median_ms": statistics.median(times[0]),
+            "measured_while_planning": p.latency[2] / table.full if kind == "latency" and p.latency[2] else None,
+            "flops_fraction": p.achieved_flops, "importance_kept": importance_kept(p), "widths": widths_of(p),
+            "test_accuracy_pruned": acc_pruned, "test_accuracy_finetuned": evaluate(net, splits.test)})
+        r = rows[-1]
+        print(f"seed {seed} {kind:<7} target {t}: latency {r['measured_fraction']:.3f} importance "
+              f"{r['importance_kept']:.3f} acc {acc_pruned:.4f} -> {r['test_accuracy_finetuned']:.4f}", flush=True)
+    return {"seed": seed, "train_s": train_s, "table_s": table_s, "test_accuracy": acc,
+            "table_full_ms": table.full * 1e3, "interpolation_error": table.interpolation_error,
+            "rows": rows, "unreachable": unreachable}
+
+
+def summarize(seeds: list[dict]) -> list[dict]:
+    """Per target and plan: mean over seeds, and per seed the latency plan's lead over the FLOPs plan."""
+    out = []
+    rows = [r for s in seeds for r in s["rows"]]
+    for t in sorted({r["target_latency"] for r in rows}, reverse=True):
+        for kind in ("latency", "flops"):
+            sel = [r for r in rows if r["target_latency"] == t and r["plan"] == kind]
+            if not sel:
+                continue
+            out.append({"target_latency": t, "plan": kind, "seeds": len(sel), **{
+                k: statistics.fmean(r[k] for r in sel) for k in (
+                    "measured_fraction", "flops_fraction", "importance_kept", "test_accuracy_pruned",
+                    "test_accuracy_finetuned")}})
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=15, help="receding training epochs (the demo's 15)")
+    parser.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs, the same for both plans")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    parser.add_argument("--batch", type=int, default=32, help="batch size the latency is measured at")
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--points", type=int, default=4, help="latency table: widths measured per group")
+    parser.add_argument("--table-warmup", type=int, default=2)
+    parser.add_argument("--table-repeats", type=int, default=5)
+    parser.add_argument("--refine", type=int, default=3)
+    parser.add_argument("--match-steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="output path (default benchmarks/results/latency_accuracy_cpu.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = environment(torch.device("cpu"))
+    env["cpu_count"] = os.cpu_count()
+    start = time.perf_counter()
+    seeds = []
+    payload = {}
+    for seed in args.seeds:
+        seeds.append(run_seed(seed, args))
+        payload = {"benchmark": "latency_accuracy", "environment": {**env, "load_average_1min_end": os.getloadavg()[0]},
+                   "settings": {**vars(args), "arch": ARCH, "dataset": DATASET, "strength": DEMO_STRENGTH["rni"],
+                                "recipe": RECIPE, "min_channels": MIN_CHANNELS, "threads": torch.get_num_threads(),
+                                "wall_s": time.perf_counter() - start},
+                   "summary": summarize(seeds), "seeds": seeds}
+        if args.out is None:
+            path = write_json("latency_accuracy_cpu.json", payload)
+        else:
+            path = write_json_to(args.out, payload)
+    e = payload["environment"]
+    print(f"{e['device']} | torch {e['torch']} | {e['cpu_threads']} thread(s) | load average "
+          f"{env['load_average_1min']:.2f} -> {e['load_average_1min_end']:.2f} on {os.cpu_count()} cores")
+    print(format_table(payload["summary"], [
+        ("target", "target_latency", ".2f"), ("plan", "plan", "s"), ("seeds", "seeds", "d"),
+        ("measured latency", "measured_fraction", ".3f"), ("FLOPs kept", "flops_fraction", ".3f"),
+        ("importance kept", "importance_kept", ".3f"), ("acc pruned", "test_accuracy_pruned", ".4f"),
+        ("acc fine-tuned", "test_accuracy_finetuned", ".4f")]))
+    print(f"wrote {path}")
+    return payload
+
+
+def write_json_to(path: str, payload: dict) -> str:
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
