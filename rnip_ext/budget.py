@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ._validation import check_int, is_number
+
 __all__ = ["BUDGET_SHIFT", "COSTS", "MAX_STRENGTH", "START_STRENGTH", "BudgetSchedule", "RunTooShortError",
            "StrengthController", "StrengthRecord", "check_budget"]
 
@@ -38,16 +40,6 @@ class RunTooShortError(ValueError):
     """A run has too few pruner steps to reach its budget at the allowed pace."""
 
 
-def _is_number(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def check_budget(target_flops=None, target_params=None) -> tuple[str, float]:
     """``(cost, fraction)`` of a budget: exactly one of ``target_flops`` (fraction of the
     multiply-accumulates kept) and ``target_params`` (fraction of the parameters kept), in
@@ -57,7 +49,7 @@ def check_budget(target_flops=None, target_params=None) -> tuple[str, float]:
         raise ValueError("give exactly one budget: target_flops= (fraction of the FLOPs kept) or target_params= "
                          f"(fraction of the parameters kept), got {len(given)}")
     kind, value = given[0]
-    if not _is_number(value) or not 0.0 < value <= 1.0:
+    if not is_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"target_{kind} must be a fraction in (0, 1], got {value!r}")
     return kind, float(value)
 
@@ -88,14 +80,14 @@ class BudgetSchedule:
         remaining cost per step; if the run is too short, ``settle`` then ``warmup`` (not below
         ``min_warmup``) shrink. ``ValueError`` when even then the budget cannot be met one step
         before the end (at least one step trains at the budget), naming the minimum."""
-        if not _is_number(target) or not 0.0 < target <= 1.0:
+        if not is_number(target) or not 0.0 < target <= 1.0:
             raise ValueError(f"the target must be a fraction in (0, 1], got {target!r}")
-        _check_int("the number of steps (epochs, or steps // every)", steps, 2)
-        _check_int("warmup", warmup, 0)
-        _check_int("settle", settle, 0)
-        if not _is_number(budget_at) or not 0.0 < budget_at <= 1.0:
+        check_int("the number of steps (epochs, or steps // every)", steps, 2)
+        check_int("warmup", warmup, 0)
+        check_int("settle", settle, 0)
+        if not is_number(budget_at) or not 0.0 < budget_at <= 1.0:
             raise ValueError(f"budget_at must be a fraction of the run in (0, 1], got {budget_at!r}")
-        if not _is_number(max_step_removal) or not 0.0 < max_step_removal < 1.0:
+        if not is_number(max_step_removal) or not 0.0 < max_step_removal < 1.0:
             raise ValueError(f"max_step_removal must be a fraction in (0, 1), got {max_step_removal!r}")
         k = 1 if target == 1.0 else max(1, math.ceil(math.log(target) / math.log1p(-max_step_removal) - 1e-9))
         last = steps - 1  # the budget is met at a step < steps: one interval trains at it
@@ -166,7 +158,7 @@ class StrengthController:
                   ("eps", eps, eps > 0), ("min_strength", min_strength, min_strength > 0),
                   ("max_strength", max_strength, max_strength >= min_strength))
         for name, value, ok in checks:
-            if not (_is_number(value) and ok):
+            if not (is_number(value) and ok):
                 raise ValueError(f"{name} is out of range: {value!r}")
         self.schedule = schedule
         self.max_increase, self.max_decrease, self.eps = float(max_increase), float(max_decrease), float(eps)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import pruning
+from ._validation import check_int, is_int, is_number
 from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_budget
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
@@ -186,11 +187,10 @@ class BudgetPruner:
         self.round_to = check_round_to(round_to)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
+        if not (is_number(threshold) and 0 < threshold < 1):
             raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
-        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-            raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-        if not (isinstance(lag_tolerance, (int, float)) and 0 <= lag_tolerance <= 1):
+        check_int("min_channels", min_channels, 1)
+        if not (is_number(lag_tolerance) and 0 <= lag_tolerance <= 1):
             raise ValueError(f"lag_tolerance must be a fraction in [0, 1], got {lag_tolerance!r}")
         self.every, n = self._intervals(epochs, steps, every)
         self.model = unwrap_model(model)
@@ -247,11 +247,11 @@ class BudgetPruner:
         if epochs is not None:
             if every is not None:
                 raise ValueError("every= goes with steps=, not with epochs= (step() is then called once per epoch)")
-            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 2:
+            if not is_int(epochs) or epochs < 2:
                 raise ValueError(f"epochs must be an int >= 2 (one to reach the budget, one at it), got {epochs!r}")
             return None, epochs
         for name, value in (("steps", steps), ("every", every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1 with steps=, got {value!r}")
         if steps // every < 2:
             raise ValueError(f"steps // every must be >= 2 pruner steps, got {steps} // {every}")
