@@ -97,8 +97,9 @@ def run_seed(seed: int, args) -> dict:
     rows = []
     for (kind, t, p, target_flops), net, ms in zip(plans, nets[1:], times[1:]):
         acc_pruned = evaluate(net, splits.test)
-        torch.manual_seed(seed)
-        fit(net, splits, epochs=args.finetune, **fit_kwargs(seed))
+        if args.finetune > 0:
+            torch.manual_seed(seed)
+            fit(net, splits, epochs=args.finetune, **fit_kwargs(seed))
         rows.append({
             "seed": seed, "plan": kind, "target_latency": t, "target_flops": target_flops,
             "measured_fraction": statistics.median(a / b for a, b in zip(ms, times[0])),
@@ -148,6 +149,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="output path (default benchmarks/results/latency_accuracy_cpu.json)")
     args = parser.parse_args(argv)
+    if args.epochs < 1 or args.finetune < 0 or args.rounds < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--epochs, --rounds and --batch must be >= 1, --finetune and --warmup >= 0")
     torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
     env["cpu_count"] = os.cpu_count()
