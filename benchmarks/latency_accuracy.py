@@ -20,6 +20,7 @@ Writes ``benchmarks/results/latency_accuracy_cpu.json`` (``--out``), after every
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,6 +43,7 @@ from rnip_ext.training import evaluate, fit, make_regularizer  # noqa: E402
 
 
 def fit_kwargs(seed: int) -> dict:
+    """The demo's training recipe as ``training.fit`` keywords (no progress bars)."""
     return {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "weight_decay": RECIPE["weight_decay"],
             "bn_lr_scale": RECIPE["bn_lr_scale"], "seed": seed, "progress": False}
 
@@ -147,7 +149,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="output path (default benchmarks/results/latency_accuracy_cpu.json)")
+    parser.add_argument("--out", default=None,
+                        help="output path (default benchmarks/results/latency_accuracy_cpu.json)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.finetune < 0 or args.rounds < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--epochs, --rounds and --batch must be >= 1, --finetune and --warmup >= 0")
@@ -181,8 +184,7 @@ def main(argv=None) -> dict:
 
 
 def write_json_to(path: str, payload: dict) -> str:
-    import json
-
+    """``payload`` to ``path`` atomically (a temporary file, then a rename)."""
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
