@@ -232,3 +232,17 @@ def test_a_plan_that_barely_changes_the_network_warns_naming_what_blocks_it():
     assert any("residual addition" in b.construct for b in p.blockers) and "prunable:" in str(p)
     with pytest.warns(UserWarning, match=r"keeps 100.0% of the FLOPs.*kept whole: .*residual addition"):
         plan(model, 0.02, scope="local", min_channels=1, example_inputs=x)  # rounds to nothing removed
+
+
+def test_switching_between_train_and_eval_mode_traces_each_mode_once():
+    model, x = M.vgg_small(widths=(8, 8, 16)), torch.randn(1, 3, 16, 16)
+    start = CG.traces[0]
+    for _ in range(3):
+        model.train()
+        train_graph = channel_graph(model, x)
+        model.eval()
+        eval_graph = channel_graph(model, x)
+    assert CG.traces[0] - start == 2 and train_graph is not eval_graph
+    apply(model, plan(model, 0.5, example_inputs=x), inplace=True)  # both handed over narrowed
+    model.train()
+    assert channel_graph(model, x).flops_total == _hook_flops(model, x) and CG.traces[0] - start == 2
