@@ -347,6 +347,8 @@ class _Analysis:
             if self.calls.get(node.target, 0) > 1:
                 return f"module called {self.calls[node.target]} times ({type(m).__name__})"
             if isinstance(m, nn.Conv2d) and m.groups > 1:
+                if m.in_channels == m.out_channels:
+                    return f"depthwise/grouped convolution not followed by its own BatchNorm ({type(m).__name__})"
                 return f"grouped convolution with in != out channels ({type(m).__name__})"
             return f"module {type(m).__name__}"
         if node.target in ADD_TARGETS or node.target in (operator.sub, torch.sub, "sub"):
