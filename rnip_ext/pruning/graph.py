@@ -422,7 +422,18 @@ class _Analysis:
             elif kind == "depthwise" and not flattened and not _other_node_args(user, start):
                 dw = self.modules[user.target]
                 (bn_user,) = user.users if len(user.users) == 1 else (None,)
-                if dw.in_channels != channels or bn_user is None or self.kind(bn_user) != "bn":
+                if dw.in_channels != channels:
+                    return user
+                if (bn_user is None or self.kind(bn_user) != "bn") and dw.groups == channels:
+                    # A separable conv (depthwise, then straight on): the depthwise filter goes
+                    # with the channel, and the walk goes on through it.
+                    group.depthwise.append(user.target)
+                    seen.add(user)
+                    blocker = self.follow(user, source, group, channels, path + [user], False, seen)
+                    if blocker is not None:
+                        return blocker
+                    continue
+                if bn_user is None or self.kind(bn_user) != "bn":
                     return user
                 if self.modules[bn_user.target].num_features != channels or len(bn_user.args) != 1:
                     return bn_user
