@@ -58,13 +58,18 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> 
 
 
 def _signature(model: nn.Module) -> tuple:
-    """What the graph depends on: module objects, types, modes and tensor shapes."""
+    """What the graph depends on: module objects, types and tensor shapes."""
     sig = []
     for name, m in model.named_modules():
         shapes = tuple((k, None if t is None else tuple(t.shape))
                        for k, t in (*m._parameters.items(), *m._buffers.items()))
-        sig.append((name, id(m), m.training, shapes))
+        sig.append((name, id(m), shapes))
     return tuple(sig)
+
+
+def _modes(model: nn.Module) -> tuple:
+    """Every module's training flag: a forward may branch on it (auxiliary heads), so the trace does."""
+    return tuple(m.training for m in model.modules())
 
 
 def _input_key(example_inputs) -> tuple | None:
@@ -247,12 +252,13 @@ def channel_graph(model: nn.Module, example_inputs=None) -> ChannelGraph:
     """The :class:`ChannelGraph` of ``model`` for inputs shaped like ``example_inputs`` (cached).
 
     Built by one ``torch.fx`` trace and, with ``example_inputs``, one shape propagation; reused
-    while the model's structure (modules, their modes and tensor shapes) is unchanged. Raises
+    while the model's structure (modules and tensor shapes) is unchanged, one per input shape
+    and training mode (a forward may branch on ``self.training``). Raises
     :class:`~rnip_ext.pruning.PruningTraceError` when the model's own forward cannot be traced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    key = _input_key(example_inputs)
+    key = (_input_key(example_inputs), _modes(model))  # one graph per input shape and mode
     sig = _signature(model)
     entries = _CACHE.setdefault(model, {})
     hit = entries.get(key)

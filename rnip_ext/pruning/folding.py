@@ -58,8 +58,19 @@ def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], module
     for node in path:
         if node.meta.get("rnip_gate"):
             continue  # multiplies by a varying gate: only a zero constant survives as a constant
+        if _depthwise(node, modules):  # a constant map through a depthwise filter: v * sum(w) + b
+            conv = modules[node.target]
+            value = value * conv.weight.detach()[removed].sum((1, 2, 3)).reshape(1, -1, 1, 1)
+            if conv.bias is not None:
+                value = value + conv.bias.detach()[removed].reshape(1, -1, 1, 1)
+            continue
         value = _apply_node(node, value, modules)
     return value.reshape(-1)
+
+
+def _depthwise(node: fx.Node, modules: dict) -> bool:
+    m = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 _AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
@@ -78,7 +89,11 @@ def _avg_pool_settings(node: fx.Node, modules: dict) -> tuple | None:
 
 def _keeps_constants(node: fx.Node, modules: dict) -> bool:
     """Whether a constant map stays the same constant: not so for an average pool that counts
-    zero padding (the border windows) or divides by an overridden divisor (everywhere)."""
+    zero padding (the border windows) or divides by an overridden divisor (everywhere), nor for
+    a zero-padded depthwise conv (the border windows)."""
+    if _depthwise(node, modules):
+        conv = modules[node.target]
+        return conv.padding_mode != "zeros" or all(p == 0 for p in conv._reversed_padding_repeated_twice)
     settings = _avg_pool_settings(node, modules)
     if settings is None:
         return True

@@ -25,7 +25,6 @@ import contextlib
 import io
 import math
 import operator
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -348,6 +347,8 @@ class _Analysis:
             if self.calls.get(node.target, 0) > 1:
                 return f"module called {self.calls[node.target]} times ({type(m).__name__})"
             if isinstance(m, nn.Conv2d) and m.groups > 1:
+                if m.in_channels == m.out_channels:
+                    return f"depthwise/grouped convolution not followed by its own BatchNorm ({type(m).__name__})"
                 return f"grouped convolution with in != out channels ({type(m).__name__})"
             return f"module {type(m).__name__}"
         if node.target in ADD_TARGETS or node.target in (operator.sub, torch.sub, "sub"):
@@ -421,7 +422,18 @@ class _Analysis:
             elif kind == "depthwise" and not flattened and not _other_node_args(user, start):
                 dw = self.modules[user.target]
                 (bn_user,) = user.users if len(user.users) == 1 else (None,)
-                if dw.in_channels != channels or bn_user is None or self.kind(bn_user) != "bn":
+                if dw.in_channels != channels:
+                    return user
+                if (bn_user is None or self.kind(bn_user) != "bn") and dw.groups == channels:
+                    # A separable conv (depthwise, then straight on): the depthwise filter goes
+                    # with the channel, and the walk goes on through it.
+                    group.depthwise.append(user.target)
+                    seen.add(user)
+                    blocker = self.follow(user, source, group, channels, path + [user], False, seen)
+                    if blocker is not None:
+                        return blocker
+                    continue
+                if bn_user is None or self.kind(bn_user) != "bn":
                     return user
                 if self.modules[bn_user.target].num_features != channels or len(bn_user.args) != 1:
                     return bn_user
@@ -476,25 +488,8 @@ def _check_example_inputs(model: nn.Module, inputs) -> None:
                          f"got {_shapes(inputs)}")
 
 
-@contextlib.contextmanager
-def _attributes_restored(model: nn.Module):
-    """Every module's plain attributes as they were before the block: a forward on fake tensors
-    must leave no fake tensor behind in a cache (e.g. a BatchNorm's folded eval scale)."""
-    saved = [(m, dict(m.__dict__)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, before in saved:
-            for k in [k for k in m.__dict__ if k not in before]:
-                del m.__dict__[k]
-            for k, v in before.items():
-                if m.__dict__.get(k) is not v:
-                    m.__dict__[k] = v
-
-
 def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
     """Run ``gm`` once on ``example_inputs`` (eval mode, no grad) to record every node's output shape."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
 
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -505,16 +500,6 @@ def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> No
         raise ValueError(f"example_inputs do not fit {type(model).__name__}: its forward takes "
                          f"{required}{'' if required == len(placeholders) else f' to {len(placeholders)}'} "
                          f"input(s), got {len(inputs)} ({_shapes(inputs)})")
-    # Shapes only: fake tensors compute nothing (4x faster on a ResNet-50 than a real forward);
-    # a layer without a fake kernel falls back to the real run, which also names bad inputs.
-    try:
-        with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), \
-                _attributes_restored(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-        return
-    except Exception:  # any failure: the real run below says what it is, if anything
-        pass
     try:
         # ShapeProp prints a traceback of its own before raising: the ValueError below says it all.
         with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):

@@ -232,3 +232,47 @@ def test_a_plan_that_barely_changes_the_network_warns_naming_what_blocks_it():
     assert any("residual addition" in b.construct for b in p.blockers) and "prunable:" in str(p)
     with pytest.warns(UserWarning, match=r"keeps 100.0% of the FLOPs.*kept whole: .*residual addition"):
         plan(model, 0.02, scope="local", min_channels=1, example_inputs=x)  # rounds to nothing removed
+
+
+def test_switching_between_train_and_eval_mode_traces_each_mode_once():
+    model, x = M.vgg_small(widths=(8, 8, 16)), torch.randn(1, 3, 16, 16)
+    start = CG.traces[0]
+    for _ in range(3):
+        model.train()
+        train_graph = channel_graph(model, x)
+        model.eval()
+        eval_graph = channel_graph(model, x)
+    assert CG.traces[0] - start == 2 and train_graph is not eval_graph
+    apply(model, plan(model, 0.5, example_inputs=x), inplace=True)  # both handed over narrowed
+    model.train()
+    assert channel_graph(model, x).flops_total == _hook_flops(model, x) and CG.traces[0] - start == 2
+
+
+class Separable(nn.Module):
+    """conv -> BN -> act -> depthwise (no BN of its own) -> pointwise -> BN: a separable conv (VoVNet-DW)."""
+
+    def __init__(self, padding):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10)
+        self.dw = nn.Conv2d(10, 10, 3, padding=padding, groups=10)
+        self.pw, self.bn2 = nn.Conv2d(10, 6, 1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn2(self.pw(self.dw(F.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+
+
+def test_a_separable_conv_passes_the_group_through_its_depthwise_filter():
+    model, x = warmed_up(Separable(padding=0), (2, 3, 8, 8)), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.bn1.bias.uniform_(0.2, 1.0)  # removed channels output relu(beta) > 0: folded through dw into pw
+    (g,) = [g for g in find_channel_groups(model, x) if g.name == "bn1"]
+    assert g.depthwise == ["dw"] and [c.name for c in g.consumers] == ["pw"]
+    p = plan(model, 0.5, scope="local", example_inputs=x, fold="refuse")  # unpadded: the fold is exact
+    pruned = apply(model, p)
+    assert pruned.dw.groups == pruned.dw.out_channels == pruned.pw.in_channels == len(p.group_keep["bn1"]) < 10
+    assert_same_function(pruned, masked_copy(model, p.keep), x)
+    assert p.flops[1] == _hook_flops(pruned, x)
+    padded = warmed_up(Separable(padding=1), (2, 3, 8, 8))
+    with torch.no_grad():
+        padded.bn1.bias.uniform_(0.2, 1.0)
+    assert plan(padded, 0.5, scope="local", example_inputs=x).inexact_folds == ["pw"]
