@@ -53,3 +53,23 @@ def assert_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
     scale = yb.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5 * scale)
+
+
+def fake_timer(module, inputs):
+    """Deterministic seconds for latency tests: 1 ns per multiply-accumulate of the conv/linear
+    layers plus 1 us per layer call."""
+    macs = []
+
+    def hook(m, args, out):
+        per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) \
+            else m.in_features
+        macs.append(out.numel() * per_out + 1000)
+
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return 1e-9 * sum(macs)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._machine import cpu_model
 from .._validation import check_int
 from ..pruning.graph import eval_mode
 
@@ -123,18 +124,6 @@ def kernel_launching_ops(events, owners: tuple[str, ...] = ("aten::",)) -> list[
         if parent is None:
             ops.append(event.name)
     return ops
-
-
-def cpu_model() -> str:
-    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` often says only "x86_64")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

@@ -43,7 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -54,6 +53,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .._machine import cpu_model
 from .graph import analyse, eval_mode
 from .knapsack import Selection, select_widths
 from .rounding import allowed_widths, check_round_to
@@ -143,16 +143,7 @@ class TimedLayer:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def _narrow(module: nn.Module, n_in: int | None, n_out: int | None, block: int = 1) -> nn.Module:

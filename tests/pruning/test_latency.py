@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pruning_helpers import fake_timer
 from rnip_ext import BoundedBatchNorm2d
 from rnip_ext.pruning import apply, plan_from_keep
 from rnip_ext.pruning.latency import LatencyTable, WallClockTimer, grid_widths
@@ -29,26 +30,6 @@ class Net(nn.Module):
         x = torch.relu(self.n2(self.dw(torch.relu(self.n1(self.c1(x))))))
         x = torch.relu(self.n3(self.c2(x)))
         return self.fc(torch.relu(self.n4(self.c3(x))).flatten(1))
-
-
-def fake_timer(module, inputs):
-    """Deterministic seconds: 1 ns per multiply-accumulate of the conv/linear layers, 1 us per call."""
-    macs = []
-
-    def hook(m, args, out):
-        if isinstance(m, nn.Conv2d):
-            macs.append(out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] + 1000)
-        else:
-            macs.append(out.numel() * m.in_features + 1000)
-
-    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return 1e-9 * sum(macs)
 
 
 def _net():

@@ -5,30 +5,12 @@ import torch
 from torch import nn
 
 from budget_helpers import X0, loader, own_net, train_interval
+from pruning_helpers import fake_timer
 from rnip_ext import BudgetPruner, pruning
 from rnip_ext.pruning.latency import LatencyTable
 
 # A 4-epoch run cuts ahead of receding: the lag warning is expected and not the subject here.
 pytestmark = pytest.mark.filterwarnings("ignore::rnip_ext.pruner.RecedingLagWarning")
-
-
-def fake_timer(module, inputs):
-    """Deterministic seconds: 1 ns per multiply-accumulate of the conv/linear layers, 1 us per layer call."""
-    total = []
-
-    def hook(m, args, out):
-        per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) \
-            else m.in_features
-        total.append(out.numel() * per_out + 1000)
-
-    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return 1e-9 * sum(total)
 
 
 def _run(epochs=4, **budget):
