@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from budget_helpers import X0, loader, own_net, train_interval
 from pruning_helpers import fake_timer
