@@ -228,7 +228,7 @@ def test_a_plan_that_barely_changes_the_network_warns_naming_what_blocks_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p = plan(model, 0.5, example_inputs=x)  # cuts enough: no warning
-    assert 0 < p.prunable_flops < 1 and p.achieved_flops < 0.95
+    assert 0 < p.prunable_flops < 1 and p.achieved_flops < 0.9
     assert any("residual addition" in b.construct for b in p.blockers) and "prunable:" in str(p)
     with pytest.warns(UserWarning, match=r"keeps 100.0% of the FLOPs.*kept whole: .*residual addition"):
         plan(model, 0.02, scope="local", min_channels=1, example_inputs=x)  # rounds to nothing removed
