@@ -8,7 +8,8 @@ subprocess with a time limit:
 * ``rnip``: ``rnip_ext.pruning.plan(model, 0.3)`` then ``apply`` (both timed). Exactness: the
   removed channels' shifts are set to 0 after planning (the plan does not read them), and the
   pruned output is compared with the original whose removed channels also have their scale set
-  to 0 (``max |pruned - masked| / max |masked|``; "exact" below 1e-4, float32). FLOPs and
+  to 0 (``max |pruned - masked| / max |masked|``; "exact" below 1e-4 in float32, or, where
+  float32 rounding is larger in an ill-conditioned network, below 1e-9 in float64). FLOPs and
   parameters: the predicted ``(before, after)`` of the plan of the zeroed network (the same
   choice; it adds no fold biases) against :func:`rnip_ext.pruning.count_flops` and
   ``count_params`` on both networks.
@@ -62,6 +63,7 @@ LARGE = {"efficientnet_b7", "efficientnet_v2_l", "regnet_y_16gf", "regnet_y_32gf
          "vgg13_bn", "vgg16_bn", "vgg19_bn"}
 TARGET = 0.5
 EXACT_TOL = 1e-4
+EXACT_TOL_64 = 1e-9
 
 
 class _Timeout(BaseException):
@@ -179,6 +181,10 @@ def worker_rnip(source: str, name: str, size: int | None, limit: float) -> None:
     ref = masked(model, p.keep)
     ya, yb = pruned(x), ref(x)
     err = ((ya - yb).abs().max() / yb.abs().max().clamp_min(1e-30)).item()
+    err64 = None
+    if err > EXACT_TOL:  # rounding or a real difference? float64 tells (deep random nets are ill-conditioned)
+        ya, yb = copy.deepcopy(pruned).double()(x.double()), copy.deepcopy(ref).double()(x.double())
+        err64 = ((ya - yb).abs().max() / yb.abs().max().clamp_min(1e-300)).item()
     counted = (count_flops(model, x), count_flops(pruned, x))
     params = (count_params(model), count_params(pruned))
     _emit("ratio", {
@@ -187,7 +193,10 @@ def worker_rnip(source: str, name: str, size: int | None, limit: float) -> None:
         "flops_planned": list(p.flops), "flops_counted": list(counted),
         "flops_match": tuple(p.flops) == counted, "flops_kept": counted[1] / counted[0],
         "params": list(p.params), "params_match": tuple(p.params) == params, "same_choice": same_choice,
-        "rel_err": err, "exact": err <= EXACT_TOL, "approx_folds_planned": len(p_timed.inexact_folds), "warnings": [str(w.message) for w in caught], **_plan_extras(p),
+        "rel_err": err, "rel_err_float64": err64,
+        "exact": err <= EXACT_TOL or (err64 is not None and err64 <= EXACT_TOL_64),
+        "approx_folds_planned": len(p_timed.inexact_folds),
+        "warnings": [str(w.message) for w in caught], **_plan_extras(p),
     })
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -364,7 +373,8 @@ def _family_stats(rows: list[dict]) -> dict:
         "rnip_reachable": sum(bool(b.get("reachable")) for b in budget),
         "rnip_timeouts": sum(bool(r.get("timeout")) for r in rn),
         "rnip_median_s": statistics.median([r["seconds"] for r in rn_ok]) if rn_ok else None,
-        "tp_run_on": sum("tp" in r for r in rows), "tp_works": len(tp_ok), "tp_median_kept": statistics.median([r["flops_kept"] for r in tp_ok]) if tp_ok else None,
+        "tp_run_on": sum("tp" in r for r in rows), "tp_works": len(tp_ok),
+        "tp_median_kept": statistics.median([r["flops_kept"] for r in tp_ok]) if tp_ok else None,
         "tp_half": sum(bool(h.get("reaches_half")) for h in half),
         "tp_timeouts": sum(bool(r.get("timeout")) for r in tpr) + sum(bool(h.get("timeout")) for h in half),
         "tp_median_s": statistics.median([r["seconds"] for r in tp_ok]) if tp_ok else None,
@@ -378,7 +388,8 @@ def table(payload: dict) -> str:
     """The Markdown tables of docs/zoo.md: a summary per family, then one row per model."""
     import zoo_models
 
-    everything = [("timm", n) for n in zoo_models.TIMM_MODELS] + [("torchvision", n) for n in zoo_models.TORCHVISION_MODELS]
+    everything = ([("timm", n) for n in zoo_models.TIMM_MODELS]
+                  + [("torchvision", n) for n in zoo_models.TORCHVISION_MODELS])
     # rnip_ext is the subject: a model counts once rnip_ext has run on it (Torch-Pruning's row beside it).
     rows = [payload["rows"][f"{s}/{n}"] for s, n in everything if "rnip" in payload["rows"].get(f"{s}/{n}", {})]
     missing = [f"{s}/{n}" for s, n in everything if "rnip" not in payload["rows"].get(f"{s}/{n}", {})]
@@ -401,7 +412,8 @@ def table(payload: dict) -> str:
         ("Torch-Pruning ratio 0.3: run on / runs, output shape right / median MACs kept",
          lambda s: f"{s['tp_run_on']} / {s['tp_works']} / {num(s['tp_median_kept'])}"),
         ("Torch-Pruning reaches half the MACs", lambda s: f"{s['tp_half']}"),
-        ("rnip_ext reaches 0.5 where Torch-Pruning reaches half", lambda s: f"{s['half_where_tp_half']} / {s['tp_half']}"),
+        ("rnip_ext reaches 0.5 where Torch-Pruning reaches half",
+         lambda s: f"{s['half_where_tp_half']} / {s['tp_half']}"),
         ("timeouts (rnip_ext / Torch-Pruning)", lambda s: f"{s['rnip_timeouts']} / {s['tp_timeouts']}"),
         ("median seconds, plan+apply / Torch-Pruning build+step",
          lambda s: f"{num(s['rnip_median_s'], '.2f')} / {num(s['tp_median_s'], '.2f')}"),
@@ -427,7 +439,9 @@ def table(payload: dict) -> str:
             return "fails"
 
         if a.get("works"):
-            rn_cells = [f"{a['flops_kept']:.3f}", "yes" if a["exact"] else f"no ({a['rel_err']:.1e})",
+            exact = ("no" if not a["exact"] else "yes" if a.get("rel_err_float64") is None else
+                     f"float64 (float32: {a['rel_err']:.0e})")
+            rn_cells = [f"{a['flops_kept']:.3f}", exact if a["exact"] else f"no ({a['rel_err']:.1e})",
                         "yes" if a["flops_match"] and a.get("params_match", True) else "no",
                         ("yes" if b.get("reachable") else
                          ("timeout" if b.get("timeout") else "no" if b else "-")),

@@ -17,9 +17,9 @@ U(0.05, 1), shifts from U(-0.1, 0.1), running statistics from one batch. Then, a
   reachable fraction and what is kept whole, as pinned in ``UNREACHABLE``.
 
 Conversion (``convert_batchnorm``) over the same zoo is tests/nn/test_convert_zoo.py's. CI runs
-``CI_MODELS`` (10 models, 47 s of CPU time measured on the loaded 2-core machine); ``RNIP_ZOO=all`` runs all 86 (see docs/zoo.md
-and ``benchmarks/zoo.py`` for the table with Torch-Pruning side by side). Skipped with a reason
-when torchvision or timm is not installed (optional test dependencies).
+``CI_MODELS`` (10 models, 47 s of CPU time on the loaded 2-core machine); ``RNIP_ZOO=all`` runs
+all 86 (see docs/zoo.md and ``benchmarks/zoo.py`` for the table with Torch-Pruning side by side).
+Skipped with a reason when torchvision or timm is not installed (optional test dependencies).
 """
 
 import copy
@@ -60,6 +60,9 @@ NEAR_NOOP = {
 # Pruned, but target_flops=0.5 is out of reach (the error names the smallest reachable fraction
 # and what is kept whole).
 UNREACHABLE = set(NEAR_NOOP)
+# Ill-conditioned in float32 (random initialisation, one-batch statistics): the masked original
+# itself moves by 1.8e-2 of its output between float32 and float64; compared in float64.
+FLOAT64 = {("torchvision", "efficientnet_v2_l")}
 NO_OP = 0.95  # rnip_ext.pruning.plan warns above this share of the FLOPs kept
 
 PARAMS = [pytest.param(s, n, id=f"{s}-{n}") for s, n in ALL if RUN_ALL or (s, n) in CI_MODELS]
@@ -133,17 +136,22 @@ def test_zoo_prunes_exactly_or_refuses_clearly(source, name):
     masked = copy.deepcopy(model)
     _zero_removed(masked, p.keep, scales=True)
     x = torch.randn(*zoo_models.input_size(name))
+    if (source, name) in FLOAT64:
+        pruned, masked, x = pruned.double(), masked.double(), x.double()
     with torch.no_grad():
         got, want = pruned(x), masked(x)
     scale = want.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
 
+    x = x.float()
+    pruned.float()
     assert p.flops == (count_flops(model, x), count_flops(pruned, x))
     assert p.params == (count_params(model), count_params(pruned))
 
     if (source, name) in UNREACHABLE:
-        with pytest.raises(ValueError, match=r"target_flops=0\.5 cannot be met: .*smallest reachable fraction.*kept whole: "):
+        unreachable = r"target_flops=0\.5 cannot be met: .*smallest reachable fraction.*kept whole: "
+        with pytest.raises(ValueError, match=unreachable):
             plan(model, target_flops=0.5, example_inputs=x)
     else:
         b = plan(model, target_flops=0.5, example_inputs=x)
@@ -153,7 +161,7 @@ def test_zoo_prunes_exactly_or_refuses_clearly(source, name):
 
 def test_expectations_name_only_zoo_models():
     listed = set(ALL)
-    for table in (REFUSED, NEAR_NOOP, UNREACHABLE):
+    for table in (REFUSED, NEAR_NOOP, UNREACHABLE, FLOAT64):
         assert set(table) <= listed, set(table) - listed
     assert not set(REFUSED) & (set(NEAR_NOOP) | UNREACHABLE)
     assert all(re.compile(m) for _, m in REFUSED.values())
