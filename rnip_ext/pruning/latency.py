@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_int
 from .._machine import cpu_model
 from .graph import analyse, eval_mode
 from .knapsack import Selection, select_widths
@@ -291,8 +292,7 @@ class LatencyTable:
             raise TypeError(f"LatencyTable.build expects an nn.Module, got {type(model).__name__}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-            raise ValueError(f"points must be an int >= 2, got {points!r}")
+        check_int("points", points, 2)
         round_to = check_round_to(round_to)
         inputs = _as_tuple(example_inputs)
         channels, layers = _layers(model, inputs)

@@ -18,15 +18,12 @@ import statistics
 import torch
 from torch import nn
 
+from .._validation import check_int, is_number
 from .graph import eval_mode
 from .latency import CudaEventTimer, LatencyTable, WallClockTimer
 from .rounding import check_round_to, keep_best
 
 __all__ = ["check_latency_budget", "latency_table_for", "plan_to_latency"]
-
-
-def _is_number(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def check_latency_budget(target_latency=None, max_latency=None) -> tuple[str, float]:
@@ -36,10 +33,10 @@ def check_latency_budget(target_latency=None, max_latency=None) -> tuple[str, fl
         raise ValueError("give exactly one latency budget: target_latency= (a fraction of the unpruned network's "
                          "measured latency) or max_latency= (seconds per forward pass)")
     if target_latency is not None:
-        if not _is_number(target_latency) or not 0.0 < target_latency <= 1.0:
+        if not is_number(target_latency) or not 0.0 < target_latency <= 1.0:
             raise ValueError(f"target_latency must be a fraction in (0, 1], got {target_latency!r}")
         return "target_latency", float(target_latency)
-    if not _is_number(max_latency) or max_latency <= 0:
+    if not is_number(max_latency) or max_latency <= 0:
         raise ValueError(f"max_latency must be a positive number of seconds, got {max_latency!r}")
     return "max_latency", float(max_latency)
 
@@ -94,11 +91,9 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
 
     kind, value = check_latency_budget(target_latency, max_latency)
     round_to = check_round_to(round_to)
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be an int >= 0, got {refine!r}")
-    if not _is_number(tolerance) or not 0 < tolerance < 1:
+    check_int("min_channels", min_channels, 1)
+    check_int("refine", refine, 0)
+    if not is_number(tolerance) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
     table, widths = latency_table_for(model, example_inputs, latency_table, round_to=round_to,
                                       min_channels=min_channels, progress=progress)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_int, is_number
 from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
 from .graph import Blocker, ChannelGroup
@@ -131,10 +132,6 @@ class PruningPlan:
         return "\n".join(lines)
 
 
-def _is_number(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _check_budget(ratio, target_flops, target_params, scope) -> tuple[str, float] | None:
     """``None`` for a ratio plan, else ``("flops" | "params", fraction)``; errors for bad combinations."""
     given = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
@@ -143,11 +140,11 @@ def _check_budget(ratio, target_flops, target_params, scope) -> tuple[str, float
         raise ValueError("pass exactly one of ratio, target_flops and target_params, got "
                          + (", ".join(given) if given else "none"))
     if ratio is not None:
-        if not _is_number(ratio) or not 0.0 <= ratio < 1.0:
+        if not is_number(ratio) or not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
         return None
     name, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
-    if not _is_number(value) or not 0.0 < value <= 1.0:
+    if not is_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"target_{name} must be a fraction of the original's count in (0, 1], got {value!r}")
     return name, float(value)
 
@@ -155,8 +152,7 @@ def _check_budget(ratio, target_flops, target_params, scope) -> tuple[str, float
 def _check_args(scope, min_channels, fold) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    check_int("min_channels", min_channels, 1)
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
 
@@ -574,10 +570,9 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
     ``min(min_channels, channels)`` channels, topped up with its best-scored ones (ties by
     position). Made by :func:`plan_from_keep`.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+    if not is_number(threshold) or not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    check_int("min_channels", min_channels, 1)
     groups = _prunable_graph(model, example_inputs).groups
     scores = group_scores(model, groups)
     keep = {}

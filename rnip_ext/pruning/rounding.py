@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._validation import is_int
+
 __all__ = ["allowed_widths", "check_round_to", "keep_best", "round_width"]
 
 
@@ -18,7 +20,7 @@ def check_round_to(round_to) -> int:
     """``round_to`` as an int >= 1 (``None`` means 1, no rounding); ``ValueError`` otherwise."""
     if round_to is None:
         return 1
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+    if not is_int(round_to) or round_to < 1:
         raise ValueError(f"round_to must be an int >= 1 (or None for no rounding), got {round_to!r}")
     return round_to
 
