@@ -61,8 +61,9 @@ NEAR_NOOP = {
 # and what is kept whole).
 UNREACHABLE = set(NEAR_NOOP)
 # Ill-conditioned in float32 (random initialisation, one-batch statistics): the masked original
-# itself moves by 1.8e-2 of its output between float32 and float64; compared in float64.
-FLOAT64 = {("torchvision", "efficientnet_v2_l")}
+# itself moves by 1.8e-2 (efficientnet_v2_l) and 3.5e-4 (resnet152) of its output between float32
+# and float64; compared in float64.
+FLOAT64 = {("torchvision", "efficientnet_v2_l"), ("torchvision", "resnet152")}
 NO_OP = 0.95  # rnip_ext.pruning.plan warns above this share of the FLOPs kept
 
 PARAMS = [pytest.param(s, n, id=f"{s}-{n}") for s, n in ALL if RUN_ALL or (s, n) in CI_MODELS]
