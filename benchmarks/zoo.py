@@ -139,6 +139,18 @@ def _timed(fn, limit: float):
     return time.perf_counter() - start, result
 
 
+def _attempt(stage: str, fn, limit: float, *, timeout: dict, error: dict):
+    """``_timed(fn, limit)``, or ``None`` once ``stage`` is reported as timed out (``timeout`` +
+    ``"timeout": True``) or failed (``error`` + the error's message)."""
+    try:
+        return _timed(fn, limit)
+    except _Timeout:
+        _emit(stage, {**timeout, "timeout": True})
+    except Exception as e:  # noqa: BLE001
+        _emit(stage, {**error, "error": _short(e)})
+    return None
+
+
 def _plan_extras(p) -> dict:
     """Whatever a plan reports beyond the counts (coverage and blockers, where the version has them)."""
     extras = {}
@@ -239,18 +251,11 @@ def worker_tp(source: str, name: str, size: int | None, limit: float) -> None:
         return pruner
 
     start = time.perf_counter()
-    try:
-        def once():
-            run(model, RATIO, 1).step()
-            return None
-
-        t, _ = _timed(once, limit)
-    except _Timeout:
-        _emit("ratio", {"works": False, "timeout": True})
+    timed = _attempt("ratio", lambda: run(model, RATIO, 1).step(), limit,
+                     timeout={"works": False}, error={"works": False})
+    if timed is None:
         return
-    except Exception as e:  # noqa: BLE001
-        _emit("ratio", {"works": False, "error": _short(e)})
-        return
+    t = timed[0]
     try:
         with torch.no_grad():
             got = tuple(model(x).shape)
@@ -281,14 +286,10 @@ def worker_tp(source: str, name: str, size: int | None, limit: float) -> None:
                 return 0.9 * k / steps, kept
         return None, kept
 
-    try:
-        t2, (ratio, kept) = _timed(stepping, left)
-    except _Timeout:
-        _emit("half", {"reaches_half": None, "timeout": True})
+    timed = _attempt("half", stepping, left, timeout={"reaches_half": None}, error={"reaches_half": False})
+    if timed is None:
         return
-    except Exception as e:  # noqa: BLE001
-        _emit("half", {"reaches_half": False, "error": _short(e)})
-        return
+    t2, (ratio, kept) = timed
     _emit("half", {"reaches_half": ratio is not None, "ratio": ratio, "flops_kept": kept, "seconds": t2})
 
 
