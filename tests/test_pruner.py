@@ -240,6 +240,9 @@ def test_constructor_errors_name_the_argument():
              ({"target_flops": 0.5, "epochs": 4, "update": "adam"}, "update must be one of"),
              ({"target_flops": 0.5, "epochs": 4, "threshold": 1.0}, r"threshold must be a number in \(0, 1\)"),
              ({"target_flops": 0.5, "epochs": 4, "scope": "layer"}, "scope must be one of"),
+             ({"target_flops": 0.5, "epochs": 4, "lag_tolerance": True}, r"lag_tolerance must be a fraction"),
+             ({"target_flops": 0.5, "epochs": 4, "lag_tolerance": 1.5}, r"lag_tolerance must be a fraction"),
+             ({"target_flops": 0.5, "epochs": 4, "min_channels": 0}, "min_channels must be an int >= 1"),
              ({"target_flops": 0.001, "epochs": 30}, "cannot be met")]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
