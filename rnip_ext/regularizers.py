@@ -15,6 +15,7 @@ too. A model converted afterwards needs a new regulariser.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
@@ -73,15 +74,15 @@ class Regularizer(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class BaseRegularizer:
+class BaseRegularizer(abc.ABC):
     """Defaults of the :class:`Regularizer` protocol for a regulariser with a ``strength``:
     ``reg() = strength * penalty()``, nothing after a step, the strength as its state."""
 
     strength: float
 
+    @abc.abstractmethod
     def penalty(self) -> Tensor:
         """The unscaled penalty."""
-        raise NotImplementedError
 
     def __call__(self) -> Tensor:
         """``strength * penalty()``: the term to add to the loss."""

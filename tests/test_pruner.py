@@ -169,7 +169,7 @@ def test_timm_model_ema_follows_the_model():
 
     timm = timm_module()
     if timm is None:
-        pytest.skip("timm is not installed")
+        pytest.skip(reason="timm is not installed")
     from timm.utils import ModelEmaV3
 
     model = own_net()

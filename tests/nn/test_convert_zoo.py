@@ -72,7 +72,7 @@ def _library(source):
 @pytest.mark.parametrize("source,name", PARAMS)
 def test_conversion_keeps_the_function_or_names_why_it_cannot(source, name):
     if _library(source) is None:
-        pytest.skip(f"{source} is not installed (test extra)")
+        pytest.skip(reason=f"{source} is not installed (test extra)")
     g = torch.Generator().manual_seed(0)
     base = zoo_models.build(source, name)
     # float64 convolutions take CPU's slow path (~3x the time). CI checks in float32, where rounding

@@ -106,7 +106,7 @@ def _zero_removed(model: nn.Module, keep: dict, scales: bool) -> None:
 @pytest.mark.parametrize("source,name", PARAMS)
 def test_zoo_prunes_exactly_or_refuses_clearly(source, name):
     if _library(source) is None:
-        pytest.skip(f"{source} is not installed (optional test dependency)")
+        pytest.skip(reason=f"{source} is not installed (optional test dependency)")
     model = prepared(source, name)
     x = torch.randn(*zoo_models.input_size(name))
     if (source, name) in REFUSED:
