@@ -31,8 +31,11 @@ printed (a tqdm bar on a terminal). ``--table [JSON ...]`` prints the Markdown t
 docs/zoo.md from result files (e.g. one run per library: ``--libs rnip`` and ``--libs tp`` into
 two files, merged by model).
 
+``--residual-streams`` passes ``residual_streams=True`` to every ``plan`` of the ``rnip`` worker
+(residual streams pruned, each as one channel group; recorded in the settings).
+
 Run: ``python benchmarks/zoo.py [--family torchvision|timm|all] [--models resnet18 ...]
-[--libs rnip tp] [--timeout 120] [--out benchmarks/results/zoo_cpu.json]``.
+[--libs rnip tp] [--timeout 120] [--residual-streams] [--out benchmarks/results/zoo_cpu.json]``.
 """
 
 from __future__ import annotations
@@ -163,11 +166,16 @@ def _plan_extras(p) -> dict:
     return extras
 
 
-def worker_rnip(source: str, name: str, size: int | None, limit: float) -> None:
+def worker_rnip(source: str, name: str, size: int | None, limit: float, residual_streams: bool = False) -> None:
+    import functools
+
     import torch
 
     import zoo_models
     from rnip_ext.pruning import apply, count_flops, count_params, plan
+
+    if residual_streams:
+        plan = functools.partial(plan, residual_streams=True)
 
     torch.set_grad_enabled(False)
     model = prepared(source, name)
@@ -293,11 +301,14 @@ def worker_tp(source: str, name: str, size: int | None, limit: float) -> None:
     _emit("half", {"reaches_half": ratio is not None, "ratio": ratio, "flops_kept": kept, "seconds": t2})
 
 
-def run_worker(lib: str, source: str, name: str, size: int | None, limit: float) -> dict:
+def run_worker(lib: str, source: str, name: str, size: int | None, limit: float,
+               residual_streams: bool = False) -> dict:
     """Run one library on one model in a subprocess; the stages it reported, or how it died."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, source, name, "--timeout", str(limit)]
     if size:
         cmd += ["--size", str(size)]
+    if residual_streams:
+        cmd += ["--residual-streams"]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * limit + 300, cwd=ROOT)
@@ -475,6 +486,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=None, help="input side (default: zoo_models.input_size)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "zoo_cpu.json"))
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
+    parser.add_argument("--residual-streams", action="store_true",
+                        help="rnip_ext: plan with residual_streams=True (streams pruned as one group each)")
     parser.add_argument("--table", nargs="*", metavar="JSON",
                         help="print the Markdown tables of these result files (rows merged, later files' "
                              "libraries win; default --out) and exit")
@@ -484,7 +497,10 @@ def main(argv=None) -> None:
     if args.worker:
         lib, source, name = args.worker
         try:
-            (worker_rnip if lib == "rnip" else worker_tp)(source, name, args.size, args.timeout)
+            if lib == "rnip":
+                worker_rnip(source, name, args.size, args.timeout, args.residual_streams)
+            else:
+                worker_tp(source, name, args.size, args.timeout)
         except Exception:  # noqa: BLE001 - building the model failed: say so on stderr
             traceback.print_exc()
             sys.exit(3)
@@ -514,7 +530,7 @@ def main(argv=None) -> None:
     env["torchvision"] = package_version("torchvision")
     payload.setdefault("environment", env)
     payload["settings"] = {"ratio": RATIO, "target_flops": TARGET, "timeout_s": args.timeout, "size": args.size,
-                           "exact_tol": EXACT_TOL}
+                           "exact_tol": EXACT_TOL, "residual_streams": args.residual_streams}
     payload.setdefault("rows", {})
     todo = [(s, n) for s, n in todo if f"{s}/{n}" not in payload["rows"]
             or any(lib not in payload["rows"][f"{s}/{n}"] for lib in args.libs)]
@@ -529,7 +545,7 @@ def main(argv=None) -> None:
         row = payload["rows"].get(key, {"source": source, "name": name})
         for lib in args.libs:
             if lib not in row:
-                row[lib] = run_worker(lib, source, name, args.size, args.timeout)
+                row[lib] = run_worker(lib, source, name, args.size, args.timeout, args.residual_streams)
         row["git_commit"] = env["git_commit"]
         row["load_average_1min"] = os.getloadavg()[0]
         payload["rows"][key] = row

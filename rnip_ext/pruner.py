@@ -35,6 +35,8 @@ from ._validation import check_int, is_int, is_number
 from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, StrengthController, check_budget
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
+from .pruning.graph import check_residual_streams
+from .pruning.importance import combine_scores
 from .pruning.latency_plan import check_latency_budget, latency_table_for
 from .pruning.rounding import allowed_widths, check_round_to, keep_best
 from .regularizers import RecedingRegularizer
@@ -154,6 +156,9 @@ class BudgetPruner:
         budget_at, warmup, settle, max_step_removal: the schedule
             (:meth:`rnip_ext.budget.BudgetSchedule.make`); ``lag_tolerance``: warn when a cut
             removes more than this share of the network's cost in channels not yet receded.
+        residual_streams: ``True`` prunes residual streams too, each as one channel group (see
+            :func:`rnip_ext.pruning.plan`; not with a latency budget yet); ``False`` (default)
+            keeps them whole, as the paper does.
 
     Use: add :meth:`penalty` to the loss every step (required with ``update="loss"``), call
     :meth:`step` after each interval; :meth:`state_dict` / :meth:`load_state_dict` for
@@ -170,13 +175,17 @@ class BudgetPruner:
                  update: str = "decoupled", strength: float | None = None, shift: float = BUDGET_SHIFT,
                  max_strength: float | None = None, threshold: float = 0.01, min_channels: int = 3,
                  scope: str = "local", budget_at: float = 1 / 3, warmup: int = 2, settle: int = 2,
-                 max_step_removal: float = 0.5, lag_tolerance: float = 0.1) -> None:
+                 max_step_removal: float = 0.5, lag_tolerance: float = 0.1, residual_streams: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if example_inputs is None:
             raise ValueError("example_inputs is required: an input of the size costs are counted for, "
                              "e.g. torch.zeros(1, 3, 32, 32)")
         latency = target_latency is not None or max_latency is not None
+        self.residual_streams = check_residual_streams(residual_streams)
+        if latency and residual_streams:
+            raise ValueError("residual_streams=True is not supported with a latency budget yet: use "
+                             "target_flops or target_params")
         if latency:
             if target_flops is not None or target_params is not None:
                 raise ValueError("give exactly one budget: a latency budget and target_flops/target_params were given")
@@ -216,7 +225,8 @@ class BudgetPruner:
             self._plan_latency(self.model, self.target * self.latency_table.full)
         else:
             pruning.plan(self.model, scope=scope, min_channels=min_channels, example_inputs=example_inputs,
-                         round_to=self.round_to, **{f"target_{self.cost}": self.target})
+                         round_to=self.round_to, residual_streams=self.residual_streams,
+                         **{f"target_{self.cost}": self.target})
         start = START_STRENGTH[update] if strength is None else strength
         self.regularizer = RecedingRegularizer(self.model, start, shift, fused=False, normalize="layer")
         logit = self.regularizer.layers[0].weight
@@ -472,11 +482,11 @@ class BudgetPruner:
     def _receded_plan(self, model: nn.Module):
         """The plan removing every channel below ``threshold`` (each layer keeping ``min_channels``,
         the best-scored), or ``None`` when none has receded."""
-        groups = pruning.find_channel_groups(model, self.example_inputs)
-        importance = pruning.channel_importance(model, self.example_inputs)
+        groups = pruning.find_channel_groups(model, self.example_inputs, residual_streams=self.residual_streams)
+        importance = pruning.channel_importance(model, self.example_inputs, residual_streams=self.residual_streams)
         keep = {}
         for g in groups:
-            scores = torch.stack([importance[n] for n in g.bns]).amin(0)
+            scores = combine_scores(g, [importance[n] for n in g.bns])
             mask = scores >= self.threshold
             least = min(self.min_channels, g.channels)
             if int(mask.sum()) < least:
@@ -490,7 +500,8 @@ class BudgetPruner:
                 keep[g.name] = mask
         if not keep:
             return None
-        return pruning.plan_from_keep(model, keep, example_inputs=self.example_inputs)
+        return pruning.plan_from_keep(model, keep, example_inputs=self.example_inputs,
+                                      residual_streams=self.residual_streams)
 
     def _plan_to(self, fraction: float, scope: str):
         """The planner's plan bringing the model to ``fraction`` of the original cost, or ``None``
@@ -506,7 +517,8 @@ class BudgetPruner:
         if relative >= 1.0 or math.isclose(relative, 1.0):
             return None
         return pruning.plan(self.model, scope=scope, min_channels=self.min_channels, round_to=self.round_to,
-                            example_inputs=self.example_inputs, **{f"target_{self.cost}": relative})
+                            example_inputs=self.example_inputs, residual_streams=self.residual_streams,
+                            **{f"target_{self.cost}": relative})
 
     def _apply(self, p, emas) -> int:
         n = sum(g.channels - len(p.group_keep[g.name]) for g in p.groups)
@@ -581,7 +593,8 @@ class BudgetPruner:
         s = self.schedule
         return {"cost": self.cost, "target": self.target, "steps": s.steps, "every": self.every, "warmup": s.warmup,
                 "by": s.by, "settle": s.settle, "update": self.update, "threshold": self.threshold,
-                "min_channels": self.min_channels, "scope": self.scope, "round_to": self.round_to}
+                "min_channels": self.min_channels, "scope": self.scope, "round_to": self.round_to,
+                "residual_streams": self.residual_streams}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where :meth:`state_dict` was taken: narrows the model (a fresh, unpruned

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..ops import channel_gather_many
 from .channels import cached, module_slices, remember
-from .folding import fold_delta
+from .folding import fold_delta, group_folds
 from .layers import SLICED_TENSORS, handler_for
 from .plan import PruningPlan, _signature, plan
 
@@ -244,7 +244,10 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
     same :class:`Remap` record (old tensor, output indices, input indices); for a copy the rest is
     shared-nothing deep-copied (with its ``.grad`` cloned). ``num_batches_tracked``,
     ``requires_grad``, training mode, dtypes and devices are carried over. The constant output of
-    removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`).
+    removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`); in a
+    residual stream group (``residual_streams=True``) that constant is the stream's: the sum of
+    the constants of the BatchNorms summed into it, through the ops after each sum
+    (:mod:`rnip_ext.pruning.folding`).
 
     ``optimizer`` (optional), built for ``model``, is **rebound in place** to the pruned
     model's parameters, so that whatever refers to it keeps working: an lr scheduler
@@ -276,8 +279,9 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
         removed = _removed(g.channels, pruning_plan.group_keep[g.name])
         if len(removed) == 0:
             continue
-        for c in g.consumers:
-            delta = fold_delta(model, c, removed, modules)
+        for f in group_folds(g, removed, modules):
+            c = f.consumer
+            delta = fold_delta(model, c, removed, modules, value=f.value)
             if delta is not None:
                 deltas[c.name] = delta if c.name not in deltas else deltas[c.name] + delta
 
@@ -340,9 +344,11 @@ def prune(
     fold: str = "approximate",
     optimizer: torch.optim.Optimizer | None = None,
     inplace: bool = False,
+    residual_streams: bool = False,
 ) -> nn.Module:
     """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer, inplace=inplace)``
     (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
     return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
-                             target_flops=target_flops, target_params=target_params, fold=fold), optimizer,
+                             target_flops=target_flops, target_params=target_params, fold=fold,
+                             residual_streams=residual_streams), optimizer,
                  inplace=inplace)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from .graph import Blocker, ChannelGroup, PruningTraceError, eval_mode, groups_of, propagate_shapes, trace_for_pruning
+from .graph import (Blocker, ChannelGroup, PruningTraceError, check_residual_streams, eval_mode, groups_of,
+                    propagate_shapes, trace_for_pruning)
 from .layers import LayerCost, handler_for
 
 __all__ = ["ChannelGraph", "channel_graph", "forget", "module_slices", "count_params", "traces"]
@@ -40,7 +41,9 @@ def _expand(index: Tensor, block: int) -> Tensor:
 
 
 def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> dict[str, list]:
-    """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices."""
+    """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices
+    (a group's channels leave the outputs of all its producers, BatchNorms, channel-wise convs
+    and gates, and the inputs of all its consumers)."""
     slices: dict[str, list] = {}
 
     def put(name: str, dim: int, index: Tensor) -> None:
@@ -50,7 +53,7 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> 
         keep = group_keep[g.name]
         if len(keep) == g.channels:
             continue
-        for name in [g.producer, *g.bns, *g.depthwise, *g.gates]:
+        for name in [*g.producers, *g.bns, *g.depthwise, *g.gates]:
             put(name, 0, keep)
         for c in g.consumers:
             put(c.name, 1, _expand(keep, c.block))
@@ -90,6 +93,8 @@ class ChannelGraph:
         opaque: modules fx could not trace through, kept whole: ``{name: why}``.
         param_shapes: ``{module name: [(attr, shape)]}`` of the modules the groups slice.
         params_total: the model's parameter count.
+        residual_streams: whether residual streams are coupled into groups (see
+            :func:`rnip_ext.pruning.find_channel_groups`) or kept whole (the default).
     """
 
     groups: list[ChannelGroup]
@@ -99,6 +104,7 @@ class ChannelGraph:
     param_shapes: dict[str, list[tuple[str, tuple]]]
     params_total: int
     channelwise: set[str] = field(default_factory=set)
+    residual_streams: bool = False
 
     @property
     def flops_total(self) -> int:
@@ -191,7 +197,8 @@ class ChannelGraph:
                 new.append(("bias", (new_biases[name],)))
             shapes[name] = new
         params = self.params(full, list(new_biases))
-        return ChannelGraph(groups, list(self.blockers), costs, dict(self.opaque), shapes, params, set(self.channelwise))
+        return ChannelGraph(groups, list(self.blockers), costs, dict(self.opaque), shapes, params, set(self.channelwise),
+                            self.residual_streams)
 
 
 def _costs(model: nn.Module, gm, example_inputs, opaque: dict[str, str]) -> dict[str, LayerCost]:
@@ -229,11 +236,11 @@ def _costs(model: nn.Module, gm, example_inputs, opaque: dict[str, str]) -> dict
     return costs
 
 
-def _build(model: nn.Module, example_inputs) -> ChannelGraph:
+def _build(model: nn.Module, example_inputs, residual_streams: bool = False) -> ChannelGraph:
     gm, opaque = trace_for_pruning(model)
     traces[0] += 1
     costs = _costs(model, gm, example_inputs, opaque) if example_inputs is not None else {}
-    groups, blockers = groups_of(model, gm, opaque)
+    groups, blockers = groups_of(model, gm, opaque, residual_streams)
     # The groups keep nodes of this graph (the consumers' paths): keep nothing else alive with
     # them (the GraphModule holds the model's layers; a pruned copy's graph must not hold the original's).
     gm.graph.owning_module = None
@@ -245,31 +252,50 @@ def _build(model: nn.Module, example_inputs) -> ChannelGraph:
     names = {n for g in groups for n in g.modules()}
     shapes = {n: [(k, tuple(p.shape)) for k, p in modules[n]._parameters.items() if p is not None] for n in names}
     channelwise = {n for g in groups for n in g.depthwise}
-    return ChannelGraph(groups, blockers, costs, opaque, shapes, count_params(model), channelwise)
+    return ChannelGraph(groups, blockers, costs, opaque, shapes, count_params(model), channelwise, residual_streams)
 
 
-def channel_graph(model: nn.Module, example_inputs=None) -> ChannelGraph:
+def channel_graph(model: nn.Module, example_inputs=None, *, residual_streams: bool = False) -> ChannelGraph:
     """The :class:`ChannelGraph` of ``model`` for inputs shaped like ``example_inputs`` (cached).
 
     Built by one ``torch.fx`` trace and, with ``example_inputs``, one shape propagation; reused
-    while the model's structure (modules and tensor shapes) is unchanged, one per input shape
-    and training mode (a forward may branch on ``self.training``). Raises
-    :class:`~rnip_ext.pruning.PruningTraceError` when the model's own forward cannot be traced.
+    while the model's structure (modules and tensor shapes) is unchanged, one per input shape,
+    training mode (a forward may branch on ``self.training``) and ``residual_streams``
+    (``True``: each residual stream is one channel group, see
+    :func:`rnip_ext.pruning.find_channel_groups`; ``False``, the default: streams are kept
+    whole, as in the paper). Raises :class:`~rnip_ext.pruning.PruningTraceError` when the
+    model's own forward cannot be traced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    key = (_input_key(example_inputs), _modes(model))  # one graph per input shape and mode
+    check_residual_streams(residual_streams)
+    # One graph per input shape, mode and coupling of streams.
+    key = (_input_key(example_inputs), _modes(model), residual_streams)
     sig = _signature(model)
     entries = _CACHE.setdefault(model, {})
     hit = entries.get(key)
     if hit is not None and hit[0] == sig:
         return hit[1]
-    graph = _build(model, example_inputs)
+    graph = _build(model, example_inputs, residual_streams)
     # Shapes changed (or first use): entries for other inputs are stale too.
     entries = {k: v for k, v in entries.items() if v[0] == sig}
     entries[key] = (sig, graph)
     _CACHE[model] = entries
     return graph
+
+
+def costs_graph(model: nn.Module, example_inputs) -> ChannelGraph:
+    """A graph of ``model`` for these inputs to read costs from (they do not depend on
+    ``residual_streams``): any cached one that still matches, else the default one."""
+    if isinstance(model, nn.Module):
+        prefix = (_input_key(example_inputs), _modes(model))
+        sig = None
+        for key, (built_for, graph) in _CACHE.get(model, {}).items():
+            if key[:2] == prefix:
+                sig = sig or _signature(model)
+                if built_for == sig:
+                    return graph
+    return channel_graph(model, example_inputs)
 
 
 def remember(model: nn.Module, graphs: list[tuple[tuple | None, ChannelGraph]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .channels import channel_graph, count_params, layer_shapes_via_hooks
+from .channels import channel_graph, costs_graph, count_params, layer_shapes_via_hooks
 from .graph import PruningTraceError
 from .layers import LayerCost
 
@@ -29,7 +29,7 @@ def layer_costs(model: nn.Module, example_inputs) -> dict[str, LayerCost]:
     graph; a model fx cannot trace at all is run once with hooks, under the same cost rules)."""
     inputs = _as_tuple(example_inputs)
     try:
-        return dict(channel_graph(model, inputs).costs)
+        return dict(costs_graph(model, inputs).costs)
     except PruningTraceError:
         return layer_shapes_via_hooks(model, inputs)
 
@@ -74,14 +74,14 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
     for g in graph.groups:
         if cost == "flops":
             per_channel = 0
-            for name in [g.producer, *g.depthwise, *g.gates]:
+            for name in [*g.producers, *g.depthwise, *g.gates]:
                 c = costs[name]
                 per_channel += c.positions * c.in_per_group * c.kernel
             for consumer in g.consumers:
                 d = costs[consumer.name]
                 per_channel += d.positions * d.out_features * d.kernel * consumer.block
         else:
-            per_channel = sum(n_params(modules[n], out=True) for n in [g.producer, *g.bns, *g.depthwise, *g.gates])
+            per_channel = sum(n_params(modules[n], out=True) for n in [*g.producers, *g.bns, *g.depthwise, *g.gates])
             per_channel += sum(n_params(modules[c.name], out=False) * c.block for c in g.consumers)
         for name in g.bns:
             result[name] = per_channel / len(g.bns)

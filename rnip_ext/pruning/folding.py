@@ -6,18 +6,27 @@ computing ``W x + b`` then sees ``W[:, c] * v`` from that channel, which is move
 
     conv:   b_o += v_c * sum_{kh,kw} W[o, c, kh, kw]       (exact unless zero padding)
     linear: b_o += v_c * sum_{j in block(c)} W[o, j]
+
+In a residual stream (``residual_streams=True``) a consumer reads a sum: ``v`` is then found by
+running the stream's nodes on the constants, from the consumer's input back to the group's
+BatchNorms (each outputs its own ``f(beta)``: its scale is what removal zeroes, so its input does
+not matter). A sum adds its summands' constants, an activation after it acts on the sum (not on
+each summand), pooling keeps a constant; the result is as exact as for a plain group (approximate
+through a zero-padded kxk consumer, a zero-padding average pool, a gate).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from ..nn.norm_act import is_norm_act
-from .graph import POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer
+from .graph import ADD_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer, _is_shape_query
 
-__all__ = ["fold_report", "fold_delta", "constant_outputs"]
+__all__ = ["Fold", "fold_report", "fold_delta", "constant_outputs", "group_folds"]
 
 _DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 
@@ -45,16 +54,23 @@ def _gated(path: list[fx.Node]) -> bool:
     return any(node.meta.get("rnip_gate") for node in path)
 
 
-def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], modules: dict) -> Tensor:
-    """``f(beta)`` for the removed channels of ``bn`` after the ``path`` of pointwise ops (the
-    activation of a norm-activation layer first). Through a gate ``x * gate(x)`` a constant stays
-    constant only when it is 0; a non-zero one is reported by :func:`fold_report` as approximate
-    and dropped."""
+def _bn_constant(bn: nn.Module, removed: Tensor) -> Tensor:
+    """What the removed channels of ``bn`` output once their scale is 0: ``beta`` (0 without a
+    shift), through the activation of a norm-activation layer; shaped ``(1, R, 1, 1)``."""
     bias = getattr(bn, "bias", None)
     beta = bias.detach()[removed] if bias is not None else torch.zeros(len(removed), device=removed.device)
     value = beta.reshape(1, -1, 1, 1)
     if is_norm_act(bn):
         value = bn.act(value.clone())  # drop: identity on a constant (as in eval mode)
+    return value
+
+
+def constant_outputs(bn: nn.Module, removed: Tensor, path: list[fx.Node], modules: dict) -> Tensor:
+    """``f(beta)`` for the removed channels of ``bn`` after the ``path`` of pointwise ops (the
+    activation of a norm-activation layer first). Through a gate ``x * gate(x)`` a constant stays
+    constant only when it is 0; a non-zero one is reported by :func:`fold_report` as approximate
+    and dropped."""
+    value = _bn_constant(bn, removed)
     for node in path:
         if node.meta.get("rnip_gate"):
             continue  # multiplies by a varying gate: only a zero constant survives as a constant
@@ -111,12 +127,122 @@ def _exact(consumer: Consumer, path: list[fx.Node], modules: dict) -> bool:
     return True
 
 
-def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: dict | None = None) -> Tensor | None:
-    """The bias change of ``consumer`` for the ``removed`` channels (``None`` when all constants are 0)."""
+@dataclass
+class Fold:
+    """The constant one consumer of a group sees on the removed channels.
+
+    ``value``: per removed channel, what is folded into the consumer's bias (0 where a gate makes
+    it non-constant: dropped); ``carried``: some removed channel carries a non-zero constant on
+    the way (before a gate too); ``exact``: folding ``value`` gives exactly the network whose
+    removed channels have scale 0.
+    """
+
+    consumer: Consumer
+    value: Tensor
+    carried: bool
+    exact: bool
+
+
+def _unpadded(conv: nn.Conv2d) -> bool:
+    return conv.padding_mode != "zeros" or all(p == 0 for p in conv._reversed_padding_repeated_twice)
+
+
+class _Stream:
+    """Constants of a residual stream group's removed channels, node by node (memoised): a group
+    BatchNorm outputs its own constant; a sum adds; a gate drops (approximate when non-zero);
+    a depthwise filter gives ``v * sum(w) + b``; any other node is the pointwise op or pooling
+    the walk passed, run on the constant. Each value comes with whether it is exact."""
+
+    def __init__(self, group: ChannelGroup, removed: Tensor, modules: dict) -> None:
+        self.group, self.removed, self.modules = group, removed, modules
+        self.bns = set(group.bns)
+        self.nodes = {n.target: n for n in group.stream[0].graph.nodes if n.op == "call_module"}
+        self.memo: dict[fx.Node, tuple[Tensor, bool] | None] = {}
+
+    def carries(self, node) -> bool:
+        """Does ``node`` carry the group's channels (is it downstream of a group BatchNorm)?"""
+        return isinstance(node, fx.Node) and self.value(node) is not None
+
+    def value(self, node: fx.Node) -> tuple[Tensor, bool] | None:
+        if node not in self.memo:
+            self.memo[node] = None  # a cycle cannot occur in a graph; this guards the recursion
+            self.memo[node] = self._value(node)
+        return self.memo[node]
+
+    def _value(self, node: fx.Node) -> tuple[Tensor, bool] | None:
+        modules = self.modules
+        if node.op == "call_module" and node.target in self.bns:
+            return _bn_constant(modules[node.target], self.removed), True
+        if node.op in ("placeholder", "get_attr", "output") or _is_shape_query(node):
+            return None
+        if node.op == "call_module" and not (_depthwise(node, modules) or _passes(modules[node.target])):
+            return None  # a conv or linear layer: the gate's side of a product, never the stream
+        inputs = [a for a in node.args if isinstance(a, fx.Node) and self.carries(a)]
+        if not inputs:
+            return None
+        if node.target in ADD_TARGETS and node.op != "call_module":
+            values = [self.value(a) for a in inputs]
+            if len(inputs) == 1:  # x + x: the same summand twice
+                values = values * 2
+            return sum(v for v, _ in values), all(e for _, e in values)
+        value, exact = self.value(inputs[0])
+        carried = bool(torch.any(value != 0))
+        if node.meta.get("rnip_gate"):  # times a varying gate: only a zero constant stays constant
+            return torch.zeros_like(value), exact and not carried
+        if _depthwise(node, modules):
+            conv = modules[node.target]
+            out = value * conv.weight.detach()[self.removed].sum((1, 2, 3)).reshape(1, -1, 1, 1)
+            if conv.bias is not None:
+                out = out + conv.bias.detach()[self.removed].reshape(1, -1, 1, 1)
+            return out, exact and (not carried or _keeps_constants(node, modules))
+        out = _apply_node(node, value, modules)
+        if not isinstance(out, Tensor):
+            return None
+        return out, exact and (not carried or _keeps_constants(node, modules))
+
+    def fold(self, consumer: Consumer) -> Fold:
+        start = consumer.path[-1] if consumer.path else self.nodes[consumer.source]
+        value, exact = self.value(start)
+        value = value.reshape(-1)
+        carried = bool(torch.any(value != 0)) or not exact
+        if consumer.kind == "conv" and torch.any(value != 0):
+            exact = exact and _unpadded(self.modules[consumer.name])
+        return Fold(consumer, value, carried, exact)
+
+
+def _passes(m: nn.Module) -> bool:
+    """A module the stream walk passes through (elementwise or pooling; no conv or linear layer)."""
+    return isinstance(m, POINTWISE_MODULES + POOL_MODULES + (nn.Flatten,))
+
+
+def group_folds(group: ChannelGroup, removed: Tensor, modules: dict) -> list[Fold]:
+    """Per consumer of ``group``, the constant its ``removed`` input channels carry (see :class:`Fold`)."""
+    if group.residual:
+        stream = _Stream(group, removed, modules)
+        return [stream.fold(c) for c in group.consumers]
+    folds = []
+    for c in group.consumers:
+        v = constant_outputs(modules[c.source], removed, c.path, modules)
+        carried = bool(torch.any(v != 0))
+        gated = _gated(c.path)
+        folds.append(Fold(c, torch.zeros_like(v) if gated else v, carried,
+                          not carried or _exact(c, c.path, modules)))
+    return folds
+
+
+def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: dict | None = None,
+               value: Tensor | None = None) -> Tensor | None:
+    """The bias change of ``consumer`` for the ``removed`` channels (``None`` when all constants
+    are 0). ``value``: the constants it sees (:func:`group_folds`); by default those of its
+    source BatchNorm through its path (a plain group)."""
     modules = modules or dict(model.named_modules())
-    v = constant_outputs(modules[consumer.source], removed, consumer.path, modules)
-    if not torch.any(v != 0) or _gated(consumer.path):
-        return None  # nothing to fold, or a gated constant (not constant: reported approximate)
+    if value is None:
+        value = constant_outputs(modules[consumer.source], removed, consumer.path, modules)
+        if _gated(consumer.path):
+            return None  # a gated constant (not constant: reported approximate)
+    v = value
+    if not torch.any(v != 0):
+        return None  # nothing to fold
     layer = modules[consumer.name]
     weight = layer.weight.detach()
     if consumer.kind == "conv":
@@ -139,13 +265,10 @@ def fold_report(model: nn.Module, groups: list[ChannelGroup], group_keep: dict[s
         removed = mask.nonzero().flatten()
         if len(removed) == 0:
             continue
-        for c in g.consumers:
-            v = constant_outputs(modules[c.source], removed, c.path, modules)
-            if not torch.any(v != 0):
-                continue
-            if not _exact(c, c.path, modules) and c.name not in inexact:
-                inexact.append(c.name)
-            layer = modules[c.name]
-            if layer.bias is None and c.name not in needs_bias and not _gated(c.path):
-                needs_bias.append(c.name)
+        for f in group_folds(g, removed, modules):
+            name = f.consumer.name
+            if f.carried and not f.exact and name not in inexact:
+                inexact.append(name)
+            if torch.any(f.value != 0) and modules[name].bias is None and name not in needs_bias:
+                needs_bias.append(name)
     return inexact, needs_bias

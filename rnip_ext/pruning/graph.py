@@ -14,7 +14,19 @@ gate is a conv through an elementwise activation) couples the gate conv's output
 the group. Anything else on the way (a residual addition, a concatenation, a reshape that mixes
 channels, the graph's output, a module used twice, a module fx cannot trace) leaves the group
 alone, and is recorded as the *blocker* of that BatchNorm: that is how residual streams stay
-untouched while the inner channels of each block are pruned, as in the paper.
+untouched while the inner channels of each block are pruned, as in the paper (the default).
+
+With ``residual_streams=True`` (opt-in) a residual addition couples instead of blocking: the
+whole *stream* (every tensor summed into it, the sums, and the pointwise ops and pooling on it)
+becomes one channel group. Its BatchNorms are every BatchNorm summed into the stream with its
+own producer conv (the last BatchNorm of each block, a projection shortcut's, the stem's before
+a pool: all of them in :attr:`ChannelGroup.producers`) and every BatchNorm that reads the stream
+with no conv of its own and is summed back into it (RepVGG's identity branch: only sliced);
+every conv or linear layer reading the stream (the next blocks' convs, the next stage's
+projection, the classifier after pooling) is a consumer. A stream that meets anything else (an
+option-A shortcut's strided slicing and zero padding, a concatenation, a product that is not a
+gate, a BatchNorm reading the stream whose output is not summed back into it, the network's
+input or output) stays whole, with that construct as the blocker of its BatchNorms.
 
 Per-layer-type rules (roles, costs, slicing) come from :mod:`rnip_ext.pruning.layers`.
 """
@@ -73,6 +85,11 @@ ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 CAT_TARGETS = {torch.cat, torch.concat}
 
 
+def _is_add(node: fx.Node) -> bool:
+    """A sum of tensors: ``a + b``, ``a += b``, ``torch.add``, ``a.add(b)``, ``a.add_(b)``."""
+    return node.op in ("call_function", "call_method") and node.target in ADD_TARGETS
+
+
 @dataclass
 class Consumer:
     """A layer reading the group's channels: ``kind`` is ``"conv"`` or ``"linear"``.
@@ -109,15 +126,37 @@ class ChannelGroup:
     renormalised: bool = False
     gates: list[str] = field(default_factory=list)
     unit: int = 1
+    # Every conv whose output channels are the group's (``producers[0] == producer``): one for a
+    # plain group, one per BatchNorm summed into a residual stream with ``residual_streams=True``.
+    producers: list[str] = field(default_factory=list)
+    # A residual stream's nodes (its BatchNorms, sums, ops walked back through): empty unless the
+    # group couples a residual addition; used to fold removed channels' constants through the sums.
+    stream: list[fx.Node] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.producers:
+            self.producers = [self.producer]
 
     @property
     def name(self) -> str:
         """The group's name: its first BatchNorm."""
         return self.bns[0]
 
+    @property
+    def residual(self) -> bool:
+        """Whether the group is a residual stream (its BatchNorms' outputs are summed together)."""
+        return any(_is_add(n) for n in self.stream)
+
+    @property
+    def additions(self) -> list[str]:
+        """The graph nodes of the residual additions the group couples (empty for a plain group)."""
+        return [n.name for n in self.stream if _is_add(n)]
+
     def modules(self) -> list[str]:
-        """Every module the group slices: producer, BatchNorms, channel-wise convs, gates, consumers."""
-        return [self.producer, *self.bns, *self.depthwise, *self.gates, *(c.name for c in self.consumers)]
+        """Every module the group slices: producers, BatchNorms, channel-wise convs, gates,
+        consumers (each once: a RepVGG conv reads a stream and writes into the same stream)."""
+        names = [*self.producers, *self.bns, *self.depthwise, *self.gates, *(c.name for c in self.consumers)]
+        return list(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -240,8 +279,12 @@ def _target_name(node: fx.Node) -> str:
 
 
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None,
+                 residual_streams: bool = False) -> None:
         self.model = model
+        self.streams = residual_streams
+        # Blocking nodes whose construct the stream walk names itself (a BatchNorm reading a stream).
+        self.notes: dict[fx.Node, str] = {}
         self.modules = dict(model.named_modules())
         self.opaque = opaque or {}
         self.calls: dict[str, int] = {}
@@ -287,6 +330,8 @@ class _Analysis:
                 return "other"
             if node.target in MUL_TARGETS:
                 return "mul"
+            if node.target in ADD_TARGETS:
+                return "add"
         if node.op == "call_method":
             if node.target in POINTWISE_METHODS:
                 return "pointwise"
@@ -296,6 +341,8 @@ class _Analysis:
                 return "pool"
             if node.target in MUL_TARGETS:
                 return "mul"
+            if node.target in ADD_TARGETS:
+                return "add"
         return "other"
 
     @staticmethod
@@ -338,8 +385,12 @@ class _Analysis:
 
     def describe(self, node: fx.Node) -> str:
         """What a blocking node is, in words."""
+        if node in self.notes:
+            return self.notes[node]
         if node.op == "output":
             return "the network's output"
+        if node.op == "placeholder" and self.streams:
+            return "the network's input"
         if node.op == "call_module":
             m = self.modules[node.target]
             if node.target in self.opaque:
@@ -444,9 +495,142 @@ class _Analysis:
                 blocker = self.follow(bn_user, bn_user.target, group, channels, [], False, seen)
                 if blocker is not None:
                     return blocker
+            elif kind == "add" and self.streams and not flattened:
+                blocker = self.join_sum(user, group, channels, seen)
+                if blocker is not None:
+                    return blocker
+            elif kind == "bn" and self.streams and not flattened:
+                blocker = self.join_reader(user, group, channels, seen)
+                if blocker is not None:
+                    return blocker
             else:
                 return user
         return None
+
+    # -- residual streams (``residual_streams=True``) ---------------------------------------------
+    #
+    # ``follow`` walks forward; a stream also needs walking back, from each sum to whatever is
+    # summed into it: ``back`` does, and every node it joins is walked forward from too, so the
+    # group ends up holding the stream's whole connected region. ``seen`` keeps each node once.
+
+    def join_sum(self, add: fx.Node, group: ChannelGroup, channels: int, seen: set) -> fx.Node | None:
+        """Couple the residual addition ``add``: each summand is walked back to the BatchNorms
+        writing it, then the walk goes on forward from the sum. The blocking node, or None."""
+        operands = list(add.args)
+        if len(operands) != 2 or add.kwargs or not all(isinstance(a, fx.Node) for a in operands):
+            return add  # torch.add(a, b, alpha=...), a sum with a scalar: not a stream
+        shapes = [_shape(n) for n in (*operands, add)]
+        if all(sh is not None for sh in shapes) and len(set(shapes)) != 1:
+            return add  # broadcasting: the summands are not the same channels
+        seen.add(add)
+        group.stream.append(add)
+        for operand in operands:
+            blocker = self.back(operand, group, channels, seen)
+            if blocker is not None:
+                return blocker
+        return self.follow(add, group.name, group, channels, [add], False, seen)
+
+    def back(self, node: fx.Node, group: ChannelGroup, channels: int, seen: set) -> fx.Node | None:
+        """Walk back from ``node``, summed into the stream; the blocking node, or None."""
+        if node in seen:
+            return None
+        kind = self.kind(node)
+        if kind == "bn":
+            return self.join_writer(node, group, channels, seen)
+        if kind == "add":
+            return self.join_sum(node, group, channels, seen)
+        if kind == "mul":
+            return self.join_gate(node, group, channels, seen)
+        if kind in ("pointwise", "pool") and node.args and isinstance(node.args[0], fx.Node) \
+                and not _other_node_args(node, node.args[0]):
+            seen.add(node)
+            group.stream.append(node)
+            blocker = self.back(node.args[0], group, channels, seen)
+            if blocker is not None:
+                return blocker
+            return self.follow(node, group.name, group, channels, [node], False, seen)
+        return node  # e.g. an option-A shortcut's zero padding, a concatenation, the network's input
+
+    def join_writer(self, bn_node: fx.Node, group: ChannelGroup, channels: int, seen: set) -> fx.Node | None:
+        """A BatchNorm summed into the stream: with its producer conv (a block's last BatchNorm, a
+        projection shortcut's, the stem's), or reading the stream itself with no conv of its own
+        (RepVGG's identity branch). The blocking node, or None."""
+        bn = self.modules[bn_node.target]
+        if bn.num_features != channels or len(bn_node.args) != 1 or bn_node.kwargs:
+            return bn_node
+        produced = self.producer(bn_node)
+        if produced is not None and produced[0] != "conv":
+            self.notes[produced[1]] = ("depthwise/grouped convolution writing into a residual stream "
+                                       f"({type(self.modules[produced[1].target]).__name__})")
+            return produced[1]
+        if produced is not None and self.modules[produced[1].target].out_channels != channels:
+            return produced[1]
+        seen.add(bn_node)
+        group.bns.append(bn_node.target)
+        group.stream.append(bn_node)
+        if produced is not None:
+            group.producers.append(produced[1].target)
+        else:
+            src = bn_node.args[0]
+            if not isinstance(src, fx.Node):
+                return bn_node
+            if not self.summed_back(bn_node):
+                return src  # not a stream's identity branch: "no conv of its own before it", as by default
+            blocker = self.back(src, group, channels, seen)  # it must read the stream
+            if blocker is not None:
+                return blocker
+        return self.follow(bn_node, bn_node.target, group, channels, [], False, seen)
+
+    def summed_back(self, bn_node: fx.Node) -> bool:
+        """Is the output of ``bn_node`` (a BatchNorm with no conv of its own), through elementwise
+        ops only, summed into a stream?"""
+        node = bn_node
+        while len(node.users) == 1:
+            (user,) = node.users
+            if self.kind(user) == "add":
+                return True
+            if self.kind(user) != "pointwise" or _other_node_args(user, node):
+                break
+            node = user
+        return False
+
+    def join_reader(self, bn_node: fx.Node, group: ChannelGroup, channels: int, seen: set) -> fx.Node | None:
+        """A BatchNorm reached forward from the stream: joined when it has no conv of its own and
+        its output, through elementwise ops only, is summed back into a stream (RepVGG's identity
+        branch); any other BatchNorm after an addition blocks (a pre-activation block's)."""
+        bn = self.modules[bn_node.target]
+        if bn.num_features != channels or len(bn_node.args) != 1 or bn_node.kwargs:
+            return bn_node
+        if not self.summed_back(bn_node):
+            if group.residual:  # else it is what the default analysis reports: a BatchNorm on the way
+                self.notes[bn_node] = (f"BatchNorm after a residual addition ({type(bn).__name__}), "
+                                       "not summed back into it")
+            return bn_node
+        seen.add(bn_node)
+        group.bns.append(bn_node.target)
+        group.stream.append(bn_node)
+        return self.follow(bn_node, bn_node.target, group, channels, [], False, seen)
+
+    def join_gate(self, mul: fx.Node, group: ChannelGroup, channels: int, seen: set) -> fx.Node | None:
+        """``x * gate(x)`` summed into the stream (squeeze-and-excitation before the addition): the
+        gate conv joins the group, ``x`` is walked back. The blocking node, or None."""
+        args = list(mul.args)
+        if len(args) != 2 or mul.kwargs or not all(isinstance(a, fx.Node) for a in args):
+            return mul
+        for data, gate in ((args[0], args[1]), (args[1], args[0])):
+            conv = self.gate_conv(gate, channels)
+            if conv is not None and conv not in group.gates:
+                break
+        else:
+            return mul
+        mul.meta["rnip_gate"] = True
+        group.gates.append(conv)
+        seen.add(mul)
+        group.stream.append(mul)
+        blocker = self.back(data, group, channels, seen)
+        if blocker is not None:
+            return blocker
+        return self.follow(mul, group.name, group, channels, [mul], False, seen)
 
 
 @contextlib.contextmanager
@@ -461,17 +645,19 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
+def find_channel_groups(model: nn.Module, example_inputs=None, *, residual_streams: bool = False) -> list[ChannelGroup]:
     """Every prunable channel group of ``model``, in graph order.
 
     ``example_inputs`` (a tensor or a tuple of tensors), when given, runs a shape propagation so
     that ``view``/``reshape`` calls that flatten ``(N, C, H, W)`` into ``(N, C*H*W)`` and
     channel-wise gates are recognised too; ``flatten(1)`` and ``nn.Flatten`` are recognised
-    without it. The analysis is cached per model (see :func:`rnip_ext.pruning.channel_graph`).
+    without it. ``residual_streams=True`` couples each residual stream into one group instead
+    of leaving it whole (see the module docstring). The analysis is cached per model (see
+    :func:`rnip_ext.pruning.channel_graph`).
     """
     from .channels import channel_graph
 
-    return channel_graph(model, example_inputs).groups
+    return channel_graph(model, example_inputs, residual_streams=residual_streams).groups
 
 
 def _shapes(inputs) -> str:
@@ -513,11 +699,21 @@ def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> No
         ) from exc
 
 
-def groups_of(model: nn.Module, gm: fx.GraphModule,
-              opaque: dict[str, str] | None = None) -> tuple[list[ChannelGroup], list[Blocker]]:
+def check_residual_streams(residual_streams) -> bool:
+    """``residual_streams`` must be a bool (it keys the graph cache)."""
+    if not isinstance(residual_streams, bool):
+        raise TypeError(f"residual_streams must be a bool, got {type(residual_streams).__name__}")
+    return residual_streams
+
+
+def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None,
+              residual_streams: bool = False) -> tuple[list[ChannelGroup], list[Blocker]]:
     """The channel groups of a traced (and possibly shape-propagated) model, and for every
-    BatchNorm left out, what blocks it."""
-    analysis = _Analysis(model, gm, opaque)
+    BatchNorm left out, what blocks it. ``residual_streams``: couple residual streams (see the
+    module docstring) instead of blocking at their additions."""
+    analysis = _Analysis(model, gm, opaque, check_residual_streams(residual_streams))
+    if residual_streams:
+        return _stream_groups(analysis, gm)
     groups: list[ChannelGroup] = []
     blockers: list[Blocker] = []
     claimed: set[str] = set()
@@ -546,6 +742,47 @@ def groups_of(model: nn.Module, gm: fx.GraphModule,
                 c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
             groups.append(group)
             claimed.update(group.bns)
+        else:
+            where = blocker.target if blocker.op == "call_module" else blocker.name
+            blockers.append(Blocker(node.target, analysis.describe(blocker), str(where)))
+    return groups, blockers
+
+
+def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[ChannelGroup], list[Blocker]]:
+    """:func:`groups_of` with residual streams coupled: the walk from each unclaimed BatchNorm
+    (in graph order) also joins sums and walks back from them. A group that reaches no sum is
+    exactly the group the default analysis finds."""
+    groups: list[ChannelGroup] = []
+    blockers: list[Blocker] = []
+    claimed: set[str] = set()
+    for node in gm.graph.nodes:
+        if analysis.kind(node) != "bn" or node.target in claimed:
+            if node.op == "call_module" and node.target not in claimed and analysis.module(node) is None \
+                    and is_prunable_bn(analysis.modules[node.target]):
+                blockers.append(Blocker(node.target, analysis.describe(node), node.target))
+            continue
+        produced = analysis.producer(node)
+        if produced is not None and produced[0] != "conv":
+            continue  # a BN after a depthwise conv belongs to the group of the BN before it
+        bn = analysis.modules[node.target]
+        if produced is not None and analysis.modules[produced[1].target].out_channels != bn.num_features:
+            continue
+        group = ChannelGroup([], "", bn.num_features, producers=[""])
+        group.producers.clear()
+        blocker = analysis.join_writer(node, group, bn.num_features, set())
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if blocker is None and group.producers:
+            group.producer = group.producers[0]
+            if not group.residual:
+                group.stream = []  # a plain group: as the default analysis has it
+            group.renormalised = bool(group.consumers) and all(
+                c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
+            groups.append(group)
+            claimed.update(group.bns)
+        elif produced is None and (blocker is None or blocker is src):
+            what = (f"no conv of its own before it ({analysis.describe(src)})" if src is not None
+                    else "no conv of its own before it")
+            blockers.append(Blocker(node.target, what, src.name if src is not None else node.target))
         else:
             where = blocker.target if blocker.op == "call_module" else blocker.name
             blockers.append(Blocker(node.target, analysis.describe(blocker), str(where)))

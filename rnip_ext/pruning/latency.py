@@ -196,8 +196,9 @@ def _layers(model: nn.Module, example_inputs) -> tuple[dict[str, int], list[Time
         return layers.setdefault(name, {"in_group": None, "out_group": None, "block": 1, "norm": None})
 
     for g in groups:
-        e = entry(g.producer)
-        e["out_group"], e["norm"] = g.name, g.bns[0]
+        for producer in g.producers:
+            e = entry(producer)
+            e["out_group"], e["norm"] = g.name, g.bns[0]
         for dw, bn in zip(g.depthwise, g.bns[1:]):
             e = entry(dw)
             e["in_group"] = e["out_group"] = g.name

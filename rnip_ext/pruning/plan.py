@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .._validation import check_int, is_number
 from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
-from .graph import Blocker, ChannelGroup
+from .graph import Blocker, ChannelGroup, check_residual_streams
 from .importance import group_scores
 from .rounding import check_round_to, keep_best, round_width
 
@@ -54,6 +54,7 @@ class PruningPlan:
         target_latency, max_latency: a latency budget (:mod:`rnip_ext.pruning.latency_plan`);
             ``latency``: ``(before, predicted, measured)`` seconds per forward pass for such a
             plan (``measured`` ``None`` when not refined), ``latency_table`` the table used.
+        residual_streams: whether the groups couple residual streams (see :func:`plan`).
     """
 
     keep: dict[str, Tensor]
@@ -80,6 +81,7 @@ class PruningPlan:
     max_latency: float | None = None
     latency: tuple | None = None
     latency_table: object = field(default=None, repr=False)
+    residual_streams: bool = False
 
     @property
     def achieved_flops(self) -> float:
@@ -117,7 +119,8 @@ class PruningPlan:
         ]
         for g in self.groups:
             kept = len(self.group_keep[g.name])
-            label = g.name + (f" (+{len(g.bns) - 1} coupled)" if len(g.bns) > 1 else "")
+            label = g.name + (f" (+{len(g.bns) - 1} coupled)" if len(g.bns) > 1 else "") \
+                + (" stream" if g.residual else "")
             lines.append(f"{label:<40} {g.channels:>6} -> {kept:<6} {kept / g.channels:>6.1%}")
         p0, p1 = self.params
         f0, f1 = self.flops
@@ -233,6 +236,7 @@ def plan(
     target_latency: float | None = None,
     max_latency: float | None = None,
     latency_table=None,
+    residual_streams: bool = False,
 ) -> PruningPlan:
     """Plan a one-shot channel pruning of ``model``, to a channel ``ratio`` or to a budget.
 
@@ -284,8 +288,22 @@ def plan(
     through the activation); :func:`apply` folds that into the next layer's bias, exactly for
     linear layers, 1x1 and unpadded convolutions, approximately for kxk zero-padded ones:
     ``fold="refuse"`` raises instead of planning such a fold.
+
+    ``residual_streams`` (default ``False``: residual streams are kept whole, as in the paper,
+    which prunes ResNet-56's inner channels only): ``True`` couples each residual stream into
+    one channel group (every BatchNorm summed into it with its producer conv, identity-branch
+    BatchNorms, every layer reading it; :func:`rnip_ext.pruning.find_channel_groups`), so the
+    stream's channels can go too, from all of them at once. A stream channel is scored by the
+    maximum over the stream's BatchNorms (:func:`rnip_ext.pruning.importance.combine_scores`):
+    it goes exactly when it has receded in every one. Streams that meet anything else (option-A
+    shortcuts, concatenations, a BatchNorm after the sum, the network's output) stay whole, named
+    in ``plan.blockers``. Not with a latency budget yet.
     """
+    check_residual_streams(residual_streams)
     if target_latency is not None or max_latency is not None:
+        if residual_streams:
+            raise ValueError("residual_streams=True is not supported with a latency budget yet "
+                             "(the latency table times the default groups): use target_flops/target_params")
         others = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
                   if v is not None]
         if others:
@@ -303,7 +321,7 @@ def plan(
     round_to = check_round_to(round_to)
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)
-    graph = _prunable_graph(model, example_inputs)
+    graph = _prunable_graph(model, example_inputs, residual_streams)
     groups = graph.groups
     # A budget that min_channels makes unreachable is reported by the budget search itself.
     _check_min_channels(groups, min_channels, float(ratio) if ratio is not None else 0.0)
@@ -453,13 +471,13 @@ def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tens
     return keep_of(hi), (None if scope == "global" else ratios[hi])
 
 
-def _prunable_graph(model: nn.Module, example_inputs) -> ChannelGraph:
+def _prunable_graph(model: nn.Module, example_inputs, residual_streams: bool = False) -> ChannelGraph:
     """The model's channel graph (one trace, cached); errors when there is nothing to prune."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         raise ValueError("example_inputs is required to count FLOPs: pass e.g. torch.randn(1, 3, 32, 32)")
-    graph = channel_graph(model, example_inputs)
+    graph = channel_graph(model, example_inputs, residual_streams=check_residual_streams(residual_streams))
     if not graph.groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
@@ -507,12 +525,13 @@ def _build_plan(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor]
         prunable_flops=graph.prunable_flops() / max(graph.flops_total, 1),
         blockers=list(graph.blockers),
         blocked=graph.blocked_summary(),
+        residual_streams=graph.residual_streams,
     )
 
 
 @torch.no_grad()
 def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
-                   fold: str = "approximate") -> PruningPlan:
+                   fold: str = "approximate", residual_streams: bool = False) -> PruningPlan:
     """A :class:`PruningPlan` that keeps exactly the given channels.
 
     ``keep`` maps a channel group's name (its first BatchNorm, see
@@ -521,10 +540,11 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
     ``unit > 1``, a block of ``unit`` channels is kept whole when any of its channels is named). Used by schedules that decide
     themselves which channels go (e.g. every channel whose importance fell below a threshold).
     ``ratio``/``scope`` of the result are the achieved fraction and ``"explicit"``.
+    ``residual_streams``: the groups to name, as for :func:`plan`.
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
-    graph = _prunable_graph(model, example_inputs)
+    graph = _prunable_graph(model, example_inputs, residual_streams)
     groups = graph.groups
     by_name = {g.name: g for g in groups}
     unknown = [n for n in keep if n not in by_name]
@@ -562,18 +582,19 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
 
 @torch.no_grad()
 def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
-                 min_channels: int = 3) -> PruningPlan | None:
+                 min_channels: int = 3, residual_streams: bool = False) -> PruningPlan | None:
     """The plan removing every receded channel, or ``None`` when none has receded.
 
     A channel has receded when its score (:func:`rnip_ext.pruning.importance.group_scores`,
     the minimum over coupled BatchNorms) is below ``threshold``; each group keeps at least
     ``min(min_channels, channels)`` channels, topped up with its best-scored ones (ties by
-    position). Made by :func:`plan_from_keep`.
+    position). Made by :func:`plan_from_keep`. ``residual_streams``: as for :func:`plan` (a
+    stream channel has receded when it has in every BatchNorm of the stream).
     """
     if not is_number(threshold) or not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
     check_int("min_channels", min_channels, 1)
-    groups = _prunable_graph(model, example_inputs).groups
+    groups = _prunable_graph(model, example_inputs, residual_streams).groups
     scores = group_scores(model, groups)
     keep = {}
     for g in groups:
@@ -583,4 +604,5 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
             mask[torch.argsort(scores[g.name], descending=True, stable=True)[:least]] = True
         if not mask.all():
             keep[g.name] = mask
-    return plan_from_keep(model, keep, example_inputs=example_inputs) if keep else None
+    return plan_from_keep(model, keep, example_inputs=example_inputs,
+                          residual_streams=residual_streams) if keep else None

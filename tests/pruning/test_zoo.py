@@ -166,3 +166,28 @@ def test_expectations_name_only_zoo_models():
         assert set(table) <= listed, set(table) - listed
     assert not set(REFUSED) & (set(NEAR_NOOP) | UNREACHABLE)
     assert all(re.compile(m) for _, m in REFUSED.values())
+
+
+# residual_streams=True: RepVGG (refused above) and a ResNet prune their streams, each as one
+# channel group, to half the FLOPs, exactly. Two models keep the CI time small.
+STREAM_MODELS = [("timm", "repvgg_a2"), ("torchvision", "resnet18")]
+
+
+@pytest.mark.parametrize("source,name", [pytest.param(s, n, id=f"{s}-{n}") for s, n in STREAM_MODELS])
+def test_zoo_residual_streams_reach_half_the_flops_exactly(source, name):
+    if _library(source) is None:
+        pytest.skip(reason=f"{source} is not installed (optional test dependency)")
+    model = prepared(source, name)
+    x = torch.randn(*zoo_models.input_size(name))
+    p = plan(model, target_flops=0.5, example_inputs=x, residual_streams=True)
+    assert p.achieved_flops <= 0.5 and any(g.residual for g in p.groups)
+    _zero_removed(model, p.keep, scales=False)
+    p = plan(model, target_flops=0.5, example_inputs=x, residual_streams=True)
+    pruned = apply(model, p)
+    masked = copy.deepcopy(model)
+    _zero_removed(masked, p.keep, scales=True)
+    with torch.no_grad():
+        got, want = pruned(x), masked(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert p.flops == (count_flops(model, x), count_flops(pruned, x))
+    assert p.params == (count_params(model), count_params(pruned))
