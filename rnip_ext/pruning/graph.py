@@ -391,6 +391,8 @@ class _Analysis:
             return "the network's output"
         if node.op == "placeholder" and self.streams:
             return "the network's input"
+        if node.target is F.pad and self.streams:
+            return "zero padding (F.pad, e.g. an option-A shortcut)"
         if node.op == "call_module":
             m = self.modules[node.target]
             if node.target in self.opaque:
