@@ -31,7 +31,8 @@ class PruningPlan:
             BatchNorm that loses channels (coupled BatchNorms listed with identical indices).
         groups: every prunable channel group (see :func:`find_channel_groups`).
         group_keep: kept channels per group name (all groups, pruned or not).
-        scores: the group scores the choice was made on (``min`` over coupled BatchNorms).
+        scores: the group scores the choice was made on (``min`` over chained BatchNorms,
+            ``max`` over the summed BatchNorms of a residual stream).
         params, flops: ``(before, after)`` parameter and multiply-accumulate counts, the latter
             for ``example_inputs``.
         ratio: the requested fraction of prunable channels to remove (for a plan made to a
@@ -261,8 +262,8 @@ def plan(
 
     Scores are :func:`rnip_ext.pruning.channel_importance`'s default (``"relative"``: relative
     to the layer's strongest channel where the next BatchNorm renormalises, ``sigmoid(weight)``
-    or ``|weight|`` elsewhere; a group of coupled BatchNorms scores each channel by the minimum
-    over them; see :func:`rnip_ext.pruning.importance.group_scores`).
+    or ``|weight|`` elsewhere; a group of chained BatchNorms scores each channel by the minimum
+    over them, a residual stream by the maximum; see :func:`rnip_ext.pruning.importance.group_scores`).
 
     With a ratio, ``scope="global"`` removes the ``floor(ratio * total)`` lowest-scored channels
     over all prunable layers (the paper's global quantile threshold; ties broken by position, so
@@ -586,7 +587,7 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
     """The plan removing every receded channel, or ``None`` when none has receded.
 
     A channel has receded when its score (:func:`rnip_ext.pruning.importance.group_scores`,
-    the minimum over coupled BatchNorms) is below ``threshold``; each group keeps at least
+    the minimum over chained BatchNorms, the maximum over a stream's) is below ``threshold``; each group keeps at least
     ``min(min_channels, channels)`` channels, topped up with its best-scored ones (ties by
     position). Made by :func:`plan_from_keep`. ``residual_streams``: as for :func:`plan` (a
     stream channel has receded when it has in every BatchNorm of the stream).
