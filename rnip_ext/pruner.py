@@ -157,7 +157,7 @@ class BudgetPruner:
             (:meth:`rnip_ext.budget.BudgetSchedule.make`); ``lag_tolerance``: warn when a cut
             removes more than this share of the network's cost in channels not yet receded.
         residual_streams: ``True`` prunes residual streams too, each as one channel group (see
-            :func:`rnip_ext.pruning.plan`; not with a latency budget yet); ``False`` (default)
+            :func:`rnip_ext.pruning.plan`; a latency table must be built so); ``False`` (default)
             keeps them whole, as the paper does.
 
     Use: add :meth:`penalty` to the loss every step (required with ``update="loss"``), call
@@ -183,9 +183,6 @@ class BudgetPruner:
                              "e.g. torch.zeros(1, 3, 32, 32)")
         latency = target_latency is not None or max_latency is not None
         self.residual_streams = check_residual_streams(residual_streams)
-        if latency and residual_streams:
-            raise ValueError("residual_streams=True is not supported with a latency budget yet: use "
-                             "target_flops or target_params")
         if latency:
             if target_flops is not None or target_params is not None:
                 raise ValueError("give exactly one budget: a latency budget and target_flops/target_params were given")
@@ -213,7 +210,8 @@ class BudgetPruner:
         self.latency_table = None
         if latency:
             self.latency_table, _ = latency_table_for(self.model, example_inputs, latency_table,
-                                                      round_to=self.round_to, min_channels=min_channels)
+                                                      round_to=self.round_to, min_channels=min_channels,
+                                                      residual_streams=self.residual_streams)
             if latency_kind == "max_latency":  # the schedule works in fractions of the unpruned latency
                 self.target = min(1.0, self.target / self.latency_table.full)
         self.schedule = BudgetSchedule.make(self.target, n, budget_at=budget_at, warmup=warmup, settle=settle,
@@ -277,7 +275,8 @@ class BudgetPruner:
         key = (cost, id(model), _shapes(model))
         if key not in self._counts:
             if cost == "latency":
-                groups = pruning.find_channel_groups(model, self.example_inputs)
+                groups = pruning.find_channel_groups(model, self.example_inputs,
+                                                     residual_streams=self.residual_streams)
                 self._counts[key] = self.latency_table.predict({g.name: g.channels for g in groups})
             else:
                 self._counts[key] = (pruning.count_flops(model, self.example_inputs) if cost == "flops"
@@ -477,7 +476,7 @@ class BudgetPruner:
 
         return plan_to_latency(model, example_inputs=self.example_inputs, max_latency=seconds,
                                latency_table=self.latency_table, round_to=self.round_to,
-                               min_channels=self.min_channels, refine=0)
+                               min_channels=self.min_channels, refine=0, residual_streams=self.residual_streams)
 
     def _receded_plan(self, model: nn.Module):
         """The plan removing every channel below ``threshold`` (each layer keeping ``min_channels``,

@@ -791,9 +791,10 @@ def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[Channe
     return groups, blockers
 
 
-def analyse(model: nn.Module, example_inputs=None) -> tuple[list[ChannelGroup], fx.GraphModule]:
+def analyse(model: nn.Module, example_inputs=None,
+            residual_streams: bool = False) -> tuple[list[ChannelGroup], fx.GraphModule]:
     """The channel groups and a fresh traced graph (with output shapes when ``example_inputs`` is given)."""
     gm, opaque = trace_for_pruning(model)
     if example_inputs is not None:
         propagate_shapes(model, gm, example_inputs)
-    return groups_of(model, gm, opaque)[0], gm
+    return groups_of(model, gm, opaque, residual_streams)[0], gm

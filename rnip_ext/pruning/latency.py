@@ -181,9 +181,10 @@ def _narrow(module: nn.Module, n_in: int | None, n_out: int | None, block: int =
     return m
 
 
-def _layers(model: nn.Module, example_inputs) -> tuple[dict[str, int], list[TimedLayer]]:
+def _layers(model: nn.Module, example_inputs,
+            residual_streams: bool = False) -> tuple[dict[str, int], list[TimedLayer]]:
     """The channel groups' widths and every layer pruning narrows, from one traced forward."""
-    groups, gm = analyse(model, example_inputs)
+    groups, gm = analyse(model, example_inputs, residual_streams)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group: there is nothing to time")
     modules = dict(model.named_modules())
@@ -209,6 +210,13 @@ def _layers(model: nn.Module, example_inputs) -> tuple[dict[str, int], list[Time
     result = []
     for name, e in layers.items():  # in graph order: dicts keep insertion order, groups are in graph order
         m = modules[name]
+        if e["in_group"] is not None and e["in_group"] == e["out_group"] and name not in {
+                d for g in groups for d in g.depthwise}:
+            # A conv reading a residual stream and writing into the same one (RepVGG): its time
+            # varies with the square of one width, which the table's 1-D/2-D grids do not model.
+            raise ValueError(f"layer {name!r} reads and writes the same channel group {e['in_group']!r} (a RepVGG "
+                             "block with residual_streams=True): latency tables do not support that yet; plan "
+                             "to target_flops/target_params instead")
         linear = isinstance(m, nn.Linear)
         result.append(TimedLayer(
             name=name, kind="linear" if linear else "conv", in_group=e["in_group"], out_group=e["out_group"],
@@ -229,10 +237,13 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _key(model: nn.Module, inputs: tuple, layout: str, channels: dict, layers: list[TimedLayer]) -> dict:
-    """What a table is valid for: compared field by field on load."""
+def _key(model: nn.Module, inputs: tuple, layout: str, channels: dict, layers: list[TimedLayer],
+         residual_streams: bool = False) -> dict:
+    """What a table is valid for: compared field by field on load (``residual_streams`` only
+    when set, so that tables measured before the option existed still load)."""
     device, dtype = _model_setting(model)
-    return {
+    streams = {"residual_streams": True} if residual_streams else {}
+    return {**streams,
         "format": FORMAT, "device": _device_name(device), "device_type": device.type, "torch": torch.__version__,
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "dtype": str(dtype).replace("torch.", ""),
         "layout": layout, "inputs": [list(x.shape) for x in inputs], "model": type(model).__name__,
@@ -264,6 +275,8 @@ class LatencyTable:
         self.settings, self.check, self.networks = settings, check or [], networks or []
         self.layers = [TimedLayer(**layer) for layer in key["layers"]]
         self.channels = dict(key["groups"])
+        # Whether the groups couple residual streams (tables before the option: no, the default).
+        self.residual_streams = bool(key.get("residual_streams", False))
         self._monotone = {name: _monotone(t) for name, t in times.items()}
         # (sum of the timed layers, measured whole network): the full one and the narrowed ones,
         # made monotone like the layers (a network whose layers take less is not slower).
@@ -281,14 +294,16 @@ class LatencyTable:
     @torch.no_grad()
     def build(cls, model: nn.Module, example_inputs, *, points: int = 5, round_to: int | None = None,
               min_channels: int = 3, layout: str = "contiguous", timer: Callable | None = None,
-              check: bool = True, progress: bool = True) -> "LatencyTable":
+              check: bool = True, progress: bool = True, residual_streams: bool = False) -> "LatencyTable":
         """Time ``model`` (in eval mode) on its device and dtype at the shape of
         ``example_inputs``: the whole network once, every narrowed layer at ``points`` widths
         per group (:func:`grid_widths` with ``round_to`` and ``min_channels``, as the planner
         will use them) and, with ``check``, at the middle of each diagonal grid cell.
         ``layout``: ``"contiguous"`` or ``"channels_last"`` (model and inputs converted for
         timing). ``timer(module, inputs) -> seconds`` defaults to :class:`CudaEventTimer` on
-        CUDA, :class:`WallClockTimer` elsewhere."""
+        CUDA, :class:`WallClockTimer` elsewhere. ``residual_streams``: time the groups of
+        :func:`rnip_ext.pruning.plan` with ``residual_streams=True`` (each residual stream one
+        group; recorded in the table's key)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"LatencyTable.build expects an nn.Module, got {type(model).__name__}")
         if layout not in LAYOUTS:
@@ -296,7 +311,7 @@ class LatencyTable:
         check_int("points", points, 2)
         round_to = check_round_to(round_to)
         inputs = _as_tuple(example_inputs)
-        channels, layers = _layers(model, inputs)
+        channels, layers = _layers(model, inputs, residual_streams)
         device, dtype = _model_setting(model)
         if timer is None:
             timer = CudaEventTimer() if device.type == "cuda" else WallClockTimer()
@@ -351,7 +366,7 @@ class LatencyTable:
             networks = []
             for k in range(points - 1):  # every group narrowed alike, from the narrowest up
                 widths = {g: w[round(k * (len(w) - 1) / (points - 1))] for g, w in grid.items()}
-                small = _narrowed_network(model, inputs, widths)
+                small = _narrowed_network(model, inputs, widths, residual_streams)
                 small_model = small.to(memory_format=fmt) if fmt is torch.channels_last else small
                 networks.append({"widths": widths, "measured": timer(small_model, cl_inputs)})
         if fmt is torch.channels_last:
@@ -359,8 +374,8 @@ class LatencyTable:
         settings = {"points": points, "round_to": round_to, "min_channels": min_channels,
                     "timer": type(timer).__name__, "full_samples": full,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        table = cls(_key(model, inputs, layout, channels, layers), grid, times, statistics.median(full), settings,
-                    networks=networks)
+        table = cls(_key(model, inputs, layout, channels, layers, residual_streams), grid, times,
+                    statistics.median(full), settings, networks=networks)
         for c in checks:
             layer = next(x for x in table.layers if x.name == c["layer"])
             c["interpolated"] = table._layer_time(layer, {layer.in_group: c["in"], layer.out_group: c["out"]})
@@ -536,8 +551,9 @@ class LatencyTable:
         groups, layers). ``narrowed=True`` accepts a network pruned from the table's (the same
         groups and layers, each group at most as wide). Returns the model's group widths."""
         inputs = _as_tuple(example_inputs)
-        channels, layers = _layers(model, inputs)
-        here = json.loads(json.dumps(_key(model, inputs, layout, channels, layers)))
+        streams = self.residual_streams
+        channels, layers = _layers(model, inputs, streams)
+        here = json.loads(json.dumps(_key(model, inputs, layout, channels, layers, streams)))
         loose = ("groups", "layers") if narrowed else ()
         for field, stored in self.key.items():
             now = here.get(field)
@@ -561,7 +577,8 @@ class LatencyTable:
         return channels
 
 
-def _narrowed_network(model: nn.Module, inputs: tuple, widths: dict[str, int]) -> nn.Module:
+def _narrowed_network(model: nn.Module, inputs: tuple, widths: dict[str, int],
+                      residual_streams: bool = False) -> nn.Module:
     """``model`` with each group keeping its first ``widths[group]`` channels (for timing only)."""
     from .apply import apply
     from .plan import plan_from_keep
@@ -569,7 +586,8 @@ def _narrowed_network(model: nn.Module, inputs: tuple, widths: dict[str, int]) -
     keep = {g: torch.arange(w) for g, w in widths.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return apply(model, plan_from_keep(model, keep, example_inputs=inputs)).eval()
+        return apply(model, plan_from_keep(model, keep, example_inputs=inputs,
+                                           residual_streams=residual_streams)).eval()
 
 
 def _monotone(times: list) -> list:

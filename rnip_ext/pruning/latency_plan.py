@@ -42,17 +42,22 @@ def check_latency_budget(target_latency=None, max_latency=None) -> tuple[str, fl
 
 
 def latency_table_for(model: nn.Module, example_inputs, table=None, *, round_to: int | None = None,
-                      min_channels: int = 3, progress: bool = True) -> tuple[LatencyTable, dict[str, int]]:
+                      min_channels: int = 3, progress: bool = True,
+                      residual_streams: bool = False) -> tuple[LatencyTable, dict[str, int]]:
     """The table to plan with and ``model``'s current group widths: ``table`` as given (a
     :class:`LatencyTable` or the path of a saved one, validated against ``model``, which may be
-    a narrowed version of the table's network), or a new one measured now (``None``)."""
+    a narrowed version of the table's network, and measured for the same ``residual_streams``),
+    or a new one measured now (``None``)."""
     if table is None:
         table = LatencyTable.build(model, example_inputs, round_to=round_to, min_channels=min_channels,
-                                   progress=progress)
+                                   progress=progress, residual_streams=residual_streams)
     elif isinstance(table, (str, os.PathLike)):
         table = LatencyTable.load(table)
     elif not isinstance(table, LatencyTable):
         raise TypeError(f"latency_table must be a LatencyTable, a path or None, got {type(table).__name__}")
+    if table.residual_streams != residual_streams:
+        raise ValueError(f"the latency table was built with residual_streams={table.residual_streams}, the plan asks "
+                         f"for residual_streams={residual_streams}: build the table with the same setting")
     widths = table.validate(model, example_inputs, narrowed=True)
     return table, widths
 
@@ -71,7 +76,7 @@ def _measured(model: nn.Module, small: nn.Module, inputs: tuple, timer, kind: st
 def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float | None = None,
                     max_latency: float | None = None, latency_table=None, round_to: int | None = None,
                     min_channels: int = 3, fold: str = "approximate", refine: int = 2,
-                    tolerance: float = 0.05, timer=None, progress: bool = True):
+                    tolerance: float = 0.05, timer=None, progress: bool = True, residual_streams: bool = False):
     """A :class:`~rnip_ext.pruning.PruningPlan` meeting a latency budget (module docstring).
 
     The table chooses the widths for a budget of predicted seconds. The table's sum of layers
@@ -84,7 +89,8 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
 
     The plan also carries ``target_latency``/``max_latency`` (the request), ``latency``:
     ``(before, predicted, measured)`` seconds (``measured`` ``None`` without ``refine``) and
-    ``latency_table``.
+    ``latency_table``. ``residual_streams``: plan over the groups of
+    :func:`rnip_ext.pruning.plan` with ``residual_streams=True`` (the table must be built so).
     """
     from .apply import apply
     from .plan import plan_from_keep
@@ -96,14 +102,15 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     if not is_number(tolerance) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
     table, widths = latency_table_for(model, example_inputs, latency_table, round_to=round_to,
-                                      min_channels=min_channels, progress=progress)
+                                      min_channels=min_channels, progress=progress,
+                                      residual_streams=residual_streams)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if timer is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         timer = CudaEventTimer() if device.type == "cuda" else WallClockTimer()
     goal = value * table.full if kind == "target_latency" else value
     before = table.predict(widths)
-    current = plan_from_keep(model, {}, example_inputs=example_inputs, fold=fold)
+    current = plan_from_keep(model, {}, example_inputs=example_inputs, fold=fold, residual_streams=residual_streams)
     # Grouped convs lose whole groups of channels: not in the latency plans yet, kept whole.
     blocks = [g.name for g in current.groups if getattr(g, "unit", 1) > 1]
     request = f"target_latency={value:g}" if kind == "target_latency" else f"max_latency={value:g} s"
@@ -121,7 +128,8 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
             raise ValueError(f"{request} cannot be met: {exc} (the unpruned network measured "
                              f"{table.full * 1e3:.3g} ms)") from exc
         keep = {g: keep_best(current.scores[g], w) for g, w in selection.widths.items() if w < widths[g]}
-        candidate = plan_from_keep(model, keep, example_inputs=example_inputs, fold=fold)
+        candidate = plan_from_keep(model, keep, example_inputs=example_inputs, fold=fold,
+                                   residual_streams=residual_streams)
         measured = None
         if refine:
             measured = _measured(model, apply(model, candidate), inputs, timer, kind, before)

@@ -298,13 +298,12 @@ def plan(
     maximum over the stream's BatchNorms (:func:`rnip_ext.pruning.importance.combine_scores`):
     it goes exactly when it has receded in every one. Streams that meet anything else (option-A
     shortcuts, concatenations, a BatchNorm after the sum, the network's output) stay whole, named
-    in ``plan.blockers``. Not with a latency budget yet.
+    in ``plan.blockers``. With a latency budget the table must be built with the same
+    ``residual_streams`` (a RepVGG stream, whose convs read and write one group, is not supported
+    by latency tables yet).
     """
     check_residual_streams(residual_streams)
     if target_latency is not None or max_latency is not None:
-        if residual_streams:
-            raise ValueError("residual_streams=True is not supported with a latency budget yet "
-                             "(the latency table times the default groups): use target_flops/target_params")
         others = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
                   if v is not None]
         if others:
@@ -316,7 +315,7 @@ def plan(
 
         return plan_to_latency(model, example_inputs=example_inputs, target_latency=target_latency,
                                max_latency=max_latency, latency_table=latency_table, round_to=round_to,
-                               min_channels=min_channels, fold=fold)
+                               min_channels=min_channels, fold=fold, residual_streams=residual_streams)
     if latency_table is not None:
         raise ValueError("latency_table goes with target_latency= or max_latency=")
     round_to = check_round_to(round_to)

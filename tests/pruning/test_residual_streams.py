@@ -18,7 +18,10 @@ from torch import nn
 from rnip_ext import BoundedBatchNorm2d, BudgetPruner
 from rnip_ext import models as M
 from rnip_ext.pruning import apply, channel_graph, channel_importance, count_flops, count_params, find_channel_groups, plan
+from pruning_helpers import fake_timer
 from rnip_ext.pruning.importance import group_scores
+from rnip_ext.pruning.latency import LatencyTable
+from rnip_ext.pruning.latency_plan import plan_to_latency
 
 
 class Basic(nn.Module):
@@ -311,15 +314,28 @@ def test_option_a_shortcuts_keep_resnet_cifar_streams_whole():
 
 def test_budget_pruner_takes_the_option():
     x = torch.randn(1, 3, 16, 16)
-    model = M.resnet_cifar(20)
     pruner = BudgetPruner(TwoBlocksBounded(), x, target_flops=0.4, epochs=6, residual_streams=True)
     assert pruner.residual_streams and pruner.state_dict()["settings"]["residual_streams"] is True
     with pytest.raises(ValueError, match="cannot be met"):
         BudgetPruner(TwoBlocksBounded(), x, target_flops=0.4, epochs=6)
-    with pytest.raises(ValueError, match="latency budget"):
-        plan(model, target_latency=0.5, example_inputs=x, residual_streams=True)
     with pytest.raises(TypeError, match="residual_streams must be a bool"):
         BudgetPruner(TwoBlocksBounded(), x, target_flops=0.4, epochs=6, residual_streams="yes")
+
+
+def test_latency_table_times_the_stream_groups():
+    x = torch.randn(2, 3, 16, 16)
+    model = prepared(TwoBlocks(), x)
+    table = LatencyTable.build(model, x, points=3, min_channels=2, timer=fake_timer, progress=False,
+                               residual_streams=True)
+    assert table.residual_streams and set(table.channels) == {"bn1", "block1.bn1", "block2.down.1", "block2.bn1"}
+    p = plan_to_latency(model, example_inputs=x, target_latency=0.3, latency_table=table, min_channels=2,
+                        timer=fake_timer, residual_streams=True)
+    assert {"bn1", "block2.down.1"} <= set(p.keep)  # the streams narrowed too
+    assert fake_timer(apply(model, p), (x,)) <= 0.3 * table.full * (1 + 1e-9)
+    with pytest.raises(ValueError, match="built with residual_streams=True"):
+        plan(model, target_latency=0.3, example_inputs=x, latency_table=table)
+    with pytest.raises(ValueError, match="reads and writes the same channel group"):
+        LatencyTable.build(RepNet(), x, points=2, timer=fake_timer, progress=False, residual_streams=True)
 
 
 def TwoBlocksBounded() -> nn.Module:
