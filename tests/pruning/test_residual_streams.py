@@ -9,6 +9,7 @@ and with the shifts kept where every fold is exact (the constants summed through
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -338,8 +339,53 @@ def test_latency_table_times_the_stream_groups():
         LatencyTable.build(RepNet(), x, points=2, timer=fake_timer, progress=False, residual_streams=True)
 
 
-def TwoBlocksBounded() -> nn.Module:
+def TwoBlocksBounded(k: int = 3) -> nn.Module:
     """TwoBlocks with bounded BatchNorms (what BudgetPruner regularises)."""
     from rnip_ext import convert_batchnorm
 
-    return convert_batchnorm(TwoBlocks())
+    return convert_batchnorm(TwoBlocks(k=k))
+
+
+@torch.no_grad()
+def test_bounded_batchnorms_prune_exactly_with_streams():
+    """Bounded BatchNorms: a removed channel has logit -inf (scale sigmoid(-inf) = 0) in every
+    BatchNorm of its group; their shifts, where they have one, are folded through the sums."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(1)
+    model = TwoBlocksBounded(k=1)
+    bns = [m for m in model.modules() if isinstance(m, BoundedBatchNorm2d)]
+    for m in bns:
+        m.weight.normal_(0.0, 2.0)
+        if m.bias is not None:
+            m.bias.uniform_(-0.1, 0.1)
+    model.train()
+    model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    p = plan(model, 0.4, example_inputs=x, residual_streams=True)
+    assert {"bn1", "block2.down.1"} <= set(p.keep) and p.inexact_folds == []
+    reference = copy.deepcopy(model)
+    modules = dict(reference.named_modules())
+    for name, kept in p.keep.items():
+        removed = torch.ones(modules[name].num_features, dtype=torch.bool)
+        removed[kept] = False
+        modules[name].weight[removed] = -math.inf
+    got, want = apply(model, p)(x), reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_budget_pruner_narrows_the_stream_in_a_training_loop():
+    from budget_helpers import X0, loader, own_net, train_interval
+
+    model = own_net(0)  # stem -> one residual block -> wide middle -> head; bounded BatchNorms
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = loader(0)
+    pruner = BudgetPruner(model, X0, target_flops=0.3, epochs=6, optimizer=opt, residual_streams=True)
+    for _ in range(6):
+        train_interval(model, data, opt, pruner)
+        pruner.step(opt)
+    assert count_flops(model, X0) <= 0.3 * pruner.original_flops
+    # The stream (stem BatchNorm + the block's last one) lost channels, alike in both.
+    assert model.stem[1].num_features == model.block.bn2.num_features < 8
+    assert model.block.conv1.in_channels == model.mid[0].in_channels == model.stem[1].num_features
+    train_interval(model, data, opt, None)  # training goes on with the narrowed network
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 2)
