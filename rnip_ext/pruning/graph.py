@@ -114,6 +114,13 @@ class ChannelGroup:
     passes through; ``gates``: convolutions whose output channels gate the group's channels
     (``x * sigmoid(conv(...))``), sliced on their outputs; ``unit``: channels are removed in
     aligned blocks of this many (the widest group of a grouped convolution on the way; 1 without).
+
+    ``producers``: every conv whose output channels are the group's, sliced on their outputs;
+    ``producer`` is the first (a plain group has one; a residual stream, with
+    ``residual_streams=True``, one per BatchNorm summed into it with a conv of its own). A conv
+    may be both a producer and a consumer of one stream group (RepVGG: it reads the stream and
+    writes into it). ``stream``: the stream's graph nodes (empty for a plain group), read when
+    folding; :attr:`residual` and :attr:`additions` say whether and which sums it couples.
     """
 
     bns: list[str]
@@ -134,7 +141,7 @@ class ChannelGroup:
     stream: list[fx.Node] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.producers:
+        if not self.producers and self.producer:
             self.producers = [self.producer]
 
     @property
@@ -769,8 +776,7 @@ def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[Channe
         bn = analysis.modules[node.target]
         if produced is not None and analysis.modules[produced[1].target].out_channels != bn.num_features:
             continue
-        group = ChannelGroup([], "", bn.num_features, producers=[""])
-        group.producers.clear()
+        group = ChannelGroup([], "", bn.num_features)  # the walk fills BatchNorms and producers
         blocker = analysis.join_writer(node, group, bn.num_features, set())
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if blocker is None and group.producers:
