@@ -508,8 +508,8 @@ def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> No
         cause = exc.__cause__ or exc
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ValueError(
-            f"example_inputs do not fit {type(model).__name__}: got {_shapes(inputs)} "
-            f"({type(cause).__name__}: {detail})"
+            f"example_inputs do not fit {type(model).__name__}, or its forward fails on them: got "
+            f"{_shapes(inputs)} ({type(cause).__name__}: {detail})"
         ) from exc
 
 
