@@ -392,7 +392,7 @@ class _Analysis:
                 return "concatenation"
             m = self.modules.get(inner.target) if inner.op == "call_module" else None
             if isinstance(m, nn.Conv2d) and m.groups > 1 and self.calls.get(inner.target, 0) == 1:
-                what = f"a grouped convolution ({type(m).__name__}, groups={m.groups})"
+                what = f"a grouped convolution ({type(m).__name__})"
             elif m is not None and inner.target not in self.opaque and self.calls.get(inner.target, 0) == 1:
                 what = f"module {type(m).__name__}"
             else:
