@@ -17,8 +17,9 @@ U(0.05, 1), shifts from U(-0.1, 0.1), running statistics from one batch. Then, a
   reachable fraction and what is kept whole, as pinned in ``UNREACHABLE``.
 
 Conversion (``convert_batchnorm``) over the same zoo is tests/nn/test_convert_zoo.py's. CI runs
-``CI_MODELS`` (11 models; 47 s of CPU time on the loaded 2-core machine for the first 10, ese_vovnet19b_dw adds 1.3 s); ``RNIP_ZOO=all`` runs
-all 86 (see docs/zoo.md and ``benchmarks/zoo.py`` for the table with Torch-Pruning side by side).
+``CI_MODELS`` (11 models: 47 s of CPU time on the loaded 2-core machine for the first 10,
+``ese_vovnet19b_dw``, for concatenations, adds 1.3 s); ``RNIP_ZOO=all`` runs all 86 (see
+docs/zoo.md and ``benchmarks/zoo.py`` for the table with Torch-Pruning side by side).
 Skipped with a reason when torchvision or timm is not installed (optional test dependencies).
 """
 
