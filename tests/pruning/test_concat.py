@@ -205,3 +205,19 @@ def test_concatenation_needs_example_inputs_for_its_offsets():
     model = TwoBranches()
     assert {g.name for g in find_channel_groups(model)} == {"bn"}  # no shapes: a and b blocked
     assert {g.name for g in find_channel_groups(model, torch.randn(1, 3, 8, 8))} == {"a.1", "b.1", "bn"}
+
+
+def test_latency_table_times_a_concatenation_reader_at_its_full_width():
+    from pruning_helpers import fake_timer
+    from rnip_ext.pruning.latency import LatencyTable
+
+    model = _prepared(TwoBranches(with_input=True), (2, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    table = LatencyTable.build(model, x, points=3, min_channels=2, timer=fake_timer, progress=False)
+    layers = {layer.name: layer for layer in table.layers}
+    # agg reads x, a and b concatenated: one group cannot narrow it, so it is timed whole
+    # (its outputs still follow its own group, bn).
+    assert layers["agg"].in_group is None and layers["agg"].in_channels == 14 and layers["agg"].out_group == "bn"
+    assert layers["b.0"].in_group == "a.1"
+    narrow = {name: 2 for name in table.channels}
+    assert table.predict(narrow) < table.predict(table.channels)
