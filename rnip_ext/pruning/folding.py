@@ -6,16 +6,21 @@ computing ``W x + b`` then sees ``W[:, c] * v`` from that channel, which is move
 
     conv:   b_o += v_c * sum_{kh,kw} W[o, c, kh, kw]       (exact unless zero padding)
     linear: b_o += v_c * sum_{j in block(c)} W[o, j]
+
+Through a concatenation the consumer reads channel ``c`` as its input ``offset + c`` (see
+:class:`~rnip_ext.pruning.graph.Consumer`); the concatenation itself leaves a constant as it is.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from ..nn.norm_act import is_norm_act
-from .graph import POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer
+from .graph import CAT_TARGETS, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer
 
 __all__ = ["fold_report", "fold_delta", "constant_outputs"]
 
@@ -30,8 +35,10 @@ def _apply_node(node: fx.Node, value: Tensor, modules: dict) -> Tensor:
             return value  # identity on a constant (dropout as in eval mode)
         return m(value.clone())
     if node.op == "call_function":
-        if node.target in POOL_FUNCTIONS or node.target is torch.flatten:
-            return value
+        if node.target in POOL_FUNCTIONS or node.target is torch.flatten or node.target in CAT_TARGETS:
+            return value  # a concatenation: the consumer's offset places the channels
+        if node.target is operator.getitem:
+            return value  # only a slice that keeps the whole tensor is on a path
         if node.target in (nn.functional.dropout, nn.functional.dropout2d):
             return value
         args = (value.clone(), *node.args[1:])
@@ -119,10 +126,11 @@ def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: d
         return None  # nothing to fold, or a gated constant (not constant: reported approximate)
     layer = modules[consumer.name]
     weight = layer.weight.detach()
+    inputs = removed + consumer.offset  # the consumer's input channels (offset 0 unless concatenated)
     if consumer.kind == "conv":
-        per_channel = weight[:, removed].sum(dim=(2, 3))  # (out, R)
+        per_channel = weight[:, inputs].sum(dim=(2, 3))  # (out, R)
     else:
-        cols = (removed[:, None] * consumer.block + torch.arange(consumer.block, device=removed.device)).flatten()
+        cols = (inputs[:, None] * consumer.block + torch.arange(consumer.block, device=removed.device)).flatten()
         per_channel = weight[:, cols].reshape(weight.shape[0], len(removed), consumer.block).sum(2)
     return per_channel.to(v.dtype) @ v
 
