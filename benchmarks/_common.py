@@ -113,3 +113,13 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
+
+def load_note(load_start: float, load_end: float, cores: int | None = None) -> str:
+    """One line on how busy the machine was: quiet when the 1-minute load average stayed within
+    about one process (the benchmark's own, single-threaded) per core, shared otherwise."""
+    cores = cores or os.cpu_count() or 1
+    busy = max(load_start, load_end) > cores * 0.75 + 0.25
+    what = ("shared machine (other jobs running): CPU timings are noisy" if busy
+            else "quiet machine (no other jobs: the load is this benchmark's own)")
+    return (f"{what}; 1-minute load average {load_start:.2f} at the start and {load_end:.2f} at the end on "
+            f"{cores} cores; ratios are medians of per-round ratios within one run")

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, format_table, write_json  # noqa: E402
+from _common import environment, format_table, load_note, write_json  # noqa: E402
 
 from rnip_ext import BoundedBatchNorm2d  # noqa: E402
 from rnip_ext import models as M  # noqa: E402
@@ -342,9 +342,7 @@ def main_latency(args, device: torch.device) -> None:
         start = time.perf_counter()
         result = bench_latency(name, args, device)
         load_end = os.getloadavg()[0]
-        note = (f"shared machine: 1-minute load average {env['load_average_1min']:.2f} at the start and "
-                f"{load_end:.2f} at the end on {os.cpu_count()} cores (other jobs running); CPU timings are noisy, "
-                "ratios are medians of per-round ratios within one run")
+        note = load_note(env["load_average_1min"], load_end)
         payload = {"benchmark": "pruned_speed_latency",
                    "environment": {**env, "load_average_1min_end": load_end, "cpu_count": os.cpu_count(),
                                    "machine_note": note},

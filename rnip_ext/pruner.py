@@ -36,9 +36,8 @@ from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, 
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
 from .pruning.graph import check_residual_streams
-from .pruning.importance import combine_scores
 from .pruning.latency_plan import check_latency_budget, latency_table_for
-from .pruning.rounding import allowed_widths, check_round_to, keep_best
+from .pruning.rounding import check_round_to
 from .regularizers import RecedingRegularizer
 
 __all__ = ["BudgetPruner", "PruneStep", "RecedingLagWarning", "UPDATES", "narrow_to", "unwrap_model"]
@@ -479,28 +478,11 @@ class BudgetPruner:
                                min_channels=self.min_channels, refine=0, residual_streams=self.residual_streams)
 
     def _receded_plan(self, model: nn.Module):
-        """The plan removing every channel below ``threshold`` (each layer keeping ``min_channels``,
-        the best-scored), or ``None`` when none has receded."""
-        groups = pruning.find_channel_groups(model, self.example_inputs, residual_streams=self.residual_streams)
-        importance = pruning.channel_importance(model, self.example_inputs, residual_streams=self.residual_streams)
-        keep = {}
-        for g in groups:
-            scores = combine_scores(g, [importance[n] for n in g.bns])
-            mask = scores >= self.threshold
-            least = min(self.min_channels, g.channels)
-            if int(mask.sum()) < least:
-                mask[torch.argsort(scores, descending=True, stable=True)[:least]] = True
-            if self.round_to > 1 and not mask.all():  # round up: the best receded channels stay
-                step = math.lcm(self.round_to, g.unit)
-                width = next(w for w in allowed_widths(g.channels, step, self.min_channels) if w >= int(mask.sum()))
-                mask = torch.zeros_like(mask)
-                mask[keep_best(scores, width)] = True
-            if not mask.all():
-                keep[g.name] = mask
-        if not keep:
-            return None
-        return pruning.plan_from_keep(model, keep, example_inputs=self.example_inputs,
-                                      residual_streams=self.residual_streams)
+        """The plan removing every channel below ``threshold`` (:func:`rnip_ext.pruning.plan_receded`),
+        or ``None`` when none has receded."""
+        return pruning.plan_receded(model, example_inputs=self.example_inputs, threshold=self.threshold,
+                                    min_channels=self.min_channels, round_to=self.round_to,
+                                    residual_streams=self.residual_streams)
 
     def _plan_to(self, fraction: float, scope: str):
         """The planner's plan bringing the model to ``fraction`` of the original cost, or ``None``

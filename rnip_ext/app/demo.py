@@ -282,18 +282,17 @@ class _Demo:
         return splits, torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=self.device)
 
     def config(self, method: str, strength: float, shift: float, seed: int, model, example, splits) -> dict:
-        """What ``rnip train`` records in ``config.json`` for these settings (what the other commands read)."""
+        """What ``rnip train`` records in ``config.json`` for these settings (the same
+        :meth:`TrainSpec.config` and resolved fields; what the other commands read)."""
+        from .spec import TrainSpec  # spec reads this module's defaults at import
+        from .train import record_resolved
 
-        return {"arch": ARCH, "dataset": DATASET, "data_dir": None, "method": method, "strength": strength,
-                "shift": shift, "penalty": "layer" if method == "rni" else None, "epochs": self.epochs, **RECIPE,
-                "seed": seed, "device": str(self.device.type), "amp": "none", "channels_last": False,
-                "compile": False, "image_size": image_size_for(ARCH, DATASET), "bn": bn_kind(method),
-                "optimizer": "SGD(momentum=0.9, nesterov=True)", "schedule": "lr/10 at 50% and 75% of epochs",
-                "num_classes": splits.num_classes, "in_channels": splits.in_channels,
-                "image_size_used": splits.image_size, "resolved_device": str(self.device),
-                "params": count_params(model), "flops": count_flops(model, example), "train_size": len(splits.train),
-                "val_size": len(splits.val), "test_size": len(splits.test), "target_flops": None,
-                "receded_below": None, "receding": None, "made_by": "rnip demo"}
+        spec = TrainSpec(out=self.out, arch=ARCH, dataset=DATASET, method=method, strength=strength, shift=shift,
+                         epochs=self.epochs, seed=seed, device=self.device.type, **RECIPE)
+        config = spec.config()
+        record_resolved(config, splits, model, example, self.device, torch.get_num_threads())
+        config["made_by"] = "rnip demo"
+        return config
 
     def fit_kwargs(self, seed: int) -> dict:
         return {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "weight_decay": RECIPE["weight_decay"],

@@ -63,14 +63,16 @@ def prune(spec: PruneSpec) -> dict:
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
     # A rough speed figure next to the FLOPs, on the run's device: FLOPs alone overstate speed-ups.
     with user_errors(ValueError):
+        table = _latency_table(spec, model, example)
         outcome = prune_and_measure(model, splits, example, ratio=spec.ratio, target_flops=spec.target_flops,
                                     target_params=spec.target_params, target_latency=spec.target_latency,
-                                    round_to=spec.round_to, scope=spec.scope,
+                                    latency_table=table, round_to=spec.round_to, scope=spec.scope,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
     _print_plan(outcome, device)
     ft_config = dict(config, lr=spec.lr or config["lr"], device=spec.device or config["device"], compile=False)
     ft_config.update(source_run=os.path.abspath(spec.run_dir), ratio=spec.ratio, target_flops=spec.target_flops,
                      target_params=spec.target_params, target_latency=spec.target_latency,
+                     latency_table=None if spec.latency_table is None else os.path.abspath(spec.latency_table),
                      round_to=spec.round_to, scope=spec.scope,
                      min_channels=spec.min_channels, finetune_epochs=spec.finetune_epochs)
     resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if spec.resume else None
@@ -92,6 +94,23 @@ def prune(spec: PruneSpec) -> dict:
           f"-> {outcome.acc_pruned:.4f} pruned -> {best['test_accuracy']:.4f} fine-tuned; params {plan.params[0]:,} "
           f"-> {plan.params[1]:,}; FLOPs {plan.flops[0]:,} -> {plan.flops[1]:,}")
     return summary
+
+
+def _latency_table(spec: PruneSpec, model, example):
+    """``--latency-table PATH``: the saved table at ``PATH`` (the planner validates it against the
+    model, device and torch version), or, when ``PATH`` does not exist, a table measured now and
+    saved there (atomically; an existing file is never replaced)."""
+    path = spec.latency_table
+    if path is None or os.path.exists(path):
+        return path
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--latency-table {path}: its directory does not exist")
+    table = pruning.LatencyTable.build(model, example, round_to=spec.round_to, min_channels=spec.min_channels,
+                               progress=spec.progress)
+    with user_errors(OSError):
+        table.save(path)
+    print(f"latency table measured and saved to {path}", flush=True)
+    return table
 
 
 def _read_source(run_dir: str) -> tuple[dict, dict]:

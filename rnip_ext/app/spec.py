@@ -191,6 +191,7 @@ class PruneSpec(_FromArgs):
     target_flops: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    latency_table: str | None = None
     round_to: int | None = None
     scope: str = "global"
     min_channels: int = 3
@@ -211,6 +212,8 @@ class PruneSpec(_FromArgs):
             check_option("ratio", self.ratio, low=0, high=1)
         if self.round_to is not None:
             check_option("round-to", self.round_to, low=1)
+        if self.latency_table is not None and self.target_latency is None:
+            raise UserError("--latency-table is used only with --target-latency")
         if self.target_latency is not None and self.scope != "global":
             raise UserError("--target-latency plans over all layers at once: --scope must be global")
         for name in ("target-flops", "target-params", "target-latency"):

@@ -172,17 +172,23 @@ def _train(spec: TrainSpec, dist_ctx: D.DistributedContext | None) -> dict:
     return summary
 
 
+def record_resolved(config: dict, splits, model, example, device: torch.device, threads: int) -> None:
+    """Add to a run's ``config`` what the data, the device and the built network resolved (class
+    and channel counts, image size, sizes of the splits, parameters and FLOPs, versions)."""
+    config.update({"num_classes": splits.num_classes, "in_channels": splits.in_channels,
+                   "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
+                   "params": count_params(model), "flops": count_flops(model, example), "threads": threads,
+                   "train_size": len(splits.train), "val_size": len(splits.val),
+                   "test_size": len(splits.test) if splits.test is not None else 0})
+
+
 def _build(config: dict, splits, device: torch.device, dist_ctx, threads: int):
     """The run's network on ``device`` and an example input; records what was resolved in ``config``."""
     model = build_model(config, splits.num_classes, splits.in_channels).to(device)
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
-    config.update({"num_classes": splits.num_classes, "in_channels": splits.in_channels,
-                   "image_size_used": splits.image_size, "resolved_device": str(device), "versions": versions(),
-                   "params": count_params(model), "flops": count_flops(model, example), "threads": threads,
-                   "train_size": len(splits.train), "val_size": len(splits.val),
-                   "test_size": len(splits.test) if splits.test is not None else 0})
+    record_resolved(config, splits, model, example, device, threads)
     if dist_ctx is not None:
         # Per-process batch: the global batch is world_size * batch_size.
         config["world_size"] = dist_ctx.world_size

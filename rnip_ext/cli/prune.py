@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--target-latency", type=float, default=None,
                         help="at most this fraction of the unpruned network's latency, in (0, 1], measured on the "
                              "run's device at batch 1 (a latency table is measured first)")
+    p.add_argument("--latency-table", default=None, metavar="PATH",
+                   help="with --target-latency: a latency table saved by an earlier prune (or LatencyTable.save) "
+                        "to plan with; when PATH does not exist the table is measured and saved there")
     p.add_argument("--round-to", type=int, default=None,
                    help="every pruned layer keeps a multiple of this many channels, or all (default: no rounding)")
     p.add_argument("--scope", choices=("global", "local"), default="global",

@@ -40,11 +40,23 @@ def _expand(index: Tensor, block: int) -> Tensor:
     return (index[:, None] * block + torch.arange(block)).flatten()
 
 
+def _removed(channels: int, keep: Tensor) -> Tensor:
+    """The channel indices of ``range(channels)`` not in ``keep``, ascending."""
+    mask = torch.ones(channels, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
 def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> dict[str, list]:
     """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices
     (a group's channels leave the outputs of all its producers, BatchNorms, channel-wise convs
-    and gates, and the inputs of all its consumers)."""
+    and gates, and the inputs of all its consumers).
+
+    A consumer reading a concatenation (``width`` set) keeps every input feature except each
+    feeding group's removed channels at that group's ``offset``: ``(offset + c) * block + j``.
+    """
     slices: dict[str, list] = {}
+    concatenated: dict[str, Tensor] = {}  # consumer of a concatenation -> which input features stay
 
     def put(name: str, dim: int, index: Tensor) -> None:
         slices.setdefault(name, [None, None])[dim] = index
@@ -55,9 +67,37 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> 
             continue
         for name in [*g.producers, *g.bns, *g.depthwise, *g.gates]:
             put(name, 0, keep)
+        removed = None
         for c in g.consumers:
-            put(c.name, 1, _expand(keep, c.block))
+            if c.width is None:
+                put(c.name, 1, _expand(keep, c.block))
+                continue
+            removed = _removed(g.channels, keep) if removed is None else removed
+            mask = concatenated.setdefault(c.name, torch.ones(c.width * c.block, dtype=torch.bool))
+            mask[_expand(removed + c.offset, c.block)] = False
+    for name, mask in concatenated.items():
+        put(name, 1, mask.nonzero().flatten())
     return slices
+
+
+def _shifted_consumers(groups: list[ChannelGroup], full: dict[str, Tensor]) -> dict[tuple[str, str, int], tuple]:
+    """``{(group, consumer, offset): (new offset, new width)}`` of the concatenation consumers once
+    every group keeps ``full[group]``: a range moves left by the channels removed before it, the
+    width shrinks by all the channels removed."""
+    ranges: dict[str, list[tuple[int, int, str]]] = {}  # consumer -> [(offset, removed, group)]
+    for g in groups:
+        lost = g.channels - len(full[g.name])
+        for c in g.consumers:
+            if c.width is not None:
+                ranges.setdefault(c.name, []).append((c.offset, lost, g.name))
+    shifted = {}
+    for g in groups:
+        for c in g.consumers:
+            if c.width is not None:
+                entries = ranges[c.name]
+                before = sum(lost for at, lost, _ in entries if at < c.offset)
+                shifted[(g.name, c.name, c.offset)] = (c.offset - before, c.width - sum(e[1] for e in entries))
+    return shifted
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -174,7 +214,12 @@ class ChannelGraph:
         keeps its structure with its new width, every sliced layer its new costs and shapes."""
         full = self._full(group_keep)
         slices = module_slices(self.groups, full)
-        groups = [replace(g, channels=len(full[g.name])) for g in self.groups]
+        shifted = _shifted_consumers(self.groups, full)
+        groups = [replace(g, channels=len(full[g.name]),
+                          consumers=[c if c.width is None else replace(
+                              c, offset=shifted[(g.name, c.name, c.offset)][0],
+                              width=shifted[(g.name, c.name, c.offset)][1]) for c in g.consumers])
+                  for g in self.groups]
         costs = dict(self.costs)
         for name, (out_idx, in_idx) in slices.items():
             c = costs.get(name)

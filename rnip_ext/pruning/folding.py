@@ -7,6 +7,9 @@ computing ``W x + b`` then sees ``W[:, c] * v`` from that channel, which is move
     conv:   b_o += v_c * sum_{kh,kw} W[o, c, kh, kw]       (exact unless zero padding)
     linear: b_o += v_c * sum_{j in block(c)} W[o, j]
 
+Through a concatenation the consumer reads channel ``c`` as its input ``offset + c`` (see
+:class:`~rnip_ext.pruning.graph.Consumer`); the concatenation itself leaves a constant as it is.
+
 In a residual stream (``residual_streams=True``) a consumer reads a sum: ``v`` is then found by
 running the stream's nodes on the constants, from the consumer's input back to the group's
 BatchNorms (each outputs its own ``f(beta)``: its scale is what removal zeroes, so its input does
@@ -17,6 +20,7 @@ through a zero-padded kxk consumer, a zero-padding average pool, a gate).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..nn.norm_act import is_norm_act
-from .graph import ADD_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup, Consumer, _is_shape_query
+from .graph import (ADD_TARGETS, CAT_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup,
+                    Consumer, _is_shape_query)
 
 __all__ = ["Fold", "fold_report", "fold_delta", "constant_outputs", "group_folds"]
 
@@ -39,8 +44,10 @@ def _apply_node(node: fx.Node, value: Tensor, modules: dict) -> Tensor:
             return value  # identity on a constant (dropout as in eval mode)
         return m(value.clone())
     if node.op == "call_function":
-        if node.target in POOL_FUNCTIONS or node.target is torch.flatten:
-            return value
+        if node.target in POOL_FUNCTIONS or node.target is torch.flatten or node.target in CAT_TARGETS:
+            return value  # a concatenation: the consumer's offset places the channels
+        if node.target is operator.getitem:
+            return value  # only a slice that keeps the whole tensor is on a path
         if node.target in (nn.functional.dropout, nn.functional.dropout2d):
             return value
         args = (value.clone(), *node.args[1:])
@@ -177,6 +184,19 @@ class _Stream:
             return None
         if node.op == "call_module" and not (_depthwise(node, modules) or _passes(modules[node.target])):
             return None  # a conv or linear layer: the gate's side of a product, never the stream
+        if node.target in CAT_TARGETS and node.op == "call_function":
+            # The group's channels pass at an offset (the consumer's): the one listed tensor that
+            # carries them. Two different ones (``cat([s, relu(s)])``) cannot be told apart here
+            # (shapes are gone): their constants are dropped, approximate when non-zero.
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            carriers = list(dict.fromkeys(a for a in tensors if isinstance(a, fx.Node) and self.carries(a)))
+            if not carriers:
+                return None
+            if len(carriers) == 1:
+                return self.value(carriers[0])
+            values = [self.value(a) for a in carriers]
+            carried = any(bool(torch.any(v != 0)) for v, _ in values)
+            return torch.zeros_like(values[0][0]), all(e for _, e in values) and not carried
         inputs = [a for a in node.args if isinstance(a, fx.Node) and self.carries(a)]
         if not inputs:
             return None
@@ -245,10 +265,11 @@ def fold_delta(model: nn.Module, consumer: Consumer, removed: Tensor, modules: d
         return None  # nothing to fold
     layer = modules[consumer.name]
     weight = layer.weight.detach()
+    inputs = removed + consumer.offset  # the consumer's input channels (offset 0 unless concatenated)
     if consumer.kind == "conv":
-        per_channel = weight[:, removed].sum(dim=(2, 3))  # (out, R)
+        per_channel = weight[:, inputs].sum(dim=(2, 3))  # (out, R)
     else:
-        cols = (removed[:, None] * consumer.block + torch.arange(consumer.block, device=removed.device)).flatten()
+        cols = (inputs[:, None] * consumer.block + torch.arange(consumer.block, device=removed.device)).flatten()
         per_channel = weight[:, cols].reshape(weight.shape[0], len(removed), consumer.block).sum(2)
     return per_channel.to(v.dtype) @ v
 

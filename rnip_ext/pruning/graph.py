@@ -11,10 +11,16 @@ convolution with as many outputs as inputs passes the removal through itself: it
 (grouped ones lose whole groups of ``unit`` channels) and the BatchNorm right after it joins the
 group with identical indices. A channel-wise gate ``x * gate(x)`` (squeeze-and-excitation: the
 gate is a conv through an elementwise activation) couples the gate conv's output channels with
-the group. Anything else on the way (a residual addition, a concatenation, a reshape that mixes
-channels, the graph's output, a module used twice, a module fx cannot trace) leaves the group
-alone, and is recorded as the *blocker* of that BatchNorm: that is how residual streams stay
-untouched while the inner channels of each block are pruned, as in the paper (the default).
+the group. A concatenation along the channels (``torch.cat``/``torch.concat``, ``dim=1`` or
+``-3`` of 4-D tensors; it needs the shapes of example inputs) is passed too: the layers reading
+its output see the group's channels at an *offset* (the widths of the inputs listed before it),
+recorded on each :class:`Consumer`, and only pointwise ops, pooling, flattening, further
+concatenations and consumers may follow it (VoVNet's and GhostNet's aggregations, Inception's
+branches into the next block's convs). Anything else on the way (a residual addition, a
+BatchNorm or a split after a concatenation, a reshape that mixes channels, the graph's output,
+a module used twice, a module fx cannot trace) leaves the group alone, and is recorded as the
+*blocker* of that BatchNorm: that is how residual streams stay untouched while the inner
+channels of each block are pruned, as in the paper (the default).
 
 With ``residual_streams=True`` (opt-in) a residual addition couples instead of blocking: the
 whole *stream* (every tensor summed into it, the sums, and the pointwise ops and pooling on it)
@@ -97,6 +103,13 @@ class Consumer:
     ``block`` is the number of consecutive input features per channel of a linear layer after a
     flatten (``H*W``; 1 for a conv). ``source`` is the BatchNorm whose output it reads and
     ``path`` the nodes in between (used to fold the constant output of removed channels).
+
+    Through a channel concatenation the layer reads a wider tensor: ``width`` is its channel
+    count and ``offset`` where the group's channels start in it, so the group's channel ``c`` is
+    the layer's input channel ``offset + c`` (input features ``(offset + c) * block + j``).
+    ``width`` is ``None`` (and ``offset`` 0) when the layer reads the group's channels alone.
+    Several groups (or one group at several offsets) may feed one such layer: its kept inputs
+    are all of them minus each group's removed channels at that group's offset.
     """
 
     name: str
@@ -104,6 +117,8 @@ class Consumer:
     block: int
     source: str
     path: list[fx.Node] = field(default_factory=list)
+    offset: int = 0
+    width: int | None = None
 
 
 @dataclass
@@ -300,6 +315,9 @@ class _Analysis:
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
         self.gm = gm
         self.unit: dict[str, int] = {}
+        # A concatenation whose output reaches something no group passes: what that is (named
+        # in the blocker: "concatenation into module BatchNorm2d").
+        self.after_cat: dict[fx.Node, fx.Node] = {}
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op == "call_module" and self.calls.get(node.target) == 1:
@@ -334,9 +352,11 @@ class _Analysis:
             if node.target is torch.flatten:
                 return "flatten" if self._flattens_from_channels(node) else "other"
             if node.target is operator.getitem:
-                return "other"
+                return "pointwise" if self._whole_slice(node) else "other"
             if node.target in MUL_TARGETS:
                 return "mul"
+            if node.target in CAT_TARGETS:
+                return "cat"
             if node.target in ADD_TARGETS:
                 return "add"
         if node.op == "call_method":
@@ -351,6 +371,18 @@ class _Analysis:
             if node.target in ADD_TARGETS:
                 return "add"
         return "other"
+
+    @staticmethod
+    def _whole_slice(node: fx.Node) -> bool:
+        """``x[:, :k]`` that keeps all of ``x`` (timm GhostNet's ``out[:, :out_chs]`` when the
+        concatenation is exactly ``out_chs`` wide): the same tensor, judged from the recorded shapes."""
+        src, index = node.args if len(node.args) == 2 else (None, None)
+        if not isinstance(src, fx.Node) or not isinstance(index, tuple) or not all(isinstance(i, slice) for i in index):
+            return False
+        if any(not (i.start is None or i.start == 0) or not (i.step is None or i.step == 1) for i in index):
+            return False
+        before = _shape(src)
+        return before is not None and len(before) == 4 and before == _shape(node)
 
     @staticmethod
     def _spatial_mean(node: fx.Node) -> bool:
@@ -390,8 +422,9 @@ class _Analysis:
         kind = self.kind(src)
         return (kind, src) if kind in ("conv", "depthwise") else None
 
-    def describe(self, node: fx.Node) -> str:
-        """What a blocking node is, in words."""
+    def describe(self, node: fx.Node, after: bool = True) -> str:
+        """What a blocking node is, in words (for a concatenation, with ``after``: what it feeds
+        that no group passes)."""
         if node in self.notes:
             return self.notes[node]
         if node.op == "output":
@@ -414,7 +447,17 @@ class _Analysis:
         if node.target in ADD_TARGETS or node.target in (operator.sub, torch.sub, "sub"):
             return "residual addition"
         if node.target in CAT_TARGETS:
-            return "concatenation"
+            inner = self.after_cat.get(node) if after else None
+            if inner is None:
+                return "concatenation"
+            m = self.modules.get(inner.target) if inner.op == "call_module" else None
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and self.calls.get(inner.target, 0) == 1:
+                what = f"a grouped convolution ({type(m).__name__})"
+            elif m is not None and inner.target not in self.opaque and self.calls.get(inner.target, 0) == 1:
+                what = f"module {type(m).__name__}"
+            else:
+                what = self.describe(inner)
+            return f"concatenation into {what}"
         if node.target in MUL_TARGETS:
             return "multiplication by a tensor that is not a channel-wise gate"
         if node.target in FLATTEN_METHODS or node.target is torch.flatten:
@@ -440,9 +483,37 @@ class _Analysis:
                 return None
             node = node.args[0]
 
+    def cat_offsets(self, cat: fx.Node, start: fx.Node) -> list[int] | None:
+        """Where ``start``'s channels begin in the output of the concatenation ``cat``: one offset
+        per time it is listed (the channel counts of the inputs before it, summed, from the
+        recorded shapes). ``None`` unless ``cat`` joins 4-D tensors along the channel dimension
+        (``dim=1`` or ``-3``) and every input's shape is known (it needs example inputs)."""
+        tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", cat.kwargs.get("axis", 0))
+        shape = _shape(cat)
+        if (not isinstance(tensors, (list, tuple)) or shape is None or len(shape) != 4
+                or not isinstance(dim, int) or dim % 4 != 1):
+            return None
+        offsets, at = [], 0
+        for t in tensors:
+            s = _shape(t) if isinstance(t, fx.Node) else None
+            if s is None or len(s) != 4:
+                return None
+            if t is start:
+                offsets.append(at)
+            at += s[1]
+        return offsets if offsets and at == shape[1] else None
+
     def follow(self, start: fx.Node, source: str, group: ChannelGroup, channels: int,
-               path: list[fx.Node], flattened: bool, seen: set) -> fx.Node | None:
-        """Walk forward from ``start``; fill ``group``; the node that blocks the group, or None."""
+               path: list[fx.Node], flattened: bool, seen: set, offset: int = 0,
+               catted: bool = False) -> fx.Node | None:
+        """Walk forward from ``start``; fill ``group``; the node that blocks the group, or None.
+
+        ``channels`` is the width of ``start``'s output; after a concatenation (``catted``) the
+        group's channels are ``offset ... offset + group.channels - 1`` of it, and only
+        pointwise ops, pooling, flattening, further concatenations and the consumers (convs
+        with ``groups=1``, linear layers) may follow.
+        """
         if not start.users:
             return start  # the graph's output
         for user in start.users:
@@ -454,10 +525,24 @@ class _Analysis:
                     return user
                 seen.add(user)
                 blocker = self.follow(user, source, group, channels, path + [user],
-                                      flattened or kind == "flatten", seen)
+                                      flattened or kind == "flatten", seen, offset, catted)
                 if blocker is not None:
                     return blocker
-            elif kind == "mul" and not flattened:
+            elif kind == "cat" and not flattened:
+                offsets = self.cat_offsets(user, start)
+                if offsets is None:
+                    return user
+                for at in offsets:
+                    # Each place the tensor is listed is its own channel range: walk on from
+                    # each with its offset (the nodes after the cat are visited once per range,
+                    # hence a copy of ``seen``).
+                    blocker = self.follow(user, source, group, _shape(user)[1], path + [user], False,
+                                          seen | {user}, offset + at, True)
+                    if blocker is not None:
+                        if blocker is not user:
+                            self.after_cat.setdefault(user, blocker)
+                        return user
+            elif kind == "mul" and not flattened and not catted:
                 others = [a for a in user.args if isinstance(a, fx.Node) and a is not start]
                 gate = self.gate_conv(others[0], channels) if len(others) == 1 and not user.kwargs else None
                 if gate is None or gate in group.gates:
@@ -469,7 +554,8 @@ class _Analysis:
                 if blocker is not None:
                     return blocker
             elif kind == "conv" and not flattened and not _other_node_args(user, start):
-                group.consumers.append(Consumer(user.target, "conv", 1, source, path))
+                group.consumers.append(Consumer(user.target, "conv", 1, source, path, offset,
+                                                channels if catted else None))
             elif kind == "linear" and not _other_node_args(user, start):
                 lin = self.modules[user.target]
                 if flattened and lin.in_features % channels == 0:
@@ -478,8 +564,9 @@ class _Analysis:
                     block = 1  # (N, C) straight into the linear layer
                 else:
                     return user
-                group.consumers.append(Consumer(user.target, "linear", block, source, path))
-            elif kind == "depthwise" and not flattened and not _other_node_args(user, start):
+                group.consumers.append(Consumer(user.target, "linear", block, source, path, offset,
+                                                channels if catted else None))
+            elif kind == "depthwise" and not flattened and not catted and not _other_node_args(user, start):
                 dw = self.modules[user.target]
                 (bn_user,) = user.users if len(user.users) == 1 else (None,)
                 if dw.in_channels != channels:
@@ -504,11 +591,11 @@ class _Analysis:
                 blocker = self.follow(bn_user, bn_user.target, group, channels, [], False, seen)
                 if blocker is not None:
                     return blocker
-            elif kind == "add" and self.streams and not flattened:
+            elif kind == "add" and self.streams and not flattened and not catted:
                 blocker = self.join_sum(user, group, channels, seen)
                 if blocker is not None:
                     return blocker
-            elif kind == "bn" and self.streams and not flattened:
+            elif kind == "bn" and self.streams and not flattened and not catted:
                 blocker = self.join_reader(user, group, channels, seen)
                 if blocker is not None:
                     return blocker
@@ -703,8 +790,8 @@ def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> No
         cause = exc.__cause__ or exc
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ValueError(
-            f"example_inputs do not fit {type(model).__name__}: got {_shapes(inputs)} "
-            f"({type(cause).__name__}: {detail})"
+            f"example_inputs do not fit {type(model).__name__}, or its forward fails on them: got "
+            f"{_shapes(inputs)} ({type(cause).__name__}: {detail})"
         ) from exc
 
 
@@ -736,7 +823,7 @@ def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | Non
         if produced is None or produced[0] != "conv":
             if produced is None:
                 src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-                what = (f"no conv of its own before it ({analysis.describe(src)})" if src is not None
+                what = (f"no conv of its own before it ({analysis.describe(src, after=False)})" if src is not None
                         else "no conv of its own before it")
                 blockers.append(Blocker(node.target, what, src.name if src is not None else node.target))
             continue  # a BN after a depthwise conv belongs to the group of the BN before it
@@ -747,8 +834,10 @@ def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | Non
         group = ChannelGroup([node.target], produced[1].target, bn.num_features)
         blocker = analysis.follow(node, node.target, group, bn.num_features, [], False, {node})
         if blocker is None:
+            # Through a concatenation the group is one part of the consumer's input: scaling it
+            # alone changes the mix the next BatchNorm sees, so that is no renormalisation.
             group.renormalised = bool(group.consumers) and all(
-                c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)
+                c.kind == "conv" and c.width is None and analysis.feeds_norm(c.name) for c in group.consumers)
             groups.append(group)
             claimed.update(group.bns)
         else:

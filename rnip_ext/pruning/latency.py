@@ -205,6 +205,8 @@ def _layers(model: nn.Module, example_inputs,
             e["in_group"] = e["out_group"] = g.name
             e["norm"] = bn
         for c in g.consumers:
+            if c.width is not None:
+                continue  # reads a concatenation of several groups: timed at its full input width
             e = entry(c.name)
             e["in_group"], e["block"] = g.name, c.block
     result = []

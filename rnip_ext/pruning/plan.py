@@ -14,7 +14,7 @@ from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
 from .graph import Blocker, ChannelGroup, check_residual_streams
 from .importance import group_scores
-from .rounding import check_round_to, keep_best, round_width
+from .rounding import allowed_widths, check_round_to, keep_best, round_width
 
 __all__ = ["PruningPlan", "plan", "plan_from_keep", "plan_receded", "module_slices"]
 
@@ -582,18 +582,23 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
 
 @torch.no_grad()
 def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
-                 min_channels: int = 3, residual_streams: bool = False) -> PruningPlan | None:
+                 min_channels: int = 3, round_to: int | None = None,
+                 residual_streams: bool = False) -> PruningPlan | None:
     """The plan removing every receded channel, or ``None`` when none has receded.
 
     A channel has receded when its score (:func:`rnip_ext.pruning.importance.group_scores`,
     the minimum over chained BatchNorms, the maximum over a stream's) is below ``threshold``; each group keeps at least
     ``min(min_channels, channels)`` channels, topped up with its best-scored ones (ties by
-    position). Made by :func:`plan_from_keep`. ``residual_streams``: as for :func:`plan` (a
-    stream channel has receded when it has in every BatchNorm of the stream).
+    position). With ``round_to`` the kept count is rounded *up* to the next allowed width (a
+    multiple of ``lcm(round_to, unit)``, or the whole group): the best-scored receded channels
+    stay, so no channel above ``threshold`` is ever removed. Made by :func:`plan_from_keep`.
+    ``residual_streams``: as for :func:`plan` (a stream channel has receded when it has in
+    every BatchNorm of the stream).
     """
     if not is_number(threshold) or not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
     check_int("min_channels", min_channels, 1)
+    round_to = check_round_to(round_to)
     groups = _prunable_graph(model, example_inputs, residual_streams).groups
     scores = group_scores(model, groups)
     keep = {}
@@ -602,7 +607,27 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
         least = min(min_channels, g.channels)
         if int(mask.sum()) < least:
             mask[torch.argsort(scores[g.name], descending=True, stable=True)[:least]] = True
+        if round_to > 1 and not mask.all():
+            mask = _round_up(g, scores[g.name], mask, round_to, min_channels)
         if not mask.all():
             keep[g.name] = mask
     return plan_from_keep(model, keep, example_inputs=example_inputs,
                           residual_streams=residual_streams) if keep else None
+
+
+def _round_up(g: ChannelGroup, scores: Tensor, mask: Tensor, round_to: int, min_channels: int) -> Tensor:
+    """``mask`` widened to the narrowest allowed width holding it (whole blocks of ``g.unit``
+    channels by their summed score for a grouped conv); the kept channels stay kept."""
+    step = math.lcm(round_to, g.unit)
+    count = int(_round_units(mask, g.unit).sum()) if g.unit > 1 else int(mask.sum())
+    width = next(w for w in allowed_widths(g.channels, step, min_channels) if w >= count)
+    ranked = scores.detach().cpu().to(torch.float64)
+    ranked = ranked + (2.0 * float(ranked.abs().max()) + 1.0) * mask.to(torch.float64)  # the kept ones first
+    if g.unit == 1:
+        index = keep_best(ranked, width)
+    else:  # a block ranks by its best channel, as group_scores scores it
+        blocks = keep_best(ranked.reshape(-1, g.unit).amax(1), width // g.unit)
+        index = (blocks[:, None] * g.unit + torch.arange(g.unit)).flatten()
+    out = torch.zeros_like(mask)
+    out[index] = True
+    return out

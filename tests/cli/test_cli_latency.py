@@ -54,3 +54,40 @@ def test_prune_to_a_latency(tmp_path, capsys):
     for name, channels, kept in summary["kept_channels"]:
         assert kept == channels or kept % 4 == 0, (name, channels, kept)
     assert "target_latency=0.6 requested" in capsys.readouterr().out
+
+
+def test_latency_table_is_saved_then_reused_and_a_foreign_one_refused(tmp_path, capsys):
+    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
+                 "--no-progress"]) == 0
+    table = tmp_path / "table.json"
+    common = ["--no-progress", "--finetune-epochs", "0", "--target-latency", "0.6", "--latency-table", str(table)]
+    assert main(["prune", str(run), "--out", str(tmp_path / "p1"), *common]) == 0
+    assert "latency table measured and saved to" in capsys.readouterr().out
+    saved = table.read_bytes()
+    assert json.loads(saved)["latency_table"]
+    assert main(["prune", str(run), "--out", str(tmp_path / "p2"), *common]) == 0
+    assert "measured and saved" not in capsys.readouterr().out
+    assert table.read_bytes() == saved  # reused, never rewritten
+    first, second = (json.loads((tmp_path / p / "summary.json").read_text()) for p in ("p1", "p2"))
+    assert first["latency_s"][0] == second["latency_s"][0]  # the unpruned time is the table's
+    config = json.loads((tmp_path / "p2" / "config.json").read_text())
+    assert config["latency_table"] == str(table)
+
+    doc = json.loads(saved)
+    doc["key"]["torch"] = "0.0.1"
+    table.write_text(json.dumps(doc))
+    assert main(["prune", str(run), "--out", str(tmp_path / "p3"), *common]) == 2
+    one_error_line(capsys, r"does not fit this model and machine: torch is '0.0.1' in the table")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert main(["prune", str(run), "--out", str(tmp_path / "p4"), *common[:-1], str(notes)]) == 2
+    one_error_line(capsys, "is not a latency table")
+    assert notes.read_text() == '{"mine": 1}'
+
+
+def test_latency_table_needs_a_latency_target(tmp_path, capsys):
+    assert main(["prune", str(tmp_path), "--out", str(tmp_path / "p"), "--latency-table", "t.json"]) == 2
+    one_error_line(capsys, "--latency-table is used only with --target-latency")

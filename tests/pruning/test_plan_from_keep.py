@@ -76,3 +76,24 @@ def test_plan_receded_removes_exactly_the_channels_below_the_threshold():
     assert plan_receded(model, example_inputs=x) is None
     with pytest.raises(ValueError, match="threshold"):
         plan_receded(model, example_inputs=x, threshold=1.0)
+
+
+def test_plan_receded_rounds_widths_up_keeping_every_channel_above_the_threshold():
+    model, x = _model(), torch.randn(2, 3, 16, 16)
+    rng = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn, receded in ((model.features[1], 3), (model.features[4], 7), (model.features[8], 12)):
+            bn.weight.copy_(torch.rand(bn.num_features, generator=rng) * 2)
+            gone = torch.randperm(bn.num_features, generator=rng)[:receded]
+            bn.weight[gone] = -12.0 - torch.rand(receded, generator=rng)
+    plain = plan_receded(model, example_inputs=x)
+    p = plan_receded(model, example_inputs=x, round_to=4)
+    for g in p.groups:
+        kept, before = p.group_keep[g.name], plain.group_keep[g.name]
+        assert len(kept) % 4 == 0 or len(kept) == g.channels
+        assert set(before.tolist()) <= set(kept.tolist())  # rounding up: nothing above the threshold goes
+        assert len(kept) - len(before) < 4  # the narrowest allowed width holding them
+    assert [len(p.group_keep[g.name]) for g in p.groups] == [8, 8, 4]  # 5 -> 8, 5 -> 8, 4 stays
+    assert_same_function(apply(model, p), masked_copy(model, p.keep), x)
+    with pytest.raises(ValueError, match="round_to"):
+        plan_receded(model, example_inputs=x, round_to=0)

@@ -11,8 +11,8 @@ from rnip_ext.pruning import plan
 
 
 @pytest.mark.parametrize("inputs, match", [
-    (lambda: torch.randn(1, 1, 16, 16), r"do not fit VGG: got torch.float32 \(1, 1, 16, 16\).*3 channels"),
-    (lambda: torch.randn(3, 16, 16), r"do not fit VGG: got torch.float32 \(3, 16, 16\).*4D"),
+    (lambda: torch.randn(1, 1, 16, 16), r"do not fit VGG, or its forward fails on them: got torch.float32 \(1, 1, 16, 16\).*3 channels"),
+    (lambda: torch.randn(3, 16, 16), r"do not fit VGG, or its forward fails on them: got torch.float32 \(3, 16, 16\).*4D"),
     (lambda: torch.randint(0, 255, (1, 3, 16, 16)), r"floating-point tensors, got torch.int64"),
     (lambda: (torch.randn(1, 3, 16, 16), torch.randn(2)), r"forward takes 1 input\(s\), got 2"),
     (lambda: "image.png", "must be a tensor or a tuple of tensors, got str"),
