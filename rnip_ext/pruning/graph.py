@@ -29,10 +29,11 @@ own producer conv (the last BatchNorm of each block, a projection shortcut's, th
 a pool: all of them in :attr:`ChannelGroup.producers`) and every BatchNorm that reads the stream
 with no conv of its own and is summed back into it (RepVGG's identity branch: only sliced);
 every conv or linear layer reading the stream (the next blocks' convs, the next stage's
-projection, the classifier after pooling) is a consumer. A stream that meets anything else (an
-option-A shortcut's strided slicing and zero padding, a concatenation, a product that is not a
-gate, a BatchNorm reading the stream whose output is not summed back into it, the network's
-input or output) stays whole, with that construct as the blocker of its BatchNorms.
+projection, the classifier after pooling, a conv after a concatenation at its offset) is a
+consumer. A stream that meets anything else (an option-A shortcut's strided slicing and zero
+padding, a concatenation into anything but consumers, a sum of concatenations, a product that is
+not a gate, a BatchNorm reading the stream whose output is not summed back into it, the
+network's input or output) stays whole, with that construct as the blocker of its BatchNorms.
 
 Per-layer-type rules (roles, costs, slicing) come from :mod:`rnip_ext.pruning.layers`.
 """

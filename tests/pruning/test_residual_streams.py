@@ -18,7 +18,8 @@ from torch import nn
 
 from rnip_ext import BoundedBatchNorm2d, BudgetPruner
 from rnip_ext import models as M
-from rnip_ext.pruning import apply, channel_graph, channel_importance, count_flops, count_params, find_channel_groups, plan
+from rnip_ext.pruning import (apply, channel_graph, channel_importance, count_flops, count_params, find_channel_groups,
+                              plan, plan_from_keep)
 from pruning_helpers import fake_timer
 from rnip_ext.pruning.importance import group_scores
 from rnip_ext.pruning.latency import LatencyTable
@@ -389,3 +390,33 @@ def test_budget_pruner_narrows_the_stream_in_a_training_loop():
     assert model.block.conv1.in_channels == model.mid[0].in_channels == model.stem[1].num_features
     train_interval(model, data, opt, None)  # training goes on with the narrowed network
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 2)
+
+
+class StreamIntoConcat(nn.Module):
+    """A stream read by a 1x1 conv through a concatenation with another group's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.conv_b, self.bn_b = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)
+        self.conv_c, self.bn_c = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv_out, self.bn_out = nn.Conv2d(10, 5, 1), nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        a = F.relu(self.bn_a(self.conv_a(x)))
+        s = F.relu(a + self.bn_b(self.conv_b(a)))
+        y = torch.cat([F.relu(self.bn_c(self.conv_c(x))), s], 1)
+        y = F.relu(self.bn_out(self.conv_out(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_stream_read_through_a_concatenation_folds_exactly():
+    x = torch.randn(2, 3, 6, 6)
+    model = prepared(StreamIntoConcat(), x)
+    stream = next(g for g in find_channel_groups(model, x, residual_streams=True) if g.residual)
+    assert [(c.name, c.offset) for c in stream.consumers] == [("conv_b", 0), ("conv_out", 4)]
+    p = plan_from_keep(model, {"bn_a": [0, 2, 5], "bn_c": [1, 3]}, example_inputs=x, residual_streams=True)
+    assert torch.equal(p.keep["bn_b"], torch.tensor([0, 2, 5])) and p.inexact_folds == []
+    pruned = check_exact(model, p, x, shifts=False)  # shifts kept: the stream's constants folded at offset 4
+    assert pruned.conv_out.in_channels == 5
