@@ -43,6 +43,7 @@ from . import _plan
 from ._launch import RUNTIME_SIZES, device_guard, launch_reduction, running_mode
 from ._layout import acc_dtype
 from ._math import aligned, chunk_image_lanes, count_batch, position_offsets, sigmoid_parts, update_running
+from ._scratch import STATS, fresh, take
 
 __all__ = ["batch_stats", "launch_stats"]
 
@@ -213,12 +214,13 @@ def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tenso
     (kernel-ready): writes ``mean``, ``var`` (``[C]``, accumulation dtype), ``penalty`` (given:
     ``[C]``; ``None``: none) and the running statistics."""
     c, acc, device = x.shape[1], acc_dtype(x.dtype), x.device
-    rows = plan.rows
-    mean_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
-    m2_part = torch.empty((rows, c), dtype=acc, device=device)
-    counts = torch.empty(rows, dtype=acc, device=device)
-    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
-    pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=device)
+    if plan.num_chunks:
+        # [Reduction.rows, C] partials, counts [rows]; the pivot is written by the partial
+        # kernel's first chunk. Per-call scratch: cached per thread and stream (_scratch).
+        mean_part, m2_part, counts, pivot = take(device, acc, STATS, plan.rows, c)
+    else:  # no positions (an empty batch): the combine reads a zero pivot and no partials
+        mean_part, m2_part, counts, pivot = fresh(device, acc, STATS, plan.rows, c)
+        pivot.zero_()
     rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
     with device_guard(x):
         launch_reduction(plan, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot),
