@@ -59,22 +59,13 @@ SUMS_ROWS = 2  # (SUMS' pair, (sum(dy) [C], sum(dy * xhat) [C])): the rows of on
 
 ALIGN_BYTES = 512  # the CUDA caching allocator's block granularity
 MAX_SLOTS = 64
-MAX_VIEWS = 512  # view sets per slot (one per (kind, rows, C)); cleared when full
+MAX_VIEWS = 1024  # view sets of all slots (one per slot and (kind, rows, C)); all dropped when full
 
 ENABLED = os.environ.get("RNIP_SCRATCH_CACHE", "1").strip() != "0"
 
 
-class _Slot:
-    """One ``(thread, device, stream, dtype)``'s buffer and the views carved from it."""
-
-    __slots__ = ("flat", "views")
-
-    def __init__(self, flat: Tensor):
-        self.flat = flat
-        self.views: dict = {}
-
-
-_SLOTS: dict = {}
+_SLOTS: dict = {}  # (thread, device, stream, dtype) -> the slot's flat buffer
+_VIEWS: dict = {}  # (thread, device, stream, dtype, kind, rows, C) -> views of that slot's buffer (one lookup)
 
 
 def _shapes(kind: int, rows: int, c: int) -> tuple:
@@ -120,20 +111,19 @@ def take(device, dtype: torch.dtype, kind: int, rows: int, c: int) -> tuple[Tens
     ``c`` channels, in ``dtype`` on ``device``: views of the calling thread's cached buffer for the
     current stream, or fresh buffers where caching is off or unsafe. Contents are undefined (a
     previous call's values): every kernel reading scratch reads what the same call wrote."""
-    stream = _stream(device) if ENABLED else None
-    if stream is None:
-        return fresh(device, dtype, kind, rows, c)
-    key = (get_ident(), device, stream, dtype)
-    slot = _SLOTS.get(key)
-    if slot is not None:
-        found = slot.views.get((kind, rows, c))
-        if found is not None:
-            return found
-    return _carve(key, slot, device, dtype, kind, rows, c)
+    if ENABLED:
+        stream = _stream(device)
+        if stream is not None:
+            key = (get_ident(), device, stream, dtype, kind, rows, c)
+            found = _VIEWS.get(key)
+            return _carve(key) if found is None else found
+    return fresh(device, dtype, kind, rows, c)
 
 
-def _carve(key, slot: _Slot | None, device, dtype, kind: int, rows: int, c: int) -> tuple[Tensor, ...]:
+def _carve(key) -> tuple[Tensor, ...]:
     """A miss: (re)allocate the slot's buffer if it is too small, then carve and cache the views."""
+    thread, device, stream, dtype, kind, rows, c = key
+    slot = key[:4]
     align = max(ALIGN_BYTES // dtype.itemsize, 1)
     spans = []
     need = 0
@@ -143,23 +133,27 @@ def _carve(key, slot: _Slot | None, device, dtype, kind: int, rows: int, c: int)
             numel *= size
         spans.append((need, numel, shape))
         need += -(-numel // align) * align
-    if slot is None or slot.flat.numel() < need:
-        if slot is None and len(_SLOTS) >= MAX_SLOTS:
-            _SLOTS.clear()
-        # A replaced buffer is freed once its last view goes (the views of older calls here).
-        slot = _SLOTS[key] = _Slot(torch.empty(need, dtype=dtype, device=device))
-    elif len(slot.views) >= MAX_VIEWS:
-        slot.views.clear()
-    flat = slot.flat
-    views = slot.views[(kind, rows, c)] = _group(kind, [flat[s:s + n].view(shape) for s, n, shape in spans])
+    flat = _SLOTS.get(slot)
+    if flat is None or flat.numel() < need:
+        if flat is None and len(_SLOTS) >= MAX_SLOTS:
+            release_scratch()
+        # Views of a replaced buffer go with it (it is freed once the last is dropped); only
+        # this thread adds or drops its slot's entries.
+        for other in [k for k in list(_VIEWS) if k[:4] == slot]:
+            _VIEWS.pop(other, None)
+        flat = _SLOTS[slot] = torch.empty(need, dtype=dtype, device=device)
+    if len(_VIEWS) >= MAX_VIEWS:
+        _VIEWS.clear()
+    views = _VIEWS[key] = _group(kind, [flat[s:s + n].view(shape) for s, n, shape in spans])
     return views
 
 
 def release_scratch() -> None:
     """Drop every thread's cached scratch (its memory returns to the caching allocator)."""
+    _VIEWS.clear()
     _SLOTS.clear()
 
 
 def slot_buffers() -> list[Tensor]:
     """The cached buffers of every slot (tests: what returned tensors must not alias)."""
-    return [slot.flat for slot in list(_SLOTS.values())]
+    return list(_SLOTS.values())

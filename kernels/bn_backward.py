@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, device_guard, launch_reduction
+from ._launch import RUNTIME_SIZES, device_guard
 from ._layout import acc_dtype, empty_as, in_layout_of
 from ._math import (
     aligned,
@@ -301,9 +301,14 @@ def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db, pa
     ``parts``, the ``[Reduction.rows, C]`` partial buffers (``_scratch``). The caller holds
     ``device_guard(x)``."""
     dy_part, dyxmu_part = parts
-    launch_reduction(plan, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
-                     (dy_part, dyxmu_part, var, weight, g, *sums, dw, db),
-                     (0 if g is None else g.stride(0), float(eps), float(shift)))  # fmt: skip
+    if plan.num_chunks:
+        p = plan.partials
+        _bn_bwd_partial_kernel.run(dy, x, mean, dy_part, dyxmu_part, *p.sizes, *p.consts, grid=p.grid, warmup=False,
+                                   num_warps=p.num_warps)  # fmt: skip
+    m = plan.combine
+    _bn_bwd_combine_kernel.run(dy_part, dyxmu_part, var, weight, g, *sums, dw, db, *m.sizes,
+                               0 if g is None else g.stride(0), float(eps), float(shift), *m.consts, grid=m.grid,
+                               warmup=False, num_warps=m.num_warps)  # fmt: skip
 
 
 def _launch_dx(launch, dy, x, dx, mean, var, weight, sums, eps, means: bool) -> None:

@@ -88,7 +88,7 @@ def test_repeated_layouts_hit_the_cache_and_allocate_no_scratch(monkeypatch):
 
     misses = []
     carve = _scratch._carve
-    monkeypatch.setattr(_scratch, "_carve", lambda *a: misses.append(a[4:]) or carve(*a))
+    monkeypatch.setattr(_scratch, "_carve", lambda key: misses.append(key[4:]) or carve(key))
     x = torch.empty((16, 32, 24, 24), device=META)
     w, g = torch.empty(32, device=META), torch.empty((), device=META).expand(32)
     steps = []
@@ -217,7 +217,7 @@ def test_threads_never_share_scratch(monkeypatch):
             for _ in range(2):
                 with turn:
                     got[i] = _step(*cases[i], _few())
-            mine = [slot.flat for key, slot in list(_scratch._SLOTS.items()) if key[0] == threading.get_ident()]
+            mine = [flat for key, flat in list(_scratch._SLOTS.items()) if key[0] == threading.get_ident()]
             slots[i] = _storages(mine)
             alive.wait()  # neither thread ends (its id free for reuse) before both looked
         except Exception as e:  # noqa: BLE001 (reported below)
