@@ -29,7 +29,8 @@ Shared pieces: ``_config`` (every block size, warp count, path and chunking rule
 ``[N, C, HW]`` view; no Triton import, so the ops' fake kernels use it too), ``_launch``
 (devices, dtypes, the running-statistics mode), ``_scratch`` (the chunked path's per-call
 scratch, cached per thread and stream; ``release_scratch()`` drops it), ``_math`` (stable sigmoid
-pieces, offsets) and ``_variants`` (compiled variants and launch recording, for the AOT compile and the tests).
+pieces, offsets) and ``_variants`` (compiled variants and launch recording, for the AOT compile
+and the tests).
 
 Every launcher reads dense NCHW and channels_last tensors in place (strides are passed, never
 ``.contiguous()``; all ``[N, C, *]`` tensors of a launch share ``x``'s layout), takes

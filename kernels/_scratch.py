@@ -5,16 +5,17 @@ partials of the statistics (``mean``/``M2`` ``[K, C]``, counts ``[K]``, the pivo
 the backward sums (two ``[K, C]``), and the backward's combined sums ``[2, C]`` that its ``dx``
 kernel reads. Every one is written by a kernel the call enqueues before a later kernel of the
 same call reads it, and none is returned or saved. Allocating them took 7 of the chunked training
-step's 14 allocations (about half of its host time); :func:`take` hands out views of one cached
-buffer instead, after the first call one dictionary lookup.
+step's 14 allocations (about a third of its host time); :func:`take` hands out views of one cached
+buffer instead: after the first call, one dictionary lookup.
 
 Safety: a cached buffer is reused only by the same ``(thread, device, stream, dtype)`` -- the
 slot's key:
 
 * **streams**: the launches of two calls on one CUDA stream run in the order they were enqueued,
   so a call's kernels start after the previous call's reads of the scratch are done. Two streams
-  never share a slot. The slot buffer is allocated on its own stream, so the caching allocator's
-  stream-ordered reuse covers its release as well (PyTorch's allocator also keys reuse by stream).
+  never share a slot. A slot's buffer is allocated on the stream it serves, so the caching
+  allocator's stream-ordered reuse covers its release as well (a regrow or
+  :func:`release_scratch` while its kernels are queued), as for any tensor.
 * **threads**: under the Triton interpreter (CPU) kernels run synchronously on the calling
   thread, so two threads must not share scratch: the thread id is in the key (a thread id reused
   after its thread ended inherits a slot nobody else uses any more).
@@ -22,8 +23,8 @@ slot's key:
   the current device (whose capture state is not the one queried), :func:`take` allocates fresh
   buffers as before: a graph would otherwise bake in the address of a cached buffer that it does
   not keep alive (a later regrow or :func:`release_scratch` frees it, and a replay would write
-  freed memory). Fresh allocations made during capture come from the graph's private pool, which the
-  graph owns.
+  freed memory). Fresh allocations made during capture come from the graph's private pool, which
+  the graph owns.
 * **autograd / aliasing**: scratch never leaves the launchers (outputs and saved tensors are
   allocated on their own), so nothing returned aliases the cache.
 * other device types (streams this module does not know): fresh allocations.
@@ -65,7 +66,7 @@ ENABLED = os.environ.get("RNIP_SCRATCH_CACHE", "1").strip() != "0"
 
 
 _SLOTS: dict = {}  # (thread, device, stream, dtype) -> the slot's flat buffer
-_VIEWS: dict = {}  # (thread, device, stream, dtype, kind, rows, C) -> views of that slot's buffer (one lookup)
+_VIEWS: dict = {}  # (thread, device, stream, dtype, kind, rows, C) -> views of that slot's buffer
 
 
 def _shapes(kind: int, rows: int, c: int) -> tuple:
@@ -122,7 +123,7 @@ def take(device, dtype: torch.dtype, kind: int, rows: int, c: int) -> tuple[Tens
 
 def _carve(key) -> tuple[Tensor, ...]:
     """A miss: (re)allocate the slot's buffer if it is too small, then carve and cache the views."""
-    thread, device, stream, dtype, kind, rows, c = key
+    _, device, _, dtype, kind, rows, c = key
     slot = key[:4]
     align = max(ALIGN_BYTES // dtype.itemsize, 1)
     spans = []
