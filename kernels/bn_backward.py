@@ -344,8 +344,9 @@ def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shif
                          out=None):  # fmt: skip
     """:func:`backward_chunked` on a prepared ``x`` and its plan (``_plan.prepared``)."""
     need_dx, need_dw, need_db = output_mask
-    dy = in_layout_of(dy, x)
-    c, n_pos, acc, device = x.shape[1], plan.n_pos, plan.acc, x.device
+    if dy.stride() != plan.strides:  # in_layout_of's first test, against the plan (host time)
+        dy = in_layout_of(dy, x)
+    c, n_pos, acc, device = plan.shape[1], plan.n_pos, plan.acc, plan.device
     if out is None:
         dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
         dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)  # _param_grad, inlined

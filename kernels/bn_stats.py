@@ -215,24 +215,24 @@ def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tenso
     (given: ``[C]``; ``None``: none) and the running statistics."""
     c = x.shape[1]
     with device_guard(x):
-        stats_launches(plan, x, c, acc_dtype(x.dtype), x.numel() // c, weight, shift, mean, var, penalty, running,
-                       momentum, num_batches_tracked)  # fmt: skip
+        stats_launches(plan, x, c, acc_dtype(x.dtype), x.device, x.numel() // c, weight, shift, mean, var, penalty,
+                       running, momentum, num_batches_tracked)  # fmt: skip
 
 
-def stats_launches(plan, x: Tensor, c: int, acc, n_pos: int, weight, shift: float, mean: Tensor, var: Tensor, penalty,
-                   running, momentum, num_batches_tracked) -> None:  # fmt: skip
-    """:func:`launch_stats` given ``x``'s channels, accumulation dtype and positions, under the
-    caller's ``device_guard(x)`` (the training forward holds one for all its launches)."""
+def stats_launches(plan, x: Tensor, c: int, acc, device, n_pos: int, weight, shift: float, mean: Tensor, var: Tensor,
+                   penalty, running, momentum, num_batches_tracked) -> None:  # fmt: skip
+    """:func:`launch_stats` given ``x``'s channels, accumulation dtype, device and positions, under
+    the caller's ``device_guard(x)`` (the training forward holds one for all its launches)."""
     rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, n_pos)
     if plan.num_chunks:
         # [Reduction.rows, C] partials, counts [rows]; the pivot is written by the partial
         # kernel's first chunk. Per-call scratch: cached per thread and stream (_scratch).
-        mean_part, m2_part, counts, pivot = take(x.device, acc, STATS, plan.rows, c)
+        mean_part, m2_part, counts, pivot = take(device, acc, STATS, plan.rows, c)
         p = plan.partials
         _bn_partial_stats_kernel.run(x, mean_part, m2_part, counts, pivot, *p.sizes, *p.consts, grid=p.grid,
                                      warmup=False, num_warps=p.num_warps)  # fmt: skip
     else:  # no positions (an empty batch): the combine reads a zero pivot and no partials
-        mean_part, m2_part, counts, pivot = fresh(x.device, acc, STATS, plan.rows, c)
+        mean_part, m2_part, counts, pivot = fresh(device, acc, STATS, plan.rows, c)
         pivot.zero_()
     m = plan.combine
     _bn_combine_stats_kernel.run(mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt, *m.sizes,

@@ -56,7 +56,7 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     if plan.single is not None:
         return run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running, momentum,
                                   num_batches_tracked)  # fmt: skip
-    c, acc, device = x.shape[1], plan.acc, x.device
+    c, acc, device = plan.shape[1], plan.acc, plan.device
     penalize = bool(with_penalty) and weight is not None
     y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
     mean = torch.empty(c, dtype=acc, device=device)
@@ -65,8 +65,8 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     if c == 0:
         return y, mean, var, penalty
     with device_guard(x):  # one guard for the three launches
-        stats_launches(plan.stats, x, c, acc, plan.n_pos, weight, shift, mean, var, penalty if penalize else None,
-                       running, momentum, num_batches_tracked)  # fmt: skip
+        stats_launches(plan.stats, x, c, acc, device, plan.n_pos, weight, shift, mean, var,
+                       penalty if penalize else None, running, momentum, num_batches_tracked)  # fmt: skip
         if plan.elementwise is not None:
             normalize_launch(plan.elementwise, x, y, mean, var, weight, bias, eps)
     return y, mean, var, penalty
