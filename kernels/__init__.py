@@ -27,8 +27,10 @@ not specialise (``_launch.RUNTIME_SIZES``): constexprs are tile shapes and flags
 Shared pieces: ``_config`` (every block size, warp count, path and chunking rule, pure Python),
 ``_plan`` (the cached launch plan per input layout: grids, sizes, constexprs), ``_layout`` (the
 ``[N, C, HW]`` view; no Triton import, so the ops' fake kernels use it too), ``_launch``
-(devices, dtypes, the running-statistics mode), ``_math`` (stable sigmoid pieces, offsets) and
-``_variants`` (compiled variants and launch recording, for the AOT compile and the tests).
+(devices, dtypes, the running-statistics mode), ``_scratch`` (the chunked path's per-call
+scratch, cached per thread and stream; ``release_scratch()`` drops it), ``_math`` (stable sigmoid
+pieces, offsets) and ``_variants`` (compiled variants and launch recording, for the AOT compile
+and the tests).
 
 Every launcher reads dense NCHW and channels_last tensors in place (strides are passed, never
 ``.contiguous()``; all ``[N, C, *]`` tensors of a launch share ``x``'s layout), takes
@@ -49,6 +51,7 @@ _ENTRY_POINTS = {
     "batch_stats": "bn_stats",
     "backward_sums": "bn_backward",
     "backward_dx": "bn_backward",
+    "release_scratch": "_scratch",
 }
 
 __all__ = list(_ENTRY_POINTS)

@@ -1,4 +1,10 @@
-"""Launch plumbing shared by the launchers: runtime sizes, dtypes, devices, the running-stats mode."""
+"""Launch plumbing shared by the launchers: runtime sizes, dtypes, devices, the running-stats mode.
+
+The launchers call ``kernel.run(*pointers, *sizes, <scalars>, *consts, <flags>, grid=,
+warmup=False, num_warps=)``, what ``kernel[grid](...)`` forwards to, without building its proxy
+per launch, and spell each reduction's two launches (partials when there are chunks, then the
+combine; ``_plan.Reduction``) out in place rather than through a shared helper: host time.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ._layout import acc_dtype
 
 __all__ = ["RUNNING_COUNT", "RUNNING_CUMULATIVE", "RUNNING_MOMENTUM", "RUNTIME_SIZES", "device_guard",
-           "ensure_launchable", "launch_reduction", "running_mode", "tl_dtype"]  # fmt: skip
+           "ensure_launchable", "running_mode", "tl_dtype"]  # fmt: skip
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -61,24 +67,6 @@ def device_guard(t: Tensor):
     if t.is_cuda and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return _NO_GUARD
-
-
-def launch_reduction(reduction, partial_kernel, partial_pointers: tuple, combine_kernel, combine_pointers: tuple,
-                     combine_scalars: tuple, combine_flags: tuple = ()) -> None:  # fmt: skip
-    """Launch a reduction of ``_plan.Reduction`` ``reduction``: the chunk partials (when there are
-    chunks), then their combine. Each kernel gets its pointers, then the plan's sizes, then
-    (combine) the per-call scalars, the plan's constexprs and per-call flags. The caller holds
-    :func:`device_guard` of the input.
-
-    Launches here and in the other launchers call ``kernel.run(..., grid=, warmup=False)``, what
-    ``kernel[grid](...)`` forwards to, without building its proxy per launch (host time).
-    """
-    if reduction.num_chunks:
-        p = reduction.partials
-        partial_kernel.run(*partial_pointers, *p.sizes, *p.consts, grid=p.grid, warmup=False, num_warps=p.num_warps)
-    m = reduction.combine
-    combine_kernel.run(*combine_pointers, *m.sizes, *combine_scalars, *m.consts, *combine_flags, grid=m.grid,
-                       warmup=False, num_warps=m.num_warps)  # fmt: skip
 
 
 def running_mode(running, momentum: float | None, num_batches_tracked: Tensor | None, n_pos: int):

@@ -72,7 +72,8 @@ class Plan:
     chunked path. ``elementwise``: normalise / dx (``None`` without positions). ``stats`` /
     ``sums``: the forward's statistics and the backward's sums reductions. ``acc``: the
     accumulation dtype (``_layout.acc_dtype``); ``n_pos``: positions per channel, ``N*H*W``;
-    ``shape``, ``strides``, ``dtype``: the input's, which its outputs (``y``, ``dx``) share.
+    ``shape``, ``strides``, ``dtype``, ``device``: the input's, which its outputs (``y``, ``dx``)
+    share (read from here, the launchers skip ``x.shape`` / ``x.device`` calls).
     """
 
     single: Launch | None
@@ -85,6 +86,7 @@ class Plan:
     shape: tuple = ()
     strides: tuple = ()
     dtype: torch.dtype | None = None
+    device: torch.device | None = None
 
 
 _CACHE: dict = {}
@@ -144,14 +146,14 @@ def check_positions(n_pos: int, block: int) -> None:
 def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: BNConfig | None = None) -> Plan:
     """Build the :class:`Plan` of a tensor with these sizes and strides (no caching)."""
     if not dense_strides(shape, strides):
-        return Plan(None, None, None, None, dense=False)
+        return Plan(None, None, None, None, dense=False, device=device)
     g = geometry(shape, strides)
     acc = tl_dtype(dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     cl = channels_contiguous(g)
     if g.c == 0:
         return Plan(None, None, None, None, acc=acc_dtype(dtype), shape=tuple(shape), strides=tuple(strides),
-                    dtype=dtype)  # fmt: skip
+                    dtype=dtype, device=device)  # fmt: skip
     single_cfg = None
     if config is not None and config.single_m:
         single_cfg = config
@@ -165,7 +167,7 @@ def plan_for(shape, strides, dtype: torch.dtype, device: torch.device, config: B
     # 4 bytes on sm_90 (benchmarks/aot_sm90.py).
     sums = _reduction(g, tiles, acc, elem, cl, device, split=True, combine_warps=8)
     return Plan(single, elementwise, stats, sums, acc=acc_dtype(dtype), n_pos=g.n_pos, shape=tuple(shape),
-                strides=tuple(strides), dtype=dtype)  # fmt: skip
+                strides=tuple(strides), dtype=dtype, device=device)  # fmt: skip
 
 
 def _sizes(g: Geometry, flat: bool) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, device_guard, launch_reduction
+from ._launch import RUNTIME_SIZES, device_guard
 from ._layout import acc_dtype, empty_as, in_layout_of
 from ._math import (
     aligned,
@@ -51,6 +51,7 @@ from ._math import (
     split_rows,
     tile_positions,
 )
+from ._scratch import SUMS, SUMS_ROWS, take
 
 __all__ = ["backward_chunked", "backward_sums", "backward_dx", "run_backward_chunked"]
 
@@ -293,17 +294,21 @@ def _param_grad(num_channels: int, needed: bool, dtype: torch.dtype, device) -> 
     return torch.empty(num_channels if needed else 0, dtype=dtype, device=device)
 
 
-def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db) -> None:
+def _launch_sums(plan, dy, x, mean, var, weight, g, eps, shift, sums, dw, db, parts) -> None:
     """The sums reduction ``plan`` (an ``_plan.Reduction``: partials + combine):
     ``sums = (sum(dy), sum(dy * xhat))`` (the rows of a ``[2, C]`` buffer, as a pair of views:
-    each view costs the host an op), and ``dw``/``db`` when given (``None``: not wanted). The
-    caller holds ``device_guard(x)``."""
-    rows, c, acc, device = plan.rows, x.shape[1], sums[0].dtype, x.device
-    dy_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
-    dyxmu_part = torch.empty((rows, c), dtype=acc, device=device)
-    launch_reduction(plan, _bn_bwd_partial_kernel, (dy, x, mean, dy_part, dyxmu_part), _bn_bwd_combine_kernel,
-                     (dy_part, dyxmu_part, var, weight, g, *sums, dw, db),
-                     (0 if g is None else g.stride(0), float(eps), float(shift)))  # fmt: skip
+    each view costs the host an op), and ``dw``/``db`` when given (``None``: not wanted), through
+    ``parts``, the ``[Reduction.rows, C]`` partial buffers (``_scratch``). The caller holds
+    ``device_guard(x)``."""
+    dy_part, dyxmu_part = parts
+    if plan.num_chunks:
+        p = plan.partials
+        _bn_bwd_partial_kernel.run(dy, x, mean, dy_part, dyxmu_part, *p.sizes, *p.consts, grid=p.grid, warmup=False,
+                                   num_warps=p.num_warps)  # fmt: skip
+    m = plan.combine
+    _bn_bwd_combine_kernel.run(dy_part, dyxmu_part, var, weight, g, *sums, dw, db, *m.sizes,
+                               0 if g is None else g.stride(0), float(eps), float(shift), *m.consts, grid=m.grid,
+                               warmup=False, num_warps=m.num_warps)  # fmt: skip
 
 
 def _launch_dx(launch, dy, x, dx, mean, var, weight, sums, eps, means: bool) -> None:
@@ -339,8 +344,9 @@ def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shif
                          out=None):  # fmt: skip
     """:func:`backward_chunked` on a prepared ``x`` and its plan (``_plan.prepared``)."""
     need_dx, need_dw, need_db = output_mask
-    dy = in_layout_of(dy, x)
-    c, n_pos, acc, device = x.shape[1], plan.n_pos, plan.acc, x.device
+    if dy.stride() != plan.strides:  # in_layout_of's first test, against the plan (host time)
+        dy = in_layout_of(dy, x)
+    c, n_pos, acc, device = plan.shape[1], plan.n_pos, plan.acc, plan.device
     if out is None:
         dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
         dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)  # _param_grad, inlined
@@ -355,10 +361,11 @@ def run_backward_chunked(x, plan, dy, mean, var, weight, penalty_grad, eps, shif
     sums = None
     with device_guard(x):
         if need_sums:
-            buf = torch.empty((2, c), dtype=acc, device=device)
-            sums = (buf[0], buf[1])
+            # Per-call scratch (cached per thread and stream, _scratch): the partials and the
+            # [2, C] sums the dx kernel reads, as its two rows.
+            parts, sums = take(device, acc, SUMS_ROWS, plan.sums.rows, c)
             _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None, eps, shift, sums,
-                         dw if need_dw else None, db if need_db else None)  # fmt: skip
+                         dw if need_dw else None, db if need_db else None, parts)  # fmt: skip
         if need_dx and n_pos:
             _launch_dx(plan.elementwise, dy, x, dx, mean, var, weight, sums if training else None, eps, False)
     return dx, dw, db
@@ -383,7 +390,8 @@ def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tens
     if c:
         with device_guard(x):
             _launch_sums(plan.sums, dy, x, mean, var, weight, penalty_grad if need_dw else None,
-                         eps, shift, (sums[0], sums[1]), dw if need_dw else None, db if need_db else None)  # fmt: skip
+                         eps, shift, (sums[0], sums[1]), dw if need_dw else None, db if need_db else None,
+                         take(x.device, acc, SUMS, plan.sums.rows, c))  # fmt: skip
     return sums, dw, db
 
 

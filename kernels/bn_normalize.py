@@ -26,7 +26,7 @@ from ._layout import empty_as
 from ._launch import RUNTIME_SIZES, device_guard
 from ._math import channel_tile_offsets, scale_and_shift, split_offsets, split_rows, tile_positions
 
-__all__ = ["normalize", "launch_normalize"]
+__all__ = ["normalize", "launch_normalize", "normalize_launch"]
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -84,8 +84,13 @@ def _normalize_part(x_ptr, y_ptr, off, mask, mean, scale, b, ACC: tl.constexpr):
 def launch_normalize(launch, x: Tensor, y: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> None:
     """Run the normalise ``launch`` (an ``_plan.Launch``) from ``x`` into ``y`` (same strides)."""
     with device_guard(x):
-        _bn_normalize_kernel.run(x, y, mean, var, weight, bias, *launch.sizes, float(eps), *launch.consts,
-                                 grid=launch.grid, warmup=False, num_warps=launch.num_warps)  # fmt: skip
+        normalize_launch(launch, x, y, mean, var, weight, bias, eps)
+
+
+def normalize_launch(launch, x: Tensor, y: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> None:
+    """:func:`launch_normalize` under the caller's ``device_guard(x)``."""
+    _bn_normalize_kernel.run(x, y, mean, var, weight, bias, *launch.sizes, float(eps), *launch.consts,
+                             grid=launch.grid, warmup=False, num_warps=launch.num_warps)  # fmt: skip
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *,

@@ -253,7 +253,7 @@ def run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running,
         y, mean, var, penalty = out
         _plan.check_out(y, x)
     else:
-        c, acc, device = x.shape[1], plan.acc, x.device
+        c, acc, device = plan.shape[1], plan.acc, plan.device
         y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
         mean = torch.empty(c, dtype=acc, device=device)
         var = torch.empty(c, dtype=acc, device=device)
@@ -283,8 +283,9 @@ def run_backward_single(x, plan, dy, mean, var, weight, penalty_grad, eps, shift
     if s is None:
         raise ValueError(f"no single-pass configuration for x of shape {tuple(x.shape)}")
     need_dx, need_dw, need_db = output_mask
-    dy = in_layout_of(dy, x)
-    c, acc, device = x.shape[1], plan.acc, x.device
+    if dy.stride() != plan.strides:  # in_layout_of's first test, against the plan (host time)
+        dy = in_layout_of(dy, x)
+    c, acc, device = plan.shape[1], plan.acc, plan.device
     if out is None:
         dx = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device) if need_dx else x.new_empty(0)
         dw = torch.empty(c if need_dw else 0, dtype=acc, device=device)

@@ -40,11 +40,12 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _plan
-from ._launch import RUNTIME_SIZES, device_guard, launch_reduction, running_mode
+from ._launch import RUNTIME_SIZES, device_guard, running_mode
 from ._layout import acc_dtype
 from ._math import aligned, chunk_image_lanes, count_batch, position_offsets, sigmoid_parts, update_running
+from ._scratch import STATS, fresh, take
 
-__all__ = ["batch_stats", "launch_stats"]
+__all__ = ["batch_stats", "launch_stats", "stats_launches"]
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -210,21 +211,33 @@ def _bn_combine_stats_kernel(
 def launch_stats(plan, x: Tensor, weight, shift: float, mean: Tensor, var: Tensor, penalty, running, momentum,
                  num_batches_tracked) -> None:  # fmt: skip
     """The statistics reduction ``plan`` (an ``_plan.Reduction``: partials + combine) on ``x``
-    (kernel-ready): writes ``mean``, ``var`` (``[C]``, accumulation dtype), ``penalty`` (given:
-    ``[C]``; ``None``: none) and the running statistics."""
-    c, acc, device = x.shape[1], acc_dtype(x.dtype), x.device
-    rows = plan.rows
-    mean_part = torch.empty((rows, c), dtype=acc, device=device)  # [Reduction.rows, C] each
-    m2_part = torch.empty((rows, c), dtype=acc, device=device)
-    counts = torch.empty(rows, dtype=acc, device=device)
-    # Written by the partial kernel's first chunk; with no chunks the mean is 0 + 0.
-    pivot = (torch.empty if plan.num_chunks else torch.zeros)(c, dtype=acc, device=device)
-    rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, x.numel() // c)
+    (kernel-ready, ``C > 0``): writes ``mean``, ``var`` (``[C]``, accumulation dtype), ``penalty``
+    (given: ``[C]``; ``None``: none) and the running statistics."""
+    c = x.shape[1]
     with device_guard(x):
-        launch_reduction(plan, _bn_partial_stats_kernel, (x, mean_part, m2_part, counts, pivot),
-                         _bn_combine_stats_kernel, (mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv,
-                                                    nbt),
-                         (float(shift), 0.0 if momentum is None else float(momentum)), (mode,))  # fmt: skip
+        stats_launches(plan, x, c, acc_dtype(x.dtype), x.device, x.numel() // c, weight, shift, mean, var, penalty,
+                       running, momentum, num_batches_tracked)  # fmt: skip
+
+
+def stats_launches(plan, x: Tensor, c: int, acc, device, n_pos: int, weight, shift: float, mean: Tensor, var: Tensor,
+                   penalty, running, momentum, num_batches_tracked) -> None:  # fmt: skip
+    """:func:`launch_stats` given ``x``'s channels, accumulation dtype, device and positions, under
+    the caller's ``device_guard(x)`` (the training forward holds one for all its launches)."""
+    rm, rv, nbt, mode = running_mode(running, momentum, num_batches_tracked, n_pos)
+    if plan.num_chunks:
+        # [Reduction.rows, C] partials, counts [rows]; the pivot is written by the partial
+        # kernel's first chunk. Per-call scratch: cached per thread and stream (_scratch).
+        mean_part, m2_part, counts, pivot = take(device, acc, STATS, plan.rows, c)
+        p = plan.partials
+        _bn_partial_stats_kernel.run(x, mean_part, m2_part, counts, pivot, *p.sizes, *p.consts, grid=p.grid,
+                                     warmup=False, num_warps=p.num_warps)  # fmt: skip
+    else:  # no positions (an empty batch): the combine reads a zero pivot and no partials
+        mean_part, m2_part, counts, pivot = fresh(device, acc, STATS, plan.rows, c)
+        pivot.zero_()
+    m = plan.combine
+    _bn_combine_stats_kernel.run(mean_part, m2_part, counts, pivot, weight, mean, var, penalty, rm, rv, nbt, *m.sizes,
+                                 float(shift), 0.0 if momentum is None else float(momentum), *m.consts, mode,
+                                 grid=m.grid, warmup=False, num_warps=m.num_warps)  # fmt: skip
 
 
 def batch_stats(x: Tensor, weight: Tensor | None = None, shift: float = 0.0, with_penalty: bool = False, *,

@@ -19,11 +19,11 @@ from torch import Tensor
 
 from . import _plan
 from ._config import BNConfig
-from ._launch import ensure_launchable
+from ._launch import device_guard, ensure_launchable
 from .bn_backward import run_backward_chunked
-from .bn_normalize import launch_normalize
+from .bn_normalize import normalize_launch
 from .bn_single import _bn_fwd_single_kernel, run_backward_single, run_forward_single
-from .bn_stats import launch_stats
+from .bn_stats import stats_launches
 
 __all__ = ["check_device", "train_forward", "train_backward", "uses_single_pass"]
 
@@ -56,7 +56,7 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     if plan.single is not None:
         return run_forward_single(x, plan, weight, bias, eps, shift, with_penalty, running, momentum,
                                   num_batches_tracked)  # fmt: skip
-    c, acc, device = x.shape[1], plan.acc, x.device
+    c, acc, device = plan.shape[1], plan.acc, plan.device
     penalize = bool(with_penalty) and weight is not None
     y = torch.empty_strided(plan.shape, plan.strides, dtype=plan.dtype, device=device)  # empty_as(x), from the plan
     mean = torch.empty(c, dtype=acc, device=device)
@@ -64,10 +64,11 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     penalty = torch.empty(c if penalize else 0, dtype=acc, device=device)
     if c == 0:
         return y, mean, var, penalty
-    launch_stats(plan.stats, x, weight, shift, mean, var, penalty if penalize else None, running, momentum,
-                 num_batches_tracked)  # fmt: skip
-    if plan.elementwise is not None:
-        launch_normalize(plan.elementwise, x, y, mean, var, weight, bias, eps)
+    with device_guard(x):  # one guard for the three launches
+        stats_launches(plan.stats, x, c, acc, device, plan.n_pos, weight, shift, mean, var,
+                       penalty if penalize else None, running, momentum, num_batches_tracked)  # fmt: skip
+        if plan.elementwise is not None:
+            normalize_launch(plan.elementwise, x, y, mean, var, weight, bias, eps)
     return y, mean, var, penalty
 
 
