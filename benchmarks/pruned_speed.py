@@ -194,16 +194,18 @@ def bench_model(name: str, args, device: torch.device, unreachable: list) -> lis
 
 # -- --latency: pruning to a measured latency ---------------------------------------------------
 
-def flops_plan_rounded(model, target_flops: float, example, round_to: int, min_channels: int):
+def flops_plan_rounded(model, target_flops: float, example, round_to: int, min_channels: int,
+                       residual_streams: bool = False):
     """``plan(target_flops=...)`` with every group's kept count rounded to ``round_to`` (nearest
     allowed width, the best channels kept): the FLOPs-budget plan on the same widths grid."""
-    p = plan(model, target_flops=target_flops, example_inputs=example, min_channels=min_channels)
+    p = plan(model, target_flops=target_flops, example_inputs=example, min_channels=min_channels,
+             residual_streams=residual_streams)
     keep = {}
     for g in p.groups:
         w = round_width(len(p.group_keep[g.name]), g.channels, round_to, min_channels)
         if w < g.channels:
             keep[g.name] = keep_best(p.scores[g.name], w)
-    return plan_from_keep(model, keep, example_inputs=example)
+    return plan_from_keep(model, keep, example_inputs=example, residual_streams=residual_streams)
 
 
 def widths_of(p) -> dict[str, int]:
@@ -217,14 +219,14 @@ def importance_kept(p) -> float:
 
 
 def flops_at_latency(model, table: LatencyTable, latency: float, example, round_to: int, min_channels: int,
-                     iterations: int = 14):
+                     iterations: int = 14, residual_streams: bool = False):
     """The rounded FLOPs-budget plan whose predicted latency is closest to ``latency`` from
     below (bisection on ``target_flops``; predicted latency falls with it, up to rounding)."""
     lo, hi, best = 0.0, 1.0, None
     for _ in range(iterations):
         mid = (lo + hi) / 2
         try:
-            p = flops_plan_rounded(model, mid, example, round_to, min_channels)
+            p = flops_plan_rounded(model, mid, example, round_to, min_channels, residual_streams)
         except ValueError:  # below the smallest reachable FLOPs
             lo = mid
             continue
@@ -242,12 +244,14 @@ def flops_at_measured(model, table: LatencyTable, latency_plan, example, args, t
     (``_measured``: pruned / unpruned in back-to-back pairs), ``--match-steps`` measurements in
     all; the candidate measured closest to the goal."""
     goal = latency_plan.latency[2] or latency_plan.latency[1]
-    first = flops_at_latency(model, table, latency_plan.latency[1], example, args.round_to, 3)
+    streams = getattr(args, "residual_streams", False)
+    first = flops_at_latency(model, table, latency_plan.latency[1], example, args.round_to, 3,
+                             residual_streams=streams)
     lo, hi, tried = 0.0, 1.0, []
     for step in range(args.match_steps):
         f = first[1] if step == 0 and first is not None else (lo + hi) / 2
         try:
-            p = flops_plan_rounded(model, f, example, args.round_to, 3)
+            p = flops_plan_rounded(model, f, example, args.round_to, 3, streams)
         except ValueError:  # below the smallest reachable FLOPs
             lo = f
             continue
@@ -278,7 +282,8 @@ def bench_latency(name: str, args, device: torch.device) -> dict:
     example = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
     t0 = time.perf_counter()
     timer = WallClockTimer(warmup=args.table_warmup, repeats=args.table_repeats)
-    table = LatencyTable.build(model, example, points=args.points, round_to=args.round_to, timer=timer)
+    table = LatencyTable.build(model, example, points=args.points, round_to=args.round_to, timer=timer,
+                               residual_streams=args.residual_streams)
     table_s = time.perf_counter() - t0
     print(f"  {name} b{args.batch}: table in {table_s:.0f} s, unpruned {table.full * 1e3:.2f} ms, "
           f"interpolation check {table.interpolation_error}", flush=True)
@@ -287,7 +292,8 @@ def bench_latency(name: str, args, device: torch.device) -> dict:
     for t in args.latency_targets:
         try:
             p = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
-                                round_to=args.round_to, refine=args.refine, timer=timer)
+                                round_to=args.round_to, refine=args.refine, timer=timer,
+                                residual_streams=args.residual_streams)
         except ValueError as exc:  # e.g. ResNet-50 at 30%: its residual streams stay whole
             unreachable.append({"target_latency": t, "error": str(exc)})
             print(f"  {name} b{args.batch}: target {t} not reachable: {exc}", flush=True)
@@ -347,13 +353,14 @@ def main_latency(args, device: torch.device) -> None:
                    "environment": {**env, "load_average_1min_end": load_end, "cpu_count": os.cpu_count(),
                                    "machine_note": note},
                    "settings": {"rounds": args.rounds, "warmup": args.warmup, "b1_repeats": args.b1_repeats,
-                                "round_to": args.round_to, "points": args.points, "seed": args.seed,
+                                "round_to": args.round_to, "residual_streams": args.residual_streams, "points": args.points, "seed": args.seed,
                                 "refine": args.refine, "match_steps": args.match_steps, "threads": torch.get_num_threads(),
                                 "table_timer": {"warmup": args.table_warmup, "repeats": args.table_repeats},
                                 "importances": "bounded BatchNorm logits ~ N(0, 2^2), seed above",
                                 "wall_s": time.perf_counter() - start},
                    **result}
-        path = write_json(f"pruned_speed_latency_{name}_b{args.batch}_{device.type}.json", payload)
+        streams = "_streams" if args.residual_streams else ""
+        path = write_json(f"pruned_speed_latency_{name}_b{args.batch}{streams}_{device.type}.json", payload)
         print(f"{env['device']} | torch {env['torch']} | {env['cpu_threads']} threads | {note}")
         table = []
         for r in result["rows"]:
@@ -378,6 +385,8 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true", help="prune to measured latency targets (see above)")
     parser.add_argument("--latency-targets", nargs="+", type=float, default=[0.5, 0.3])
     parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--residual-streams", action="store_true",
+                        help="--latency: plan with residual_streams=True (the residual streams are pruned too)")
     parser.add_argument("--refine", type=int, default=3, help="plan_to_latency(refine=...)")
     parser.add_argument("--match-steps", type=int, default=6,
                         help="measurements to match the FLOPs plan's latency to the latency plan's")

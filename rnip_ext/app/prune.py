@@ -23,7 +23,7 @@ __all__ = ["RESUME_KEYS", "prune"]
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
 RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "target_latency", "round_to", "scope",
-               "min_channels", "finetune_epochs", "lr")
+               "residual_streams", "min_channels", "finetune_epochs", "lr")
 
 
 def _describe(spec: PruneSpec, plan) -> str:
@@ -67,13 +67,14 @@ def prune(spec: PruneSpec) -> dict:
         outcome = prune_and_measure(model, splits, example, ratio=spec.ratio, target_flops=spec.target_flops,
                                     target_params=spec.target_params, target_latency=spec.target_latency,
                                     latency_table=table, round_to=spec.round_to, scope=spec.scope,
+                                    residual_streams=spec.residual_streams,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
     _print_plan(outcome, device)
     ft_config = dict(config, lr=spec.lr or config["lr"], device=spec.device or config["device"], compile=False)
     ft_config.update(source_run=os.path.abspath(spec.run_dir), ratio=spec.ratio, target_flops=spec.target_flops,
                      target_params=spec.target_params, target_latency=spec.target_latency,
                      latency_table=None if spec.latency_table is None else os.path.abspath(spec.latency_table),
-                     round_to=spec.round_to, scope=spec.scope,
+                     round_to=spec.round_to, scope=spec.scope, residual_streams=spec.residual_streams,
                      min_channels=spec.min_channels, finetune_epochs=spec.finetune_epochs)
     resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if spec.resume else None
     with user_errors(OutputDirError):
@@ -106,7 +107,7 @@ def _latency_table(spec: PruneSpec, model, example):
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UserError(f"--latency-table {path}: its directory does not exist")
     table = pruning.LatencyTable.build(model, example, round_to=spec.round_to, min_channels=spec.min_channels,
-                               progress=spec.progress)
+                                       progress=spec.progress, residual_streams=spec.residual_streams)
     with user_errors(OSError):
         table.save(path)
     print(f"latency table measured and saved to {path}", flush=True)

@@ -127,7 +127,8 @@ class PruneOutcome:
 def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *, ratio: float | None = None,
                       target_flops: float | None = None, target_params: float | None = None, scope: str = "global",
                       min_channels: int = 3, speed_batch_size: int = 64, target_latency: float | None = None,
-                      round_to: int | None = None, latency_table=None) -> PruneOutcome:
+                      round_to: int | None = None, latency_table=None,
+                      residual_streams: bool = False) -> PruneOutcome:
     """Prune ``model`` once (:func:`rnip_ext.pruning.plan` with these arguments, then
     :func:`~rnip_ext.pruning.apply`, which leaves ``model`` unchanged) and measure it.
 
@@ -143,7 +144,7 @@ def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *,
     acc_before = evaluate(model, test)
     pruning_plan = plan(model, ratio, scope, min_channels, example_inputs=example_inputs, target_flops=target_flops,
                         target_params=target_params, target_latency=target_latency, round_to=round_to,
-                        latency_table=latency_table)
+                        latency_table=latency_table, residual_streams=residual_streams)
     small = apply(model, pruning_plan)
     batch = torch.randn(speed_batch_size, *example_inputs.shape[1:], device=device)
     speed_before, speed_after = (measure_throughput(m, batch, warmup=2, repeats=5) for m in (model, small))
@@ -165,7 +166,8 @@ def prune_summary(outcome: PruneOutcome, best: dict, *, config: dict, ratio: flo
         "ratio": ratio if ratio is not None else p.achieved_ratio,
         "achieved_ratio": p.achieved_ratio, "scope": scope,
         "target_flops": target_flops, "target_params": target_params, "target_latency": target_latency,
-        "round_to": round_to, "latency_s": None if p.latency is None else list(p.latency),
+        "round_to": round_to, "residual_streams": p.residual_streams,
+        "latency_s": None if p.latency is None else list(p.latency),
         "achieved_flops": p.achieved_flops, "achieved_params": p.achieved_params,
         "images_per_s_before": speed[0].images_per_s, "images_per_s_after": speed[1].images_per_s,
         "speed_batch_size": speed[0].batch_size, "speed_device": speed[0].device,

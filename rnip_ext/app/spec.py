@@ -193,6 +193,7 @@ class PruneSpec(_FromArgs):
     target_latency: float | None = None
     latency_table: str | None = None
     round_to: int | None = None
+    residual_streams: bool = False
     scope: str = "global"
     min_channels: int = 3
     finetune_epochs: int = 160

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to plan with; when PATH does not exist the table is measured and saved there")
     p.add_argument("--round-to", type=int, default=None,
                    help="every pruned layer keeps a multiple of this many channels, or all (default: no rounding)")
+    p.add_argument("--residual-streams", action="store_true",
+                   help="also prune the residual streams, each as one coupled channel group (the paper keeps "
+                        "them whole; see docs/pruning.md)")
     p.add_argument("--scope", choices=("global", "local"), default="global",
                    help="global: one threshold over all layers (the paper's); local: the same fraction per layer")
     p.add_argument("--min-channels", type=int, default=3, help="channels every layer keeps at least, >= 1")

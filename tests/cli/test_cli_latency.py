@@ -91,3 +91,20 @@ def test_latency_table_is_saved_then_reused_and_a_foreign_one_refused(tmp_path, 
 def test_latency_table_needs_a_latency_target(tmp_path, capsys):
     assert main(["prune", str(tmp_path), "--out", str(tmp_path / "p"), "--latency-table", "t.json"]) == 2
     one_error_line(capsys, "--latency-table is used only with --target-latency")
+
+
+def test_residual_streams_option_reaches_the_planner_and_the_records(tmp_path, capsys):
+    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "resnet56", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
+                 "--no-progress"]) == 0
+    plain, streams = tmp_path / "plain", tmp_path / "streams"
+    for out, extra in ((plain, []), (streams, ["--residual-streams"])):
+        assert main(["prune", str(run), "--out", str(out), "--no-progress", "--finetune-epochs", "0",
+                     "--target-flops", "0.8", *extra]) == 0
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (plain, streams))
+    assert a["residual_streams"] is False and b["residual_streams"] is True
+    assert json.loads((streams / "config.json").read_text())["residual_streams"] is True
+    # resnet56's option-A shortcuts (zero padding) keep its streams whole either way: the same channels go.
+    assert a["kept_channels"] == b["kept_channels"]
