@@ -803,6 +803,20 @@ def check_residual_streams(residual_streams) -> bool:
     return residual_streams
 
 
+def _unclaimed_bns(analysis: _Analysis, gm: fx.GraphModule, claimed: set[str], blockers: list[Blocker]):
+    """The BatchNorm nodes not yet in a group, in graph order (``claimed`` is read as the walk
+    goes); a prunable BatchNorm the analysis cannot see into (a module called twice, an opaque
+    one) is recorded in ``blockers`` instead."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in claimed:
+            continue
+        if analysis.kind(node) == "bn":
+            yield node
+        elif node.op == "call_module" and analysis.module(node) is None \
+                and is_prunable_bn(analysis.modules[node.target]):
+            blockers.append(Blocker(node.target, analysis.describe(node), node.target))
+
+
 def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None,
               residual_streams: bool = False) -> tuple[list[ChannelGroup], list[Blocker]]:
     """The channel groups of a traced (and possibly shape-propagated) model, and for every
@@ -814,12 +828,7 @@ def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | Non
     groups: list[ChannelGroup] = []
     blockers: list[Blocker] = []
     claimed: set[str] = set()
-    for node in gm.graph.nodes:
-        if analysis.kind(node) != "bn" or node.target in claimed:
-            if node.op == "call_module" and node.target not in claimed and analysis.module(node) is None \
-                    and is_prunable_bn(analysis.modules[node.target]):
-                blockers.append(Blocker(node.target, analysis.describe(node), node.target))
-            continue
+    for node in _unclaimed_bns(analysis, gm, claimed, blockers):
         produced = analysis.producer(node)
         if produced is None or produced[0] != "conv":
             if produced is None:
@@ -854,12 +863,7 @@ def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[Channe
     groups: list[ChannelGroup] = []
     blockers: list[Blocker] = []
     claimed: set[str] = set()
-    for node in gm.graph.nodes:
-        if analysis.kind(node) != "bn" or node.target in claimed:
-            if node.op == "call_module" and node.target not in claimed and analysis.module(node) is None \
-                    and is_prunable_bn(analysis.modules[node.target]):
-                blockers.append(Blocker(node.target, analysis.describe(node), node.target))
-            continue
+    for node in _unclaimed_bns(analysis, gm, claimed, blockers):
         produced = analysis.producer(node)
         if produced is not None and produced[0] != "conv":
             continue  # a BN after a depthwise conv belongs to the group of the BN before it
