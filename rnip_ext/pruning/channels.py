@@ -192,7 +192,8 @@ class ChannelGraph:
         return sum(c.macs for n, c in self.costs.items() if n in touched)
 
     def blocked_summary(self, limit: int = 3) -> str:
-        """The constructs that block BatchNorms, most frequent first, with examples."""
+        """The constructs that block BatchNorms, most frequent first, with examples (and, where
+        residual additions block and streams were not coupled, the option that would)."""
         by_construct: dict[str, list[str]] = {}
         for b in self.blockers:
             key = b.construct.split(" (")[0] if b.construct.startswith("no conv") else b.construct
@@ -201,7 +202,11 @@ class ChannelGraph:
         for construct, where in sorted(by_construct.items(), key=lambda kv: -len(kv[1])):
             examples = ", ".join(list(dict.fromkeys(where))[:limit])
             parts.append(f"{construct} ({len(where)} BatchNorm{'s' if len(where) > 1 else ''}, e.g. at {examples})")
-        return "; ".join(parts) if parts else "nothing"
+        if not parts:
+            return "nothing"
+        hint = ("" if self.residual_streams or "residual addition" not in by_construct
+                else " (residual_streams=True prunes each residual stream as one group)")
+        return "; ".join(parts) + hint
 
     def _full(self, group_keep: dict[str, Tensor]) -> dict[str, Tensor]:
         by_name = {g.name: g for g in self.groups}

@@ -481,7 +481,7 @@ def _prunable_graph(model: nn.Module, example_inputs, residual_streams: bool = F
     if not graph.groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable BatchNorm2d (a BatchNorm between a conv and the "
-            "convs/linear layers reading it, with no residual addition or concatenation in between); "
+            "convs/linear layers reading it, with no residual addition in between); "
             f"kept whole: {graph.blocked_summary()}"
         )
     return graph

@@ -219,7 +219,8 @@ def test_constants_fold_exactly_through_the_sums_with_1x1_consumers():
 def test_repvgg_identity_branch_batchnorms_are_sliced_with_the_stream():
     x = torch.randn(2, 3, 16, 16)
     model = prepared(RepNet(), x)
-    with pytest.raises(ValueError, match="no prunable BatchNorm2d"):
+    with pytest.raises(ValueError, match=r"no prunable BatchNorm2d.*residual addition.*"
+                                         r"\(residual_streams=True prunes each residual stream as one group\)"):
         plan(model, 0.3, example_inputs=x)
     (g,) = find_channel_groups(model, x, residual_streams=True)
     assert set(g.bns) == {"stem_bn", "blocks.0.bn_kxk", "blocks.0.bn_1x1", "blocks.0.identity",
