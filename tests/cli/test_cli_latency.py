@@ -18,6 +18,16 @@ def one_error_line(capsys, match):
     assert re.search(match, lines[0]), lines[0]
 
 
+def trained_run(tmp_path, arch: str):
+    """A one-epoch `rnip train` run of ``arch`` on a tiny generated CIFAR-10, in ``tmp_path/run``."""
+    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", arch, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
+                 "--no-progress"]) == 0
+    return run
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--target-latency", "0"], r"--target-latency must be in \(0, 1\]"),
     (["--target-latency", "1.5"], r"--target-latency must be in \(0, 1\]"),
@@ -39,11 +49,7 @@ def test_latency_and_flops_targets_are_exclusive(tmp_path, capsys):
 
 
 def test_prune_to_a_latency(tmp_path, capsys):
-    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
-    run = tmp_path / "run"
-    assert main(["train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
-                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
-                 "--no-progress"]) == 0
+    run = trained_run(tmp_path, "vgg_small")
     out = tmp_path / "p"
     assert main(["prune", str(run), "--out", str(out), "--no-progress", "--finetune-epochs", "0",
                  "--target-latency", "0.6", "--round-to", "4"]) == 0
@@ -57,11 +63,7 @@ def test_prune_to_a_latency(tmp_path, capsys):
 
 
 def test_latency_table_is_saved_then_reused_and_a_foreign_one_refused(tmp_path, capsys):
-    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
-    run = tmp_path / "run"
-    assert main(["train", "--arch", "vgg_small", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
-                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
-                 "--no-progress"]) == 0
+    run = trained_run(tmp_path, "vgg_small")
     table = tmp_path / "table.json"
     common = ["--no-progress", "--finetune-epochs", "0", "--target-latency", "0.6", "--latency-table", str(table)]
     assert main(["prune", str(run), "--out", str(tmp_path / "p1"), *common]) == 0
@@ -94,11 +96,7 @@ def test_latency_table_needs_a_latency_target(tmp_path, capsys):
 
 
 def test_residual_streams_option_reaches_the_planner_and_the_records(tmp_path, capsys):
-    write_cifar(tmp_path / "data", "cifar10", n_per_file=24)
-    run = tmp_path / "run"
-    assert main(["train", "--arch", "resnet56", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
-                 "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--out", str(run),
-                 "--no-progress"]) == 0
+    run = trained_run(tmp_path, "resnet56")
     plain, streams = tmp_path / "plain", tmp_path / "streams"
     for out, extra in ((plain, []), (streams, ["--residual-streams"])):
         assert main(["prune", str(run), "--out", str(out), "--no-progress", "--finetune-epochs", "0",
