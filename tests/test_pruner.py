@@ -336,7 +336,7 @@ def test_under_ddp_both_ranks_narrow_alike_and_a_rebuilt_wrapper_trains_on():
     import torch.multiprocessing as mp
 
     if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
+        pytest.skip(reason="torch.distributed is not available")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
