@@ -41,7 +41,6 @@ Per-layer-type rules (roles, costs, slicing) come from :mod:`rnip_ext.pruning.la
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -252,7 +251,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
 MAX_OPAQUE = 64
 
 
-def trace_for_pruning(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+@dataclass
+class Traced:
+    """A traced graph of ``model`` (its nodes' targets name ``model``'s submodules). No
+    ``fx.GraphModule`` is built: the analysis reads the graph only, and generating a
+    GraphModule's code costs as much as a small network's whole analysis."""
+
+    model: nn.Module
+    graph: fx.Graph
+
+
+def trace_for_pruning(model: nn.Module) -> tuple[Traced, dict[str, str]]:
     """A trace with every handled layer as a leaf. A submodule fx cannot trace through is kept
     whole as an opaque leaf (its channels cannot be pruned, its layers still count), and the
     trace is retried; ``{opaque module: why}`` comes back with the graph. Raises
@@ -262,7 +271,7 @@ def trace_for_pruning(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]
         tracer = _PruningTracer(set(opaque))
         try:
             graph = tracer.trace(model)
-            return fx.GraphModule(model, graph), opaque
+            return Traced(model, graph), opaque
         except Exception as exc:  # fx raises many types; all mean the same to the user
             where = tracer.failed_in
             if not where or where in opaque or where == type(model).__name__ or len(opaque) >= MAX_OPAQUE:
@@ -302,7 +311,7 @@ def _target_name(node: fx.Node) -> str:
 
 
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None,
+    def __init__(self, model: nn.Module, gm: Traced, opaque: dict[str, str] | None = None,
                  residual_streams: bool = False) -> None:
         self.model = model
         self.streams = residual_streams
@@ -771,23 +780,72 @@ def _check_example_inputs(model: nn.Module, inputs) -> None:
                          f"got {_shapes(inputs)}")
 
 
-def propagate_shapes(model: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
-    """Run ``gm`` once on ``example_inputs`` (eval mode, no grad) to record every node's output shape."""
-    from torch.fx.passes.shape_prop import ShapeProp
+@dataclass(frozen=True)
+class TensorShape:
+    """A node's output shape, stored as ``node.meta["tensor_meta"]`` (tensor outputs only)."""
 
+    shape: tuple
+
+
+def _run_recording_shapes(traced: Traced, inputs) -> None:
+    """Run the graph on ``inputs`` and store every tensor-valued node's shape in its meta.
+
+    A plain loop over the nodes: ``fx.Interpreter``/``ShapeProp`` need a GraphModule and add a
+    context manager, a metadata walk and a graph dump per node, most of the analysis time of a
+    small network. Values are dropped after their last use, as the interpreter does."""
+    nodes = list(traced.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        fx.node.map_arg((node.args, node.kwargs), lambda n, i=i: last_use.__setitem__(n, i))
+    dead: dict[int, list[fx.Node]] = {}
+    for node, i in last_use.items():
+        dead.setdefault(i, []).append(node)
+    root = traced.model
+    env: dict[fx.Node, object] = {}
+    given = iter(inputs)
+    for i, node in enumerate(nodes):
+        op = node.op
+        if op == "output":
+            break
+        if op == "placeholder":
+            if str(node.target).startswith("*"):
+                value = list(given)
+            else:
+                value = next(given, node.args[0] if node.args else None)
+        elif op == "get_attr":
+            value = root
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            if op == "call_module":
+                value = root.get_submodule(node.target)(*args, **kwargs)
+            elif op == "call_function":
+                value = node.target(*args, **kwargs)
+            else:  # call_method
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        env[node] = value
+        if isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = TensorShape(tuple(value.shape))
+        for gone in dead.get(i, ()):
+            del env[gone]
+
+
+def propagate_shapes(model: nn.Module, traced: Traced, example_inputs) -> None:
+    """Run the traced graph once on ``example_inputs`` (eval mode, no grad) to record every
+    node's output shape."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     _check_example_inputs(model, inputs)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     required = sum(1 for n in placeholders if not n.args)
     if not required <= len(inputs) <= len(placeholders):
         raise ValueError(f"example_inputs do not fit {type(model).__name__}: its forward takes "
                          f"{required}{'' if required == len(placeholders) else f' to {len(placeholders)}'} "
                          f"input(s), got {len(inputs)} ({_shapes(inputs)})")
     try:
-        # ShapeProp prints a traceback of its own before raising: the ValueError below says it all.
-        with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:  # ShapeProp wraps the real error in a long graph dump
+        with eval_mode(model), torch.no_grad():
+            _run_recording_shapes(traced, inputs)
+    except Exception as exc:  # the model's own error, whatever its type, means the same here
         cause = exc.__cause__ or exc
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ValueError(
@@ -803,7 +861,7 @@ def check_residual_streams(residual_streams) -> bool:
     return residual_streams
 
 
-def _unclaimed_bns(analysis: _Analysis, gm: fx.GraphModule, claimed: set[str], blockers: list[Blocker]):
+def _unclaimed_bns(analysis: _Analysis, gm: Traced, claimed: set[str], blockers: list[Blocker]):
     """The BatchNorm nodes not yet in a group, in graph order (``claimed`` is read as the walk
     goes); a prunable BatchNorm the analysis cannot see into (a module called twice, an opaque
     one) is recorded in ``blockers`` instead."""
@@ -817,7 +875,7 @@ def _unclaimed_bns(analysis: _Analysis, gm: fx.GraphModule, claimed: set[str], b
             blockers.append(Blocker(node.target, analysis.describe(node), node.target))
 
 
-def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None,
+def groups_of(model: nn.Module, gm: Traced, opaque: dict[str, str] | None = None,
               residual_streams: bool = False) -> tuple[list[ChannelGroup], list[Blocker]]:
     """The channel groups of a traced (and possibly shape-propagated) model, and for every
     BatchNorm left out, what blocks it. ``residual_streams``: couple residual streams (see the
@@ -856,7 +914,7 @@ def groups_of(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | Non
     return groups, blockers
 
 
-def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[ChannelGroup], list[Blocker]]:
+def _stream_groups(analysis: _Analysis, gm: Traced) -> tuple[list[ChannelGroup], list[Blocker]]:
     """:func:`groups_of` with residual streams coupled: the walk from each unclaimed BatchNorm
     (in graph order) also joins sums and walks back from them. A group that reaches no sum is
     exactly the group the default analysis finds."""
@@ -892,7 +950,7 @@ def _stream_groups(analysis: _Analysis, gm: fx.GraphModule) -> tuple[list[Channe
 
 
 def analyse(model: nn.Module, example_inputs=None,
-            residual_streams: bool = False) -> tuple[list[ChannelGroup], fx.GraphModule]:
+            residual_streams: bool = False) -> tuple[list[ChannelGroup], Traced]:
     """The channel groups and a fresh traced graph (with output shapes when ``example_inputs`` is given)."""
     gm, opaque = trace_for_pruning(model)
     if example_inputs is not None:
