@@ -181,6 +181,9 @@ def worker_rnip(source: str, name: str, size: int | None, limit: float, residual
     model = prepared(source, name)
     shape = (1, 3, size, size) if size else zoo_models.input_size(name)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    # worker_tp runs the model once on x before its timer starts (for the output shape): so does
+    # this one, so that both libraries are timed from the same warm state of torch's kernels.
+    model(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -331,6 +334,27 @@ def run_worker(lib: str, source: str, name: str, size: int | None, limit: float,
         if stderr:
             result["stderr_tail"] = stderr[-600:]
     return result
+
+
+TIMING_KEYS = ("plan_s", "apply_s", "apply_inplace_s", "seconds", "seconds_inplace")
+
+
+def add_repeat(result: dict, again: dict) -> None:
+    """Record the timings of ``again`` (a rerun of the same worker) under ``result["ratio"]["runs"]``."""
+    ratio, more = result.get("ratio"), again.get("ratio")
+    if not ratio or not more or not ratio.get("works") or not more.get("works"):
+        return
+    runs = ratio.setdefault("runs", {k: [ratio[k]] for k in TIMING_KEYS if k in ratio})
+    for k in runs:
+        if k in more:
+            runs[k].append(more[k])
+
+
+def take_medians(result: dict) -> None:
+    """Each timing of the ratio stage becomes the median of its runs (the runs stay listed)."""
+    ratio = result.get("ratio") or {}
+    for k, values in ratio.get("runs", {}).items():
+        ratio[k] = statistics.median(values)
 
 
 def summary_line(row: dict) -> str:
@@ -496,6 +520,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=None, help="input side (default: zoo_models.input_size)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "zoo_cpu.json"))
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each library this many times per model, alternating; timings are medians")
     parser.add_argument("--residual-streams", action="store_true",
                         help="rnip_ext: plan with residual_streams=True (streams pruned as one group each)")
     parser.add_argument("--table", nargs="*", metavar="JSON",
@@ -540,7 +566,7 @@ def main(argv=None) -> None:
     env["torchvision"] = package_version("torchvision")
     payload.setdefault("environment", env)
     payload["settings"] = {"ratio": RATIO, "target_flops": TARGET, "timeout_s": args.timeout, "size": args.size,
-                           "exact_tol": EXACT_TOL, "residual_streams": args.residual_streams}
+                           "exact_tol": EXACT_TOL, "residual_streams": args.residual_streams, "repeat": args.repeat}
     payload.setdefault("rows", {})
     todo = [(s, n) for s, n in todo if f"{s}/{n}" not in payload["rows"]
             or any(lib not in payload["rows"][f"{s}/{n}"] for lib in args.libs)]
@@ -556,6 +582,12 @@ def main(argv=None) -> None:
         for lib in args.libs:
             if lib not in row:
                 row[lib] = run_worker(lib, source, name, args.size, args.timeout, args.residual_streams)
+        # Reruns alternate the libraries, so that a change of machine load reaches both alike.
+        for _ in range(args.repeat - 1):
+            for lib in args.libs:
+                add_repeat(row[lib], run_worker(lib, source, name, args.size, args.timeout, args.residual_streams))
+        for lib in args.libs:
+            take_medians(row[lib])
         row["git_commit"] = env["git_commit"]
         row["load_average_1min"] = os.getloadavg()[0]
         payload["rows"][key] = row
