@@ -215,14 +215,15 @@ def _channel_gather(
     return _gather_reference(src, out_index, in_index)
 
 
-def _channel_gather_many(
+def check_many(
     srcs: Sequence[Tensor],
     out_indices: Sequence[Tensor | None],
     in_indices: Sequence[Tensor | None],
     *,
-    use_c_ext: bool,
     check_values: bool = True,
-) -> list[Tensor]:
+) -> None:
+    """Raises what :func:`channel_gather_many` raises for these arguments, copying nothing: a
+    caller gathering in several calls checks all of them first, so that none fails half-way."""
     _check_many_lengths(srcs, out_indices, in_indices)
     for job, (src, out_index, in_index) in enumerate(zip(srcs, out_indices, in_indices)):
         _check_args(job, src, out_index, in_index)
@@ -232,6 +233,17 @@ def _channel_gather_many(
             )
     if check_values:
         _check_values([(job, *args) for job, args in enumerate(zip(srcs, out_indices, in_indices))])
+
+
+def _channel_gather_many(
+    srcs: Sequence[Tensor],
+    out_indices: Sequence[Tensor | None],
+    in_indices: Sequence[Tensor | None],
+    *,
+    use_c_ext: bool,
+    check_values: bool = True,
+) -> list[Tensor]:
+    check_many(srcs, out_indices, in_indices, check_values=check_values)
     if not srcs:
         return []
     if use_c_ext:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import channel_gather_many
+from ..ops.channel_gather import check_many
 from .channels import cached, module_slices, remember
 from .folding import fold_delta, group_folds
 from .layers import SLICED_TENSORS, handler_for
@@ -116,16 +117,13 @@ def _check_optimizer(model: nn.Module, optimizer, records: list[Remap]) -> None:
                 )
 
 
-def _gather(records: list[Remap], optimizer) -> None:
-    """Every remapped tensor, its gradient and its optimiser state in one channel_gather_many call."""
-    sources, outs, ins, sinks = [], [], [], []
+def _jobs(records: list[Remap], optimizer) -> list[tuple[Tensor, Tensor | None, Tensor | None, object]]:
+    """``(source, out indices, in indices, sink)`` for every remapped tensor, its gradient and its
+    optimiser state; the sink stores the gathered tensor in its record."""
+    jobs = []
 
     def add(t: Tensor, r: Remap, sink) -> None:
-        o, i = r.index_for(t)
-        sources.append(t.detach())
-        outs.append(o)
-        ins.append(i)
-        sinks.append(sink)
+        jobs.append((t.detach(), *r.index_for(t), sink))
 
     for r in records:
         add(r.old, r, lambda new, r=r: setattr(r, "new", new))
@@ -137,8 +135,24 @@ def _gather(records: list[Remap], optimizer) -> None:
                 add(value, r, lambda new, r=r, key=key: r.new_state.__setitem__(key, new))
             else:
                 r.new_state[key] = value
-    for sink, new in zip(sinks, channel_gather_many(sources, outs, ins)):
+    return jobs
+
+
+def _gather(records: list[Remap], optimizer, check_values: bool = True) -> None:
+    """Every remapped tensor, its gradient and its optimiser state in one channel_gather_many call."""
+    jobs = _jobs(records, optimizer)
+    sources, outs, ins, sinks = zip(*jobs) if jobs else ((), (), (), ())
+    for sink, new in zip(sinks, channel_gather_many(sources, outs, ins, check_values=check_values)):
         sink(new)
+
+
+def _check_gathers(records: list[Remap], optimizer) -> None:
+    """What :func:`_gather` of all ``records`` would refuse, refused before any is gathered."""
+    jobs = [job[:3] for r in records for job in _jobs([r], optimizer)]
+    if jobs:
+        check_many(*zip(*jobs))
+    for r in records:  # _jobs filled in the unsliced state: the gathers fill it again
+        r.new_state = {}
 
 
 def _rebind_optimizer(optimizer, model: nn.Module, pruned: nn.Module, records: list[Remap],
@@ -210,13 +224,31 @@ def _add_folded_biases(modules: dict[str, nn.Module], slices: dict[str, list],
     return new_biases
 
 
-def _narrow_in_place(model: nn.Module, records: list[Remap], optimizer) -> None:
-    """Point every sliced tensor slot of ``model`` at its gathered tensor, keeping Parameter objects.
+# Bytes of sources per gather when narrowing in place: each batch's old tensors are released
+# before the next is gathered, so the peak is the model plus one batch, not twice the model, and
+# the allocator can hand the freed memory to the next batch instead of faulting in fresh pages.
+INPLACE_BATCH_BYTES = 64 << 20
+
+
+def _batches(records: list[Remap]) -> list[list[Remap]]:
+    """``records`` in consecutive runs of about ``INPLACE_BATCH_BYTES`` of source tensors each."""
+    batches, batch, size = [], [], 0
+    for r in records:
+        batch.append(r)
+        size += r.old.numel() * r.old.element_size()
+        if size >= INPLACE_BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    return batches + [batch] if batch else batches
+
+
+def _narrow_in_place(modules: dict[str, nn.Module], records: list[Remap], optimizer) -> None:
+    """Point every sliced tensor slot of the model (``modules``: its named modules) at its
+    gathered tensor, keeping Parameter objects.
 
     A parameter keeps its identity (``param.data`` is replaced), so optimisers, schedulers, hooks
     and user references stay bound to it; its ``.grad`` and optimiser state are the sliced ones.
     """
-    modules = dict(model.named_modules())
     for r in records:
         if isinstance(r.old, nn.Parameter):
             replace_data(r.old, r.new)
@@ -240,9 +272,12 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
 
     Every sliced tensor (conv and linear weights and biases, BatchNorm parameters and running
     statistics), the gradients of the sliced parameters and, with ``optimizer``, their optimiser
-    state are gathered in one :func:`rnip_ext.ops.channel_gather_many` call, each through the
-    same :class:`Remap` record (old tensor, output indices, input indices); for a copy the rest is
-    shared-nothing deep-copied (with its ``.grad`` cloned). ``num_batches_tracked``,
+    state are gathered with :func:`rnip_ext.ops.channel_gather_many`, each through the same
+    :class:`Remap` record (old tensor, output indices, input indices): a copy in one call (the
+    rest is shared-nothing deep-copied, with its ``.grad`` cloned); in place in batches of about
+    ``INPLACE_BATCH_BYTES`` of old tensors, each batch's old tensors released before the next is
+    gathered, so the peak memory is the model plus one batch (every gather is checked before the
+    first one runs). ``num_batches_tracked``,
     ``requires_grad``, training mode, dtypes and devices are carried over. The constant output of
     removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`); in a
     residual stream group (``residual_streams=True``) that constant is the stream's: the sum of
@@ -285,10 +320,12 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
             if delta is not None:
                 deltas[c.name] = delta if c.name not in deltas else deltas[c.name] + delta
 
-    _gather(records, optimizer)
     graphs = cached(model)  # narrowed below for the pruned model: no new trace
     if inplace:
-        _narrow_in_place(model, records, optimizer)
+        _check_gathers(records, optimizer)  # nothing narrowed when a gather would fail
+        for batch in _batches(records):
+            _gather(batch, optimizer, check_values=False)
+            _narrow_in_place(modules, batch, optimizer)
         for name, (out_idx, in_idx) in slices.items():
             _resize(modules[name], out_idx, in_idx)
         new_biases = _add_folded_biases(modules, slices, deltas)
@@ -297,6 +334,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
         _hand_over(model, graphs, pruning_plan, new_biases)
         return model
 
+    _gather(records, optimizer)
     memo: dict[int, object] = {}
     for r in records:
         if isinstance(r.old, nn.Parameter):

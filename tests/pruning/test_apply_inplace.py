@@ -6,6 +6,7 @@ its optimiser state must equal the copy's bitwise, and one more optimiser step m
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from pruning_helpers import ARCHITECTURES, assert_same_function, masked_copy, wa
 from rnip_ext import param_groups
 from rnip_ext import models as M
 from rnip_ext.pruning import apply, count_flops, plan, prune
+
+apply_module = sys.modules["rnip_ext.pruning.apply"]  # the module, not the function of that name
 
 OPTIMIZERS = {
     "sgd_nesterov": lambda groups: torch.optim.SGD(groups, momentum=0.9, nesterov=True),
@@ -42,8 +45,11 @@ def _state_of(model, opt):
     return {names[id(p)]: {k: v for k, v in s.items()} for p, s in opt.state.items()}
 
 
+@pytest.mark.parametrize("batch_bytes", [None, 1], ids=["one_gather", "gather_per_tensor"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_inplace_equals_the_copy_and_keeps_every_object(opt_name):
+def test_inplace_equals_the_copy_and_keeps_every_object(opt_name, batch_bytes, monkeypatch):
+    if batch_bytes is not None:  # each tensor gathered and released on its own
+        monkeypatch.setattr(apply_module, "INPLACE_BATCH_BYTES", batch_bytes)
     model, opt, sched = _trained(opt_name)
     x = torch.randn(4, 3, 16, 16)
     p = plan(model, 0.4, min_channels=2, example_inputs=x[:1])
@@ -127,3 +133,34 @@ def test_inplace_must_be_a_bool():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(TypeError, match="inplace must be a bool"):
         apply(model, plan(model, 0.5, example_inputs=x), inplace="yes")
+
+
+def test_a_gather_that_would_fail_leaves_the_model_untouched(monkeypatch):
+    """In place, the tensors are gathered in batches; all are checked before the first one, so a
+    bad index in the last batch changes nothing in the earlier ones."""
+    monkeypatch.setattr(apply_module, "INPLACE_BATCH_BYTES", 1)
+    model, opt, _ = _trained("sgd_nesterov")
+    p = plan(model, 0.4, min_channels=2, example_inputs=torch.randn(1, 3, 16, 16))
+    real = apply_module.module_slices
+
+    def corrupted(groups, keep):
+        slices = real(groups, keep)
+        last = list(slices)[-1]
+        out_idx, in_idx = slices[last]
+        bad = torch.tensor([10**6])
+        slices[last] = [out_idx, bad] if in_idx is not None else [bad, None]
+        return slices
+
+    monkeypatch.setattr(apply_module, "module_slices", corrupted)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    state_before = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                    for n, s in _state_of(model, opt).items()}
+    with pytest.raises(ValueError, match="out of range|must lie in"):
+        apply(model, p, optimizer=opt, inplace=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for n, t in before.items():
+        assert torch.equal(t, after[n]), n
+    for n, s in _state_of(model, opt).items():
+        for k, v in s.items():
+            assert torch.equal(v, state_before[n][k]) if torch.is_tensor(v) else v == state_before[n][k]
