@@ -5,6 +5,9 @@ every weight those channels touch:
 
     producer conv (groups=1) -> BN -> [pointwise / pooling / flatten / gate ...] -> consumers
 
+(pointwise: activations, dropout, and stochastic depth / drop path, which scales whole samples:
+see :data:`DROP_PATH_MODULES`).
+
 Consumers are convolutions with ``groups=1`` (their input channels are sliced) and linear layers
 after a flatten (blocks of ``H*W`` input features per channel are sliced). A depthwise or grouped
 convolution with as many outputs as inputs passes the removal through itself: it is sliced too
