@@ -147,7 +147,10 @@ class RecedingRegularizer(BaseRegularizer):
     over all regularised channels, ``k_l = cost_l * N / sum_l' n_l' cost_l'``, so that a
     network whose channels all cost the same gets exactly the ``"channels"`` penalty and
     ``strength`` keeps its meaning. Channels outside any prunable group (e.g. a residual
-    stream) cannot be removed, so they get weight 0 under ``"flops"``/``"params"``. Every channel
+    stream) cannot be removed, so they get weight 0 under ``"flops"``/``"params"``; with
+    ``residual_streams=True`` the costs are read from the groups that couple each residual
+    stream (as ``plan(..., residual_streams=True)`` prunes), so a stream's BatchNorms share what
+    its channels save when they go from the whole stream. Every channel
     of a layer carries the same cost, so the weights are one number per layer. After pruning,
     :meth:`rebind` binds the pruned model's layers and recomputes the costs.
 
@@ -177,7 +180,8 @@ class RecedingRegularizer(BaseRegularizer):
     _layout_cache = None  # (key, channel -> layer index, per-channel k_l); see _layout
 
     def __init__(self, model: nn.Module, strength: float = 1e-3, shift: float = 3.0, *, fused: bool = True,
-                 normalize: str | None = "layer", cost: str = "channels", example_inputs=None) -> None:
+                 normalize: str | None = "layer", cost: str = "channels", example_inputs=None,
+                 residual_streams: bool = False) -> None:
         _check_model(model)
         self.strength = _check_strength(strength)
         self.shift = RF._check_shift(shift)
@@ -190,6 +194,9 @@ class RecedingRegularizer(BaseRegularizer):
         self.normalize = normalize
         self.cost = cost
         self.example_inputs = example_inputs
+        from .pruning.graph import check_residual_streams  # late: rnip_ext.pruning imports the package
+
+        self.residual_streams = check_residual_streams(residual_streams)
         self.fused = bool(fused)
         self.layers: list[BoundedBatchNorm2d] = []
         self.names: list[str] = []
@@ -283,7 +290,8 @@ class RecedingRegularizer(BaseRegularizer):
             return [1.0] * len(named)
         from .pruning.flops import channel_costs
 
-        costs = channel_costs(model, self.example_inputs, "flops" if self.cost == "flops" else "params")
+        costs = channel_costs(model, self.example_inputs, "flops" if self.cost == "flops" else "params",
+                              residual_streams=self.residual_streams)
         per_layer = [float(costs.get(n, 0.0)) for n, _ in named]
         channels = [m.num_features for _, m in named]
         total = sum(c * n for c, n in zip(per_layer, channels))

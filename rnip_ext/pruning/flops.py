@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .channels import channel_graph, costs_graph, count_params, layer_shapes_via_hooks
-from .graph import PruningTraceError
+from .graph import PruningTraceError, check_residual_streams
 from .layers import LayerCost
 
 __all__ = ["LayerCost", "channel_costs", "count_flops", "count_params", "layer_costs"]
@@ -42,7 +42,8 @@ def count_flops(model: nn.Module, example_inputs) -> int:
 COSTS = ("flops", "params")
 
 
-def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict[str, float]:
+def channel_costs(model: nn.Module, example_inputs, cost: str = "flops", *,
+                  residual_streams: bool = False) -> dict[str, float]:
     """What one channel of each prunable BatchNorm carries: ``{BatchNorm name: cost per channel}``.
 
     ``cost="flops"``: the multiply-accumulates (for ``example_inputs``) that go with the channel
@@ -51,12 +52,19 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
     input slices (``positions * out * k*k`` for a conv, ``rows * out * block`` for a linear layer
     after a flatten). ``"params"``: the parameters removed with it (those filter slices, biases,
     and the BatchNorms' scale and shift). Every channel of a group costs the same, and a group of
-    coupled BatchNorms (depthwise) splits its channel cost equally among them. BatchNorms outside
-    any prunable group are not listed (their channels cannot be removed).
+    coupled BatchNorms (depthwise, or a residual stream) splits its channel cost equally among
+    them. BatchNorms outside any prunable group are not listed (their channels cannot be removed).
+
+    ``residual_streams`` (default ``False``: streams are kept whole and their BatchNorms are not
+    listed): ``True`` reads the groups of :func:`rnip_ext.pruning.find_channel_groups` with
+    ``residual_streams=True``, where a residual stream is one group, so a stream's channel costs
+    what removing it from the whole stream saves: every producer's filter, every consumer's input
+    slice. A conv that reads a stream and writes into the same one (RepVGG) loses the channel on
+    both sides, the weight at their crossing once.
     """
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-    graph = channel_graph(model, _as_tuple(example_inputs))
+    graph = channel_graph(model, _as_tuple(example_inputs), residual_streams=check_residual_streams(residual_streams))
     costs = graph.costs
     modules = dict(model.named_modules())
 
@@ -72,6 +80,9 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
 
     result: dict[str, float] = {}
     for g in graph.groups:
+        # A consumer that is also a producer of the group (RepVGG) counts the weights of the
+        # removed output channel at the removed input channel twice: subtract them once.
+        both = [c for c in g.consumers if c.name in g.producers]
         if cost == "flops":
             per_channel = 0
             for name in [*g.producers, *g.depthwise, *g.gates]:
@@ -80,9 +91,11 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops") -> dict
             for consumer in g.consumers:
                 d = costs[consumer.name]
                 per_channel += d.positions * d.out_features * d.kernel * consumer.block
+            per_channel -= sum(costs[c.name].positions * costs[c.name].kernel * c.block for c in both)
         else:
             per_channel = sum(n_params(modules[n], out=True) for n in [*g.producers, *g.bns, *g.depthwise, *g.gates])
             per_channel += sum(n_params(modules[c.name], out=False) * c.block for c in g.consumers)
+            per_channel -= sum(modules[c.name].weight[0, 0].numel() * c.block for c in both)
         for name in g.bns:
             result[name] = per_channel / len(g.bns)
     return result

@@ -16,6 +16,13 @@ BatchNorms (each outputs its own ``f(beta)``: its scale is what removal zeroes, 
 not matter). A sum adds its summands' constants, an activation after it acts on the sum (not on
 each summand), pooling keeps a constant; the result is as exact as for a plain group (approximate
 through a zero-padded kxk consumer, a zero-padding average pool, a gate).
+
+Dropout and stochastic depth / drop path (timm's ``DropPath``, torchvision's ``StochasticDepth``)
+leave a constant as in eval mode, where they are the identity: the fold is exact for the network
+in eval mode. In training they scale each sample (drop path: by 0 or ``1/(1-p)``), so a removed
+channel's non-zero constant would have been scaled with its sample, and the folded bias gives
+every sample its mean instead. With bounded BatchNorms without shift (the default) every constant
+is 0 and both modes are exact.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 
 from ..nn.norm_act import is_norm_act
 from .graph import (ADD_TARGETS, CAT_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup,
-                    Consumer, _is_shape_query)
+                    Consumer, _is_shape_query, drop_path_modules, is_drop_path)
 
 __all__ = ["Fold", "fold_report", "fold_delta", "constant_outputs", "group_folds"]
 
@@ -38,6 +45,8 @@ _DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 
 def _apply_node(node: fx.Node, value: Tensor, modules: dict) -> Tensor:
     """Run one pointwise node of the path on a ``(1, R, 1, 1)`` tensor of constants."""
+    if is_drop_path(node, modules):
+        return value  # stochastic depth / drop path: as in eval mode (see the module docstring)
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, _DROPOUTS + POOL_MODULES + (nn.Flatten, nn.Identity)):
@@ -232,7 +241,7 @@ class _Stream:
 
 def _passes(m: nn.Module) -> bool:
     """A module the stream walk passes through (elementwise or pooling; no conv or linear layer)."""
-    return isinstance(m, POINTWISE_MODULES + POOL_MODULES + (nn.Flatten,))
+    return isinstance(m, POINTWISE_MODULES + POOL_MODULES + (nn.Flatten,) + drop_path_modules())
 
 
 def group_folds(group: ChannelGroup, removed: Tensor, modules: dict) -> list[Fold]:

@@ -5,6 +5,9 @@ every weight those channels touch:
 
     producer conv (groups=1) -> BN -> [pointwise / pooling / flatten / gate ...] -> consumers
 
+(pointwise: activations, dropout, and stochastic depth / drop path, which scales whole samples:
+see :data:`DROP_PATH_MODULES`).
+
 Consumers are convolutions with ``groups=1`` (their input channels are sliced) and linear layers
 after a flatten (blocks of ``H*W`` input features per channel are sliced). A depthwise or grouped
 convolution with as many outputs as inputs passes the removal through itself: it is sliced too
@@ -43,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +93,50 @@ FLATTEN_METHODS = {"flatten", "view", "reshape"}
 MUL_TARGETS = {operator.mul, torch.mul, "mul"}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 CAT_TARGETS = {torch.cat, torch.concat}
+
+# Stochastic depth / drop path: each *sample* is multiplied by 0 or 1/(1-p) in training and
+# passed unchanged in eval mode, so channels never mix (channel-wise elementwise). torchvision's
+# and timm's are recognised where those libraries are imported (a model built with them has
+# imported them; this package imports neither): ``(module, attribute)`` pairs, looked up in
+# ``sys.modules``. The modules are kept as leaves of the trace, so the graph is the same in
+# training and eval mode (traced through in training, timm's would show its random mask as a
+# product that blocks); the functions are wrapped (torchvision's is ``torch.fx.wrap``-ed already,
+# timm's ``drop_path`` is autowrapped by the tracer).
+DROP_PATH_MODULES = (("timm.layers.drop", "DropPath"), ("timm.models.layers.drop", "DropPath"),
+                     ("torchvision.ops.stochastic_depth", "StochasticDepth"))
+DROP_PATH_FUNCTIONS = (("timm.layers.drop", "drop_path"), ("timm.models.layers.drop", "drop_path"),
+                       ("torchvision.ops.stochastic_depth", "stochastic_depth"))
+
+
+def _imported(names: tuple[tuple[str, str], ...]) -> tuple:
+    """The objects ``module.attribute`` of ``names`` whose module is imported, each once."""
+    found = []
+    for module, attr in names:
+        obj = getattr(sys.modules.get(module), attr, None)
+        if obj is not None and obj not in found:
+            found.append(obj)
+    return tuple(found)
+
+
+def drop_path_modules() -> tuple[type, ...]:
+    """The per-sample drop module classes (timm's ``DropPath``, torchvision's ``StochasticDepth``)
+    of the libraries imported so far."""
+    return tuple(c for c in _imported(DROP_PATH_MODULES) if isinstance(c, type))
+
+
+def drop_path_functions() -> tuple:
+    """The per-sample drop functions (timm's ``drop_path``, torchvision's ``stochastic_depth``)
+    of the libraries imported so far."""
+    return tuple(f for f in _imported(DROP_PATH_FUNCTIONS) if callable(f) and not isinstance(f, type))
+
+
+def is_drop_path(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Is ``node`` a stochastic depth / drop path (module or function call)? The identity in eval
+    mode; in training it scales each sample, which a folded constant does not follow (see
+    :mod:`rnip_ext.pruning.folding`)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), drop_path_modules())
+    return node.op == "call_function" and node.target in drop_path_functions()
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -196,8 +244,8 @@ class Blocker:
 class _Tracer(fx.Tracer):
     """Keeps BatchNorms (ours included) as leaves and remembers where tracing failed."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, autowrap_functions: tuple = ()) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
         self.stack: list[str] = []
         self.failed_in: str | None = None
 
@@ -217,15 +265,18 @@ class _Tracer(fx.Tracer):
 
 class _PruningTracer(_Tracer):
     """Also keeps every layer with a handler (subclasses of Conv2d/Linear/BatchNorm2d: timm's
-    ``Linear``, ``Conv2dSame``, ``BatchNormAct2d``) and the modules in ``opaque`` as leaves."""
+    ``Linear``, ``Conv2dSame``, ``BatchNormAct2d``), per-sample drop modules (timm's ``DropPath``,
+    torchvision's ``StochasticDepth``) and the modules in ``opaque`` as leaves, and records the
+    per-sample drop functions as calls (see :data:`DROP_PATH_FUNCTIONS`)."""
 
     def __init__(self, opaque: set[str]) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=drop_path_functions())
         self.opaque = opaque
+        self.drops = drop_path_modules()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (qualname in self.opaque or handler_for(m) is not None or is_norm_act(m)
-                or super().is_leaf_module(m, qualname))
+                or isinstance(m, self.drops) or super().is_leaf_module(m, qualname))
 
 
 def _trace_error(model: nn.Module, where: str | None, exc: Exception) -> PruningTraceError:
@@ -328,6 +379,8 @@ class _Analysis:
         # A concatenation whose output reaches something no group passes: what that is (named
         # in the blocker: "concatenation into module BatchNorm2d").
         self.after_cat: dict[fx.Node, fx.Node] = {}
+        self.drop_modules = drop_path_modules()
+        self.drop_functions = drop_path_functions()
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op == "call_module" and self.calls.get(node.target) == 1:
@@ -339,7 +392,7 @@ class _Analysis:
         if node.op == "call_module":
             m = self.modules[node.target]
             # Stateless modules may be reused (one ReLU called twice in a block) ...
-            if isinstance(m, POINTWISE_MODULES) and not any(True for _ in m.parameters()):
+            if isinstance(m, POINTWISE_MODULES + self.drop_modules) and not any(True for _ in m.parameters()):
                 return "pointwise"
             if isinstance(m, POOL_MODULES):
                 return "pool"
@@ -355,7 +408,7 @@ class _Analysis:
                 return "depthwise"
             return role or "other"
         if node.op == "call_function":
-            if node.target in POINTWISE_FUNCTIONS:
+            if node.target in POINTWISE_FUNCTIONS or node.target in self.drop_functions:
                 return "pointwise"
             if node.target in POOL_FUNCTIONS:
                 return "pool"
