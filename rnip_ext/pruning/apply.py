@@ -27,7 +27,7 @@ def _check_plan_fits(model: nn.Module, pruning_plan: PruningPlan) -> None:
         raise ValueError(
             f"this plan was made for a different model: it names modules the model lacks ({', '.join(missing[:5])})"
         )
-    actual = _signature(model, pruning_plan.groups)
+    actual = _signature(model, pruning_plan.groups, pruning_plan.se_modules())
     for name, expected in pruning_plan.signature.items():
         if actual[name] != expected:
             raise ValueError(
@@ -269,7 +269,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     _check_plan_fits(model, pruning_plan)
     modules = dict(model.named_modules())
-    slices = module_slices(pruning_plan.groups, pruning_plan.group_keep)
+    slices = module_slices(pruning_plan.groups, pruning_plan.group_keep, pruning_plan.se_blocks, pruning_plan.se_keep)
     records = _remaps(model, slices)
     if optimizer is not None:
         _check_optimizer(model, optimizer, records)
@@ -326,9 +326,10 @@ def _hand_over(pruned: nn.Module, graphs: list, pruning_plan: PruningPlan, new_b
     """Cache the original's channel graphs, narrowed to the plan, for the pruned model (when the
     plan was made on the graph cached for it; otherwise the pruned model is traced on next use)."""
     sizes = {name: len(b) for name, b in new_biases.items()}
-    narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes)) for key, g in graphs
+    narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes, pruning_plan.se_keep)) for key, g in graphs
                 if [x.name for x in g.groups] == [x.name for x in pruning_plan.groups]
-                and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))]
+                and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))
+                and [(b.name, b.channels) for b in g.se_blocks] == [(b.name, b.channels) for b in pruning_plan.se_blocks]]
     remember(pruned, narrowed)
 
 
@@ -345,10 +346,12 @@ def prune(
     optimizer: torch.optim.Optimizer | None = None,
     inplace: bool = False,
     residual_streams: bool = False,
+    se_ratio: float = 0.0,
 ) -> nn.Module:
     """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer, inplace=inplace)``
-    (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
+    (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``;
+    ``se_ratio``: the fraction of each squeeze-and-excitation block's inner channels to remove (see :func:`plan`)."""
     return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
                              target_flops=target_flops, target_params=target_params, fold=fold,
-                             residual_streams=residual_streams), optimizer,
+                             residual_streams=residual_streams, se_ratio=se_ratio), optimizer,
                  inplace=inplace)
