@@ -247,7 +247,9 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
     removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`); in a
     residual stream group (``residual_streams=True``) that constant is the stream's: the sum of
     the constants of the BatchNorms summed into it, through the ops after each sum
-    (:mod:`rnip_ext.pruning.folding`).
+    (:mod:`rnip_ext.pruning.folding`). A plan made with ``se_ratio`` also narrows the inner width
+    of squeeze-and-excitation blocks (``plan.se_keep``): the reducing conv's weight rows and
+    bias and the expanding conv's weight columns, in the same gather; nothing is folded there.
 
     ``optimizer`` (optional), built for ``model``, is **rebound in place** to the pruned
     model's parameters, so that whatever refers to it keeps working: an lr scheduler
@@ -329,7 +331,8 @@ def _hand_over(pruned: nn.Module, graphs: list, pruning_plan: PruningPlan, new_b
     narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes, pruning_plan.se_keep)) for key, g in graphs
                 if [x.name for x in g.groups] == [x.name for x in pruning_plan.groups]
                 and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))
-                and [(b.name, b.channels) for b in g.se_blocks] == [(b.name, b.channels) for b in pruning_plan.se_blocks]]
+                and [(b.name, b.channels) for b in g.se_blocks]
+                == [(b.name, b.channels) for b in pruning_plan.se_blocks]]
     remember(pruned, narrowed)
 
 

@@ -453,7 +453,8 @@ def _local_ratios(groups: list[ChannelGroup]) -> list[float]:
 
 def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor], kind: str,
                    target: float, scope: str, min_channels: int,
-                   round_to: int = 1, se_keep: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float | None]:
+                   round_to: int = 1,
+                   se_keep: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float | None]:
     """The kept channels of the first candidate whose network meets the budget, and (local scope)
     the per-layer ratio it removes.
 

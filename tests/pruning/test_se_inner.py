@@ -220,7 +220,8 @@ class NotSE(nn.Module):
 def test_look_alikes_and_plain_networks_have_no_se_blocks():
     x = torch.randn(1, 3, 8, 8)
     assert channel_graph(NotSE().eval(), x).se_blocks == []
-    assert channel_graph(warmed_up(M.resnet18(num_classes=10), (2, 3, 32, 32)), torch.randn(1, 3, 32, 32)).se_blocks == []
+    resnet = warmed_up(M.resnet18(num_classes=10), (2, 3, 32, 32))
+    assert channel_graph(resnet, torch.randn(1, 3, 32, 32)).se_blocks == []
 
 
 # Zoo models with SE blocks: every SE module is found; the pruned network equals the original with
