@@ -99,6 +99,33 @@ def test_both_dimensions_of_the_reduce_conv_are_sliced_with_the_gated_group(bias
     assert p.flops[1] == count_flops(pruned, x) and p.params[1] == count_params(pruned)
 
 
+def test_a_bias_folded_into_a_bias_less_reduce_conv_is_sliced_with_its_outputs():
+    """Plain BatchNorms with shifts: the removed gated channels' constant mean is folded into the
+    reduce conv, which has no bias: the new bias has the pruned SE width; the gate itself is exact."""
+    torch.manual_seed(0)
+    model = SENet(bias=False)
+    model.bn1, model.bn2 = nn.BatchNorm2d(12), nn.BatchNorm2d(6)
+    model = warmed_up(model, (2, 3, 8, 8))
+    with torch.no_grad():
+        model.bn1.bias.uniform_(0.5, 1.0)
+    x = torch.randn(2, 3, 8, 8)
+    p = plan(model, 0.4, scope="local", example_inputs=x, se_ratio=0.5)
+    pruned = apply(model, p)
+    assert pruned.se.reduce.bias.shape == (4,) and model.se.reduce.bias is None
+    assert p.params[1] == count_params(pruned) and p.flops[1] == count_flops(pruned, x)
+    handed = channel_graph(pruned, x)
+    CG.forget(pruned)
+    assert handed.param_shapes == channel_graph(pruned, x).param_shapes
+    reference = inner_masked(masked_copy(model, p.keep), p.se_keep)  # scales 0: the shifts stay, as in pruning
+    gates = []
+    for net in (pruned, reference):
+        hook = net.se.expand.register_forward_hook(lambda m, i, out: gates.append(out))
+        with torch.no_grad():
+            net(x)
+        hook.remove()
+    torch.testing.assert_close(gates[0], gates[1][:, p.group_keep["bn1"]], rtol=1e-5, atol=1e-5)
+
+
 def test_scores_are_the_gain_through_the_bottleneck_and_the_lowest_go_block_by_block():
     model, x = se_net(inner=10), torch.randn(2, 3, 8, 8)
     w_r, w_e = model.se.reduce.weight.detach().double(), model.se.expand.weight.detach().double()
