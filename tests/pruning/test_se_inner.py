@@ -149,6 +149,12 @@ def test_a_bad_se_ratio_is_a_value_error_naming_it(bad):
         plan_receded(model, example_inputs=x, se_ratio=bad)
 
 
+def test_se_ratio_with_a_latency_budget_is_refused_before_any_timing():
+    model, x = se_net(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="se_ratio is not supported with a latency budget"):
+        plan(model, target_latency=0.5, example_inputs=x, se_ratio=0.5)
+
+
 def _same_plan(a, b):
     assert a.keep.keys() == b.keep.keys() and all(torch.equal(a.keep[k], b.keep[k]) for k in a.keep)
     assert all(torch.equal(a.group_keep[k], b.group_keep[k]) for k in a.group_keep)
