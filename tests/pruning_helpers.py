@@ -9,6 +9,8 @@ from torch import nn
 from rnip_ext import BoundedBatchNorm2d
 from rnip_ext import models as M
 
+import zoo_models
+
 # (name, builder, input shape): every architecture the pruner must handle.
 ARCHITECTURES = [
     ("vgg16_cifar", lambda bn: M.vgg16_cifar(bn=bn), (2, 3, 32, 32)),
@@ -73,3 +75,34 @@ def fake_timer(module, inputs):
         for h in hooks:
             h.remove()
     return 1e-9 * sum(macs)
+
+
+@torch.no_grad()
+def zoo_prepared(source: str, name: str) -> nn.Module:
+    """The model with spread scales, small shifts and one batch of running statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = zoo_models.build(source, name)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.weight.uniform_(0.05, 1.0)
+        m.bias.uniform_(-0.1, 0.1)
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, exactly its statistics
+    model.train()
+    model(torch.randn(4, *zoo_models.input_size(name)[1:]))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_removed(model: nn.Module, keep: dict, scales: bool) -> None:
+    """The removed channels' shifts set to 0 (and their scales, with ``scales``), in place."""
+    modules = dict(model.named_modules())
+    for name, kept in keep.items():
+        bn = modules[name]
+        removed = torch.ones(bn.num_features, dtype=torch.bool)
+        removed[kept] = False
+        bn.bias[removed] = 0.0
+        if scales:
+            bn.weight[removed] = 0.0

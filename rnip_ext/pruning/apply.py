@@ -28,7 +28,7 @@ def _check_plan_fits(model: nn.Module, pruning_plan: PruningPlan) -> None:
         raise ValueError(
             f"this plan was made for a different model: it names modules the model lacks ({', '.join(missing[:5])})"
         )
-    actual = _signature(model, pruning_plan.groups)
+    actual = _signature(model, pruning_plan.groups, pruning_plan.se_modules())
     for name, expected in pruning_plan.signature.items():
         if actual[name] != expected:
             raise ValueError(
@@ -282,7 +282,9 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
     removed channels is folded into the consumers' biases (see :func:`rnip_ext.pruning.plan`); in a
     residual stream group (``residual_streams=True``) that constant is the stream's: the sum of
     the constants of the BatchNorms summed into it, through the ops after each sum
-    (:mod:`rnip_ext.pruning.folding`).
+    (:mod:`rnip_ext.pruning.folding`). A plan made with ``se_ratio`` also narrows the inner width
+    of squeeze-and-excitation blocks (``plan.se_keep``): the reducing conv's weight rows and
+    bias and the expanding conv's weight columns, in the same gather; nothing is folded there.
 
     ``optimizer`` (optional), built for ``model``, is **rebound in place** to the pruned
     model's parameters, so that whatever refers to it keeps working: an lr scheduler
@@ -304,7 +306,7 @@ def apply(model: nn.Module, pruning_plan: PruningPlan, optimizer: torch.optim.Op
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     _check_plan_fits(model, pruning_plan)
     modules = dict(model.named_modules())
-    slices = module_slices(pruning_plan.groups, pruning_plan.group_keep)
+    slices = module_slices(pruning_plan.groups, pruning_plan.group_keep, pruning_plan.se_blocks, pruning_plan.se_keep)
     records = _remaps(model, slices)
     if optimizer is not None:
         _check_optimizer(model, optimizer, records)
@@ -364,9 +366,11 @@ def _hand_over(pruned: nn.Module, graphs: list, pruning_plan: PruningPlan, new_b
     """Cache the original's channel graphs, narrowed to the plan, for the pruned model (when the
     plan was made on the graph cached for it; otherwise the pruned model is traced on next use)."""
     sizes = {name: len(b) for name, b in new_biases.items()}
-    narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes)) for key, g in graphs
+    narrowed = [(key, g.narrowed(pruning_plan.group_keep, sizes, pruning_plan.se_keep)) for key, g in graphs
                 if [x.name for x in g.groups] == [x.name for x in pruning_plan.groups]
-                and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))]
+                and all(a.channels == b.channels for a, b in zip(g.groups, pruning_plan.groups))
+                and [(b.name, b.channels) for b in g.se_blocks]
+                == [(b.name, b.channels) for b in pruning_plan.se_blocks]]
     remember(pruned, narrowed)
 
 
@@ -383,10 +387,12 @@ def prune(
     optimizer: torch.optim.Optimizer | None = None,
     inplace: bool = False,
     residual_streams: bool = False,
+    se_ratio: float = 0.0,
 ) -> nn.Module:
     """Plan and apply in one call: ``apply(model, plan(model, ratio, ...), optimizer, inplace=inplace)``
-    (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``."""
+    (see both); exactly one of ``ratio``, ``target_flops`` (fraction of FLOPs kept) and ``target_params``;
+    ``se_ratio``: the fraction of each squeeze-and-excitation block's inner channels to remove (see :func:`plan`)."""
     return apply(model, plan(model, ratio, scope, min_channels, example_inputs=example_inputs,
                              target_flops=target_flops, target_params=target_params, fold=fold,
-                             residual_streams=residual_streams), optimizer,
+                             residual_streams=residual_streams, se_ratio=se_ratio), optimizer,
                  inplace=inplace)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .graph import (Blocker, ChannelGroup, PruningTraceError, check_residual_streams, eval_mode, groups_of,
                     propagate_shapes, trace_for_pruning)
 from .layers import LayerCost, handler_for
+from .se import SEBlock, find_se_blocks
 
 __all__ = ["ChannelGraph", "channel_graph", "forget", "module_slices", "count_params", "traces"]
 
@@ -47,10 +48,14 @@ def _removed(channels: int, keep: Tensor) -> Tensor:
     return mask.nonzero().flatten()
 
 
-def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> dict[str, list]:
+def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor], se_blocks: list[SEBlock] = (),
+                  se_keep: dict[str, Tensor] | None = None) -> dict[str, list]:
     """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices
     (a group's channels leave the outputs of all its producers, BatchNorms, channel-wise convs
-    and gates, and the inputs of all its consumers).
+    and gates, and the inputs of all its consumers; a squeeze-and-excitation block's inner
+    channels, kept as ``se_keep[block.name]``, leave ``reduce``'s outputs and ``expand``'s inputs).
+    The two dimensions of one layer are independent: an SE ``reduce`` conv may lose inputs to
+    the gated group and outputs to its own inner width.
 
     A consumer reading a concatenation (``width`` set) keeps every input feature except each
     feeding group's removed channels at that group's ``offset``: ``(offset + c) * block + j``.
@@ -77,6 +82,11 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> 
             mask[_expand(removed + c.offset, c.block)] = False
     for name, mask in concatenated.items():
         put(name, 1, mask.nonzero().flatten())
+    for b in se_blocks:
+        keep = (se_keep or {}).get(b.name)
+        if keep is not None and len(keep) < b.channels:
+            put(b.reduce, 0, keep)
+            put(b.expand, 1, keep)
     return slices
 
 
@@ -135,6 +145,9 @@ class ChannelGraph:
         params_total: the model's parameter count.
         residual_streams: whether residual streams are coupled into groups (see
             :func:`rnip_ext.pruning.find_channel_groups`) or kept whole (the default).
+        se_blocks: the squeeze-and-excitation bottlenecks (:class:`~rnip_ext.pruning.se.SEBlock`),
+            whose inner width ``plan(..., se_ratio=...)`` prunes; ``se_keep`` arguments below
+            name the kept inner channels of those that lose any.
     """
 
     groups: list[ChannelGroup]
@@ -145,19 +158,26 @@ class ChannelGraph:
     params_total: int
     channelwise: set[str] = field(default_factory=set)
     residual_streams: bool = False
+    se_blocks: list[SEBlock] = field(default_factory=list)
+
+    def slices(self, group_keep: dict[str, Tensor] | None = None,
+               se_keep: dict[str, Tensor] | None = None) -> dict[str, list]:
+        """:func:`module_slices` of this graph's groups and SE blocks."""
+        return module_slices(self.groups, self._full(group_keep or {}), self.se_blocks, se_keep)
 
     @property
     def flops_total(self) -> int:
         """Multiply-accumulates of every conv and linear layer for the example inputs."""
         return sum(c.macs for c in self.costs.values())
 
-    def flops(self, group_keep: dict[str, Tensor] | None = None) -> int:
+    def flops(self, group_keep: dict[str, Tensor] | None = None, se_keep: dict[str, Tensor] | None = None) -> int:
         """MACs of the network keeping ``group_keep`` (kept channel indices per group name; groups
-        not named keep all): the changed layers' costs recounted with their new widths."""
+        not named keep all) and ``se_keep`` (per SE block): the changed layers' costs recounted
+        with their new widths."""
         total = self.flops_total
-        if not group_keep:
+        if not group_keep and not se_keep:
             return total
-        for name, (out_idx, in_idx) in module_slices(self.groups, self._full(group_keep)).items():
+        for name, (out_idx, in_idx) in self.slices(group_keep, se_keep).items():
             c = self.costs.get(name)
             if c is None:
                 continue
@@ -167,10 +187,10 @@ class ChannelGraph:
         return total
 
     def params(self, group_keep: dict[str, Tensor] | None = None, new_biases=(),
-               new_bias_sizes: dict[str, int] | None = None) -> int:
-        """Parameters of the network keeping ``group_keep``, plus the biases folding creates on
-        the layers ``new_biases`` (each sized by that layer's outputs after pruning)."""
-        slices = module_slices(self.groups, self._full(group_keep or {}))
+               new_bias_sizes: dict[str, int] | None = None, se_keep: dict[str, Tensor] | None = None) -> int:
+        """Parameters of the network keeping ``group_keep`` (and ``se_keep``), plus the biases
+        folding creates on the layers ``new_biases`` (each sized by that layer's outputs after pruning)."""
+        slices = self.slices(group_keep, se_keep)
         added = 0
         for name in new_biases:
             out_idx = slices.get(name, [None, None])[0]
@@ -214,11 +234,14 @@ class ChannelGraph:
         full.update({k: v for k, v in group_keep.items() if k in by_name})
         return full
 
-    def narrowed(self, group_keep: dict[str, Tensor], new_biases: dict[str, int]) -> "ChannelGraph":
-        """The graph of the model once ``group_keep`` is applied (no new trace): every group
-        keeps its structure with its new width, every sliced layer its new costs and shapes."""
+    def narrowed(self, group_keep: dict[str, Tensor], new_biases: dict[str, int],
+                 se_keep: dict[str, Tensor] | None = None) -> "ChannelGraph":
+        """The graph of the model once ``group_keep`` (and ``se_keep``) is applied (no new
+        trace): every group and SE block keeps its structure with its new width, every sliced
+        layer its new costs and shapes."""
         full = self._full(group_keep)
-        slices = module_slices(self.groups, full)
+        se_keep = se_keep or {}
+        slices = module_slices(self.groups, full, self.se_blocks, se_keep)
         shifted = _shifted_consumers(self.groups, full)
         groups = [replace(g, channels=len(full[g.name]),
                           consumers=[c if c.width is None else replace(
@@ -246,9 +269,10 @@ class ChannelGraph:
             if name in new_biases:
                 new.append(("bias", (new_biases[name],)))
             shapes[name] = new
-        params = self.params(full, list(new_biases))
+        params = self.params(full, list(new_biases), se_keep=se_keep)
+        se_blocks = [replace(b, channels=len(se_keep[b.name])) if b.name in se_keep else b for b in self.se_blocks]
         return ChannelGraph(groups, list(self.blockers), costs, dict(self.opaque), shapes, params, set(self.channelwise),
-                            self.residual_streams)
+                            self.residual_streams, se_blocks)
 
 
 def _costs(model: nn.Module, gm, example_inputs, opaque: dict[str, str]) -> dict[str, LayerCost]:
@@ -291,6 +315,7 @@ def _build(model: nn.Module, example_inputs, residual_streams: bool = False) -> 
     traces[0] += 1
     costs = _costs(model, gm, example_inputs, opaque) if example_inputs is not None else {}
     groups, blockers = groups_of(model, gm, opaque, residual_streams)
+    se_blocks = find_se_blocks(model, gm, opaque)  # before the shapes are dropped below
     # The groups keep nodes of this graph (the consumers' paths): keep nothing else alive with
     # them (the GraphModule holds the model's layers; a pruned copy's graph must not hold the original's).
     gm.graph.owning_module = None
@@ -299,10 +324,11 @@ def _build(model: nn.Module, example_inputs, residual_streams: bool = False) -> 
     for name, why in opaque.items():
         blockers.append(Blocker(name, f"module fx cannot trace, kept whole ({why})", name))
     modules = dict(model.named_modules())
-    names = {n for g in groups for n in g.modules()}
+    names = {n for g in groups for n in g.modules()} | {n for b in se_blocks for n in b.modules()}
     shapes = {n: [(k, tuple(p.shape)) for k, p in modules[n]._parameters.items() if p is not None] for n in names}
     channelwise = {n for g in groups for n in g.depthwise}
-    return ChannelGraph(groups, blockers, costs, opaque, shapes, count_params(model), channelwise, residual_streams)
+    return ChannelGraph(groups, blockers, costs, opaque, shapes, count_params(model), channelwise, residual_streams,
+                        se_blocks)
 
 
 def channel_graph(model: nn.Module, example_inputs=None, *, residual_streams: bool = False) -> ChannelGraph:

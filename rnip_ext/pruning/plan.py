@@ -15,6 +15,7 @@ from .folding import fold_report
 from .graph import Blocker, ChannelGroup, check_residual_streams
 from .importance import group_scores
 from .rounding import allowed_widths, check_round_to, keep_best, round_width
+from .se import SEBlock, check_se_ratio, select_se
 
 __all__ = ["PruningPlan", "plan", "plan_from_keep", "plan_receded", "module_slices"]
 
@@ -56,6 +57,11 @@ class PruningPlan:
             ``latency``: ``(before, predicted, measured)`` seconds per forward pass for such a
             plan (``measured`` ``None`` when not refined), ``latency_table`` the table used.
         residual_streams: whether the groups couple residual streams (see :func:`plan`).
+        se_ratio: the fraction of each squeeze-and-excitation block's inner channels the plan
+            was asked to remove (see :func:`plan`); ``se_blocks``: every such block found
+            (:class:`~rnip_ext.pruning.se.SEBlock`); ``se_keep``: ``{block name (its reducing
+            conv): sorted int64 tensor of kept inner channels}`` for every block that loses
+            channels (empty when none does).
     """
 
     keep: dict[str, Tensor]
@@ -83,6 +89,13 @@ class PruningPlan:
     latency: tuple | None = None
     latency_table: object = field(default=None, repr=False)
     residual_streams: bool = False
+    se_ratio: float = 0.0
+    se_blocks: list[SEBlock] = field(default_factory=list, repr=False)
+    se_keep: dict[str, Tensor] = field(default_factory=dict)
+
+    def se_modules(self) -> list[str]:
+        """The layers the plan slices for squeeze-and-excitation inner widths (reduce, expand)."""
+        return [n for b in self.se_blocks if b.name in self.se_keep for n in b.modules()]
 
     @property
     def achieved_flops(self) -> float:
@@ -123,6 +136,11 @@ class PruningPlan:
             label = g.name + (f" (+{len(g.bns) - 1} coupled)" if len(g.bns) > 1 else "") \
                 + (" stream" if g.residual else "")
             lines.append(f"{label:<40} {g.channels:>6} -> {kept:<6} {kept / g.channels:>6.1%}")
+        if self.se_keep:
+            lines.append(f"squeeze-and-excitation inner widths (se_ratio={self.se_ratio:g}, per block):")
+            for b in self.se_blocks:
+                kept = len(self.se_keep.get(b.name, range(b.channels)))
+                lines.append(f"{b.name + ' (SE)':<40} {b.channels:>6} -> {kept:<6} {kept / b.channels:>6.1%}")
         p0, p1 = self.params
         f0, f1 = self.flops
         lines.append(f"parameters: {p0:,} -> {p1:,} ({self.achieved_params:.1%} kept, "
@@ -211,9 +229,10 @@ def _select(scores: list[Tensor], ratio: float, scope: str, min_channels: int,
     return masks
 
 
-def _signature(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, tuple]:
+def _signature(model: nn.Module, groups: list[ChannelGroup], extra: list[str] = ()) -> dict[str, tuple]:
+    """Type and weight shape of every module the plan slices (``extra``: SE blocks' layers)."""
     modules = dict(model.named_modules())
-    names = {n for g in groups for n in g.modules()}
+    names = {n for g in groups for n in g.modules()} | set(extra)
     sig = {}
     for name in sorted(names):
         m = modules[name]
@@ -238,6 +257,7 @@ def plan(
     max_latency: float | None = None,
     latency_table=None,
     residual_streams: bool = False,
+    se_ratio: float = 0.0,
 ) -> PruningPlan:
     """Plan a one-shot channel pruning of ``model``, to a channel ``ratio`` or to a budget.
 
@@ -301,9 +321,24 @@ def plan(
     in ``plan.blockers``. With a latency budget the table must be built with the same
     ``residual_streams`` (a RepVGG stream, whose convs read and write one group, is not supported
     by latency tables yet).
+
+    ``se_ratio`` (default 0: untouched): the fraction, in [0, 1), of each squeeze-and-excitation
+    block's *inner* channels to remove, block by block (``x * gate(expand(act(reduce(pool(x)))))``,
+    1x1 convs with ``groups=1``: ``reduce``'s outputs, ``expand``'s inputs;
+    :func:`rnip_ext.pruning.se.find_se_blocks`). These channels have no BatchNorm, so no score
+    comparable with the others: each block removes ``floor(se_ratio * width)`` of its own
+    channels, keeping at least ``min(min_channels, width)``, the lowest-scored by their gain
+    through the bottleneck, ``||W_reduce[c]||_2 * ||W_expand[:, c]||_2``
+    (:func:`rnip_ext.pruning.se.se_scores`). The pruned network equals the original with those
+    channels' activations set to 0. A budget plan counts this removal first and then finds the
+    channel groups' prefix that meets the budget. Not with a latency budget, nor ``round_to``
+    for these widths (they are not rounded).
     """
     check_residual_streams(residual_streams)
+    se_ratio = check_se_ratio(se_ratio)
     if target_latency is not None or max_latency is not None:
+        if se_ratio > 0:
+            raise ValueError("se_ratio is not supported with a latency budget (target_latency/max_latency) yet")
         others = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
                   if v is not None]
         if others:
@@ -326,23 +361,26 @@ def plan(
     # A budget that min_channels makes unreachable is reported by the budget search itself.
     _check_min_channels(groups, min_channels, float(ratio) if ratio is not None else 0.0)
     scores = group_scores(model, groups)
+    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels)
     if budget is None:
         masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels,
                         [g.unit for g in groups])
         group_keep = {g.name: m.nonzero().flatten().to(torch.int64) for g, m in zip(groups, masks)}
         group_keep = _rounded(groups, scores, group_keep, round_to, min_channels)
         result = _build_plan(model, graph, scores, group_keep, ratio=float(ratio), scope=scope,
-                             min_channels=min_channels, fold=fold)
+                             min_channels=min_channels, fold=fold, se_keep=se_keep)
     else:
         kind, target = budget
-        group_keep, local_ratio = _select_budget(model, graph, scores, kind, target, scope, min_channels, round_to)
+        group_keep, local_ratio = _select_budget(model, graph, scores, kind, target, scope, min_channels, round_to,
+                                                 se_keep)
         result = _build_plan(model, graph, scores, group_keep, ratio=local_ratio, scope=scope,
-                             min_channels=min_channels, fold=fold)
+                             min_channels=min_channels, fold=fold, se_keep=se_keep)
         if kind == "flops":
             result.target_flops = target
         else:
             result.target_params = target
     result.round_to = round_to
+    result.se_ratio = se_ratio
     _warn_if_unchanged(model, result, requested=budget is not None or ratio > 0)
     return result
 
@@ -415,7 +453,8 @@ def _local_ratios(groups: list[ChannelGroup]) -> list[float]:
 
 def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor], kind: str,
                    target: float, scope: str, min_channels: int,
-                   round_to: int = 1) -> tuple[dict[str, Tensor], float | None]:
+                   round_to: int = 1,
+                   se_keep: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float | None]:
     """The kept channels of the first candidate whose network meets the budget, and (local scope)
     the per-layer ratio it removes.
 
@@ -425,14 +464,15 @@ def _select_budget(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tens
     order (``scope="local"``). Each candidate is counted on the channel graph (no trace). With
     ``round_to``, each candidate's kept counts are rounded (:func:`_rounded`; non-decreasing in
     the count, and the best channels of a group are nested), so the counts still fall.
+    ``se_keep`` (SE inner widths, fixed beforehand) is part of every candidate.
     """
     groups = graph.groups
     before = graph.flops_total if kind == "flops" else graph.params_total
 
     def count(group_keep: dict[str, Tensor]) -> int:
         if kind == "flops":
-            return graph.flops(group_keep)
-        return graph.params(group_keep, fold_report(model, groups, group_keep)[1])
+            return graph.flops(group_keep, se_keep)
+        return graph.params(group_keep, fold_report(model, groups, group_keep)[1], se_keep=se_keep)
 
     if scope == "global":
         order = _removal_order(groups, scores, min_channels)
@@ -489,8 +529,10 @@ def _prunable_graph(model: nn.Module, example_inputs, residual_streams: bool = F
 
 def _build_plan(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor],
                 group_keep: dict[str, Tensor], *, ratio: float | None, scope: str, min_channels: int,
-                fold: str) -> PruningPlan:
-    """The :class:`PruningPlan` keeping ``group_keep`` (sorted int64 indices per group name)."""
+                fold: str, se_keep: dict[str, Tensor] | None = None) -> PruningPlan:
+    """The :class:`PruningPlan` keeping ``group_keep`` (sorted int64 indices per group name)
+    and ``se_keep`` (per SE block that loses inner channels)."""
+    se_keep = dict(se_keep or {})
     groups = graph.groups
     keep = {n: group_keep[g.name] for g in groups for n in g.bns if len(group_keep[g.name]) < g.channels}
     removed_scores = []
@@ -512,8 +554,8 @@ def _build_plan(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor]
         groups=groups,
         group_keep=group_keep,
         scores=scores,
-        params=(graph.params_total, graph.params(group_keep, new_biases)),
-        flops=(graph.flops_total, graph.flops(group_keep)),
+        params=(graph.params_total, graph.params(group_keep, new_biases, se_keep=se_keep)),
+        flops=(graph.flops_total, graph.flops(group_keep, se_keep)),
         ratio=ratio,
         achieved_ratio=len(removed_scores) / total,
         scope=scope,
@@ -521,17 +563,20 @@ def _build_plan(model: nn.Module, graph: ChannelGraph, scores: dict[str, Tensor]
         threshold=removed_scores.max().item() if len(removed_scores) else None,
         fold=fold,
         inexact_folds=inexact,
-        signature=_signature(model, groups),
+        signature=_signature(model, groups, [n for b in graph.se_blocks if b.name in se_keep for n in b.modules()]),
         prunable_flops=graph.prunable_flops() / max(graph.flops_total, 1),
         blockers=list(graph.blockers),
         blocked=graph.blocked_summary(),
         residual_streams=graph.residual_streams,
+        se_blocks=list(graph.se_blocks),
+        se_keep=se_keep,
     )
 
 
 @torch.no_grad()
 def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
-                   fold: str = "approximate", residual_streams: bool = False) -> PruningPlan:
+                   fold: str = "approximate", residual_streams: bool = False,
+                   se_keep: dict[str, Tensor] | None = None) -> PruningPlan:
     """A :class:`PruningPlan` that keeps exactly the given channels.
 
     ``keep`` maps a channel group's name (its first BatchNorm, see
@@ -540,7 +585,9 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
     ``unit > 1``, a block of ``unit`` channels is kept whole when any of its channels is named). Used by schedules that decide
     themselves which channels go (e.g. every channel whose importance fell below a threshold).
     ``ratio``/``scope`` of the result are the achieved fraction and ``"explicit"``.
-    ``residual_streams``: the groups to name, as for :func:`plan`.
+    ``residual_streams``: the groups to name, as for :func:`plan`. ``se_keep`` (optional): the
+    kept inner channels (indices or a boolean mask) of squeeze-and-excitation blocks, by block
+    name (the reducing conv, see ``PruningPlan.se_blocks``); blocks not named keep all.
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
@@ -577,13 +624,47 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
     total = sum(g.channels for g in groups)
     min_kept = min(len(group_keep[g.name]) for g in groups)
     return _build_plan(model, graph, scores, group_keep, ratio=removed / total, scope="explicit",
-                       min_channels=min_kept, fold=fold)
+                       min_channels=min_kept, fold=fold, se_keep=_explicit_se_keep(graph.se_blocks, se_keep))
+
+
+def _indices(name: str, k, channels: int) -> Tensor:
+    """Sorted unique int64 indices from indices or a boolean mask over ``channels``; errors name ``name``."""
+    k = torch.as_tensor(k).detach().cpu()
+    if k.dtype == torch.bool:
+        if k.shape != (channels,):
+            raise ValueError(f"keep mask for '{name}' has shape {tuple(k.shape)}, it has {channels} channels")
+        k = k.nonzero().flatten()
+    k = torch.unique(k.to(torch.int64))  # sorted, no duplicates
+    if len(k) == 0:
+        raise ValueError(f"keep for '{name}' is empty: a layer must keep at least one channel")
+    if k.min() < 0 or k.max() >= channels:
+        raise ValueError(f"keep for '{name}' has indices outside [0, {channels})")
+    return k
+
+
+def _explicit_se_keep(blocks: list[SEBlock], se_keep) -> dict[str, Tensor]:
+    """``se_keep`` checked against the model's SE blocks, only those that lose channels."""
+    if not se_keep:
+        return {}
+    if not isinstance(se_keep, dict):
+        raise TypeError(f"se_keep must be a dict of SE block name -> kept channels, got {type(se_keep).__name__}")
+    by_name = {b.name: b for b in blocks}
+    unknown = [n for n in se_keep if n not in by_name]
+    if unknown:
+        raise ValueError(f"se_keep names {', '.join(map(repr, unknown))}, which are not squeeze-and-excitation "
+                         f"blocks of the model (blocks: {', '.join(by_name) or 'none'})")
+    out = {}
+    for name, k in se_keep.items():
+        k = _indices(name, k, by_name[name].channels)
+        if len(k) < by_name[name].channels:
+            out[name] = k
+    return out
 
 
 @torch.no_grad()
 def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
                  min_channels: int = 3, round_to: int | None = None,
-                 residual_streams: bool = False) -> PruningPlan | None:
+                 residual_streams: bool = False, se_ratio: float = 0.0) -> PruningPlan | None:
     """The plan removing every receded channel, or ``None`` when none has receded.
 
     A channel has receded when its score (:func:`rnip_ext.pruning.importance.group_scores`,
@@ -593,13 +674,18 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
     multiple of ``lcm(round_to, unit)``, or the whole group): the best-scored receded channels
     stay, so no channel above ``threshold`` is ever removed. Made by :func:`plan_from_keep`.
     ``residual_streams``: as for :func:`plan` (a stream channel has receded when it has in
-    every BatchNorm of the stream).
+    every BatchNorm of the stream). ``se_ratio``: as for :func:`plan`, a fraction of the SE
+    blocks' inner widths *as they are now* (the plan is not ``None`` when only these go);
+    calling this repeatedly with ``se_ratio > 0`` removes that fraction again each time.
     """
     if not is_number(threshold) or not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
     check_int("min_channels", min_channels, 1)
     round_to = check_round_to(round_to)
-    groups = _prunable_graph(model, example_inputs, residual_streams).groups
+    se_ratio = check_se_ratio(se_ratio)
+    graph = _prunable_graph(model, example_inputs, residual_streams)
+    groups = graph.groups
+    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels)
     scores = group_scores(model, groups)
     keep = {}
     for g in groups:
@@ -611,8 +697,12 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
             mask = _round_up(g, scores[g.name], mask, round_to, min_channels)
         if not mask.all():
             keep[g.name] = mask
-    return plan_from_keep(model, keep, example_inputs=example_inputs,
-                          residual_streams=residual_streams) if keep else None
+    if not keep and not se_keep:
+        return None
+    result = plan_from_keep(model, keep, example_inputs=example_inputs, residual_streams=residual_streams,
+                            se_keep=se_keep)
+    result.se_ratio = se_ratio
+    return result
 
 
 def _round_up(g: ChannelGroup, scores: Tensor, mask: Tensor, round_to: int, min_channels: int) -> Tensor:

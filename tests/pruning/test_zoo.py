@@ -31,9 +31,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import zoo_models
+from pruning_helpers import zero_removed as _zero_removed
+from pruning_helpers import zoo_prepared as prepared
 from rnip_ext.pruning import apply, count_flops, count_params, plan
 from rnip_ext.pruning.plan import NO_OP  # plan warns above this share of the FLOPs kept
 
@@ -71,36 +72,6 @@ PARAMS = [pytest.param(s, n, id=f"{s}-{n}") for s, n in ALL if RUN_ALL or (s, n)
 
 def _library(source):
     return zoo_models.torchvision_models() if source == "torchvision" else zoo_models.timm_module()
-
-
-@torch.no_grad()
-def prepared(source: str, name: str) -> nn.Module:
-    """The model with spread scales, small shifts and one batch of running statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = zoo_models.build(source, name)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.weight.uniform_(0.05, 1.0)
-        m.bias.uniform_(-0.1, 0.1)
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: after one batch, exactly its statistics
-    model.train()
-    model(torch.randn(4, *zoo_models.input_size(name)[1:]))
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
-
-
-@torch.no_grad()
-def _zero_removed(model: nn.Module, keep: dict, scales: bool) -> None:
-    modules = dict(model.named_modules())
-    for name, kept in keep.items():
-        bn = modules[name]
-        removed = torch.ones(bn.num_features, dtype=torch.bool)
-        removed[kept] = False
-        bn.bias[removed] = 0.0
-        if scales:
-            bn.weight[removed] = 0.0
 
 
 @pytest.mark.parametrize("source,name", PARAMS)
