@@ -93,6 +93,8 @@ FLATTEN_METHODS = {"flatten", "view", "reshape"}
 MUL_TARGETS = {operator.mul, torch.mul, "mul"}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 CAT_TARGETS = {torch.cat, torch.concat}
+# Shape-only changes between a pooled tensor and a Conv1d over its channels (ECA).
+RESHAPES = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "flatten"}
 
 # Stochastic depth / drop path: each *sample* is multiplied by 0 or 1/(1-p) in training and
 # passed unchanged in eval mode, so channels never mix (channel-wise elementwise). torchvision's
@@ -527,7 +529,21 @@ class _Analysis:
             return "reshape that mixes channels"
         if node.target is operator.getitem:
             return "indexing / split"
+        if self.feeds_channel_conv1d(node):
+            return ("channel-mixing gate (a Conv1d across the channels, as in ECA: each gate value "
+                    "mixes neighbouring channels, so no channel can go without changing the others)")
         return f"{_target_name(node)}"
+
+    def feeds_channel_conv1d(self, node: fx.Node, depth: int = 4) -> bool:
+        """Does ``node`` reach a ``Conv1d`` through reshapes only (ECA's ``mean -> view(N, 1, C)
+        -> conv1d``, which convolves along the channels)?"""
+        for user in node.users:
+            if user.op == "call_module" and isinstance(self.modules.get(user.target), nn.Conv1d):
+                return True
+            if (depth > 0 and user.op in ("call_method", "call_function")
+                    and _target_name(user) in RESHAPES and self.feeds_channel_conv1d(user, depth - 1)):
+                return True
+        return False
 
     def gate_conv(self, gate: fx.Node, channels: int) -> str | None:
         """The conv whose output, through elementwise ops only, is ``gate`` of shape (N, C, 1, 1)."""

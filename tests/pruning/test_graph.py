@@ -130,3 +130,29 @@ def test_channel_importance_scores():
         plain.features[1].weight.normal_()
     scores = channel_importance(plain, score="paper")
     torch.testing.assert_close(scores["features.1"], plain.features[1].weight.detach().abs())
+
+
+class Eca(nn.Module):
+    """ECA: a Conv1d along the channels of the pooled tensor gates them (each gate value mixes
+    ``k`` neighbouring channels)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.gate = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.plain, self.plain_bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        y = self.gate(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        x = x * torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+        return self.head(F.relu(self.plain_bn(self.plain(x))))
+
+
+def test_an_eca_gate_blocks_its_batchnorm_and_is_named():
+    model, x = Eca(), torch.randn(1, 3, 6, 6)
+    p = plan(model, 0.3, min_channels=1, example_inputs=x)
+    assert [g.name for g in p.groups] == ["plain_bn"]  # the layer after the gate still prunes
+    (blocker,) = [b for b in p.blockers if b.bn == "bn"]
+    assert "Conv1d across the channels" in blocker.construct and "ECA" in blocker.construct
