@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .._validation import is_number
-from .graph import _Analysis, _other_node_args, _shape
+from .graph import Traced, _Analysis, _other_node_args, _shape
 
 __all__ = ["SEBlock", "check_se_ratio", "find_se_blocks", "se_scores", "select_se"]
 
@@ -100,7 +100,7 @@ def _gated_by(analysis: _Analysis, expand: fx.Node, data: fx.Node) -> bool:
     return False
 
 
-def find_se_blocks(model: nn.Module, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> list[SEBlock]:
+def find_se_blocks(model: nn.Module, gm: Traced, opaque: dict[str, str] | None = None) -> list[SEBlock]:
     """Every squeeze-and-excitation bottleneck of a traced (and shape-propagated) model, in graph order:
     ``reduce`` (1x1 conv, ``groups=1``, bias or not, reading a global pool or spatial mean of
     ``x``) -> elementwise ops (activations, ``Identity``) -> ``expand`` (1x1 conv, ``groups=1``)
