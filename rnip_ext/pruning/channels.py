@@ -50,7 +50,8 @@ def _removed(channels: int, keep: Tensor) -> Tensor:
 def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> dict[str, list]:
     """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices
     (a group's channels leave the outputs of all its producers, BatchNorms, channel-wise convs
-    and gates, and the inputs of all its consumers).
+    and gates, and the inputs of all its consumers; a selective kernel attention's select conv,
+    whose outputs are one block of the group's channels per path, loses them in every block).
 
     A consumer reading a concatenation (``width`` set) keeps every input feature except each
     feeding group's removed channels at that group's ``offset``: ``(offset + c) * block + j``.
@@ -67,6 +68,8 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor]) -> 
             continue
         for name in [*g.producers, *g.bns, *g.depthwise, *g.gates]:
             put(name, 0, keep)
+        for name, paths in g.selects.items():  # output m * channels + c: path m's weight of channel c
+            put(name, 0, (torch.arange(paths)[:, None] * g.channels + keep).flatten())
         removed = None
         for c in g.consumers:
             if c.width is None:
