@@ -189,6 +189,11 @@ class ChannelGroup:
     may be both a producer and a consumer of one stream group (RepVGG: it reads the stream and
     writes into it). ``stream``: the stream's graph nodes (empty for a plain group), read when
     folding; :attr:`residual` and :attr:`additions` say whether and which sums it couples.
+
+    A selective kernel block's stacked paths (:mod:`rnip_ext.pruning.selective`) are one group
+    too: one producer and BatchNorm per path, :attr:`stacked`; ``selects``: the attention convs
+    whose outputs hold one block of the group's channels per path, sliced in every block.
+    :attr:`summed` (a stream or stacked paths): the BatchNorms are scored by their maximum.
     """
 
     bns: list[str]
