@@ -52,10 +52,12 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor], se_
                   se_keep: dict[str, Tensor] | None = None) -> dict[str, list]:
     """``{module name: [out_index or None, in_index or None]}`` for every module the plan slices
     (a group's channels leave the outputs of all its producers, BatchNorms, channel-wise convs
-    and gates, and the inputs of all its consumers; a squeeze-and-excitation block's inner
-    channels, kept as ``se_keep[block.name]``, leave ``reduce``'s outputs and ``expand``'s inputs).
-    The two dimensions of one layer are independent: an SE ``reduce`` conv may lose inputs to
-    the gated group and outputs to its own inner width.
+    and gates, and the inputs of all its consumers; a selective kernel attention's select conv,
+    whose outputs are one block of the group's channels per path, loses them in every block; a
+    squeeze-and-excitation block's inner channels, kept as ``se_keep[block.name]``, leave
+    ``reduce``'s outputs and ``expand``'s inputs). The two dimensions of one layer are
+    independent: an SE ``reduce`` conv may lose inputs to the gated group and outputs to its own
+    inner width.
 
     A consumer reading a concatenation (``width`` set) keeps every input feature except each
     feeding group's removed channels at that group's ``offset``: ``(offset + c) * block + j``.
@@ -72,6 +74,8 @@ def module_slices(groups: list[ChannelGroup], group_keep: dict[str, Tensor], se_
             continue
         for name in [*g.producers, *g.bns, *g.depthwise, *g.gates]:
             put(name, 0, keep)
+        for name, paths in g.selects.items():  # output m * channels + c: path m's weight of channel c
+            put(name, 0, (torch.arange(paths)[:, None] * g.channels + keep).flatten())
         removed = None
         for c in g.consumers:
             if c.width is None:

@@ -48,7 +48,8 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops", *,
 
     ``cost="flops"``: the multiply-accumulates (for ``example_inputs``) that go with the channel
     when it is removed -- its producer conv's filter (``positions * in/groups * k*k``), a
-    depthwise or grouped conv's filter and a gate conv's filter on the way, and its consumers'
+    depthwise or grouped conv's filter and a gate conv's filter on the way (a selective kernel
+    attention's select conv: one filter per path), and its consumers'
     input slices (``positions * out * k*k`` for a conv, ``rows * out * block`` for a linear layer
     after a flatten). ``"params"``: the parameters removed with it (those filter slices, biases,
     and the BatchNorms' scale and shift). Every channel of a group costs the same, and a group of
@@ -88,12 +89,16 @@ def channel_costs(model: nn.Module, example_inputs, cost: str = "flops", *,
             for name in [*g.producers, *g.depthwise, *g.gates]:
                 c = costs[name]
                 per_channel += c.positions * c.in_per_group * c.kernel
+            for name, paths in g.selects.items():  # one output per path (selective kernel attention)
+                c = costs[name]
+                per_channel += c.positions * c.in_per_group * c.kernel * paths
             for consumer in g.consumers:
                 d = costs[consumer.name]
                 per_channel += d.positions * d.out_features * d.kernel * consumer.block
             per_channel -= sum(costs[c.name].positions * costs[c.name].kernel * c.block for c in both)
         else:
             per_channel = sum(n_params(modules[n], out=True) for n in [*g.producers, *g.bns, *g.depthwise, *g.gates])
+            per_channel += sum(n_params(modules[n], out=True) * paths for n, paths in g.selects.items())
             per_channel += sum(n_params(modules[c.name], out=False) * c.block for c in g.consumers)
             per_channel -= sum(modules[c.name].weight[0, 0].numel() * c.block for c in both)
         for name in g.bns:

@@ -17,6 +17,11 @@ not matter). A sum adds its summands' constants, an activation after it acts on 
 each summand), pooling keeps a constant; the result is as exact as for a plain group (approximate
 through a zero-padded kxk consumer, a zero-padding average pool, a gate).
 
+The parallel paths of a selective kernel block (:mod:`rnip_ext.pruning.selective`) are folded
+the same way: ``torch.stack`` stacks the paths' constants, a sum over the paths adds them (the
+attention's reducing conv reads that sum: exact), and the per-path softmax weights act as a
+gate (a non-zero constant is dropped: approximate).
+
 Dropout and stochastic depth / drop path (timm's ``DropPath``, torchvision's ``StochasticDepth``)
 leave a constant as in eval mode, where they are the identity: the fold is exact for the network
 in eval mode. In training they scale each sample (drop path: by 0 or ``1/(1-p)``), so a removed
@@ -35,8 +40,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..nn.norm_act import is_norm_act
-from .graph import (ADD_TARGETS, CAT_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, ChannelGroup,
-                    Consumer, _is_shape_query, drop_path_modules, is_drop_path)
+from .graph import (ADD_TARGETS, CAT_TARGETS, POINTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES, STACK_TARGETS,
+                    ChannelGroup, Consumer, _is_shape_query, drop_path_modules, is_drop_path)
 
 __all__ = ["Fold", "fold_report", "fold_delta", "constant_outputs", "group_folds"]
 
@@ -206,6 +211,14 @@ class _Stream:
             values = [self.value(a) for a in carriers]
             carried = any(bool(torch.any(v != 0)) for v, _ in values)
             return torch.zeros_like(values[0][0]), all(e for _, e in values) and not carried
+        if node.target in STACK_TARGETS and node.op == "call_function":
+            # A selective kernel block's paths: every listed tensor is one of the group's paths.
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            values = [self.value(a) if isinstance(a, fx.Node) else None for a in tensors]
+            if not values or any(v is None for v in values):
+                return None
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return torch.stack([v for v, _ in values], dim=dim), all(e for _, e in values)
         inputs = [a for a in node.args if isinstance(a, fx.Node) and self.carries(a)]
         if not inputs:
             return None
@@ -246,7 +259,7 @@ def _passes(m: nn.Module) -> bool:
 
 def group_folds(group: ChannelGroup, removed: Tensor, modules: dict) -> list[Fold]:
     """Per consumer of ``group``, the constant its ``removed`` input channels carry (see :class:`Fold`)."""
-    if group.residual:
+    if group.stream:  # a residual stream or stacked paths: constants summed on the way
         stream = _Stream(group, removed, modules)
         return [stream.fold(c) for c in group.consumers]
     folds = []

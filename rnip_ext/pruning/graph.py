@@ -19,7 +19,10 @@ the group. A concatenation along the channels (``torch.cat``/``torch.concat``, `
 its output see the group's channels at an *offset* (the widths of the inputs listed before it),
 recorded on each :class:`Consumer`, and only pointwise ops, pooling, flattening, further
 concatenations and consumers may follow it (VoVNet's and GhostNet's aggregations, Inception's
-branches into the next block's convs). Anything else on the way (a residual addition, a
+branches into the next block's convs). The parallel paths of a selective kernel block
+(``torch.stack`` of conv-BN paths, weighted per path and channel by an attention, summed over the
+paths: timm's ``SelectiveKernel``) are one group: see :mod:`rnip_ext.pruning.selective`.
+Anything else on the way (a residual addition, a
 BatchNorm or a split after a concatenation, a reshape that mixes channels, the graph's output,
 a module used twice, a module fx cannot trace) leaves the group alone, and is recorded as the
 *blocker* of that BatchNorm: that is how residual streams stay untouched while the inner
@@ -95,6 +98,8 @@ ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 CAT_TARGETS = {torch.cat, torch.concat}
 # Shape-only changes between a pooled tensor and a Conv1d over its channels (ECA).
 RESHAPES = {"view", "reshape", "squeeze", "unsqueeze", "transpose", "permute", "flatten"}
+# Parallel paths stacked along a new dimension (timm's SelectiveKernel): see :mod:`.selective`.
+STACK_TARGETS = {torch.stack}
 
 # Stochastic depth / drop path: each *sample* is multiplied by 0 or 1/(1-p) in training and
 # passed unchanged in eval mode, so channels never mix (channel-wise elementwise). torchvision's
@@ -186,6 +191,11 @@ class ChannelGroup:
     may be both a producer and a consumer of one stream group (RepVGG: it reads the stream and
     writes into it). ``stream``: the stream's graph nodes (empty for a plain group), read when
     folding; :attr:`residual` and :attr:`additions` say whether and which sums it couples.
+
+    A selective kernel block's stacked paths (:mod:`rnip_ext.pruning.selective`) are one group
+    too: one producer and BatchNorm per path, :attr:`stacked`; ``selects``: the attention convs
+    whose outputs hold one block of the group's channels per path, sliced in every block.
+    :attr:`summed` (a stream or stacked paths): the BatchNorms are scored by their maximum.
     """
 
     bns: list[str]
@@ -202,8 +212,13 @@ class ChannelGroup:
     # plain group, one per BatchNorm summed into a residual stream with ``residual_streams=True``.
     producers: list[str] = field(default_factory=list)
     # A residual stream's nodes (its BatchNorms, sums, ops walked back through): empty unless the
-    # group couples a residual addition; used to fold removed channels' constants through the sums.
+    # group couples a residual addition or stacks paths; used to fold removed channels' constants
+    # through the sums.
     stream: list[fx.Node] = field(default_factory=list, repr=False, compare=False)
+    # Selective-kernel attention convs whose outputs are ``paths`` blocks of the group's channels
+    # (output ``m * channels + c`` weighs path ``m``'s channel ``c``): ``{conv: paths}``, each
+    # sliced on every block (see :mod:`rnip_ext.pruning.selective`).
+    selects: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.producers and self.producer:
@@ -220,6 +235,18 @@ class ChannelGroup:
         return any(_is_add(n) for n in self.stream)
 
     @property
+    def stacked(self) -> bool:
+        """Whether the group's channels come from parallel paths stacked and summed (a selective
+        kernel block: each path's BatchNorm is one of the group's)."""
+        return any(n.op == "call_function" and n.target in STACK_TARGETS for n in self.stream)
+
+    @property
+    def summed(self) -> bool:
+        """Whether the group's BatchNorms are summed (a residual stream, stacked paths) rather than
+        chained: a channel is silent only when it has receded in every one of them."""
+        return self.residual or self.stacked
+
+    @property
     def additions(self) -> list[str]:
         """The graph nodes of the residual additions the group couples (empty for a plain group)."""
         return [n.name for n in self.stream if _is_add(n)]
@@ -227,7 +254,8 @@ class ChannelGroup:
     def modules(self) -> list[str]:
         """Every module the group slices: producers, BatchNorms, channel-wise convs, gates,
         consumers (each once: a RepVGG conv reads a stream and writes into the same stream)."""
-        names = [*self.producers, *self.bns, *self.depthwise, *self.gates, *(c.name for c in self.consumers)]
+        names = [*self.producers, *self.bns, *self.depthwise, *self.gates, *self.selects,
+                 *(c.name for c in self.consumers)]
         return list(dict.fromkeys(names))
 
 
@@ -422,6 +450,8 @@ class _Analysis:
                 return "mul"
             if node.target in CAT_TARGETS:
                 return "cat"
+            if node.target in STACK_TARGETS:
+                return "stack"
             if node.target in ADD_TARGETS:
                 return "add"
         if node.op == "call_method":
@@ -668,6 +698,12 @@ class _Analysis:
                 group.bns.append(bn_user.target)
                 seen.update((user, bn_user))
                 blocker = self.follow(bn_user, bn_user.target, group, channels, [], False, seen)
+                if blocker is not None:
+                    return blocker
+            elif kind == "stack" and not flattened and not catted:
+                from .selective import join_stack  # late: selective builds on this module
+
+                blocker = join_stack(self, user, start, source, group, channels, path, seen)
                 if blocker is not None:
                     return blocker
             elif kind == "add" and self.streams and not flattened and not catted:
@@ -1002,7 +1038,7 @@ def _stream_groups(analysis: _Analysis, gm: Traced) -> tuple[list[ChannelGroup],
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if blocker is None and group.producers:
             group.producer = group.producers[0]
-            if not group.residual:
+            if not group.summed:
                 group.stream = []  # a plain group: as the default analysis has it
             group.renormalised = bool(group.consumers) and all(
                 c.kind == "conv" and analysis.feeds_norm(c.name) for c in group.consumers)

@@ -106,10 +106,10 @@ def _log_paper_scores(bn: nn.Module) -> Tensor:
 def group_bn_scores(modules: dict, group, score: str = "relative") -> list[Tensor]:
     """The scores of each BatchNorm of ``group`` (in ``group.bns`` order) as the group combines
     them (:func:`combine_scores`): :func:`bn_scores` in a plain group; in a residual stream group
-    the paper's score, divided by the largest over the whole group where the group is
+    (and a selective kernel block's stacked paths, also summed) the paper's score, divided by the largest over the whole group where the group is
     renormalised and ``score="relative"`` (see the module docstring)."""
     _check_score(score)
-    if not getattr(group, "residual", False):
+    if not getattr(group, "summed", False):
         return [bn_scores(modules[n], score, renormalised=group.renormalised) for n in group.bns]
     if not (score == "relative" and group.renormalised):
         return [bn_scores(modules[n], "paper") for n in group.bns]
@@ -123,10 +123,10 @@ def group_bn_scores(modules: dict, group, score: str = "relative") -> list[Tenso
 def combine_scores(group, scores: list[Tensor]) -> Tensor:
     """One score per channel of ``group`` from its BatchNorms' (``group.bns`` order): the
     minimum for chained BatchNorms (a depthwise group: one receded copy silences the channel),
-    the maximum in a residual stream (summed BatchNorms: the channel is silent only when it has
-    receded in every one)."""
+    the maximum in a residual stream and over a selective kernel block's stacked paths (summed
+    BatchNorms, ``group.summed``: the channel is silent only when it has receded in every one)."""
     stacked = torch.stack(scores)
-    return stacked.amax(0) if getattr(group, "residual", False) else stacked.amin(0)
+    return stacked.amax(0) if getattr(group, "summed", False) else stacked.amin(0)
 
 
 def group_scores(model: nn.Module, groups, score: str = "relative") -> dict[str, Tensor]:

@@ -56,7 +56,7 @@ REFUSED = {
 # Pruned, but ratio=0.3 of the prunable channels removes < 10% of the FLOPs: the construct named
 # here (part of the plan's ``blocked``) keeps most of the network whole.
 NEAR_NOOP = {
-    ("timm", "res2net50_26w_4s"): "split", ("timm", "skresnet18"): "stack",
+    ("timm", "res2net50_26w_4s"): "split",
     ("timm", "mixnet_s"): "no conv of its own before it", ("timm", "ghostnet_100"): "concatenation into",
 }  # fmt: skip
 # Pruned, but target_flops=0.5 is out of reach (the error names the smallest reachable fraction
