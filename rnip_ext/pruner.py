@@ -38,6 +38,7 @@ from .pruning.apply import replace_data
 from .pruning.graph import check_residual_streams
 from .pruning.latency_plan import check_latency_budget, latency_table_for
 from .pruning.rounding import check_round_to
+from .pruning.se import check_se_ratio
 from .regularizers import RecedingRegularizer
 
 __all__ = ["BudgetPruner", "PruneStep", "RecedingLagWarning", "UPDATES", "narrow_to", "unwrap_model"]
@@ -85,7 +86,9 @@ class PruneStep:
     schedule's curve after it; ``strength``: the strength the interval trained with,
     ``next_strength`` the next one's; ``removed``: channels removed, ``forced`` of them not yet
     receded (cut by the schedule); ``focused``: channels the penalty acts on next;
-    ``changed``: whether the network's shape changed (rebuild a DDP wrapper then).
+    ``changed``: whether the network's shape changed (rebuild a DDP wrapper then);
+    ``se_removed``: squeeze-and-excitation inner channels removed (``se_ratio``, first step
+    only; not in ``removed``).
     """
 
     step: int
@@ -104,6 +107,7 @@ class PruneStep:
     flops_fraction: float
     params: int
     channels: dict
+    se_removed: int = 0  # a default: histories saved before se_ratio existed still load
 
     def metrics(self) -> dict:
         """The keys a metrics row of the project's trainer gets (``metrics.jsonl``)."""
@@ -111,7 +115,8 @@ class PruneStep:
                 f"{self.cost}_fraction": self.fraction, f"active_{self.cost}_fraction": self.active,
                 f"{self.cost}_schedule": self.target,
                 "strength": self.strength, "next_strength": self.next_strength, "removed": self.removed,
-                "forced": self.forced, "focused": self.focused, "channels": self.channels}
+                "forced": self.forced, "focused": self.focused, "se_removed": self.se_removed,
+                "channels": self.channels}
 
 
 class BudgetPruner:
@@ -158,6 +163,17 @@ class BudgetPruner:
         residual_streams: ``True`` prunes residual streams too, each as one channel group (see
             :func:`rnip_ext.pruning.plan`; a latency table must be built so); ``False`` (default)
             keeps them whole, as the paper does.
+        se_ratio: the fraction, in [0, 1), of each squeeze-and-excitation block's inner width
+            (the reducing conv's outputs, the expanding conv's inputs; see
+            :func:`rnip_ext.pruning.plan`) to remove, per block, of its *original* width:
+            ``floor(se_ratio * width)`` channels, the lowest by their gain through the bottleneck,
+            each block keeping ``min(min_channels, width)`` (with ``round_to``: the kept count
+            rounded up to a multiple of it or the whole width). These channels have no BatchNorm,
+            so they cannot recede: they all go at the first :meth:`step` (counted in
+            :attr:`PruneStep.se_removed`) and are not cut again. The budget counts that cut from
+            the start (the constructor's check, the focus before the first step, every cut), so
+            the network still ends at the budget, its other layers keeping what the SE cut saved.
+            Not with a latency budget (``ValueError``). Default 0: the blocks stay whole.
 
     Use: add :meth:`penalty` to the loss every step (required with ``update="loss"``), call
     :meth:`step` after each interval; :meth:`state_dict` / :meth:`load_state_dict` for
@@ -174,7 +190,8 @@ class BudgetPruner:
                  update: str = "decoupled", strength: float | None = None, shift: float = BUDGET_SHIFT,
                  max_strength: float | None = None, threshold: float = 0.01, min_channels: int = 3,
                  scope: str = "local", budget_at: float = 1 / 3, warmup: int = 2, settle: int = 2,
-                 max_step_removal: float = 0.5, lag_tolerance: float = 0.1, residual_streams: bool = False) -> None:
+                 max_step_removal: float = 0.5, lag_tolerance: float = 0.1, residual_streams: bool = False,
+                 se_ratio: float = 0.0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if example_inputs is None:
@@ -182,9 +199,12 @@ class BudgetPruner:
                              "e.g. torch.zeros(1, 3, 32, 32)")
         latency = target_latency is not None or max_latency is not None
         self.residual_streams = check_residual_streams(residual_streams)
+        self.se_ratio = check_se_ratio(se_ratio)
         if latency:
             if target_flops is not None or target_params is not None:
                 raise ValueError("give exactly one budget: a latency budget and target_flops/target_params were given")
+            if self.se_ratio > 0:  # as plan() refuses it, before a latency table is measured
+                raise ValueError("se_ratio is not supported with a latency budget (target_latency/max_latency) yet")
             latency_kind, self.target = check_latency_budget(target_latency, max_latency)
             self.cost = "latency"
         else:
@@ -222,7 +242,7 @@ class BudgetPruner:
             self._plan_latency(self.model, self.target * self.latency_table.full)
         else:
             pruning.plan(self.model, scope=scope, min_channels=min_channels, example_inputs=example_inputs,
-                         round_to=self.round_to, residual_streams=self.residual_streams,
+                         round_to=self.round_to, residual_streams=self.residual_streams, se_ratio=self.se_ratio,
                          **{f"target_{self.cost}": self.target})
         start = START_STRENGTH[update] if strength is None else strength
         self.regularizer = RecedingRegularizer(self.model, start, shift, fused=False, normalize="layer")
@@ -239,6 +259,8 @@ class BudgetPruner:
         self._opt_steps = 0  # optimiser steps in the current interval (counted once bound)
         self._count_from: int | None = None  # the first interval whose optimiser steps were all counted
         self._penalty_calls = 0
+        # The SE inner widths are cut once, at the first step; until then every plan counts that cut.
+        self._se_pending = self.se_ratio > 0
         self._remember_shapes()
         self._focused = self._focus_next(0)
         if optimizer is not None:
@@ -425,6 +447,7 @@ class BudgetPruner:
             self._interval_steps = self._opt_steps  # epochs: S as counted in the interval that just ended
         model, reg = self.model, self.regularizer
         strength = reg.strength
+        se_removed = self._cut_se(emas) if self._se_pending else 0
         current = self._count(model)
         receded = self._receded_plan(model)
         active = (self._plan_cost(receded) if receded is not None else current) / self.original
@@ -446,7 +469,7 @@ class BudgetPruner:
                     self._warn_lag(i, cut, active, share, strength)
                 forced = self._apply(p, emas)
                 removed += forced
-        changed = removed > 0
+        changed = removed > 0 or se_removed > 0
         if changed:
             reg.rebind(model)
         self.steps_done = i
@@ -458,7 +481,8 @@ class BudgetPruner:
         record = PruneStep(i, self.schedule.steps, self.cost, self._count(model) / self.original, active,
                            self.schedule.target_at(i), strength, reg.strength, removed, forced, focused, changed,
                            flops, flops / self.original_flops, pruning.count_params(model),
-                           {n: m.num_features for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d)})
+                           {n: m.num_features for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d)},
+                           se_removed)
         self.history.append(record)
         return record
 
@@ -499,11 +523,24 @@ class BudgetPruner:
             return None
         return pruning.plan(self.model, scope=scope, min_channels=self.min_channels, round_to=self.round_to,
                             example_inputs=self.example_inputs, residual_streams=self.residual_streams,
+                            se_ratio=self.se_ratio if self._se_pending else 0.0,
                             **{f"target_{self.cost}": relative})
 
+    def _cut_se(self, emas) -> int:
+        """Narrow every SE block to its final inner width (``se_ratio`` of the original width
+        removed: the blocks are still at it, nothing else narrows them) once; the number of
+        inner channels removed."""
+        self._se_pending = False
+        p = pruning.plan(self.model, 0.0, min_channels=self.min_channels, round_to=self.round_to,
+                         example_inputs=self.example_inputs, residual_streams=self.residual_streams,
+                         se_ratio=self.se_ratio)
+        self._apply(p, emas)
+        return sum(b.channels - len(p.se_keep[b.name]) for b in p.se_blocks if b.name in p.se_keep)
+
     def _apply(self, p, emas) -> int:
+        """Narrow the model (and ``emas``) by ``p``; the BatchNorm channels it removes."""
         n = sum(g.channels - len(p.group_keep[g.name]) for g in p.groups)
-        if n == 0:
+        if n == 0 and not p.se_keep:
             return 0
         for e in emas:  # first: apply checks the plan against the (still unpruned) shapes
             pruning.apply(e, p, inplace=True)
@@ -575,7 +612,7 @@ class BudgetPruner:
         return {"cost": self.cost, "target": self.target, "steps": s.steps, "every": self.every, "warmup": s.warmup,
                 "by": s.by, "settle": s.settle, "update": self.update, "threshold": self.threshold,
                 "min_channels": self.min_channels, "scope": self.scope, "round_to": self.round_to,
-                "residual_streams": self.residual_streams}
+                "residual_streams": self.residual_streams, "se_ratio": self.se_ratio}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where :meth:`state_dict` was taken: narrows the model (a fresh, unpruned
@@ -583,16 +620,18 @@ class BudgetPruner:
         saved architecture, so load the model's and the optimiser's state after this."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"not a BudgetPruner state (format {FORMAT!r}); was it written by an older rnip_ext?")
-        differ = [k for k, v in state["settings"].items() if self._settings().get(k) != v]
+        saved = {"se_ratio": 0.0, **state["settings"]}  # a state from before se_ratio: the blocks stayed whole
+        differ = [k for k, v in saved.items() if self._settings().get(k) != v]
         if differ:
             raise ValueError("this state comes from a BudgetPruner with other settings ("
-                             + ", ".join(f"{k}: {state['settings'][k]!r} vs {self._settings()[k]!r}" for k in differ)
+                             + ", ".join(f"{k}: {saved[k]!r} vs {self._settings()[k]!r}" for k in differ)
                              + "): build the pruner as the run that saved it did")
         if state["original"] != self.original:
             raise ValueError(f"the state's network had {state['original']} {self.cost} before pruning, this model has "
                              f"{self.original}: load it onto a fresh instance of the same network")
         narrow_to(self.model, state["architecture"], self.optimizer)
         self.steps_done = int(state["steps_done"])
+        self._se_pending = self.se_ratio > 0 and self.steps_done == 0  # the first step cut them (narrow_to redid it)
         self._interval_steps = state["interval_steps"]
         self.controller.load_state_dict(state["controller"])
         self.history = [PruneStep(**r) for r in state["history"]]
@@ -607,7 +646,7 @@ class BudgetPruner:
         s = self.schedule
         return (f"{type(self).__name__}(target_{self.cost}={self.target:g}, steps={s.steps}, warmup={s.warmup}, "
                 f"by={s.by}, settle={s.settle}, update={self.update!r}, scope={self.scope!r}, "
-                f"steps_done={self.steps_done})")
+                + (f"se_ratio={self.se_ratio:g}, " if self.se_ratio else "") + f"steps_done={self.steps_done})")
 
 
 # -- narrowing a fresh model to a recorded architecture, keeping its parameter objects -----------

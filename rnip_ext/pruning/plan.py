@@ -52,7 +52,8 @@ class PruningPlan:
             groups, the construct that keeps it whole (a residual addition, a concatenation, a
             module fx cannot trace, ...). A plan that leaves the FLOPs essentially unchanged
             warns with them.
-        round_to: every pruned group keeps a multiple of it (or all its channels).
+        round_to: every pruned group, and every squeeze-and-excitation inner width the plan
+            narrows, keeps a multiple of it (or all its channels).
         target_latency, max_latency: a latency budget (:mod:`rnip_ext.pruning.latency_plan`);
             ``latency``: ``(before, predicted, measured)`` seconds per forward pass for such a
             plan (``measured`` ``None`` when not refined), ``latency_table`` the table used.
@@ -331,8 +332,9 @@ def plan(
     through the bottleneck, ``||W_reduce[c]||_2 * ||W_expand[:, c]||_2``
     (:func:`rnip_ext.pruning.se.se_scores`). The pruned network equals the original with those
     channels' activations set to 0. A budget plan counts this removal first and then finds the
-    channel groups' prefix that meets the budget. Not with a latency budget, nor ``round_to``
-    for these widths (they are not rounded).
+    channel groups' prefix that meets the budget. With ``round_to`` each block's kept count is
+    rounded *up* to a multiple of it (or the whole width), the best-scored channels kept, so a
+    block never loses more than ``floor(se_ratio * width)``. Not with a latency budget.
     """
     check_residual_streams(residual_streams)
     se_ratio = check_se_ratio(se_ratio)
@@ -361,7 +363,7 @@ def plan(
     # A budget that min_channels makes unreachable is reported by the budget search itself.
     _check_min_channels(groups, min_channels, float(ratio) if ratio is not None else 0.0)
     scores = group_scores(model, groups)
-    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels)
+    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels, round_to)
     if budget is None:
         masks = _select([scores[g.name] for g in groups], float(ratio), scope, min_channels,
                         [g.unit for g in groups])
@@ -674,8 +676,9 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
     multiple of ``lcm(round_to, unit)``, or the whole group): the best-scored receded channels
     stay, so no channel above ``threshold`` is ever removed. Made by :func:`plan_from_keep`.
     ``residual_streams``: as for :func:`plan` (a stream channel has receded when it has in
-    every BatchNorm of the stream). ``se_ratio``: as for :func:`plan`, a fraction of the SE
-    blocks' inner widths *as they are now* (the plan is not ``None`` when only these go);
+    every BatchNorm of the stream). ``se_ratio``: as for :func:`plan` (rounded up alike with
+    ``round_to``), a fraction of the SE blocks' inner widths *as they are now* (the plan is not
+    ``None`` when only these go);
     calling this repeatedly with ``se_ratio > 0`` removes that fraction again each time.
     """
     if not is_number(threshold) or not 0.0 < threshold < 1.0:
@@ -685,7 +688,7 @@ def plan_receded(model: nn.Module, *, example_inputs, threshold: float = 0.01,
     se_ratio = check_se_ratio(se_ratio)
     graph = _prunable_graph(model, example_inputs, residual_streams)
     groups = graph.groups
-    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels)
+    se_keep = select_se(model, graph.se_blocks, se_ratio, min_channels, round_to)
     scores = group_scores(model, groups)
     keep = {}
     for g in groups:

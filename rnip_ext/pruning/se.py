@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .._validation import is_number
 from .graph import Traced, _Analysis, _other_node_args, _shape
+from .rounding import allowed_widths, keep_best
 
 __all__ = ["SEBlock", "check_se_ratio", "find_se_blocks", "se_scores", "select_se"]
 
@@ -143,18 +144,24 @@ def se_scores(model: nn.Module, blocks: list[SEBlock]) -> dict[str, Tensor]:
     return out
 
 
-def select_se(model: nn.Module, blocks: list[SEBlock], se_ratio: float, min_channels: int) -> dict[str, Tensor]:
+def select_se(model: nn.Module, blocks: list[SEBlock], se_ratio: float, min_channels: int,
+              round_to: int = 1) -> dict[str, Tensor]:
     """Kept inner channels (sorted int64) of every block that loses any: the
     ``floor(se_ratio * channels)`` lowest-scored ones go (ties by position), each block keeping
-    at least ``min(min_channels, channels)`` -- the plan's own per-layer minimum."""
+    at least ``min(min_channels, channels)`` -- the plan's own per-layer minimum. With
+    ``round_to > 1`` the kept count is rounded *up* to the next allowed width (a multiple of
+    ``round_to`` or the whole block, :func:`~rnip_ext.pruning.rounding.allowed_widths`), the
+    best-scored channels kept: rounding never removes more than ``se_ratio`` asks."""
     if se_ratio == 0.0 or not blocks:
         return {}
     scores = se_scores(model, blocks)
     keep = {}
     for b in blocks:
         n_remove = min(int(se_ratio * b.channels + 1e-9), b.channels - min(min_channels, b.channels))
-        if n_remove <= 0:
+        width = next(w for w in allowed_widths(b.channels, round_to, min_channels) if w >= b.channels - n_remove)
+        if width == b.channels:
             continue
-        order = torch.argsort(scores[b.name], stable=True)
-        keep[b.name] = torch.sort(order[n_remove:]).values.to(torch.int64)
+        # keep_best breaks ties as the removal order does (ascending score, stable): with
+        # round_to=1 this is exactly the floor(se_ratio * channels) lowest-scored channels removed.
+        keep[b.name] = keep_best(scores[b.name], width)
     return keep

@@ -292,3 +292,90 @@ def test_zoo_se_blocks_are_found_and_pruned_exactly(source, name):
     assert p.params == (count_params(model), count_params(pruned))
     base = plan(model, 0.3, example_inputs=x)
     assert p.flops[1] < base.flops[1] and p.params[1] < base.params[1]
+
+
+# round_to: every SE inner width a multiple of it or whole, rounded *up* from what se_ratio removes.
+
+def _expected_se_width(width, se_ratio, round_to, min_channels=3):
+    """Independent of se.py: the count se_ratio keeps, then the first multiple of round_to at or
+    above it (and at or above min(min_channels, width)), or the whole width."""
+    keep = max(width - math.floor(se_ratio * width + 1e-9), min(min_channels, width))
+    up = -(-keep // round_to) * round_to
+    return up if up < width else width
+
+
+@pytest.mark.parametrize("inner,se_ratio,min_channels", [(20, 0.5, 3), (20, 0.3, 3), (20, 0.1, 3), (20, 0.95, 3),
+                                                         (20, 0.95, 1), (8, 0.5, 3), (13, 0.6, 3)])
+def test_round_to_rounds_the_se_width_up_keeping_the_best_scored_and_stays_exact(inner, se_ratio, min_channels):
+    model, x = se_net(inner=inner).double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    p = plan(model, 0.0, min_channels=min_channels, example_inputs=x, se_ratio=se_ratio, round_to=8)
+    width = _expected_se_width(inner, se_ratio, 8, min_channels)
+    assert width % 8 == 0 or width == inner
+    if width == inner:  # rounding up to the whole width: the block keeps everything
+        assert not p.se_keep
+        return
+    w_r, w_e = model.se.reduce.weight.detach(), model.se.expand.weight.detach()
+    scores = w_r.flatten(1).norm(dim=1) * w_e.flatten(1).norm(dim=0)  # expand's input columns
+    expected = torch.sort(torch.argsort(scores, stable=True)[inner - width:]).values
+    assert torch.equal(p.se_keep["se.reduce"], expected)
+    pruned = apply(model, p)
+    assert pruned.se.reduce.out_channels == width == pruned.se.expand.in_channels
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), inner_masked(model, p.se_keep)(x), rtol=1e-12, atol=1e-12)
+    # without round_to: exactly floor(se_ratio * inner) go (what rounding started from)
+    plain = plan(model, 0.0, min_channels=min_channels, example_inputs=x, se_ratio=se_ratio)
+    assert len(plain.se_keep["se.reduce"]) == max(inner - math.floor(se_ratio * inner + 1e-9), min(min_channels, inner))
+    assert set(plain.se_keep["se.reduce"].tolist()) <= set(p.se_keep["se.reduce"].tolist())
+
+
+@pytest.mark.parametrize("budget", [{"target_flops": 0.6}, {"target_flops": 0.7, "scope": "local"},
+                                    {"target_params": 0.6}])
+def test_round_to_with_se_ratio_meets_the_budget_and_rounds_every_width(budget):
+    model, x = se_net(inner=20), torch.randn(1, 3, 8, 8)
+    p = plan(model, example_inputs=x, se_ratio=0.5, round_to=4, **budget)
+    assert len(p.se_keep["se.reduce"]) == 12  # 20 - 10 = 10, up to 12
+    for g in p.groups:
+        kept = len(p.group_keep[g.name])
+        assert kept == g.channels or kept % 4 == 0
+    pruned = apply(model, p)
+    kind, target = next((k, v) for k, v in budget.items() if k.startswith("target_"))
+    assert p.flops[1] == count_flops(pruned, x) and p.params[1] == count_params(pruned)
+    reached = p.achieved_flops if kind == "target_flops" else p.achieved_params
+    assert reached <= target
+    reference = inner_masked(masked_copy(model, p.keep), p.se_keep)
+    assert_same_function(pruned, reference, torch.randn(2, 3, 8, 8))
+    # plan_receded rounds the SE width up alike
+    r = plan_receded(model, example_inputs=x, threshold=1e-6, se_ratio=0.5, round_to=4)
+    assert len(r.se_keep["se.reduce"]) == 12
+
+
+def test_zoo_round_to_keeps_every_se_width_a_multiple_or_whole_and_meets_the_budget():
+    if zoo_models.timm_module() is None:
+        pytest.skip(reason="timm is not installed (optional test dependency)")
+    model = zoo_prepared("timm", "efficientnet_b0")  # SE widths 8, 4, 6, 10, 20, 28, 48, 80: not all multiples of 8
+    x = torch.randn(*zoo_models.input_size("efficientnet_b0"))
+    p = plan(model, target_flops=0.6, example_inputs=x, se_ratio=0.5, round_to=8)
+    assert p.achieved_flops <= 0.6
+    widths = {b.name: (b.channels, len(p.se_keep.get(b.name, range(b.channels)))) for b in p.se_blocks}
+    assert len(widths) == sum(type(m).__name__ == "SqueezeExcite" for m in model.modules()) > 0
+    assert any(w < c for c, w in widths.values()) and any(w == c for c, w in widths.values())
+    for c, w in widths.values():
+        assert w == _expected_se_width(c, 0.5, 8)
+    zero_removed(model, p.keep, scales=False)  # nothing left to fold: the comparison is exact
+    p = plan(model, target_flops=0.6, example_inputs=x, se_ratio=0.5, round_to=8)
+    pruned = apply(model, p)
+    for b in p.se_blocks:
+        assert pruned.get_submodule(b.reduce).out_channels == widths[b.name][1]
+    masked = copy.deepcopy(model)
+    zero_removed(masked, p.keep, scales=True)
+    with torch.no_grad():
+        for b in p.se_blocks:
+            if b.name in p.se_keep:
+                removed = torch.ones(b.channels, dtype=torch.bool)
+                removed[p.se_keep[b.name]] = False
+                masked.get_submodule(b.expand).weight[:, removed] = 0.0
+        x = torch.randn(*zoo_models.input_size("efficientnet_b0"))
+        got, want = pruned(x), masked(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert p.flops[1] == count_flops(pruned, x) and count_flops(pruned, x) <= 0.6 * count_flops(model, x)
