@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -131,7 +132,12 @@ def masked(model, keep: dict, shifts_only: bool = False):
 
 
 def _timed(fn, limit: float):
-    """``(seconds, result)`` of ``fn()``, raising :class:`_Timeout` after ``limit`` seconds."""
+    """``(seconds, result)`` of ``fn()``, raising :class:`_Timeout` after ``limit`` seconds.
+
+    The garbage this harness made before the call (deep copies, float64 checks) is collected
+    first, for both libraries: otherwise a full collection it has made due (0.15 s with torch,
+    torchvision and timm loaded) lands inside whichever call happens to allocate next."""
+    gc.collect()
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, max(limit, 0.01))
     start = time.perf_counter()
