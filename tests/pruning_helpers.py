@@ -96,13 +96,16 @@ def zoo_prepared(source: str, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def zero_removed(model: nn.Module, keep: dict, scales: bool) -> None:
-    """The removed channels' shifts set to 0 (and their scales, with ``scales``), in place."""
+def zero_removed(model: nn.Module, keep: dict, scales: bool = True, shifts: bool = True) -> nn.Module:
+    """The removed channels' shifts (with ``shifts``) and scales (with ``scales``) set to 0, in
+    place; returns ``model``."""
     modules = dict(model.named_modules())
     for name, kept in keep.items():
         bn = modules[name]
         removed = torch.ones(bn.num_features, dtype=torch.bool)
         removed[kept] = False
-        bn.bias[removed] = 0.0
+        if shifts:
+            bn.bias[removed] = 0.0
         if scales:
             bn.weight[removed] = 0.0
+    return model

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo_models
+from pruning_helpers import zero_removed
 from rnip_ext.pruning import apply, channel_graph, count_flops, count_params, plan
 from rnip_ext.pruning.graph import is_drop_path
 
@@ -93,20 +94,6 @@ def prepared(model: nn.Module, shape, seed: int = 0) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.1
     return model.eval()
-
-
-@torch.no_grad()
-def zero_removed(model: nn.Module, keep: dict, scales: bool = True, shifts: bool = True) -> nn.Module:
-    """Set the removed channels' scales and/or shifts to 0, in place; returns ``model``."""
-    modules = dict(model.named_modules())
-    for name, kept in keep.items():
-        removed = torch.ones(modules[name].num_features, dtype=torch.bool)
-        removed[kept] = False
-        if scales:
-            modules[name].weight[removed] = 0.0
-        if shifts:
-            modules[name].bias[removed] = 0.0
-    return model
 
 
 def canonical(groups):

@@ -20,7 +20,7 @@ from rnip_ext import BoundedBatchNorm2d, BudgetPruner
 from rnip_ext import models as M
 from rnip_ext.pruning import (apply, channel_graph, channel_importance, count_flops, count_params, find_channel_groups,
                               plan, plan_from_keep)
-from pruning_helpers import fake_timer
+from pruning_helpers import fake_timer, zero_removed
 from rnip_ext.pruning.importance import group_scores
 from rnip_ext.pruning.latency import LatencyTable
 from rnip_ext.pruning.latency_plan import plan_to_latency
@@ -107,20 +107,6 @@ def prepared(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
     model.train()
     model(torch.randn(4, *x.shape[1:]))
     return model.eval()
-
-
-@torch.no_grad()
-def zero_removed(model: nn.Module, keep: dict, scales: bool = True, shifts: bool = True) -> nn.Module:
-    """Set the removed channels' scales and/or shifts to 0, in place; returns ``model``."""
-    modules = dict(model.named_modules())
-    for name, kept in keep.items():
-        removed = torch.ones(modules[name].num_features, dtype=torch.bool)
-        removed[kept] = False
-        if scales:
-            modules[name].weight[removed] = 0.0
-        if shifts:
-            modules[name].bias[removed] = 0.0
-    return model
 
 
 def masked(model: nn.Module, keep: dict, shifts: bool) -> nn.Module:

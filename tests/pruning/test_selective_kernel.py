@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo_models
+from pruning_helpers import zero_removed
 from rnip_ext.pruning import (apply, channel_graph, count_flops, count_params, find_channel_groups, plan,
                               plan_from_keep)
 from rnip_ext.pruning.flops import channel_costs
@@ -82,19 +83,6 @@ def _randomised(model, seed=0):
     return model.eval()
 
 
-@torch.no_grad()
-def _zero_removed(model, keep, scales=True, shifts=True):
-    modules = dict(model.named_modules())
-    for name, kept in keep.items():
-        bn = modules[name]
-        removed = torch.ones(bn.num_features, dtype=torch.bool)
-        removed[kept] = False
-        if shifts:
-            bn.bias[removed] = 0.0
-        if scales:
-            bn.weight[removed] = 0.0
-
-
 def _close64(a, b):
     a, b = copy.deepcopy(a).double(), copy.deepcopy(b).double()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -128,12 +116,12 @@ def test_pruned_equals_masked_and_counts_match(paths):
     gen = torch.Generator().manual_seed(paths)
     keep = {"bns.0": torch.randperm(12, generator=gen)[:5].sort().values,
             "bn_attn": torch.tensor([0, 2, 3]), "bn0": torch.tensor([1, 2, 4, 5, 7])}
-    _zero_removed(model, {"bns.%d" % m: keep["bns.0"] for m in range(paths)} | {"bn_attn": keep["bn_attn"],
+    zero_removed(model, {"bns.%d" % m: keep["bns.0"] for m in range(paths)} | {"bn_attn": keep["bn_attn"],
                   "bn0": keep["bn0"]}, scales=False)
     p = plan_from_keep(model, keep, example_inputs=X)
     pruned = apply(model, p)
     masked = copy.deepcopy(model)
-    _zero_removed(masked, p.keep)
+    zero_removed(masked, p.keep)
     assert set(p.keep) >= {f"bns.{m}" for m in range(paths)}  # every path loses the same channels
     assert _close64(pruned, masked) < 1e-12
     assert pruned.fc_select.out_channels == paths * 5 and pruned.fc_reduce.in_channels == 5
@@ -161,7 +149,7 @@ def test_shifts_kept_fold_into_fc_reduce_exactly_and_report_the_weighted_sum():
         plan_from_keep(model, {"bns.0": keep}, example_inputs=X.double(), fold="refuse")
     pruned = apply(model, p)
     masked = copy.deepcopy(model)
-    _zero_removed(masked, p.keep, shifts=False)  # scale 0: each removed channel outputs relu(shift)
+    zero_removed(masked, p.keep, shifts=False)  # scale 0: each removed channel outputs relu(shift)
     seen = {}
     for name, m in (("pruned", pruned), ("masked", masked)):
         m.fc_reduce.register_forward_hook(lambda mod, i, out, name=name: seen.__setitem__(name, out))
@@ -210,9 +198,9 @@ def test_split_input_paths_prune_the_split_blocks_the_stem():
     (stem,) = [b for b in graph.blockers if b.bn == "bn0"]
     assert stem.construct == "split"
     p = plan_from_keep(model, {"bns.0": torch.tensor([1, 2, 3, 10])}, example_inputs=X)
-    _zero_removed(model, p.keep, scales=False)
+    zero_removed(model, p.keep, scales=False)
     masked = copy.deepcopy(model)
-    _zero_removed(masked, p.keep)
+    zero_removed(masked, p.keep)
     assert _close64(apply(model, p), masked) < 1e-12
 
 
@@ -255,11 +243,11 @@ def test_skresnet18():
     assert not any("stack" in b.construct for b in graph.blockers)
     p = plan(model, 0.3, example_inputs=x)
     assert p.achieved_flops < 0.9
-    _zero_removed(model, p.keep, scales=False)
+    zero_removed(model, p.keep, scales=False)
     p = plan(model, 0.3, example_inputs=x)
     pruned = apply(model, p)
     masked = copy.deepcopy(model)
-    _zero_removed(masked, p.keep)
+    zero_removed(masked, p.keep)
     x2 = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         ya, yb = copy.deepcopy(pruned).double()(x2), copy.deepcopy(masked).double()(x2)
