@@ -595,27 +595,14 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
     graph = _prunable_graph(model, example_inputs, residual_streams)
     groups = graph.groups
-    by_name = {g.name: g for g in groups}
-    unknown = [n for n in keep if n not in by_name]
-    if unknown:
-        raise ValueError(f"keep names {', '.join(map(repr, unknown))}, which are not channel groups of the "
-                         f"model (groups: {', '.join(by_name)})")
+    _check_names("keep", keep, {g.name: g for g in groups}, "channel groups", "groups")
     group_keep = {}
     for g in groups:
         k = keep.get(g.name)
         if k is None:
             group_keep[g.name] = torch.arange(g.channels, dtype=torch.int64)
             continue
-        k = torch.as_tensor(k).detach().cpu()
-        if k.dtype == torch.bool:
-            if k.shape != (g.channels,):
-                raise ValueError(f"keep mask for '{g.name}' has shape {tuple(k.shape)}, the group has {g.channels} channels")
-            k = k.nonzero().flatten()
-        k = torch.unique(k.to(torch.int64))  # sorted, no duplicates
-        if len(k) == 0:
-            raise ValueError(f"keep for '{g.name}' is empty: a layer must keep at least one channel")
-        if k.min() < 0 or k.max() >= g.channels:
-            raise ValueError(f"keep for '{g.name}' has indices outside [0, {g.channels})")
+        k = _indices(g.name, k, g.channels)
         if g.unit > 1:  # whole blocks of a grouped conv: a block stays if any of its channels does
             mask = torch.zeros(g.channels, dtype=torch.bool)
             mask[k] = True
@@ -627,6 +614,16 @@ def plan_from_keep(model: nn.Module, keep: dict[str, Tensor], *, example_inputs,
     min_kept = min(len(group_keep[g.name]) for g in groups)
     return _build_plan(model, graph, scores, group_keep, ratio=removed / total, scope="explicit",
                        min_channels=min_kept, fold=fold, se_keep=_explicit_se_keep(graph.se_blocks, se_keep))
+
+
+def _check_names(arg: str, given, names, what: str, listed: str) -> None:
+    """``given`` (the ``arg`` argument) is a dict whose keys are all in ``names``; errors name the others."""
+    if not isinstance(given, dict):
+        raise TypeError(f"{arg} must be a dict of name -> kept channels, got {type(given).__name__}")
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise ValueError(f"{arg} names {', '.join(map(repr, unknown))}, which are not {what} of the model "
+                         f"({listed}: {', '.join(names) or 'none'})")
 
 
 def _indices(name: str, k, channels: int) -> Tensor:
@@ -648,13 +645,8 @@ def _explicit_se_keep(blocks: list[SEBlock], se_keep) -> dict[str, Tensor]:
     """``se_keep`` checked against the model's SE blocks, only those that lose channels."""
     if not se_keep:
         return {}
-    if not isinstance(se_keep, dict):
-        raise TypeError(f"se_keep must be a dict of SE block name -> kept channels, got {type(se_keep).__name__}")
     by_name = {b.name: b for b in blocks}
-    unknown = [n for n in se_keep if n not in by_name]
-    if unknown:
-        raise ValueError(f"se_keep names {', '.join(map(repr, unknown))}, which are not squeeze-and-excitation "
-                         f"blocks of the model (blocks: {', '.join(by_name) or 'none'})")
+    _check_names("se_keep", se_keep, by_name, "squeeze-and-excitation blocks", "blocks")
     out = {}
     for name, k in se_keep.items():
         k = _indices(name, k, by_name[name].channels)

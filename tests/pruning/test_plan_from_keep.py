@@ -59,6 +59,12 @@ def test_bad_keep(keep, match):
         plan_from_keep(model, keep, example_inputs=x)
 
 
+def test_keep_must_be_a_dict():
+    model, x = _model(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError, match="keep must be a dict"):
+        plan_from_keep(model, [torch.tensor([0])], example_inputs=x)
+
+
 def test_plan_receded_removes_exactly_the_channels_below_the_threshold():
     model, x = _model(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
