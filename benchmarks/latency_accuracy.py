@@ -1,18 +1,24 @@
 """Latency-budget plan vs. FLOPs-budget plan at equal measured latency: importance and accuracy.
 
-Per seed: the demo's small VGG trained on the digits (16x16) with the receding regulariser at the
-demo's strength (:data:`rnip_ext.app.demo.DEMO_STRENGTH`) and recipe (:data:`rnip_ext.app.demo.RECIPE`)
-through :func:`rnip_ext.training.fit`, for ``--epochs`` epochs. The trained network is then pruned
-to each ``--targets`` fraction of its measured latency (batch ``--batch``, one latency table per
-seed) by :func:`rnip_ext.pruning.plan_to_latency` (``round_to=8``), and by the FLOPs-budget plan
-whose measured latency matches it (``benchmarks/pruned_speed.py``'s ``flops_at_measured``:
-``plan(target_flops=t)`` rounded to multiples of 8, ``t`` bisected on measured latency). For
-both: importance kept (the plan's scores), test accuracy right after pruning and after
-``--finetune`` epochs of the same recipe without the regulariser (same epochs and seed for both
+Per seed: the demo's small VGG trained on the digits (16x16) with the receding regulariser
+(``--strength``, default the demo's :data:`rnip_ext.app.demo.DEMO_STRENGTH`) and the demo's recipe
+(:data:`rnip_ext.app.demo.RECIPE`) through :func:`rnip_ext.training.fit`, for ``--epochs`` epochs.
+The trained network is then pruned to each ``--targets`` fraction of its measured latency (batch
+``--batch``, one latency table per seed) by :func:`rnip_ext.pruning.plan_to_latency`
+(``round_to=8``), and by FLOPs-budget plans (``plan(target_flops=t)`` rounded to multiples of 8):
+
+* the one whose measured latency matches the latency plan's (``benchmarks/pruned_speed.py``'s
+  ``flops_at_measured``: ``t`` bisected on measured latency), and
+* one at every ``--curve`` target: their measured latencies and accuracies make a curve, read
+  at each latency plan's measured latency by linear interpolation between the nearest points
+  either side (:func:`against_curve`), so that a loose match does not decide the comparison.
+
+For every plan: importance kept (the plan's scores), test accuracy right after pruning and after
+``--finetune`` epochs of the same recipe without the regulariser (same epochs and seed for all
 plans), and the latency of every pruned network, timed in interleaved rounds with the unpruned one
 (median of the per-round ratios).
 
-    python benchmarks/latency_accuracy.py [--seeds 0 1 2] [--epochs 15] [--finetune 3]
+    python benchmarks/latency_accuracy.py [--seeds 0 1 2] [--epochs 15] [--finetune 3] [--strength 1e-3 3]
 
 Writes ``benchmarks/results/latency_accuracy_cpu.json`` (``--out``), after every seed.
 """
@@ -31,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, format_table, write_json  # noqa: E402
-from pruned_speed import _timed, flops_at_measured, importance_kept, widths_of  # noqa: E402
+from pruned_speed import _timed, flops_at_measured, flops_plan_rounded, importance_kept, widths_of  # noqa: E402
 
 from rnip_ext.app.demo import ARCH, DATASET, DEMO_STRENGTH, MIN_CHANNELS, RECIPE  # noqa: E402
 from rnip_ext.app.runs import build_model, image_size_for  # noqa: E402
@@ -60,12 +66,39 @@ def time_rounds(nets: list, example: torch.Tensor, rounds: int, warmup: int) -> 
     return times
 
 
+def flops_curve(model, example, targets: list[float], round_to: int) -> list[tuple]:
+    """``("curve", None, plan, target_flops)`` for the rounded FLOPs plan at every target,
+    duplicates (the same widths) and unreachable targets left out."""
+    out, seen = [], set()
+    for f in targets:
+        try:
+            p = flops_plan_rounded(model, f, example, round_to, MIN_CHANNELS)
+        except ValueError:  # below the smallest reachable FLOPs
+            continue
+        key = tuple(sorted(widths_of(p).items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(("curve", None, p, f))
+    return out
+
+
+def at_latency(points: list[tuple[float, float]], latency: float) -> float | None:
+    """The value at ``latency`` linearly interpolated between the measured ``(latency, value)``
+    points nearest below and above it; ``None`` when no point lies on one side."""
+    below = [p for p in points if p[0] <= latency]
+    above = [p for p in points if p[0] >= latency]
+    if not below or not above:
+        return None
+    (x0, y0), (x1, y1) = max(below), min(above)
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (latency - x0) / (x1 - x0)
+
+
 def run_seed(seed: int, args) -> dict:
     splits = load_dataset(DATASET, seed=seed, image_size=image_size_for(ARCH, DATASET))
     torch.manual_seed(seed)
     model = build_model({"arch": ARCH, "method": "rni"}, splits.num_classes, splits.in_channels)
     t0 = time.perf_counter()
-    fit(model, splits, epochs=args.epochs, regularizer=make_regularizer(model, "rni", *DEMO_STRENGTH["rni"]),
+    fit(model, splits, epochs=args.epochs, regularizer=make_regularizer(model, "rni", *args.strength),
         **fit_kwargs(seed))
     train_s = time.perf_counter() - t0
     model.eval()
@@ -94,6 +127,7 @@ def run_seed(seed: int, args) -> dict:
         found = flops_at_measured(model, table, lp, example, match, timer)
         if found is not None:
             plans.append(("flops", t, found[0], found[1]))
+    plans += flops_curve(model, example, args.curve, args.round_to)
     nets = [model] + [apply(model, p).eval() for _, _, p, _ in plans]
     times = time_rounds(nets, example, args.rounds, args.warmup)
     rows = []
@@ -110,6 +144,8 @@ def run_seed(seed: int, args) -> dict:
             "flops_fraction": p.achieved_flops, "importance_kept": importance_kept(p), "widths": widths_of(p),
             "test_accuracy_pruned": acc_pruned, "test_accuracy_finetuned": evaluate(net, splits.test)})
         r = rows[-1]
+        if kind == "curve":
+            continue
         print(f"seed {seed} {kind:<7} target {t}: latency {r['measured_fraction']:.3f} importance "
               f"{r['importance_kept']:.3f} acc {acc_pruned:.4f} -> {r['test_accuracy_finetuned']:.4f}", flush=True)
     return {"seed": seed, "train_s": train_s, "table_s": table_s, "test_accuracy": acc,
@@ -117,10 +153,46 @@ def run_seed(seed: int, args) -> dict:
             "rows": rows, "unreachable": unreachable}
 
 
+def against_curve(seed: dict) -> list[dict]:
+    """Each latency plan of one seed against the FLOPs plans' curve at its measured latency:
+    the curve's importance and accuracies interpolated there (:func:`at_latency`)."""
+    curve = [r for r in seed["rows"] if r["plan"] == "curve"]
+    out = []
+    for r in seed["rows"]:
+        if r["plan"] != "latency":
+            continue
+        at = {k: at_latency([(c["measured_fraction"], c[k]) for c in curve], r["measured_fraction"])
+              for k in ("importance_kept", "test_accuracy_pruned", "test_accuracy_finetuned")}
+        if at["importance_kept"] is not None:
+            out.append({"seed": seed["seed"], "target_latency": r["target_latency"],
+                        "measured_fraction": r["measured_fraction"],
+                        **{f"{k}_lead": r[k] - v for k, v in at.items()}})
+    return out
+
+
+def summarize_curve(seeds: list[dict]) -> list[dict]:
+    """Per target: the latency plan's lead over the FLOPs curve at equal measured latency, mean
+    over seeds, its standard error, and the seeds with the lead > 0, = 0, < 0 (fine-tuned)."""
+    leads = [x for s in seeds for x in against_curve(s)]
+    out = []
+    for t in sorted({x["target_latency"] for x in leads}, reverse=True):
+        sel = [x for x in leads if x["target_latency"] == t]
+        row = {"target_latency": t, "seeds": len(sel)}
+        for k in ("importance_kept_lead", "test_accuracy_pruned_lead", "test_accuracy_finetuned_lead"):
+            v = [x[k] for x in sel]
+            row[k] = statistics.fmean(v)
+            row[k + "_se"] = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else None
+        ft = [x["test_accuracy_finetuned_lead"] for x in sel]
+        row["better_equal_worse"] = [sum(v > 1e-9 for v in ft), sum(abs(v) <= 1e-9 for v in ft),
+                                     sum(v < -1e-9 for v in ft)]
+        out.append(row)
+    return out
+
+
 def summarize(seeds: list[dict]) -> list[dict]:
     """Per target and plan: mean over seeds, and per seed the latency plan's lead over the FLOPs plan."""
     out = []
-    rows = [r for s in seeds for r in s["rows"]]
+    rows = [r for s in seeds for r in s["rows"] if r["plan"] != "curve"]
     for t in sorted({r["target_latency"] for r in rows}, reverse=True):
         for kind in ("latency", "flops"):
             sel = [r for r in rows if r["target_latency"] == t and r["plan"] == kind]
@@ -138,6 +210,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15, help="receding training epochs (the demo's 15)")
     parser.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs, the same for both plans")
+    parser.add_argument("--strength", type=float, nargs=2, default=list(DEMO_STRENGTH["rni"]),
+                        metavar=("STRENGTH", "SHIFT"),
+                        help="the receding regulariser's strength and shift (default: the demo's; the paper's "
+                             "for VGG-16 is 1e-3 3)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--batch", type=int, default=32, help="batch size the latency is measured at")
     parser.add_argument("--round-to", type=int, default=8)
@@ -146,6 +222,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--table-repeats", type=int, default=5)
     parser.add_argument("--refine", type=int, default=3)
     parser.add_argument("--match-steps", type=int, default=6)
+    parser.add_argument("--curve", type=float, nargs="*", default=[i / 40 for i in range(2, 25)],
+                        help="target_flops of the FLOPs plans whose measured latencies make the curve "
+                             "each latency plan is compared against (none: no curve)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -163,10 +242,10 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         seeds.append(run_seed(seed, args))
         payload = {"benchmark": "latency_accuracy", "environment": {**env, "load_average_1min_end": os.getloadavg()[0]},
-                   "settings": {**vars(args), "arch": ARCH, "dataset": DATASET, "strength": DEMO_STRENGTH["rni"],
+                   "settings": {**vars(args), "arch": ARCH, "dataset": DATASET,
                                 "recipe": RECIPE, "min_channels": MIN_CHANNELS, "threads": torch.get_num_threads(),
                                 "wall_s": time.perf_counter() - start},
-                   "summary": summarize(seeds), "seeds": seeds}
+                   "summary": summarize(seeds), "against_curve": summarize_curve(seeds), "seeds": seeds}
         if args.out is None:
             path = write_json("latency_accuracy_cpu.json", payload)
         else:
@@ -179,6 +258,15 @@ def main(argv=None) -> dict:
         ("measured latency", "measured_fraction", ".3f"), ("FLOPs kept", "flops_fraction", ".3f"),
         ("importance kept", "importance_kept", ".3f"), ("acc pruned", "test_accuracy_pruned", ".4f"),
         ("acc fine-tuned", "test_accuracy_finetuned", ".4f")]))
+    if payload["against_curve"]:
+        print("latency plan minus the FLOPs curve at its measured latency (mean over seeds, standard error):")
+        print(format_table([{**r, "better/equal/worse": "/".join(map(str, r["better_equal_worse"]))}
+                            for r in payload["against_curve"]], [
+            ("target", "target_latency", ".2f"), ("seeds", "seeds", "d"),
+            ("importance", "importance_kept_lead", "+.4f"), ("s.e.", "importance_kept_lead_se", ".4f"),
+            ("acc pruned", "test_accuracy_pruned_lead", "+.4f"), ("s.e.", "test_accuracy_pruned_lead_se", ".4f"),
+            ("acc fine-tuned", "test_accuracy_finetuned_lead", "+.4f"),
+            ("s.e.", "test_accuracy_finetuned_lead_se", ".4f"), ("better/equal/worse", "better/equal/worse", "s")]))
     print(f"wrote {path}")
     return payload
 
