@@ -205,6 +205,40 @@ def summarize(seeds: list[dict]) -> list[dict]:
     return out
 
 
+def plot(payload: dict, path: str) -> None:
+    """Importance kept and test accuracy (pruned; fine-tuned) against measured latency, every
+    seed: the FLOPs plans' curve points grey, the latency plans coloured by target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for s in payload["seeds"] for r in s["rows"] if r["plan"] in ("curve", "latency")]
+    keys = [("importance_kept", "importance kept"), ("test_accuracy_pruned", "test accuracy, pruned (%)"),
+            ("test_accuracy_finetuned", "test accuracy, fine-tuned (%)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    curve = [r for r in rows if r["plan"] == "curve"]
+    targets = sorted({r["target_latency"] for r in rows if r["plan"] == "latency"}, reverse=True)
+    for ax, (k, label) in zip(axes, keys):
+        scale = 1 if k == "importance_kept" else 100
+        ax.scatter([r["measured_fraction"] for r in curve], [scale * r[k] for r in curve], s=6, c="0.6",
+                   label="FLOPs plans (round_to=8)")
+        for t in targets:
+            sel = [r for r in rows if r["plan"] == "latency" and r["target_latency"] == t]
+            ax.scatter([r["measured_fraction"] for r in sel], [scale * r[k] for r in sel], s=12,
+                       label=f"latency plan, target {t:g}")
+        ax.set_xlabel("measured latency / unpruned")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    st = payload["settings"]
+    fig.suptitle(f"{st['arch']} on {st['dataset']}, strength {st['strength'][0]:g} shift {st['strength'][1]:g}, "
+                 f"{len(payload['seeds'])} seeds, batch {st['batch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -268,6 +302,10 @@ def main(argv=None) -> dict:
             ("acc fine-tuned", "test_accuracy_finetuned_lead", "+.4f"),
             ("s.e.", "test_accuracy_finetuned_lead_se", ".4f"), ("better/equal/worse", "better/equal/worse", "s")]))
     print(f"wrote {path}")
+    try:
+        plot(payload, os.path.splitext(path)[0] + ".png")
+    except ImportError:
+        print("matplotlib missing: no plot")
     return payload
 
 
