@@ -36,7 +36,7 @@ from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, 
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
 from .pruning.graph import check_residual_streams
-from .pruning.latency_plan import check_latency_budget, latency_table_for
+from .pruning.latency_plan import LATENCY_RULES, check_latency_budget, latency_table_for
 from .pruning.rounding import check_round_to
 from .pruning.se import check_se_ratio
 from .regularizers import RecedingRegularizer
@@ -132,8 +132,8 @@ class BudgetPruner:
             ``example_inputs``): the latency predicted by ``latency_table`` (a
             :class:`~rnip_ext.pruning.latency.LatencyTable`, the path of a saved one, or measured
             at construction when ``None``), cuts chosen by the latency knapsack
-            (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`, without the refining timings);
-            exactly one budget.
+            (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`, without the refining timings),
+            or by one global score threshold with ``latency_rule="threshold"``; exactly one budget.
         round_to: every layer the pruner narrows keeps a multiple of it or all its channels
             (cuts round to the nearest, removals of receded channels round up: the best-scored
             receded channels stay).
@@ -184,8 +184,8 @@ class BudgetPruner:
 
     def __init__(self, model: nn.Module, example_inputs, *, target_flops: float | None = None,
                  target_params: float | None = None, target_latency: float | None = None,
-                 max_latency: float | None = None, latency_table=None, round_to: int | None = None,
-                 epochs: int | None = None, steps: int | None = None,
+                 max_latency: float | None = None, latency_table=None, latency_rule: str = "knapsack",
+                 round_to: int | None = None, epochs: int | None = None, steps: int | None = None,
                  every: int | None = None, optimizer: torch.optim.Optimizer | None = None,
                  update: str = "decoupled", strength: float | None = None, shift: float = BUDGET_SHIFT,
                  max_strength: float | None = None, threshold: float = 0.01, min_channels: int = 3,
@@ -206,9 +206,14 @@ class BudgetPruner:
             if self.se_ratio > 0:  # as plan() refuses it, before a latency table is measured
                 raise ValueError("se_ratio is not supported with a latency budget (target_latency/max_latency) yet")
             latency_kind, self.target = check_latency_budget(target_latency, max_latency)
+            if latency_rule not in LATENCY_RULES:
+                raise ValueError(f"latency_rule must be one of {LATENCY_RULES}, got {latency_rule!r}")
             self.cost = "latency"
         else:
             self.cost, self.target = check_budget(target_flops, target_params)
+            if latency_table is not None or latency_rule != "knapsack":
+                raise ValueError("latency_table and latency_rule go with target_latency= or max_latency=")
+        self.latency_rule = latency_rule
         self.round_to = check_round_to(round_to)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -499,7 +504,8 @@ class BudgetPruner:
 
         return plan_to_latency(model, example_inputs=self.example_inputs, max_latency=seconds,
                                latency_table=self.latency_table, round_to=self.round_to,
-                               min_channels=self.min_channels, refine=0, residual_streams=self.residual_streams)
+                               min_channels=self.min_channels, refine=0, residual_streams=self.residual_streams,
+                               rule=self.latency_rule)
 
     def _receded_plan(self, model: nn.Module):
         """The plan removing every channel below ``threshold`` (:func:`rnip_ext.pruning.plan_receded`),

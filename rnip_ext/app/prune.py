@@ -22,8 +22,8 @@ from .train import fit_settings, read_resume, write_run_json
 __all__ = ["RESUME_KEYS", "prune"]
 
 # Settings that must match to resume an interrupted fine-tuning (the plan is recomputed from them).
-RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "target_latency", "round_to", "scope",
-               "residual_streams", "min_channels", "finetune_epochs", "lr")
+RESUME_KEYS = ("source_run", "ratio", "target_flops", "target_params", "target_latency", "latency_rule", "round_to",
+               "scope", "residual_streams", "min_channels", "finetune_epochs", "lr")
 
 
 def _describe(spec: PruneSpec, plan) -> str:
@@ -66,7 +66,8 @@ def prune(spec: PruneSpec) -> dict:
         table = _latency_table(spec, model, example)
         outcome = prune_and_measure(model, splits, example, ratio=spec.ratio, target_flops=spec.target_flops,
                                     target_params=spec.target_params, target_latency=spec.target_latency,
-                                    latency_table=table, round_to=spec.round_to, scope=spec.scope,
+                                    latency_table=table, latency_rule=spec.latency_rule or "knapsack",
+                                    round_to=spec.round_to, scope=spec.scope,
                                     residual_streams=spec.residual_streams,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
     _print_plan(outcome, device)
@@ -74,6 +75,7 @@ def prune(spec: PruneSpec) -> dict:
     ft_config.update(source_run=os.path.abspath(spec.run_dir), ratio=spec.ratio, target_flops=spec.target_flops,
                      target_params=spec.target_params, target_latency=spec.target_latency,
                      latency_table=None if spec.latency_table is None else os.path.abspath(spec.latency_table),
+                     latency_rule=spec.latency_rule,
                      round_to=spec.round_to, scope=spec.scope, residual_streams=spec.residual_streams,
                      min_channels=spec.min_channels, finetune_epochs=spec.finetune_epochs)
     resume_from = read_resume(spec.out, ft_config, RESUME_KEYS, "prune") if spec.resume else None

@@ -127,13 +127,13 @@ class PruneOutcome:
 def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *, ratio: float | None = None,
                       target_flops: float | None = None, target_params: float | None = None, scope: str = "global",
                       min_channels: int = 3, speed_batch_size: int = 64, target_latency: float | None = None,
-                      round_to: int | None = None, latency_table=None,
+                      round_to: int | None = None, latency_table=None, latency_rule: str = "knapsack",
                       residual_streams: bool = False) -> PruneOutcome:
     """Prune ``model`` once (:func:`rnip_ext.pruning.plan` with these arguments, then
     :func:`~rnip_ext.pruning.apply`, which leaves ``model`` unchanged) and measure it.
 
-    ``latency_table`` (a :class:`~rnip_ext.pruning.LatencyTable` or a path) is the planner's, for
-    ``target_latency``. Test accuracy of ``model`` and of the pruned network (on ``splits.test``; ``splits.val`` when
+    ``latency_table`` (a :class:`~rnip_ext.pruning.LatencyTable` or a path) and ``latency_rule``
+    are the planner's, for ``target_latency``. Test accuracy of ``model`` and of the pruned network (on ``splits.test``; ``splits.val`` when
     there is no test split), and a rough
     inference speed of both on their device (:func:`rnip_ext.app.measure.measure_throughput`:
     median of 5 batches of ``speed_batch_size`` random images after 2 warm-up batches). Bad
@@ -144,7 +144,7 @@ def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *,
     acc_before = evaluate(model, test)
     pruning_plan = plan(model, ratio, scope, min_channels, example_inputs=example_inputs, target_flops=target_flops,
                         target_params=target_params, target_latency=target_latency, round_to=round_to,
-                        latency_table=latency_table, residual_streams=residual_streams)
+                        latency_table=latency_table, latency_rule=latency_rule, residual_streams=residual_streams)
     small = apply(model, pruning_plan)
     batch = torch.randn(speed_batch_size, *example_inputs.shape[1:], device=device)
     speed_before, speed_after = (measure_throughput(m, batch, warmup=2, repeats=5) for m in (model, small))

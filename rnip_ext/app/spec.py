@@ -16,6 +16,7 @@ import torch
 from .._validation import describe_range
 from ..budget import BUDGET_SHIFT, START_STRENGTH
 from ..data import CIFAR_FILES
+from ..pruning.latency_plan import LATENCY_RULES
 from ..training import bn_kind, default_strength
 from .demo import DEMO_EPOCHS, DEMO_FINETUNE_EPOCHS, DEMO_TARGETS
 from .errors import UserError
@@ -192,6 +193,7 @@ class PruneSpec(_FromArgs):
     target_params: float | None = None
     target_latency: float | None = None
     latency_table: str | None = None
+    latency_rule: str | None = None
     round_to: int | None = None
     residual_streams: bool = False
     scope: str = "global"
@@ -215,6 +217,11 @@ class PruneSpec(_FromArgs):
             check_option("round-to", self.round_to, low=1)
         if self.latency_table is not None and self.target_latency is None:
             raise UserError("--latency-table is used only with --target-latency")
+        if self.latency_rule is not None:
+            if self.target_latency is None:
+                raise UserError("--latency-rule is used only with --target-latency")
+            if self.latency_rule not in LATENCY_RULES:
+                raise UserError(f"--latency-rule must be one of {', '.join(LATENCY_RULES)}, got {self.latency_rule!r}")
         if self.target_latency is not None and self.scope != "global":
             raise UserError("--target-latency plans over all layers at once: --scope must be global")
         for name in ("target-flops", "target-params", "target-latency"):

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-table", default=None, metavar="PATH",
                    help="with --target-latency: a latency table saved by an earlier prune (or LatencyTable.save) "
                         "to plan with; when PATH does not exist the table is measured and saved there")
+    p.add_argument("--latency-rule", choices=("knapsack", "threshold"), default=None,
+                   help="with --target-latency: knapsack (default: the most importance per second) or threshold "
+                        "(the paper's global score order, the threshold set by the latency; better when the "
+                        "importances have not receded, see docs/latency.md)")
     p.add_argument("--round-to", type=int, default=None,
                    help="every pruned layer keeps a multiple of this many channels, or all (default: no rounding)")
     p.add_argument("--residual-streams", action="store_true",

@@ -50,7 +50,8 @@ class Selection:
     """The widths chosen by :func:`select_widths` and what they cost and keep.
 
     ``gap_bound``: the importance removed by the last step that met the budget; for a separable
-    cost the optimum keeps at most ``importance + gap_bound`` (0 when nothing had to go).
+    cost the optimum keeps at most ``importance + gap_bound`` (0 when nothing had to go; ``nan``
+    from :meth:`~rnip_ext.pruning.latency.LatencyTable.select_threshold`, which claims no bound).
     """
 
     widths: dict[str, int]

@@ -57,7 +57,7 @@ from .._validation import check_int
 from .._machine import cpu_model
 from .graph import analyse, eval_mode
 from .knapsack import Selection, select_widths
-from .rounding import allowed_widths, check_round_to
+from .rounding import allowed_widths, check_round_to, round_width
 
 __all__ = ["CudaEventTimer", "LatencyTable", "TimedLayer", "WallClockTimer", "grid_widths"]
 
@@ -458,6 +458,60 @@ class LatencyTable:
         never widening; groups in ``fixed`` keep their width. The widths ``round_to``/``min_channels`` allow must lie within the
         measured ones."""
         round_to = check_round_to(round_to)
+        start = self._start(widths, round_to, min_channels, fixed)
+        try:
+            chosen = select_widths(start, scores, self.terms(), self._layers_budget(budget),
+                                   round_to=round_to, min_channels=min_channels, fixed=fixed)
+        except ValueError as exc:
+            if "cannot be met" not in str(exc):
+                raise
+            raise self._unreachable(budget, start, round_to, min_channels, fixed) from exc
+        return dataclasses.replace(chosen, cost=self._total(chosen.cost))
+
+    def select_threshold(self, scores: dict[str, Tensor], budget: float, *, round_to: int | None = None,
+                         min_channels: int = 3, widths: dict[str, int] | None = None, fixed=()) -> Selection:
+        """The paper's rule under a latency budget: every group keeps as many channels as score at
+        least one global threshold ``t`` (its best ones; the count rounded to the nearest allowed
+        width, :func:`~rnip_ext.pruning.rounding.round_width`, as budget plans round), with ``t``
+        the lowest score whose widths are predicted within ``budget`` seconds (a bisection over
+        the sorted scores: a higher ``t`` never widens a group). Unlike
+        :meth:`select`, the cost only sets ``t``, it does not choose between layers: the
+        plan of ``plan(target_flops=...)`` with latency as the budget. Arguments as for
+        :meth:`select`; ``gap_bound`` is ``nan`` (no optimality claim), ``steps`` the number of
+        predictions made."""
+        round_to = check_round_to(round_to)
+        start = self._start(widths, round_to, min_channels, fixed)
+        for g, c in start.items():
+            if len(scores[g]) != c:
+                raise ValueError(f"scores for group {g!r} must have {c} entries")
+        free = [g for g in start if g not in fixed]
+        ranked = {g: torch.sort(scores[g].detach().cpu().to(torch.float64), descending=True).values for g in free}
+
+        def at(t: float) -> dict[str, int]:
+            out = dict(start)
+            for g in free:
+                out[g] = round_width(int((ranked[g] >= t).sum()), start[g], round_to, min_channels)
+            return out
+
+        thresholds = sorted({float(v) for g in free for v in ranked[g].tolist()}) + [math.inf]
+        steps = 1
+        if self.predict(at(math.inf)) > budget:
+            raise self._unreachable(budget, start, round_to, min_channels, fixed)
+        lo, hi = -1, len(thresholds) - 1  # predict(at(thresholds[hi])) <= budget; lo: none known too slow
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            steps += 1
+            if self.predict(at(thresholds[mid])) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        chosen = at(thresholds[hi])
+        importance = sum(float(ranked[g][:chosen[g]].sum()) for g in free) + sum(
+            float(scores[g].double().sum()) for g in start if g in fixed)
+        return Selection(chosen, self.predict(chosen), importance, math.nan, steps)
+
+    def _start(self, widths, round_to: int, min_channels: int, fixed) -> dict[str, int]:
+        """The widths a selection starts from (``widths`` or the table's), checked against the grid."""
         start = self._widths(widths)
         for g, c in start.items():
             if g in fixed:
@@ -472,18 +526,15 @@ class LatencyTable:
                     f"{lowest} (round_to={round_to}, min_channels={min_channels}); build the table with the same "
                     f"round_to and min_channels (it has round_to={self.settings.get('round_to')}, "
                     f"min_channels={self.settings.get('min_channels')})")
-        try:
-            chosen = select_widths(start, scores, self.terms(), self._layers_budget(budget),
-                                   round_to=round_to, min_channels=min_channels, fixed=fixed)
-        except ValueError as exc:
-            if "cannot be met" not in str(exc):
-                raise
-            least = self.predict({g: c if g in fixed else allowed_widths(c, round_to, min_channels)[0]
-                                  for g, c in start.items()})
-            raise ValueError(f"a latency of {budget * 1e3:.4g} ms cannot be met: every layer at its narrowest "
-                             f"(round_to={round_to}, min_channels={min_channels}) is predicted at "
-                             f"{least * 1e3:.4g} ms") from exc
-        return dataclasses.replace(chosen, cost=self._total(chosen.cost))
+        return start
+
+    def _unreachable(self, budget: float, start: dict[str, int], round_to: int, min_channels: int,
+                     fixed) -> ValueError:
+        """The error for a budget below every layer at its narrowest (the message says "cannot be met")."""
+        least = self.predict({g: c if g in fixed else allowed_widths(c, round_to, min_channels)[0]
+                              for g, c in start.items()})
+        return ValueError(f"a latency of {budget * 1e3:.4g} ms cannot be met: every layer at its narrowest "
+                          f"(round_to={round_to}, min_channels={min_channels}) is predicted at {least * 1e3:.4g} ms")
 
     @property
     def interpolation_error(self) -> dict | None:

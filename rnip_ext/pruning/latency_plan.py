@@ -4,8 +4,19 @@
 :class:`~rnip_ext.pruning.latency.LatencyTable` was built for (the unpruned one); ``max_latency``
 an absolute limit in seconds per forward pass at the table's batch size. The channels kept are
 chosen by :meth:`LatencyTable.select` (a knapsack over importance per unit of measured latency,
-:mod:`rnip_ext.pruning.knapsack`), each group keeping its best-scored channels, with every
-width a multiple of ``round_to`` or the group's whole width. Groups of a grouped convolution
+:mod:`rnip_ext.pruning.knapsack`; ``rule="knapsack"``, the default) or by the paper's global
+score threshold with latency as the budget (:meth:`LatencyTable.select_threshold`;
+``rule="threshold"``), each group keeping its best-scored channels, with every width a multiple
+of ``round_to`` or the group's whole width.
+
+Which rule: the knapsack keeps the most summed importance per second, so it spends the budget
+where channels are cheap. That is what the method is for once the importances have receded
+(bimodal: the channels it keeps or drops are near 0 or near the top of their layer), and there
+it matched the threshold rule's accuracy at equal latency while keeping more importance. On a
+network whose importances have *not* receded (flat scores), more summed importance means more
+channels in cheap layers and narrow bottlenecks elsewhere, and it cost accuracy against the
+threshold rule at equal latency (docs/latency.md, "Accuracy at equal latency"): there use
+``rule="threshold"``, or train until the importances recede. Groups of a grouped convolution
 (which lose whole blocks of channels) are kept whole by latency plans.
 """
 
@@ -23,7 +34,9 @@ from .graph import eval_mode
 from .latency import CudaEventTimer, LatencyTable, WallClockTimer
 from .rounding import check_round_to, keep_best
 
-__all__ = ["check_latency_budget", "latency_table_for", "plan_to_latency"]
+__all__ = ["LATENCY_RULES", "check_latency_budget", "latency_table_for", "plan_to_latency"]
+
+LATENCY_RULES = ("knapsack", "threshold")
 
 
 def check_latency_budget(target_latency=None, max_latency=None) -> tuple[str, float]:
@@ -76,7 +89,8 @@ def _measured(model: nn.Module, small: nn.Module, inputs: tuple, timer, kind: st
 def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float | None = None,
                     max_latency: float | None = None, latency_table=None, round_to: int | None = None,
                     min_channels: int = 3, fold: str = "approximate", refine: int = 2,
-                    tolerance: float = 0.05, timer=None, progress: bool = True, residual_streams: bool = False):
+                    tolerance: float = 0.05, timer=None, progress: bool = True, residual_streams: bool = False,
+                    rule: str = "knapsack"):
     """A :class:`~rnip_ext.pruning.PruningPlan` meeting a latency budget (module docstring).
 
     The table chooses the widths for a budget of predicted seconds. The table's sum of layers
@@ -91,11 +105,15 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     ``(before, predicted, measured)`` seconds (``measured`` ``None`` without ``refine``) and
     ``latency_table``. ``residual_streams``: plan over the groups of
     :func:`rnip_ext.pruning.plan` with ``residual_streams=True`` (the table must be built so).
+    ``rule``: ``"knapsack"`` (:meth:`LatencyTable.select`) or ``"threshold"``
+    (:meth:`LatencyTable.select_threshold`), see the module docstring.
     """
     from .apply import apply
     from .plan import plan_from_keep
 
     kind, value = check_latency_budget(target_latency, max_latency)
+    if rule not in LATENCY_RULES:
+        raise ValueError(f"rule must be one of {LATENCY_RULES}, got {rule!r}")
     round_to = check_round_to(round_to)
     check_int("min_channels", min_channels, 1)
     check_int("refine", refine, 0)
@@ -118,8 +136,9 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     budget, candidates, low, high = goal, [], 0.0, math.inf  # predicted budgets known too low / too high
     for attempt in range(refine + 1):
         try:
-            selection = table.select(current.scores, budget, round_to=round_to, min_channels=min_channels,
-                                     widths=widths, fixed=blocks)
+            choose = table.select if rule == "knapsack" else table.select_threshold
+            selection = choose(current.scores, budget, round_to=round_to, min_channels=min_channels,
+                               widths=widths, fixed=blocks)
         except ValueError as exc:
             if "cannot be met" not in str(exc):
                 raise

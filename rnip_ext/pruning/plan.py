@@ -257,6 +257,7 @@ def plan(
     target_latency: float | None = None,
     max_latency: float | None = None,
     latency_table=None,
+    latency_rule: str = "knapsack",
     residual_streams: bool = False,
     se_ratio: float = 0.0,
 ) -> PruningPlan:
@@ -273,7 +274,10 @@ def plan(
       (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`: a knapsack over importance per
       unit of latency measured in ``latency_table``, a :class:`~rnip_ext.pruning.latency.LatencyTable`
       or the path of a saved one, measured now when ``None``; then the pruned network is timed
-      and the choice refined; ``scope`` must be ``"global"``).
+      and the choice refined; ``scope`` must be ``"global"``). ``latency_rule="threshold"``
+      keeps the channels above one global score threshold instead, the threshold set by the
+      latency budget: better when the importances have not receded (which rule when:
+      :mod:`rnip_ext.pruning.latency_plan`).
 
     ``round_to`` (an int, default ``None``: no rounding): every pruned layer keeps a multiple of
     it or all its channels (coupled layers alike; a grouped conv's groups: a multiple of both),
@@ -352,9 +356,10 @@ def plan(
 
         return plan_to_latency(model, example_inputs=example_inputs, target_latency=target_latency,
                                max_latency=max_latency, latency_table=latency_table, round_to=round_to,
-                               min_channels=min_channels, fold=fold, residual_streams=residual_streams)
-    if latency_table is not None:
-        raise ValueError("latency_table goes with target_latency= or max_latency=")
+                               min_channels=min_channels, fold=fold, residual_streams=residual_streams,
+                               rule=latency_rule)
+    if latency_table is not None or latency_rule != "knapsack":
+        raise ValueError("latency_table and latency_rule go with target_latency= or max_latency=")
     round_to = check_round_to(round_to)
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)

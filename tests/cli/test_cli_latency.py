@@ -60,6 +60,13 @@ def test_prune_to_a_latency(tmp_path, capsys):
     for name, channels, kept in summary["kept_channels"]:
         assert kept == channels or kept % 4 == 0, (name, channels, kept)
     assert "target_latency=0.6 requested" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["latency_rule"] is None  # the default: knapsack
+    by_threshold = tmp_path / "p2"
+    assert main(["prune", str(run), "--out", str(by_threshold), "--no-progress", "--finetune-epochs", "0",
+                 "--target-latency", "0.6", "--round-to", "4", "--latency-rule", "threshold"]) == 0
+    assert json.loads((by_threshold / "config.json").read_text())["latency_rule"] == "threshold"
+    _, predicted, _ = json.loads((by_threshold / "summary.json").read_text())["latency_s"]
+    assert 0 < predicted < before
 
 
 def test_latency_table_is_saved_then_reused_and_a_foreign_one_refused(tmp_path, capsys):
@@ -93,6 +100,11 @@ def test_latency_table_is_saved_then_reused_and_a_foreign_one_refused(tmp_path, 
 def test_latency_table_needs_a_latency_target(tmp_path, capsys):
     assert main(["prune", str(tmp_path), "--out", str(tmp_path / "p"), "--latency-table", "t.json"]) == 2
     one_error_line(capsys, "--latency-table is used only with --target-latency")
+    assert main(["prune", str(tmp_path), "--out", str(tmp_path / "p"), "--latency-rule", "threshold"]) == 2
+    one_error_line(capsys, "--latency-rule is used only with --target-latency")
+    assert main(["prune", str(tmp_path), "--out", str(tmp_path / "p"), "--target-latency", "0.5",
+                 "--latency-rule", "greedy"]) == 2
+    one_error_line(capsys, "--latency-rule: invalid choice")
 
 
 def test_residual_streams_option_reaches_the_planner_and_the_records(tmp_path, capsys):

@@ -9,7 +9,7 @@ from torch import nn
 
 from pruning_helpers import fake_timer
 from rnip_ext import BoundedBatchNorm2d
-from rnip_ext.pruning import apply, plan_from_keep
+from rnip_ext.pruning import apply, plan, plan_from_keep
 from rnip_ext.pruning.latency import LatencyTable, WallClockTimer, grid_widths
 from rnip_ext.pruning.latency_plan import plan_to_latency
 from rnip_ext.pruning.rounding import allowed_widths, keep_best
@@ -161,6 +161,41 @@ def test_select_against_brute_force_on_the_tiny_network():
         table.select(scores, 0.5 * table.full, round_to=1, min_channels=1)
 
 
+def test_select_threshold_keeps_the_channels_above_the_lowest_threshold_that_fits():
+    net, x = _net(), torch.randn(1, 3, 8, 8)
+    table = LatencyTable.build(net, x, points=4, round_to=1, min_channels=1, timer=fake_timer, progress=False)
+    groups, scores = _groups_scores(net, x)
+    scores = {g.name: s for g, s in zip(groups, scores)}
+    every = sorted({float(v) for s in scores.values() for v in s.double().tolist()}) + [float("inf")]
+
+    def widths_at(t):  # brute force: count the channels at or above t, at least one
+        return {g: max(1, int((s.double() >= t).sum())) for g, s in scores.items()}
+
+    for fraction in (1.0, 0.7, 0.45):
+        budget = fraction * table.full
+        sel = table.select_threshold(scores, budget, round_to=1, min_channels=1)
+        fits = [t for t in every if table.predict(widths_at(t)) <= budget]
+        assert sel.widths == widths_at(fits[0])  # the lowest threshold whose widths fit
+        assert sel.cost == pytest.approx(table.predict(sel.widths), rel=1e-12) and sel.cost <= budget
+        assert sel.importance == pytest.approx(sum(float(scores[g].double().sort(descending=True).values[:w].sum())
+                                                   for g, w in sel.widths.items()), rel=1e-12)
+    assert table.select_threshold(scores, table.full, round_to=1, min_channels=1).widths == table.channels
+    with pytest.raises(ValueError, match="cannot be met"):
+        table.select_threshold(scores, 0.01 * table.full, round_to=1, min_channels=1)
+
+
+def test_select_threshold_keeps_allowed_widths_within_the_budget():
+    net, x = _net(), torch.randn(1, 3, 8, 8)
+    table = LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+    groups, scores = _groups_scores(net, x)
+    scores = {g.name: s for g, s in zip(groups, scores)}
+    for fraction in (0.8, 0.5):
+        sel = table.select_threshold(scores, fraction * table.full, round_to=2, min_channels=2)
+        assert sel.cost <= fraction * table.full
+        for g, w in sel.widths.items():
+            assert w in allowed_widths(table.channels[g], 2, 2)
+
+
 @pytest.fixture(scope="module")
 def rounded_table():
     net, x = _net(), torch.randn(2, 3, 8, 8)
@@ -187,6 +222,29 @@ def test_plan_to_target_latency_with_a_fake_clock(target, rounded_table):
     for g in q.groups:
         assert len(q.group_keep[g.name]) <= g.channels
     assert fake_timer(apply(small, q), (x,)) <= 0.8 * measured * (1 + 1e-12)
+
+
+def test_plan_with_the_threshold_rule_meets_the_budget_in_score_order(rounded_table):
+    table, net, x = rounded_table
+    p = plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2, min_channels=2,
+                        timer=fake_timer, rule="threshold")
+    measured = fake_timer(apply(net, p), (x,))
+    assert measured <= 0.5 * table.full * (1 + 1e-12) and p.latency[2] == pytest.approx(measured, rel=1e-9)
+    widths = {g.name: len(p.group_keep[g.name]) for g in p.groups}
+    assert widths == table.select_threshold(p.scores, 0.5 * table.full, round_to=2, min_channels=2).widths
+    knapsack = plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2,
+                               min_channels=2, timer=fake_timer)
+    assert {g.name: len(knapsack.group_keep[g.name]) for g in p.groups} != widths  # the rules differ here
+    # plan() passes the rule on (its refining timings are real ones: only the kind of widths is checked).
+    q = plan(net, target_latency=0.5, latency_table=table, round_to=2, min_channels=2, example_inputs=x,
+             latency_rule="threshold")
+    q_widths = {g.name: len(q.group_keep[g.name]) for g in q.groups}
+    assert q_widths == table.select_threshold(q.scores, q.latency[1], round_to=2, min_channels=2).widths
+    with pytest.raises(ValueError, match="rule must be one of"):
+        plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2, min_channels=2,
+                        rule="greedy")
+    with pytest.raises(ValueError, match="latency_rule go with"):
+        plan(net, 0.3, example_inputs=x, latency_rule="threshold")
 
 
 def test_latency_budget_errors():

@@ -48,6 +48,18 @@ def test_budget_pruner_to_a_latency_budget(budget):
     assert pruner.history[-1].fraction == pytest.approx(measured / table.full, rel=1e-9)
 
 
+def test_budget_pruner_with_the_threshold_rule():
+    base = own_net(0)
+    table = LatencyTable.build(base, X0, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+    model, pruner = _run(latency_table=table, round_to=2, min_channels=2, target_latency=0.4, latency_rule="threshold")
+    assert pruner.done and pruner.within_budget and pruner.latency_rule == "threshold"
+    assert fake_timer(model, (X0,)) <= 0.4 * table.full * (1 + 1e-9)
+    with pytest.raises(ValueError, match="latency_rule must be one of"):
+        BudgetPruner(own_net(0), X0, epochs=4, target_latency=0.4, latency_table=table, latency_rule="nope")
+    with pytest.raises(ValueError, match="latency_rule go with"):
+        BudgetPruner(own_net(0), X0, epochs=4, target_flops=0.4, latency_rule="threshold")
+
+
 def test_budget_pruner_round_to_with_a_flops_budget():
     model, pruner = _run(target_flops=0.3, round_to=4)
     assert pruner.done and pruning.count_flops(model, X0) <= 0.3 * pruner.original_flops

@@ -181,5 +181,5 @@ def test_plan_latency_arguments_refused():
         plan(net, example_inputs=x, target_latency=0.5, target_flops=0.5)
     with pytest.raises(ValueError, match="scope must be 'global'"):
         plan(net, example_inputs=x, target_latency=0.5, scope="local")
-    with pytest.raises(ValueError, match="latency_table goes with"):
+    with pytest.raises(ValueError, match="latency_table and latency_rule go with"):
         plan(net, 0.5, example_inputs=x, latency_table="t.json")
