@@ -118,7 +118,7 @@ def run_seed(seed: int, args) -> dict:
         try:
             lp = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
                                  round_to=args.round_to, min_channels=MIN_CHANNELS, refine=args.refine, timer=timer,
-                                 progress=False)
+                                 progress=False, rule=args.rule)
         except ValueError as exc:
             unreachable.append({"target_latency": t, "error": str(exc)})
             print(f"seed {seed}: target {t} not reachable: {exc}", flush=True)
@@ -251,6 +251,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--batch", type=int, default=32, help="batch size the latency is measured at")
     parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--rule", choices=("knapsack", "threshold"), default="knapsack",
+                        help="the latency plan's rule (plan_to_latency(rule=...))")
     parser.add_argument("--points", type=int, default=4, help="latency table: widths measured per group")
     parser.add_argument("--table-warmup", type=int, default=2)
     parser.add_argument("--table-repeats", type=int, default=5)
