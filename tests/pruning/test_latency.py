@@ -141,11 +141,17 @@ def test_build_refuses_bad_settings():
         LatencyTable.build(nn.Sequential(nn.Conv2d(3, 4, 1)), x, timer=fake_timer)
 
 
-def test_select_against_brute_force_on_the_tiny_network():
+def _table_and_scores(round_to, min_channels):
+    """A 4-point table of a fresh tiny net (fake clock), its group scores by name, the net and an input."""
     net, x = _net(), torch.randn(1, 3, 8, 8)
-    table = LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
+    table = LatencyTable.build(net, x, points=4, round_to=round_to, min_channels=min_channels, timer=fake_timer,
+                               progress=False)
     groups, scores = _groups_scores(net, x)
-    scores = {g.name: s for g, s in zip(groups, scores)}
+    return table, {g.name: s for g, s in zip(groups, scores)}, net, x
+
+
+def test_select_against_brute_force_on_the_tiny_network():
+    table, scores, net, x = _table_and_scores(round_to=2, min_channels=2)
     names = list(table.channels)
     combos = list(itertools.product(*[allowed_widths(table.channels[g], 2, 2) for g in names]))
     for fraction in (0.9, 0.6, 0.4):
@@ -162,10 +168,7 @@ def test_select_against_brute_force_on_the_tiny_network():
 
 
 def test_select_threshold_keeps_the_channels_above_the_lowest_threshold_that_fits():
-    net, x = _net(), torch.randn(1, 3, 8, 8)
-    table = LatencyTable.build(net, x, points=4, round_to=1, min_channels=1, timer=fake_timer, progress=False)
-    groups, scores = _groups_scores(net, x)
-    scores = {g.name: s for g, s in zip(groups, scores)}
+    table, scores, _, _ = _table_and_scores(round_to=1, min_channels=1)
     every = sorted({float(v) for s in scores.values() for v in s.double().tolist()}) + [float("inf")]
 
     def widths_at(t):  # brute force: count the channels at or above t, at least one
@@ -185,10 +188,7 @@ def test_select_threshold_keeps_the_channels_above_the_lowest_threshold_that_fit
 
 
 def test_select_threshold_keeps_allowed_widths_within_the_budget():
-    net, x = _net(), torch.randn(1, 3, 8, 8)
-    table = LatencyTable.build(net, x, points=4, round_to=2, min_channels=2, timer=fake_timer, progress=False)
-    groups, scores = _groups_scores(net, x)
-    scores = {g.name: s for g, s in zip(groups, scores)}
+    table, scores, _, _ = _table_and_scores(round_to=2, min_channels=2)
     for fraction in (0.8, 0.5):
         sel = table.select_threshold(scores, fraction * table.full, round_to=2, min_channels=2)
         assert sel.cost <= fraction * table.full
