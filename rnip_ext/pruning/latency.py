@@ -482,7 +482,7 @@ class LatencyTable:
         round_to = check_round_to(round_to)
         start = self._start(widths, round_to, min_channels, fixed)
         for g, c in start.items():
-            if len(scores[g]) != c:
+            if g not in scores or len(scores[g]) != c:
                 raise ValueError(f"scores for group {g!r} must have {c} entries")
         free = [g for g in start if g not in fixed]
         ranked = {g: torch.sort(scores[g].detach().cpu().to(torch.float64), descending=True).values for g in free}
