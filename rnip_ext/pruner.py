@@ -133,7 +133,8 @@ class BudgetPruner:
             :class:`~rnip_ext.pruning.latency.LatencyTable`, the path of a saved one, or measured
             at construction when ``None``), cuts chosen by the latency knapsack
             (:func:`rnip_ext.pruning.latency_plan.plan_to_latency`, without the refining timings),
-            or by one global score threshold with ``latency_rule="threshold"``; exactly one budget.
+            or by one global score threshold with ``latency_rule="threshold"``; exactly one budget
+            (``latency_table`` and ``latency_rule`` only with a latency budget).
         round_to: every layer the pruner narrows keeps a multiple of it or all its channels
             (cuts round to the nearest, removals of receded channels round up: the best-scored
             receded channels stay).
@@ -618,7 +619,7 @@ class BudgetPruner:
         return {"cost": self.cost, "target": self.target, "steps": s.steps, "every": self.every, "warmup": s.warmup,
                 "by": s.by, "settle": s.settle, "update": self.update, "threshold": self.threshold,
                 "min_channels": self.min_channels, "scope": self.scope, "round_to": self.round_to,
-                "residual_streams": self.residual_streams, "se_ratio": self.se_ratio}
+                "residual_streams": self.residual_streams, "se_ratio": self.se_ratio, "latency_rule": self.latency_rule}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where :meth:`state_dict` was taken: narrows the model (a fresh, unpruned
@@ -626,7 +627,8 @@ class BudgetPruner:
         saved architecture, so load the model's and the optimiser's state after this."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"not a BudgetPruner state (format {FORMAT!r}); was it written by an older rnip_ext?")
-        saved = {"se_ratio": 0.0, **state["settings"]}  # a state from before se_ratio: the blocks stayed whole
+        # A state from before se_ratio / latency_rule: the SE blocks stayed whole, latency cuts were the knapsack's.
+        saved = {"se_ratio": 0.0, "latency_rule": "knapsack", **state["settings"]}
         differ = [k for k, v in saved.items() if self._settings().get(k) != v]
         if differ:
             raise ValueError("this state comes from a BudgetPruner with other settings ("

@@ -90,7 +90,8 @@ def prune(spec: PruneSpec) -> dict:
     pruning.save(small, os.path.join(spec.out, "pruned.pt"))
     summary = prune_summary(outcome, best, config=config, ratio=spec.ratio, scope=spec.scope,
                             target_flops=spec.target_flops, target_params=spec.target_params,
-                            target_latency=spec.target_latency, round_to=spec.round_to)
+                            target_latency=spec.target_latency, round_to=spec.round_to,
+                            latency_rule=(spec.latency_rule or "knapsack") if spec.target_latency is not None else None)
     write_run_json(spec.out, "summary.json", summary)
     plan = outcome.plan
     print(f"{config['method']} pruned {_describe(spec, plan)} ({spec.scope}): test accuracy {outcome.acc_before:.4f} "

@@ -222,6 +222,8 @@ class PruneSpec(_FromArgs):
                 raise UserError("--latency-rule is used only with --target-latency")
             if self.latency_rule not in LATENCY_RULES:
                 raise UserError(f"--latency-rule must be one of {', '.join(LATENCY_RULES)}, got {self.latency_rule!r}")
+            if self.latency_rule == LATENCY_RULES[0]:  # the default, recorded as None like a run without the flag
+                self.latency_rule = None
         if self.target_latency is not None and self.scope != "global":
             raise UserError("--target-latency plans over all layers at once: --scope must be global")
         for name in ("target-flops", "target-params", "target-latency"):

@@ -9,6 +9,7 @@ import argparse
 
 from ..app.prune import prune
 from ..app.spec import PruneSpec
+from ..pruning.latency_plan import LATENCY_RULES
 from ._options import add_threads_argument
 
 
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-table", default=None, metavar="PATH",
                    help="with --target-latency: a latency table saved by an earlier prune (or LatencyTable.save) "
                         "to plan with; when PATH does not exist the table is measured and saved there")
-    p.add_argument("--latency-rule", choices=("knapsack", "threshold"), default=None,
+    p.add_argument("--latency-rule", choices=LATENCY_RULES, default=None,
                    help="with --target-latency: knapsack (default: the most importance per second) or threshold "
                         "(the paper's global score order, the threshold set by the latency; better when the "
                         "importances have not receded, see docs/latency.md)")

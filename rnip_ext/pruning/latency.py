@@ -480,6 +480,8 @@ class LatencyTable:
         :meth:`select`; ``gap_bound`` is ``nan`` (no optimality claim), ``steps`` the number of
         predictions made."""
         round_to = check_round_to(round_to)
+        if not (isinstance(budget, (int, float)) and math.isfinite(budget)):
+            raise ValueError(f"budget must be a finite number, got {budget!r}")
         start = self._start(widths, round_to, min_channels, fixed)
         for g, c in start.items():
             if g not in scores or len(scores[g]) != c:

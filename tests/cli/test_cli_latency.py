@@ -61,11 +61,14 @@ def test_prune_to_a_latency(tmp_path, capsys):
         assert kept == channels or kept % 4 == 0, (name, channels, kept)
     assert "target_latency=0.6 requested" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["latency_rule"] is None  # the default: knapsack
+    assert summary["latency_rule"] == "knapsack"
     by_threshold = tmp_path / "p2"
     assert main(["prune", str(run), "--out", str(by_threshold), "--no-progress", "--finetune-epochs", "0",
                  "--target-latency", "0.6", "--round-to", "4", "--latency-rule", "threshold"]) == 0
     assert json.loads((by_threshold / "config.json").read_text())["latency_rule"] == "threshold"
-    _, predicted, _ = json.loads((by_threshold / "summary.json").read_text())["latency_s"]
+    threshold_summary = json.loads((by_threshold / "summary.json").read_text())
+    assert threshold_summary["latency_rule"] == "threshold"
+    _, predicted, _ = threshold_summary["latency_s"]
     assert 0 < predicted < before
 
 

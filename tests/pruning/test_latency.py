@@ -185,6 +185,9 @@ def test_select_threshold_keeps_the_channels_above_the_lowest_threshold_that_fit
     assert table.select_threshold(scores, table.full, round_to=1, min_channels=1).widths == table.channels
     with pytest.raises(ValueError, match="cannot be met"):
         table.select_threshold(scores, 0.01 * table.full, round_to=1, min_channels=1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="budget must be a finite number"):
+            table.select_threshold(scores, bad, round_to=1, min_channels=1)
 
 
 def test_select_threshold_keeps_allowed_widths_within_the_budget():

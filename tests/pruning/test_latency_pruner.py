@@ -54,6 +54,12 @@ def test_budget_pruner_with_the_threshold_rule():
     model, pruner = _run(latency_table=table, round_to=2, min_channels=2, target_latency=0.4, latency_rule="threshold")
     assert pruner.done and pruner.within_budget and pruner.latency_rule == "threshold"
     assert fake_timer(model, (X0,)) <= 0.4 * table.full * (1 + 1e-9)
+    saved = pruner.state_dict()  # a knapsack pruner does not continue a threshold pruner's run
+    fresh = own_net(0)
+    other = BudgetPruner(fresh, X0, epochs=4, optimizer=torch.optim.AdamW(fresh.parameters(), lr=1e-2),
+                         target_latency=0.4, latency_table=table, round_to=2, min_channels=2)
+    with pytest.raises(ValueError, match="latency_rule: 'threshold' vs 'knapsack'"):
+        other.load_state_dict(saved)
     with pytest.raises(ValueError, match="latency_rule must be one of"):
         BudgetPruner(own_net(0), X0, epochs=4, target_latency=0.4, latency_table=table, latency_rule="nope")
     with pytest.raises(ValueError, match="latency_rule go with"):
