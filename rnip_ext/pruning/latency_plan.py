@@ -172,4 +172,5 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     result.max_latency = value if kind == "max_latency" else None
     result.latency = (before, predicted, measured)
     result.latency_table = table
+    result.latency_rule = rule
     return result

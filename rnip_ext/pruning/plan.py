@@ -56,7 +56,8 @@ class PruningPlan:
             narrows, keeps a multiple of it (or all its channels).
         target_latency, max_latency: a latency budget (:mod:`rnip_ext.pruning.latency_plan`);
             ``latency``: ``(before, predicted, measured)`` seconds per forward pass for such a
-            plan (``measured`` ``None`` when not refined), ``latency_table`` the table used.
+            plan (``measured`` ``None`` when not refined), ``latency_table`` the table used,
+            ``latency_rule`` the rule that chose the widths (``"knapsack"`` or ``"threshold"``).
         residual_streams: whether the groups couple residual streams (see :func:`plan`).
         se_ratio: the fraction of each squeeze-and-excitation block's inner channels the plan
             was asked to remove (see :func:`plan`); ``se_blocks``: every such block found
@@ -89,6 +90,7 @@ class PruningPlan:
     max_latency: float | None = None
     latency: tuple | None = None
     latency_table: object = field(default=None, repr=False)
+    latency_rule: str | None = None
     residual_streams: bool = False
     se_ratio: float = 0.0
     se_blocks: list[SEBlock] = field(default_factory=list, repr=False)
@@ -115,7 +117,7 @@ class PruningPlan:
             before, predicted, measured = self.latency
             asked = (f"target_latency={self.target_latency:g}" if self.target_latency is not None
                      else f"max_latency={self.max_latency * 1e3:.4g} ms")
-            request = (f"{asked} requested, {predicted * 1e3:.4g} ms predicted"
+            request = (f"{asked} requested ({self.latency_rule or 'knapsack'}), {predicted * 1e3:.4g} ms predicted"
                        + (f", {measured * 1e3:.4g} ms measured" if measured is not None else "")
                        + f" of {before * 1e3:.4g} ms ({self.achieved_ratio:.4f} of channels removed)")
         elif self.target_flops is not None:

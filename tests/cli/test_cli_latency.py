@@ -59,7 +59,7 @@ def test_prune_to_a_latency(tmp_path, capsys):
     assert 0 < predicted < before and measured is not None
     for name, channels, kept in summary["kept_channels"]:
         assert kept == channels or kept % 4 == 0, (name, channels, kept)
-    assert "target_latency=0.6 requested" in capsys.readouterr().out
+    assert "target_latency=0.6 requested (knapsack)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["latency_rule"] is None  # the default: knapsack
     assert summary["latency_rule"] == "knapsack"
     by_threshold = tmp_path / "p2"
@@ -68,6 +68,7 @@ def test_prune_to_a_latency(tmp_path, capsys):
     assert json.loads((by_threshold / "config.json").read_text())["latency_rule"] == "threshold"
     threshold_summary = json.loads((by_threshold / "summary.json").read_text())
     assert threshold_summary["latency_rule"] == "threshold"
+    assert "target_latency=0.6 requested (threshold)" in capsys.readouterr().out
     _, predicted, _ = threshold_summary["latency_s"]
     assert 0 < predicted < before
 

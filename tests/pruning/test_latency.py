@@ -233,6 +233,7 @@ def test_plan_with_the_threshold_rule_meets_the_budget_in_score_order(rounded_ta
                         timer=fake_timer, rule="threshold")
     measured = fake_timer(apply(net, p), (x,))
     assert measured <= 0.5 * table.full * (1 + 1e-12) and p.latency[2] == pytest.approx(measured, rel=1e-9)
+    assert p.latency_rule == "threshold" and "target_latency=0.5 requested (threshold)" in str(p)
     widths = {g.name: len(p.group_keep[g.name]) for g in p.groups}
     assert widths == table.select_threshold(p.scores, 0.5 * table.full, round_to=2, min_channels=2).widths
     knapsack = plan_to_latency(net, example_inputs=x, target_latency=0.5, latency_table=table, round_to=2,
