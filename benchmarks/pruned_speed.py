@@ -293,7 +293,7 @@ def bench_latency(name: str, args, device: torch.device) -> dict:
         try:
             p = plan_to_latency(model, example_inputs=example, target_latency=t, latency_table=table,
                                 round_to=args.round_to, refine=args.refine, timer=timer,
-                                residual_streams=args.residual_streams)
+                                residual_streams=args.residual_streams, rule=args.rule)
         except ValueError as exc:  # e.g. ResNet-50 at 30%: its residual streams stay whole
             unreachable.append({"target_latency": t, "error": str(exc)})
             print(f"  {name} b{args.batch}: target {t} not reachable: {exc}", flush=True)
@@ -353,14 +353,16 @@ def main_latency(args, device: torch.device) -> None:
                    "environment": {**env, "load_average_1min_end": load_end, "cpu_count": os.cpu_count(),
                                    "machine_note": note},
                    "settings": {"rounds": args.rounds, "warmup": args.warmup, "b1_repeats": args.b1_repeats,
-                                "round_to": args.round_to, "residual_streams": args.residual_streams, "points": args.points, "seed": args.seed,
+                                "round_to": args.round_to, "residual_streams": args.residual_streams, "rule": args.rule,
+                                "points": args.points, "seed": args.seed,
                                 "refine": args.refine, "match_steps": args.match_steps, "threads": torch.get_num_threads(),
                                 "table_timer": {"warmup": args.table_warmup, "repeats": args.table_repeats},
                                 "importances": "bounded BatchNorm logits ~ N(0, 2^2), seed above",
                                 "wall_s": time.perf_counter() - start},
                    **result}
         streams = "_streams" if args.residual_streams else ""
-        path = write_json(f"pruned_speed_latency_{name}_b{args.batch}{streams}_{device.type}.json", payload)
+        rule = "" if args.rule == "knapsack" else f"_{args.rule}"
+        path = write_json(f"pruned_speed_latency_{name}_b{args.batch}{streams}{rule}_{device.type}.json", payload)
         print(f"{env['device']} | torch {env['torch']} | {env['cpu_threads']} threads | {note}")
         table = []
         for r in result["rows"]:
@@ -388,6 +390,8 @@ def main() -> None:
     parser.add_argument("--residual-streams", action="store_true",
                         help="--latency: plan with residual_streams=True (the residual streams are pruned too)")
     parser.add_argument("--refine", type=int, default=3, help="plan_to_latency(refine=...)")
+    parser.add_argument("--rule", choices=("knapsack", "threshold"), default="knapsack",
+                        help="--latency: the latency plans' rule (plan_to_latency(rule=...))")
     parser.add_argument("--match-steps", type=int, default=6,
                         help="measurements to match the FLOPs plan's latency to the latency plan's")
     parser.add_argument("--points", type=int, default=5, help="latency table: widths measured per group")
