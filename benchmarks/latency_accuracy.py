@@ -44,7 +44,7 @@ from rnip_ext.app.runs import build_model, image_size_for  # noqa: E402
 from rnip_ext.data import load_dataset  # noqa: E402
 from rnip_ext.pruning import apply  # noqa: E402
 from rnip_ext.pruning.latency import LatencyTable, WallClockTimer  # noqa: E402
-from rnip_ext.pruning.latency_plan import plan_to_latency  # noqa: E402
+from rnip_ext.pruning.latency_plan import LATENCY_RULES, plan_to_latency  # noqa: E402
 from rnip_ext.training import evaluate, fit, make_regularizer  # noqa: E402
 
 
@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--batch", type=int, default=32, help="batch size the latency is measured at")
     parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--rule", choices=("knapsack", "threshold"), default="knapsack",
+    parser.add_argument("--rule", choices=LATENCY_RULES, default=LATENCY_RULES[0],
                         help="the latency plan's rule (plan_to_latency(rule=...))")
     parser.add_argument("--points", type=int, default=4, help="latency table: widths measured per group")
     parser.add_argument("--table-warmup", type=int, default=2)

@@ -69,7 +69,7 @@ from rnip_ext import BoundedBatchNorm2d  # noqa: E402
 from rnip_ext import models as M  # noqa: E402
 from rnip_ext.pruning import apply, count_flops, count_params, export, plan, plan_from_keep  # noqa: E402
 from rnip_ext.pruning.latency import LatencyTable, WallClockTimer  # noqa: E402
-from rnip_ext.pruning.latency_plan import _measured, plan_to_latency  # noqa: E402
+from rnip_ext.pruning.latency_plan import LATENCY_RULES, _measured, plan_to_latency  # noqa: E402
 from rnip_ext.pruning.rounding import keep_best, round_width  # noqa: E402
 
 MODELS = {"vgg16_cifar": M.vgg16_cifar, "resnet56_cifar": M.resnet56_cifar}
@@ -390,7 +390,7 @@ def main() -> None:
     parser.add_argument("--residual-streams", action="store_true",
                         help="--latency: plan with residual_streams=True (the residual streams are pruned too)")
     parser.add_argument("--refine", type=int, default=3, help="plan_to_latency(refine=...)")
-    parser.add_argument("--rule", choices=("knapsack", "threshold"), default="knapsack",
+    parser.add_argument("--rule", choices=LATENCY_RULES, default=LATENCY_RULES[0],
                         help="--latency: the latency plans' rule (plan_to_latency(rule=...))")
     parser.add_argument("--match-steps", type=int, default=6,
                         help="measurements to match the FLOPs plan's latency to the latency plan's")

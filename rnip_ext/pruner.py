@@ -36,7 +36,7 @@ from .budget import BUDGET_SHIFT, MAX_STRENGTH, START_STRENGTH, BudgetSchedule, 
 from .nn import BoundedBatchNorm2d
 from .pruning.apply import replace_data
 from .pruning.graph import check_residual_streams
-from .pruning.latency_plan import LATENCY_RULES, check_latency_budget, latency_table_for
+from .pruning.latency_plan import check_latency_budget, check_latency_rule, latency_table_for, refuse_latency_options
 from .pruning.rounding import check_round_to
 from .pruning.se import check_se_ratio
 from .regularizers import RecedingRegularizer
@@ -207,13 +207,11 @@ class BudgetPruner:
             if self.se_ratio > 0:  # as plan() refuses it, before a latency table is measured
                 raise ValueError("se_ratio is not supported with a latency budget (target_latency/max_latency) yet")
             latency_kind, self.target = check_latency_budget(target_latency, max_latency)
-            if latency_rule not in LATENCY_RULES:
-                raise ValueError(f"latency_rule must be one of {LATENCY_RULES}, got {latency_rule!r}")
+            check_latency_rule(latency_rule, "latency_rule")
             self.cost = "latency"
         else:
             self.cost, self.target = check_budget(target_flops, target_params)
-            if latency_table is not None or latency_rule != "knapsack":
-                raise ValueError("latency_table and latency_rule go with target_latency= or max_latency=")
+            refuse_latency_options(latency_table, latency_rule)
         self.latency_rule = latency_rule
         self.round_to = check_round_to(round_to)
         if update not in UPDATES:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from .. import pruning, rundir
+from ..pruning.latency_plan import LATENCY_RULES
 from ..callbacks import run_callbacks
 from ..rundir import CheckpointError, OutputDirError, load_checkpoint, read_json
 from ..training import NonFiniteLossError, fit
@@ -66,7 +67,7 @@ def prune(spec: PruneSpec) -> dict:
         table = _latency_table(spec, model, example)
         outcome = prune_and_measure(model, splits, example, ratio=spec.ratio, target_flops=spec.target_flops,
                                     target_params=spec.target_params, target_latency=spec.target_latency,
-                                    latency_table=table, latency_rule=spec.latency_rule or "knapsack",
+                                    latency_table=table, latency_rule=spec.latency_rule or LATENCY_RULES[0],
                                     round_to=spec.round_to, scope=spec.scope,
                                     residual_streams=spec.residual_streams,
                                     min_channels=spec.min_channels, speed_batch_size=min(config["batch_size"], 256))
@@ -90,8 +91,7 @@ def prune(spec: PruneSpec) -> dict:
     pruning.save(small, os.path.join(spec.out, "pruned.pt"))
     summary = prune_summary(outcome, best, config=config, ratio=spec.ratio, scope=spec.scope,
                             target_flops=spec.target_flops, target_params=spec.target_params,
-                            target_latency=spec.target_latency, round_to=spec.round_to,
-                            latency_rule=(spec.latency_rule or "knapsack") if spec.target_latency is not None else None)
+                            target_latency=spec.target_latency, round_to=spec.round_to)
     write_run_json(spec.out, "summary.json", summary)
     plan = outcome.plan
     print(f"{config['method']} pruned {_describe(spec, plan)} ({spec.scope}): test accuracy {outcome.acc_before:.4f} "

@@ -154,21 +154,20 @@ def prune_and_measure(model: nn.Module, splits, example_inputs: torch.Tensor, *,
 
 def prune_summary(outcome: PruneOutcome, best: dict, *, config: dict, ratio: float | None, scope: str,
                   target_flops: float | None = None, target_params: float | None = None,
-                  target_latency: float | None = None, round_to: int | None = None,
-                  latency_rule: str | None = None) -> dict:
+                  target_latency: float | None = None, round_to: int | None = None) -> dict:
     """The ``summary.json`` of a prune run: ``outcome`` (:func:`prune_and_measure`) and ``best``
     (:func:`rnip_ext.training.fit`'s result of the fine-tuning, or the pruned network's own
     accuracies with ``epoch`` 0 when there was none); ``config`` gives ``arch``, ``dataset``,
     ``method``. ``ratio`` is the channel ratio asked for, or the one a budget led to (tables sort
     by it); ``kept_channels`` is ``[[layer, channels, kept], ...]`` in graph order; ``latency_rule``
-    the latency plan's rule (``None`` without ``target_latency``)."""
+    the plan's (``None`` for a plan without a latency budget)."""
     p, speed = outcome.plan, (outcome.speed_before, outcome.speed_after)
     return {
         "kind": "prune", "arch": config["arch"], "dataset": config["dataset"], "method": config["method"],
         "ratio": ratio if ratio is not None else p.achieved_ratio,
         "achieved_ratio": p.achieved_ratio, "scope": scope,
         "target_flops": target_flops, "target_params": target_params, "target_latency": target_latency,
-        "latency_rule": latency_rule, "round_to": round_to, "residual_streams": p.residual_streams,
+        "latency_rule": p.latency_rule, "round_to": round_to, "residual_streams": p.residual_streams,
         "latency_s": None if p.latency is None else list(p.latency),
         "achieved_flops": p.achieved_flops, "achieved_params": p.achieved_params,
         "images_per_s_before": speed[0].images_per_s, "images_per_s_after": speed[1].images_per_s,

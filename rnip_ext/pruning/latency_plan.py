@@ -34,9 +34,23 @@ from .graph import eval_mode
 from .latency import CudaEventTimer, LatencyTable, WallClockTimer
 from .rounding import check_round_to, keep_best
 
-__all__ = ["LATENCY_RULES", "check_latency_budget", "latency_table_for", "plan_to_latency"]
+__all__ = ["LATENCY_RULES", "check_latency_budget", "check_latency_rule", "latency_table_for", "plan_to_latency",
+           "refuse_latency_options"]
 
-LATENCY_RULES = ("knapsack", "threshold")
+LATENCY_RULES = ("knapsack", "threshold")  # the first is the default
+
+
+def check_latency_rule(rule, name: str = "rule") -> str:
+    """``rule`` when it is one of :data:`LATENCY_RULES`; a ``ValueError`` naming ``name`` otherwise."""
+    if rule not in LATENCY_RULES:
+        raise ValueError(f"{name} must be one of {LATENCY_RULES}, got {rule!r}")
+    return rule
+
+
+def refuse_latency_options(latency_table, latency_rule) -> None:
+    """A ``ValueError`` when a latency table or a non-default rule comes without a latency budget."""
+    if latency_table is not None or latency_rule != LATENCY_RULES[0]:
+        raise ValueError("latency_table and latency_rule go with target_latency= or max_latency=")
 
 
 def check_latency_budget(target_latency=None, max_latency=None) -> tuple[str, float]:
@@ -112,8 +126,7 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     from .plan import plan_from_keep
 
     kind, value = check_latency_budget(target_latency, max_latency)
-    if rule not in LATENCY_RULES:
-        raise ValueError(f"rule must be one of {LATENCY_RULES}, got {rule!r}")
+    check_latency_rule(rule)
     round_to = check_round_to(round_to)
     check_int("min_channels", min_channels, 1)
     check_int("refine", refine, 0)
@@ -127,6 +140,7 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         timer = CudaEventTimer() if device.type == "cuda" else WallClockTimer()
     goal = value * table.full if kind == "target_latency" else value
+    choose = table.select if rule == "knapsack" else table.select_threshold
     before = table.predict(widths)
     current = plan_from_keep(model, {}, example_inputs=example_inputs, fold=fold, residual_streams=residual_streams)
     # Grouped convs lose whole groups of channels: not in the latency plans yet, kept whole.
@@ -136,7 +150,6 @@ def plan_to_latency(model: nn.Module, *, example_inputs, target_latency: float |
     budget, candidates, low, high = goal, [], 0.0, math.inf  # predicted budgets known too low / too high
     for attempt in range(refine + 1):
         try:
-            choose = table.select if rule == "knapsack" else table.select_threshold
             selection = choose(current.scores, budget, round_to=round_to, min_channels=min_channels,
                                widths=widths, fixed=blocks)
         except ValueError as exc:

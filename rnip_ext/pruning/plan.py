@@ -14,6 +14,7 @@ from .channels import ChannelGraph, channel_graph, module_slices
 from .folding import fold_report
 from .graph import Blocker, ChannelGroup, check_residual_streams
 from .importance import group_scores
+from .latency_plan import plan_to_latency, refuse_latency_options
 from .rounding import allowed_widths, check_round_to, keep_best, round_width
 from .se import SEBlock, check_se_ratio, select_se
 
@@ -354,14 +355,11 @@ def plan(
         _check_args(scope, min_channels, fold)
         if scope != "global":
             raise ValueError("a latency budget is planned over all layers at once: scope must be 'global'")
-        from .latency_plan import plan_to_latency
-
         return plan_to_latency(model, example_inputs=example_inputs, target_latency=target_latency,
                                max_latency=max_latency, latency_table=latency_table, round_to=round_to,
                                min_channels=min_channels, fold=fold, residual_streams=residual_streams,
                                rule=latency_rule)
-    if latency_table is not None or latency_rule != "knapsack":
-        raise ValueError("latency_table and latency_rule go with target_latency= or max_latency=")
+    refuse_latency_options(latency_table, latency_rule)
     round_to = check_round_to(round_to)
     budget = _check_budget(ratio, target_flops, target_params, scope)
     _check_args(scope, min_channels, fold)
