@@ -94,10 +94,14 @@ def copy_bandwidth(device: torch.device, numel: int = 1 << 26) -> float:
 
 
 def write_json(name: str, payload: dict) -> str:
-    """Write ``payload`` to ``benchmarks/results/<name>`` atomically (a temporary file, then a
-    rename): scripts rewrite their JSON after every row, and a kill mid-write keeps the last one."""
+    """Write ``payload`` to ``benchmarks/results/<name>`` atomically (:func:`write_json_at`)."""
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    return write_json_at(os.path.join(RESULTS, name), payload)
+
+
+def write_json_at(path: str, payload: dict) -> str:
+    """Write ``payload`` to ``path`` atomically (a temporary file, then a rename): scripts
+    rewrite their JSON after every row, and a kill mid-write keeps the last one."""
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")

@@ -26,7 +26,6 @@ Writes ``benchmarks/results/latency_accuracy_cpu.json`` (``--out``), after every
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, format_table, write_json  # noqa: E402
+from _common import environment, format_table, write_json, write_json_at  # noqa: E402
 from pruned_speed import _timed, flops_at_measured, flops_plan_rounded, importance_kept, widths_of  # noqa: E402
 
 from rnip_ext.app.demo import ARCH, DATASET, DEMO_STRENGTH, MIN_CHANNELS, RECIPE  # noqa: E402
@@ -285,7 +284,7 @@ def main(argv=None) -> dict:
         if args.out is None:
             path = write_json("latency_accuracy_cpu.json", payload)
         else:
-            path = write_json_to(args.out, payload)
+            path = write_json_at(args.out, payload)
     e = payload["environment"]
     print(f"{e['device']} | torch {e['torch']} | {e['cpu_threads']} thread(s) | load average "
           f"{env['load_average_1min']:.2f} -> {e['load_average_1min_end']:.2f} on {os.cpu_count()} cores")
@@ -309,15 +308,6 @@ def main(argv=None) -> dict:
     except ImportError:
         print("matplotlib missing: no plot")
     return payload
-
-
-def write_json_to(path: str, payload: dict) -> str:
-    """``payload`` to ``path`` atomically (a temporary file, then a rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
 
 
 if __name__ == "__main__":
